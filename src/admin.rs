@@ -1,0 +1,1 @@
+//! The admin listener: /healthz, /pools (JSON), /map, /metrics (Prometheus).

@@ -1,0 +1,625 @@
+//! One pass from the raw file to the typed configuration. Everything that can be checked
+//! before start-up is checked here, and each failure points at the offending key.
+
+use super::error::{ConfigError, Location};
+use super::raw::*;
+use crate::tls::certs;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::ServerName;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// A validated configuration. A file may hold the edge role, the DNS role, or both.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub pop: PopConfig,
+    pub admin: Option<AdminConfig>,
+    pub edge: Option<EdgeConfig>,
+    pub dns: Option<DnsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PopConfig {
+    pub name: String,
+    pub server_timing: bool,
+    pub ticket_keys: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Everything `serve` needs; present only when the file has the edge sections.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub certificates: Vec<CertificateConfig>,
+    pub origins: Vec<Arc<OriginConfig>>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct CertificateConfig {
+    /// Lower-case names; `*.example.com` matches exactly one label.
+    pub names: Vec<String>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub key: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for CertificateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateConfig")
+            .field("names", &self.names)
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    H2,
+    Http1,
+}
+
+impl Protocol {
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::H2 => b"h2",
+            Protocol::Http1 => b"http/1.1",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H2 => "h2",
+            Protocol::Http1 => "http1",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub name: String,
+    /// `host:port`, resolved at every connect so DNS changes are followed.
+    pub address: String,
+    pub server_name: ServerName<'static>,
+    pub ca: Option<PathBuf>,
+    pub protocol: Protocol,
+    /// Connections kept open at all times when this origin is a route's first choice.
+    pub warm_connections: usize,
+    /// Floor when the origin is only a failover target of every route using it.
+    pub standby_connections: usize,
+    pub max_connections: usize,
+    /// Requests that may wait for capacity beyond `max_connections`.
+    pub queue_size: usize,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connection_age: Duration,
+    pub health_path: Option<String>,
+    pub health_interval: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    /// Open connections kept per recent peak of concurrent requests.
+    pub warm_ratio: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Lower-case host names without port; `*.example.com` matches one label.
+    pub hosts: Vec<String>,
+    /// Indices into [`EdgeConfig::origins`], in failover order; never empty.
+    pub origins: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub listen: SocketAddr,
+    /// Lower-case zone name without the trailing dot.
+    pub zone: String,
+    /// Lower-case names (inside the zone) answered from the region map.
+    pub names: Vec<String>,
+    pub ttl: Duration,
+    pub regenerate_every: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    pub regions: PathBuf,
+    pub nameservers: Vec<String>,
+    pub hostmaster: String,
+    pub health_ca: Option<PathBuf>,
+}
+
+/// Carries the file path and text so spans can become file:line:column.
+struct Ctx<'a> {
+    path: &'a Path,
+    source: &'a str,
+}
+
+impl Ctx<'_> {
+    fn at<T>(&self, s: &Spanned<T>) -> Location {
+        Location::from_offset(self.path, self.source, s.span().start)
+    }
+
+    fn err<T>(&self, s: &Spanned<T>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(self.at(s), reason)
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        default: usize,
+        key: &str,
+    ) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if *n.get_ref() < 0 => Err(self.err(n, format!("{key} must not be negative"))),
+            Some(n) => usize::try_from(*n.get_ref())
+                .map_err(|_| self.err(n, format!("{key} is too large"))),
+        }
+    }
+
+    fn threshold(
+        &self,
+        v: &Option<Spanned<i64>>,
+        default: u32,
+        key: &str,
+    ) -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(0) | Err(_) => {
+                    Err(self.err(n, format!("{key} must be between 1 and {}", u32::MAX)))
+                }
+                Ok(k) => Ok(k),
+            },
+        }
+    }
+
+    fn socket_addr(&self, s: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
+        s.get_ref().parse().map_err(|e| {
+            ConfigError::invalid_because(
+                self.at(s),
+                format!("{what} {:?} is not an address:port", s.get_ref()),
+                e,
+            )
+        })
+    }
+}
+
+fn non_zero(d: Duration, key: &str, at: Location) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::invalid(
+            at,
+            format!("{key} must be greater than zero"),
+        ))
+    } else {
+        Ok(d)
+    }
+}
+
+pub(super) fn validate(path: &Path, source: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let cx = Ctx { path, source };
+    let pop = match &raw.pop {
+        Some(p) => pop(&cx, p)?,
+        None => {
+            return Err(ConfigError::invalid(
+                Location::file(path),
+                "missing [pop] section",
+            ))
+        }
+    };
+    let admin = match &raw.admin {
+        Some(a) => Some(AdminConfig {
+            listen: cx.socket_addr(&a.get_ref().listen, "admin listen")?,
+        }),
+        None => None,
+    };
+    let edge = edge(&cx, &raw)?;
+    let dns = match &raw.dns {
+        Some(d) => Some(dns(&cx, d)?),
+        None => None,
+    };
+    if edge.is_none() && dns.is_none() {
+        return Err(ConfigError::invalid(
+            Location::file(path),
+            "nothing to run: the file has neither the edge sections ([[listeners]], [[certificates]], [[origins]], [[routes]]) nor [dns]",
+        ));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        pop,
+        admin,
+        edge,
+        dns,
+    })
+}
+
+fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
+    let p = p.get_ref();
+    if p.name.get_ref().trim().is_empty() {
+        return Err(cx.err(&p.name, "pop name must not be empty"));
+    }
+    Ok(PopConfig {
+        name: p.name.get_ref().clone(),
+        server_timing: p.server_timing.unwrap_or(true),
+        ticket_keys: p.ticket_keys.as_ref().map(|s| PathBuf::from(s.get_ref())),
+    })
+}
+
+/// The edge role is present when any of its sections is; then all four are required.
+fn edge(cx: &Ctx, raw: &RawConfig) -> Result<Option<EdgeConfig>, ConfigError> {
+    let any = !raw.listeners.is_empty()
+        || !raw.certificates.is_empty()
+        || !raw.origins.is_empty()
+        || !raw.routes.is_empty();
+    if !any {
+        return Ok(None);
+    }
+    for (missing, name) in [
+        (raw.listeners.is_empty(), "[[listeners]]"),
+        (raw.certificates.is_empty(), "[[certificates]]"),
+        (raw.origins.is_empty(), "[[origins]]"),
+        (raw.routes.is_empty(), "[[routes]]"),
+    ] {
+        if missing {
+            return Err(ConfigError::invalid(
+                Location::file(cx.path),
+                format!("the edge role needs at least one {name} entry"),
+            ));
+        }
+    }
+    let listeners = raw
+        .listeners
+        .iter()
+        .map(|l| listener(cx, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let certificates = raw
+        .certificates
+        .iter()
+        .map(|c| certificate(cx, c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut origins = Vec::with_capacity(raw.origins.len());
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for o in &raw.origins {
+        let origin = origin(cx, o)?;
+        if by_name.insert(origin.name.clone(), origins.len()).is_some() {
+            return Err(cx.err(
+                &o.get_ref().name,
+                format!("origin {:?} is defined twice", origin.name),
+            ));
+        }
+        origins.push(Arc::new(origin));
+    }
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut seen_hosts: HashMap<String, ()> = HashMap::new();
+    for r in &raw.routes {
+        let route = route(cx, r, &by_name)?;
+        for (h, spanned) in route.hosts.iter().zip(r.get_ref().hosts.get_ref()) {
+            if seen_hosts.insert(h.clone(), ()).is_some() {
+                return Err(cx.err(spanned, format!("host {h:?} is served by two routes")));
+            }
+        }
+        routes.push(route);
+    }
+    Ok(Some(EdgeConfig {
+        listeners,
+        certificates,
+        origins,
+        routes,
+    }))
+}
+
+fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, ConfigError> {
+    let at = cx.at(l);
+    let l = l.get_ref();
+    Ok(ListenerConfig {
+        address: cx.socket_addr(&l.address, "listener address")?,
+        handshake_timeout: non_zero(
+            l.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            "handshake_timeout",
+            at.clone(),
+        )?,
+        header_timeout: non_zero(
+            l.header_timeout.unwrap_or(Duration::from_secs(30)),
+            "header_timeout",
+            at.clone(),
+        )?,
+        idle_timeout: non_zero(
+            l.idle_timeout.unwrap_or(Duration::from_secs(75)),
+            "idle_timeout",
+            at.clone(),
+        )?,
+        drain_timeout: l.drain_timeout.unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+/// Host names are compared lower-case; a wildcard is `*.` followed by at least two labels.
+fn host_name(cx: &Ctx, s: &Spanned<String>) -> Result<String, ConfigError> {
+    let name = s.get_ref().trim_end_matches('.').to_ascii_lowercase();
+    let bare = name.strip_prefix("*.").unwrap_or(&name);
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(valid_label) {
+        return Err(cx.err(s, format!("{:?} is not a valid host name", s.get_ref())));
+    }
+    if name.starts_with("*.") && !bare.contains('.') {
+        return Err(cx.err(
+            s,
+            format!(
+                "wildcard {:?} must have at least two labels after '*.'",
+                s.get_ref()
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+fn certificate(cx: &Ctx, c: &Spanned<RawCertificate>) -> Result<CertificateConfig, ConfigError> {
+    let c = c.get_ref();
+    if c.names.get_ref().is_empty() {
+        return Err(cx.err(&c.names, "a certificate needs at least one name"));
+    }
+    let names = c
+        .names
+        .get_ref()
+        .iter()
+        .map(|n| host_name(cx, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cert_path = PathBuf::from(c.cert.get_ref());
+    let key_path = PathBuf::from(c.key.get_ref());
+    let key = certs::load_certified_key(&cert_path, &key_path).map_err(|e| {
+        let at = match e {
+            certs::CertError::Key { .. } | certs::CertError::NoKey { .. } => cx.at(&c.key),
+            _ => cx.at(&c.cert),
+        };
+        let reason = e.to_string();
+        ConfigError::invalid_because(at, reason, e)
+    })?;
+    Ok(CertificateConfig {
+        names,
+        cert_path,
+        key_path,
+        key: Arc::new(key),
+    })
+}
+
+fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError> {
+    let at = cx.at(o);
+    let o = o.get_ref();
+    let name = o.name.get_ref().clone();
+    if name.is_empty() {
+        return Err(cx.err(&o.name, "origin name must not be empty"));
+    }
+    let address = o.address.get_ref().clone();
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+        _ => {
+            return Err(cx.err(
+                &o.address,
+                format!("origin address {address:?} must be host:port"),
+            ))
+        }
+    }
+    let server_name = ServerName::try_from(o.server_name.get_ref().clone()).map_err(|e| {
+        ConfigError::invalid_because(
+            cx.at(&o.server_name),
+            format!(
+                "server_name {:?} is not a DNS name or IP address",
+                o.server_name.get_ref()
+            ),
+            e,
+        )
+    })?;
+    let ca = match &o.ca {
+        Some(ca) => {
+            let p = PathBuf::from(ca.get_ref());
+            certs::load_roots(&p).map_err(|e| {
+                let reason = e.to_string();
+                ConfigError::invalid_because(cx.at(ca), reason, e)
+            })?;
+            Some(p)
+        }
+        None => None,
+    };
+    let protocol = match o.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+        None | Some("h2") => Protocol::H2,
+        Some("http1") | Some("http/1.1") => Protocol::Http1,
+        Some(other) => {
+            return Err(cx.err(
+                o.protocol.as_ref().unwrap_or(&o.name),
+                format!("protocol {other:?} is not one of \"h2\", \"http1\""),
+            ))
+        }
+    };
+    let warm = cx.count(&o.warm_connections, 4, "warm_connections")?;
+    let max = cx.count(&o.max_connections, 64, "max_connections")?;
+    let standby = cx.count(&o.standby_connections, warm.min(1), "standby_connections")?;
+    if max == 0 {
+        let s = o.max_connections.as_ref().map_or(at.clone(), |s| cx.at(s));
+        return Err(ConfigError::invalid(
+            s,
+            "max_connections must be at least 1",
+        ));
+    }
+    if warm > max {
+        let s = o.warm_connections.as_ref().map_or(at.clone(), |s| cx.at(s));
+        return Err(ConfigError::invalid(
+            s,
+            format!("warm_connections ({warm}) exceeds max_connections ({max})"),
+        ));
+    }
+    if standby > max {
+        let s = o
+            .standby_connections
+            .as_ref()
+            .map_or(at.clone(), |s| cx.at(s));
+        return Err(ConfigError::invalid(
+            s,
+            format!("standby_connections ({standby}) exceeds max_connections ({max})"),
+        ));
+    }
+    let health_path = match &o.health_path {
+        Some(p) if !p.get_ref().starts_with('/') => {
+            return Err(cx.err(p, "health_path must start with '/'"));
+        }
+        Some(p) => Some(p.get_ref().clone()),
+        None => None,
+    };
+    let warm_ratio = match &o.warm_ratio {
+        None => 1.0,
+        Some(r) if r.get_ref().is_finite() && *r.get_ref() >= 0.0 && *r.get_ref() <= 100.0 => {
+            *r.get_ref()
+        }
+        Some(r) => return Err(cx.err(r, "warm_ratio must be between 0 and 100")),
+    };
+    let d = |v: Option<Duration>, default: u64, key: &str| {
+        non_zero(v.unwrap_or(Duration::from_millis(default)), key, at.clone())
+    };
+    Ok(OriginConfig {
+        name,
+        address,
+        server_name,
+        ca,
+        protocol,
+        warm_connections: warm,
+        standby_connections: standby,
+        max_connections: max,
+        queue_size: cx.count(&o.queue_size, 1024, "queue_size")?,
+        connect_timeout: d(o.connect_timeout, 3_000, "connect_timeout")?,
+        first_byte_timeout: d(o.first_byte_timeout, 60_000, "first_byte_timeout")?,
+        idle_timeout: d(o.idle_timeout, 60_000, "idle_timeout")?,
+        queue_timeout: d(o.queue_timeout, 5_000, "queue_timeout")?,
+        keepalive_interval: d(o.keepalive_interval, 10_000, "keepalive_interval")?,
+        keepalive_timeout: d(o.keepalive_timeout, 5_000, "keepalive_timeout")?,
+        max_connection_age: d(o.max_connection_age, 600_000, "max_connection_age")?,
+        health_path,
+        health_interval: d(o.health_interval, 5_000, "health_interval")?,
+        unhealthy_after: cx.threshold(&o.unhealthy_after, 3, "unhealthy_after")?,
+        healthy_after: cx.threshold(&o.healthy_after, 2, "healthy_after")?,
+        warm_ratio,
+    })
+}
+
+fn route(
+    cx: &Ctx,
+    r: &Spanned<RawRoute>,
+    by_name: &HashMap<String, usize>,
+) -> Result<RouteConfig, ConfigError> {
+    let r = r.get_ref();
+    if r.hosts.get_ref().is_empty() {
+        return Err(cx.err(&r.hosts, "a route needs at least one host"));
+    }
+    if r.origins.get_ref().is_empty() {
+        return Err(cx.err(&r.origins, "a route needs at least one origin"));
+    }
+    let hosts = r
+        .hosts
+        .get_ref()
+        .iter()
+        .map(|h| host_name(cx, h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut origins = Vec::new();
+    for o in r.origins.get_ref() {
+        let Some(&i) = by_name.get(o.get_ref()) else {
+            return Err(cx.err(
+                o,
+                format!(
+                    "route names origin {:?}, which is not defined in [[origins]]",
+                    o.get_ref()
+                ),
+            ));
+        };
+        if origins.contains(&i) {
+            return Err(cx.err(
+                o,
+                format!("origin {:?} is listed twice in this route", o.get_ref()),
+            ));
+        }
+        origins.push(i);
+    }
+    Ok(RouteConfig { hosts, origins })
+}
+
+fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
+    let at = cx.at(d);
+    let d = d.get_ref();
+    let zone = d.zone.get_ref().trim_end_matches('.').to_ascii_lowercase();
+    if zone.is_empty() {
+        return Err(cx.err(&d.zone, "zone must not be empty"));
+    }
+    host_name(cx, &d.zone)?;
+    let in_zone = |n: &str| n == zone || n.ends_with(&format!(".{zone}"));
+    let mut names = Vec::new();
+    for n in d.names.get_ref() {
+        let name = host_name(cx, n)?;
+        if !in_zone(&name) {
+            return Err(cx.err(n, format!("name {name:?} is not inside zone {zone:?}")));
+        }
+        names.push(name);
+    }
+    if names.is_empty() {
+        return Err(cx.err(&d.names, "[dns] names must list at least one name"));
+    }
+    let nameservers = match &d.nameservers {
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(cx.err(list, "nameservers must not be empty"))
+        }
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|n| host_name(cx, n))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![format!("ns1.{zone}")],
+    };
+    let hostmaster = match &d.hostmaster {
+        Some(h) => host_name(cx, h)?,
+        None => format!("hostmaster.{zone}"),
+    };
+    let d_or = |v: Option<Duration>, default: u64, key: &str| {
+        non_zero(v.unwrap_or(Duration::from_millis(default)), key, at.clone())
+    };
+    let ttl = d.ttl.unwrap_or(Duration::from_secs(60));
+    if ttl.as_secs() > u64::from(u32::MAX >> 1) {
+        return Err(ConfigError::invalid(at, "ttl is too large"));
+    }
+    Ok(DnsConfig {
+        listen: cx.socket_addr(&d.listen, "dns listen")?,
+        zone,
+        names,
+        ttl,
+        regenerate_every: d_or(d.regenerate_every, 300_000, "regenerate_every")?,
+        health_interval: d_or(d.health_interval, 1_000, "health_interval")?,
+        health_timeout: d_or(d.health_timeout, 800, "health_timeout")?,
+        unhealthy_after: cx.threshold(&d.unhealthy_after, 2, "unhealthy_after")?,
+        healthy_after: cx.threshold(&d.healthy_after, 2, "healthy_after")?,
+        regions: PathBuf::from(d.regions.get_ref()),
+        nameservers,
+        hostmaster,
+        health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
+    })
+}

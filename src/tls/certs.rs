@@ -1,0 +1,96 @@
+//! PEM loading for certificate chains, private keys and CA bundles; every error names the file.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate file {}: {source}", path.display())]
+    Cert {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("certificate file {} holds no certificate", path.display())]
+    NoCert { path: PathBuf },
+    #[error("key file {}: {source}", path.display())]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("key file {} holds no private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error("key {} does not fit certificate {}: {source}", key.display(), cert.display())]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("CA file {}: {source}", path.display())]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("CA file {} holds no usable certificate", path.display())]
+    NoCa { path: PathBuf },
+}
+
+/// Reads every certificate of a PEM file, in order.
+pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| CertError::Cert {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(CertError::NoCert {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(chain)
+}
+
+/// Loads a chain and its key and checks that the key belongs to the first certificate.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
+    let chain = load_chain(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| match source {
+        rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
+            path: key.to_path_buf(),
+        },
+        source => CertError::Key {
+            path: key.to_path_buf(),
+            source,
+        },
+    })?;
+    let provider = super::provider();
+    CertifiedKey::from_der(chain, der, &provider).map_err(|source| CertError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads a CA bundle into a root store; fails if no certificate in it is usable.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| CertError::Ca {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(CertError::NoCa {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(roots)
+}

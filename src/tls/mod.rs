@@ -1,0 +1,21 @@
+//! TLS on both sides: `certs` loads PEM files, `sni` picks the server certificate by name and
+//! builds the listener's config, `client` builds the verified upstream config.
+
+pub mod certs;
+pub mod client;
+pub mod sni;
+
+use std::sync::Arc;
+
+/// The one crypto provider of the process (ring: builds with a C compiler only, no cmake).
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// TLS 1.2 is the floor; 1.3 preferred.
+pub static VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+pub fn provider_arc() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(provider())
+}

@@ -1,0 +1,78 @@
+//! Server-side TLS: the certificate is chosen by SNI (exact name first, then a `*.` wildcard
+//! for one label, then the first configured certificate for clients without or with an
+//! unknown SNI), ALPN offers h2 and http/1.1, session tickets are on.
+
+use crate::config::CertificateConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    /// `certs` must not be empty; the typed config guarantees it for the edge role.
+    pub fn new(certs: &[CertificateConfig]) -> Option<Self> {
+        let default = certs.first()?.key.clone();
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for c in certs {
+            for name in &c.names {
+                // First entry wins for a name listed twice, as in the config order.
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard
+                        .entry(suffix.to_string())
+                        .or_insert_with(|| c.key.clone()),
+                    None => exact.entry(name.clone()).or_insert_with(|| c.key.clone()),
+                };
+            }
+        }
+        Some(SniResolver {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    pub fn lookup(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni else {
+            return self.default.clone();
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(k) = self.exact.get(&name) {
+            return k.clone();
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(k) = self.wildcard.get(parent) {
+                return k.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.lookup(hello.server_name()))
+    }
+}
+
+/// Builds the listener's TLS config.
+pub fn server_config(certs: &[CertificateConfig]) -> Result<rustls::ServerConfig, rustls::Error> {
+    let resolver = SniResolver::new(certs)
+        .ok_or_else(|| rustls::Error::General("no certificate configured".into()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(super::provider_arc())
+        .with_protocol_versions(super::VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
+    Ok(cfg)
+}

@@ -1,0 +1,9 @@
+//! One integration binary: real sockets on loopback, real TLS, real clients.
+
+mod support;
+
+mod config;
+mod dns;
+mod edge;
+mod pool;
+mod probe;
