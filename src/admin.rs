@@ -1,1 +1,160 @@
-//! The admin listener: /healthz, /pools (JSON), /map, /metrics (Prometheus).
+//! The admin listener (plain HTTP/1.1, bind it to loopback or a management network):
+//! `/healthz` (200 only when this PoP can serve fast: not draining, and every route has an
+//! origin with a warm connection), `/pools` (JSON), `/metrics` (Prometheus text).
+
+use crate::metrics::{self, EdgeCounters};
+use crate::pool::Pool;
+use crate::proxy::Runtime;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the edge exposes to the admin listener.
+#[derive(Clone)]
+pub struct EdgeStatus {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    pub draining: Arc<AtomicBool>,
+    pub counters: Arc<EdgeCounters>,
+}
+
+impl EdgeStatus {
+    /// Ready to serve fast: not draining and each route has an origin with a warm connection.
+    pub fn health(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".into());
+        }
+        let rt = self.runtime.load();
+        for route in rt.router.routes() {
+            let warm = route
+                .iter()
+                .filter_map(|&i| rt.pools.get(i))
+                .any(|p: &Pool| p.warm_count() > 0);
+            if !warm {
+                let names: Vec<&str> = route
+                    .iter()
+                    .filter_map(|&i| rt.pools.get(i))
+                    .map(|p| p.origin().name.as_str())
+                    .collect();
+                return Err(format!(
+                    "no warm upstream connection for origins {}",
+                    names.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pools_json(&self) -> serde_json::Value {
+        let rt = self.runtime.load();
+        let pools: Vec<_> = rt.pools.iter().map(|p| p.snapshot()).collect();
+        serde_json::json!({ "pools": pools })
+    }
+
+    pub fn metrics(&self) -> String {
+        let rt = self.runtime.load();
+        let pools: Vec<_> = rt.pools.iter().map(|p| p.snapshot()).collect();
+        metrics::render_edge(
+            &self.counters,
+            &pools,
+            self.draining.load(Ordering::Acquire),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding admin listener {address}: {source}")]
+pub struct AdminError {
+    address: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds the admin listener and serves it until `shutdown`; returns the bound address.
+pub async fn start(
+    address: SocketAddr,
+    status: EdgeStatus,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, AdminError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| AdminError { address, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AdminError { address, source })?;
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let status = status.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let status = status.clone();
+                    async move { Ok::<_, Infallible>(route(&status, &req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn route<B>(status: &EdgeStatus, req: &Request<B>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => match status.health() {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {why}\n"),
+            ),
+        },
+        "/pools" => json(&status.pools_json()),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, status.metrics());
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+pub fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+pub fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

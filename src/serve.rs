@@ -1,27 +1,306 @@
-//! `serve` and `check`: load the config, start the pools, admin and listeners; validate.
+//! `serve` and `check`: load the config, open the warm pools (before reporting ready), start
+//! admin and listeners; SIGHUP reloads routes, certificates and origins; SIGTERM drains.
 
+use crate::admin::{self, EdgeStatus};
+use crate::config::{self, Config, EdgeConfig};
+use crate::edge;
+use crate::metrics::EdgeCounters;
+use crate::pool::Pool;
+use crate::proxy::Runtime;
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+/// `edgepop check`: exit 1 with `file:line:column: reason` on the first error.
 pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = match crate::config::load(path) {
+    let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    if let Some(dns) = &cfg.dns {
-        if let Err(e) = crate::config::regions::load(&dns.regions) {
-            eprintln!("{e}");
-            return Ok(ExitCode::FAILURE);
-        }
+    let regions = match &cfg.dns {
+        Some(dns) => match config::regions::load(&dns.regions) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None => None,
+    };
+    println!("{}: ok", path.display());
+    println!("  pop {}", cfg.pop.name);
+    if let Some(a) = &cfg.admin {
+        println!("  admin {}", a.listen);
     }
-    println!("{}: ok (pop {})", path.display(), cfg.pop.name);
+    if let Some(e) = &cfg.edge {
+        print_edge_summary(e);
+    }
+    if let (Some(d), Some(r)) = (&cfg.dns, regions) {
+        println!(
+            "  dns {} zone {} names {} regions {} ({:?})",
+            d.listen,
+            d.zone,
+            d.names.join(","),
+            d.regions.display(),
+            r
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_edge_summary(e: &EdgeConfig) {
+    for l in &e.listeners {
+        println!("  listener {}", l.address);
+    }
+    for c in &e.certificates {
+        println!(
+            "  certificate {} ({})",
+            c.names.join(","),
+            c.cert_path.display()
+        );
+    }
+    for o in &e.origins {
+        println!(
+            "  origin {} {} sni={} {} warm={} max={}",
+            o.name,
+            o.address,
+            o.server_name.to_str(),
+            o.protocol.as_str(),
+            o.warm_connections,
+            o.max_connections
+        );
+    }
+    for r in &e.routes {
+        let origins: Vec<&str> = r
+            .origins
+            .iter()
+            .filter_map(|&i| e.origins.get(i).map(|o| o.name.as_str()))
+            .collect();
+        println!("  route {} -> {}", r.hosts.join(","), origins.join(" > "));
+    }
+}
+
+/// A running edge: listeners, pools and admin, in this process.
+pub struct EdgeServer {
+    /// Bound listener addresses, in config order (useful when the config says port 0).
+    pub listen_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    status: EdgeStatus,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+}
+
+/// Builds one pool per origin. The floor is `warm_connections` for an origin that is some
+/// route's first choice, `standby_connections` for one that is only ever a failover target.
+pub fn build_pools(edge: &EdgeConfig) -> anyhow::Result<Vec<Pool>> {
+    edge.origins
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let primary = edge.routes.iter().any(|r| r.origins.first() == Some(&i));
+            let floor = if primary {
+                o.warm_connections
+            } else {
+                o.standby_connections
+            };
+            Pool::new(o.clone(), floor).with_context(|| format!("origin {}", o.name))
+        })
+        .collect()
+}
+
+impl EdgeServer {
+    /// Opens the warm pools, waits (up to the connect timeout) until they are warm, then binds
+    /// admin and listeners. Returns once everything accepts.
+    pub async fn start(cfg: &Config) -> anyhow::Result<EdgeServer> {
+        let edge_cfg = cfg.edge.as_ref().with_context(|| {
+            format!(
+                "{}: no edge sections ([[listeners]] ...) to serve",
+                cfg.path.display()
+            )
+        })?;
+        let pools = build_pools(edge_cfg)?;
+        for p in &pools {
+            p.start();
+        }
+        let warm_wait = edge_cfg
+            .origins
+            .iter()
+            .map(|o| o.connect_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(3));
+        let warmed =
+            futures_util::future::join_all(pools.iter().map(|p| p.wait_warm(warm_wait))).await;
+        for (p, ok) in pools.iter().zip(warmed) {
+            if !ok {
+                tracing::warn!(origin = %p.origin().name, "pool not warm at start-up; serving anyway, refill continues");
+            }
+        }
+        let counters = Arc::new(EdgeCounters::default());
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
+            &cfg.pop,
+            edge_cfg,
+            pools,
+            counters.clone(),
+        )));
+        let tls = Arc::new(ArcSwap::from_pointee(
+            crate::tls::sni::server_config(&edge_cfg.certificates)
+                .context("building the TLS server config")?,
+        ));
+        let status = EdgeStatus {
+            runtime: runtime.clone(),
+            draining: Arc::new(AtomicBool::new(false)),
+            counters,
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let admin_addr = match &cfg.admin {
+            Some(a) => Some(admin::start(a.listen, status.clone(), shutdown.clone()).await?),
+            None => None,
+        };
+        let mut listen_addrs = Vec::new();
+        let mut drain_timeout = Duration::ZERO;
+        for l in &edge_cfg.listeners {
+            let bound = edge::bind(l)?;
+            listen_addrs.push(bound.local_addr()?);
+            drain_timeout = drain_timeout.max(l.drain_timeout);
+            tokio::spawn(bound.run(
+                tls.clone(),
+                runtime.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        Ok(EdgeServer {
+            listen_addrs,
+            admin_addr,
+            status,
+            tls,
+            shutdown,
+            tracker,
+            drain_timeout,
+        })
+    }
+
+    pub fn status(&self) -> &EdgeStatus {
+        &self.status
+    }
+
+    pub fn pools(&self) -> Vec<Pool> {
+        self.status.runtime.load().pools.clone()
+    }
+
+    /// Applies a new configuration: certificates and routes swap atomically; origins whose
+    /// settings did not change keep their warm pools. Listener and admin addresses are not
+    /// rebound (a restart is needed for those). On error, the running state is untouched.
+    pub async fn reload(&self, cfg: &Config) -> anyhow::Result<()> {
+        let edge_cfg = cfg
+            .edge
+            .as_ref()
+            .context("reloaded config has no edge sections")?;
+        let tls = crate::tls::sni::server_config(&edge_cfg.certificates)?;
+        let old = self.status.runtime.load_full();
+        let mut pools = Vec::with_capacity(edge_cfg.origins.len());
+        let mut fresh = Vec::new();
+        let fresh_pools = build_pools(edge_cfg)?;
+        for (o, candidate) in edge_cfg.origins.iter().zip(fresh_pools) {
+            let same = old
+                .pools
+                .iter()
+                .find(|p| same_origin(p.origin(), o) && p.floor() == candidate.floor());
+            match same {
+                Some(p) => pools.push(p.clone()),
+                None => {
+                    candidate.start();
+                    fresh.push(candidate.clone());
+                    pools.push(candidate);
+                }
+            }
+        }
+        futures_util::future::join_all(
+            fresh
+                .iter()
+                .map(|p| p.wait_warm(p.origin().connect_timeout)),
+        )
+        .await;
+        let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone());
+        self.tls.store(Arc::new(tls));
+        self.status.runtime.store(Arc::new(new_rt));
+        for p in &old.pools {
+            if !self
+                .status
+                .runtime
+                .load()
+                .pools
+                .iter()
+                .any(|n| Arc::ptr_eq(n.origin(), p.origin()))
+            {
+                p.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), closes pools.
+    pub async fn drain(self) {
+        self.status.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(after = ?self.drain_timeout, "drain timeout: closing remaining connections");
+        }
+        for p in self.status.runtime.load().pools.iter() {
+            p.shutdown();
+        }
+    }
+}
+
+fn same_origin(a: &config::OriginConfig, b: &config::OriginConfig) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// `edgepop serve`: runs until SIGTERM/SIGINT, reloading on SIGHUP.
 pub async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
-    let _ = path;
-    anyhow::bail!("serve: not implemented yet")
+    use tokio::signal::unix::{signal, SignalKind};
+    let cfg = config::load(path)?;
+    let server = EdgeServer::start(&cfg).await?;
+    for a in &server.listen_addrs {
+        println!("edgepop {}: listening on https://{a}", cfg.pop.name);
+    }
+    if let Some(a) = server.admin_addr {
+        println!("edgepop {}: admin on http://{a}", cfg.pop.name);
+    }
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match config::load(path) {
+                Ok(new) => match server.reload(&new).await {
+                    Ok(()) => tracing::info!(config = %path.display(), "reloaded"),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; keeping the running configuration"),
+                },
+                Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("draining");
+    server.drain().await;
+    Ok(ExitCode::SUCCESS)
 }

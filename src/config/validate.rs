@@ -71,7 +71,7 @@ impl std::fmt::Debug for CertificateConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     H2,
     Http1,

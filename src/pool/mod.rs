@@ -1,1 +1,361 @@
-//! pool
+//! The pre-warmed upstream pool of one origin: `warm_connections` verified TLS connections
+//! opened before any request and refilled whenever one closes (`maintain`), checked out per
+//! request (`checkout`), and returned after the response (`lease`).
+//!
+//! h2 connections are shared: a checkout takes a stream slot on the least loaded connection.
+//! http/1.1 connections are exclusive: a checkout takes an idle connection out of the pool and
+//! the lease puts it back once the response is complete and the connection is ready again.
+
+mod conn;
+mod error;
+mod health;
+mod lease;
+mod maintain;
+mod stats;
+
+pub use conn::{UpstreamBody, Warmth};
+pub use error::{CheckoutError, ConnectError};
+pub use lease::{Lease, SendError, StreamGuard};
+pub use stats::PoolSnapshot;
+
+use crate::config::{OriginConfig, Protocol};
+use crate::tls::certs::CertError;
+use conn::{Conn, Opened, Sender};
+use hyper::client::conn::http1;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Streams per h2 connection we open before preferring another connection. The origin's own
+/// SETTINGS_MAX_CONCURRENT_STREAMS is enforced by h2 itself (excess streams wait for a slot).
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// Everything that decides which connections may be shared: two origins with the same key
+/// could share a pool, two with different keys never.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub address: String,
+    pub server_name: String,
+    pub ca: Option<std::path::PathBuf>,
+    pub protocol: Protocol,
+}
+
+/// A handle to one origin's pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub origin: Arc<OriginConfig>,
+    pub key: PoolKey,
+    tls: tokio_rustls::TlsConnector,
+    /// Connections kept open at all times.
+    floor: usize,
+    /// Guards only this origin's bookkeeping, held for a few instructions and never across an
+    /// await: no request of another origin ever waits on it.
+    state: Mutex<State>,
+    /// Woken when a connection or stream slot frees up or capacity appears.
+    available: Notify,
+    /// Wakes the maintenance task (a connection closed, a lease failed).
+    maintain: Notify,
+    next_id: AtomicU64,
+    waiting: AtomicUsize,
+    pub stats: stats::Stats,
+    health: health::Health,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    /// Open h2 connections (shared).
+    h2: Vec<Arc<Conn>>,
+    /// Idle http/1.1 connections with their senders, most recently used last.
+    idle_h1: Vec<(Arc<Conn>, http1::SendRequest<UpstreamBody>)>,
+    /// Connections whose driver is running (idle, busy, or draining).
+    open: usize,
+    /// Connects in progress (counted against max_connections).
+    connecting: usize,
+    busy_h1: usize,
+}
+
+impl Pool {
+    /// Builds the pool (and its TLS client config); nothing is opened until [`Pool::start`].
+    pub fn new(origin: Arc<OriginConfig>, floor: usize) -> Result<Pool, CertError> {
+        let tls = crate::tls::client::client_config(origin.ca.as_deref(), origin.protocol)?;
+        let key = PoolKey {
+            address: origin.address.clone(),
+            server_name: origin.server_name.to_str().into_owned(),
+            ca: origin.ca.clone(),
+            protocol: origin.protocol,
+        };
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                floor: floor.min(origin.max_connections),
+                origin,
+                key,
+                tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                state: Mutex::new(State::default()),
+                available: Notify::new(),
+                maintain: Notify::new(),
+                next_id: AtomicU64::new(1),
+                waiting: AtomicUsize::new(0),
+                stats: stats::Stats::default(),
+                health: health::Health::default(),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// Starts the task that keeps the floor of connections open.
+    pub fn start(&self) {
+        tokio::spawn(maintain::run(self.inner.clone()));
+        health::spawn(self);
+    }
+
+    pub fn origin(&self) -> &Arc<OriginConfig> {
+        &self.inner.origin
+    }
+
+    pub fn floor(&self) -> usize {
+        self.inner.floor
+    }
+
+    /// Waits until the floor is open, or `limit` passes; returns whether it is.
+    pub async fn wait_warm(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.inner.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.lock().open >= self.inner.floor {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.inner.lock().open >= self.inner.floor;
+            }
+        }
+    }
+
+    /// Open connections that can take a request now (the meaning of "warm" for /healthz).
+    pub fn warm_count(&self) -> usize {
+        let st = self.inner.lock();
+        match self.inner.origin.protocol {
+            Protocol::H2 => st.h2.iter().filter(|c| c.is_usable()).count(),
+            Protocol::Http1 => st.idle_h1.len() + st.busy_h1,
+        }
+    }
+
+    /// A connection for one request: a warm one if any can take it; otherwise a new one if
+    /// below `max_connections`; otherwise wait in the bounded queue up to `queue_timeout`.
+    pub async fn checkout(&self) -> Result<Lease, CheckoutError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        if let Some(lease) = inner.try_take(started) {
+            return Ok(lease);
+        }
+        let queued = inner.waiting.fetch_add(1, Ordering::AcqRel);
+        let _unqueue = Unqueue(&inner.waiting);
+        if queued >= inner.origin.queue_size + inner.origin.max_connections {
+            inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return Err(CheckoutError::QueueFull {
+                origin: inner.origin.name.clone(),
+                size: inner.origin.queue_size,
+            });
+        }
+        let deadline = started + inner.origin.queue_timeout;
+        loop {
+            let notified = inner.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = inner.try_take(started) {
+                return Ok(lease);
+            }
+            if inner.shutdown.is_cancelled() {
+                return Err(CheckoutError::Closed {
+                    origin: inner.origin.name.clone(),
+                });
+            }
+            if inner.reserve_connect() {
+                return inner.open_for_request(started).await;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                if let Some(lease) = inner.try_take(started) {
+                    return Ok(lease);
+                }
+                inner.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(CheckoutError::QueueTimeout {
+                    origin: inner.origin.name.clone(),
+                    after: inner.origin.queue_timeout,
+                    max: inner.origin.max_connections,
+                });
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> PoolSnapshot {
+        self.inner.snapshot()
+    }
+
+    /// Stops refilling and closes idle connections; in-flight requests finish.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let mut st = self.inner.lock();
+        st.idle_h1.clear();
+        for c in st.h2.drain(..) {
+            c.draining.store(true, Ordering::Release);
+        }
+        drop(st);
+        self.inner.available.notify_waiters();
+    }
+}
+
+struct Unqueue<'a>(&'a AtomicUsize);
+impl Drop for Unqueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the counters half-updated in a way
+        // that matters more than losing the pool, so recover the guard.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn try_take(self: &Arc<Self>, started: Instant) -> Option<Lease> {
+        let mut st = self.lock();
+        match self.origin.protocol {
+            Protocol::H2 => {
+                let conn = st
+                    .h2
+                    .iter()
+                    .filter(|c| c.is_usable())
+                    .filter(|c| c.in_flight.load(Ordering::Acquire) < H2_STREAMS_PER_CONNECTION)
+                    .min_by_key(|c| c.in_flight.load(Ordering::Acquire))?
+                    .clone();
+                conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                drop(st);
+                Some(Lease::new(self.clone(), conn, None, Warmth::Warm, started))
+            }
+            Protocol::Http1 => {
+                while let Some((conn, send)) = st.idle_h1.pop() {
+                    if conn.is_usable() && !send.is_closed() {
+                        st.busy_h1 += 1;
+                        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                        drop(st);
+                        return Some(Lease::new(
+                            self.clone(),
+                            conn,
+                            Some(send),
+                            Warmth::Warm,
+                            started,
+                        ));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Claims a connect slot if open + connecting is below max_connections.
+    fn reserve_connect(&self) -> bool {
+        let mut st = self.lock();
+        if st.open + st.connecting < self.origin.max_connections {
+            st.connecting += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn cancel_connect(&self) {
+        self.lock().connecting -= 1;
+    }
+
+    async fn open_for_request(self: &Arc<Self>, started: Instant) -> Result<Lease, CheckoutError> {
+        match conn::open(self).await {
+            Ok(Opened { conn, h1 }) => {
+                let warmth = if conn.resumed {
+                    Warmth::Resumed
+                } else {
+                    Warmth::Fresh
+                };
+                self.stats.opened.fetch_add(1, Ordering::Relaxed);
+                conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                {
+                    let mut st = self.lock();
+                    st.connecting -= 1;
+                    st.open += 1;
+                    match self.origin.protocol {
+                        Protocol::H2 => st.h2.push(conn.clone()),
+                        Protocol::Http1 => st.busy_h1 += 1,
+                    }
+                }
+                // Other waiters may fit on a new h2 connection too.
+                self.available.notify_waiters();
+                Ok(Lease::new(self.clone(), conn, h1, warmth, started))
+            }
+            Err(e) => {
+                self.cancel_connect();
+                self.stats.record_failure(&e);
+                self.note_failure();
+                self.available.notify_waiters();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Adds a connection opened by the maintenance task as idle capacity.
+    fn add_idle(&self, opened: Opened) {
+        let mut st = self.lock();
+        st.connecting -= 1;
+        st.open += 1;
+        match (opened.h1, &opened.conn.sender) {
+            (Some(send), _) => st.idle_h1.push((opened.conn, send)),
+            (None, Sender::H2(_)) => st.h2.push(opened.conn),
+            (None, Sender::H1) => {}
+        }
+        drop(st);
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        self.available.notify_waiters();
+    }
+
+    /// Called by the driver task when a connection has ended, however it ended.
+    fn on_closed(&self, id: u64) {
+        let mut st = self.lock();
+        st.open = st.open.saturating_sub(1);
+        st.h2.retain(|c| c.id != id);
+        st.idle_h1.retain(|(c, _)| c.id != id);
+        drop(st);
+        self.stats.closed.fetch_add(1, Ordering::Relaxed);
+        self.maintain.notify_one();
+        self.available.notify_waiters();
+    }
+
+    /// Returns an http/1.1 connection after its exchange, or forgets it if it cannot be reused.
+    fn return_h1(&self, conn: Arc<Conn>, send: Option<http1::SendRequest<UpstreamBody>>) {
+        let mut st = self.lock();
+        st.busy_h1 = st.busy_h1.saturating_sub(1);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(send) = send {
+            if conn.is_usable() && send.is_ready() && !self.shutdown.is_cancelled() {
+                st.idle_h1.push((conn, send));
+            }
+        }
+        drop(st);
+        self.available.notify_waiters();
+    }
+
+    fn release_h2(&self, conn: &Conn) {
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.available.notify_waiters();
+    }
+}

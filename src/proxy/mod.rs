@@ -1,1 +1,55 @@
-//! proxy
+//! The request path inside the edge: `router` (Host -> route), `handler` (choose origin,
+//! check out a pooled connection, forward, retry when safe), `headers`, `body`, `error`.
+
+pub mod body;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod router;
+
+use crate::config::{EdgeConfig, PopConfig};
+use crate::metrics::EdgeCounters;
+use crate::pool::Pool;
+use hyper::header::HeaderValue;
+use router::Router;
+use std::sync::Arc;
+
+/// Everything a request needs, immutable: a reload builds a new one and swaps it atomically.
+pub struct Runtime {
+    pub router: Router,
+    /// Indexed like `EdgeConfig::origins`.
+    pub pools: Vec<Pool>,
+    pub server_timing: bool,
+    pub via: HeaderValue,
+    /// Carried from one runtime to the next on reload, so counters never reset.
+    pub counters: Arc<EdgeCounters>,
+}
+
+impl Runtime {
+    pub fn new(
+        pop: &PopConfig,
+        edge: &EdgeConfig,
+        pools: Vec<Pool>,
+        counters: Arc<EdgeCounters>,
+    ) -> Self {
+        let via = HeaderValue::from_str(&format!("edgepop-{}", pop.name))
+            .unwrap_or_else(|_| HeaderValue::from_static("edgepop"));
+        Runtime {
+            router: Router::new(&edge.routes),
+            pools,
+            server_timing: pop.server_timing,
+            via,
+            counters,
+        }
+    }
+
+    /// The origin to use for a route: the first healthy one in failover order; if none is
+    /// healthy, the first (try rather than fail without trying).
+    pub fn pick(&self, origins: &[usize]) -> Option<&Pool> {
+        origins
+            .iter()
+            .filter_map(|&i| self.pools.get(i))
+            .find(|p| p.is_healthy())
+            .or_else(|| origins.first().and_then(|&i| self.pools.get(i)))
+    }
+}

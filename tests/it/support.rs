@@ -1,10 +1,20 @@
-//! Shared test helpers: paths, the binary, dev certificates.
+//! Shared test helpers: dev certificates, an in-process edge in front of an in-process origin,
+//! a real TLS client, curl.
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use bytes::Bytes;
+use edgepop::demo::origin::{Origin, OriginBuilder};
+use edgepop::serve::EdgeServer;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
 
-/// The repository root (tests run with the package root as working directory).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -16,4 +26,238 @@ pub fn bin() -> PathBuf {
 
 pub fn certs() -> PathBuf {
     root().join("certs")
+}
+
+pub fn ca() -> PathBuf {
+    certs().join("dev-ca.crt")
+}
+
+pub fn origin() -> OriginBuilder {
+    Origin::builder(certs())
+}
+
+/// Edge config text: one listener and admin on port 0, dev certs, one origin per entry of
+/// `origins` ("name", address, extra TOML lines), one route `hosts` -> all origins in order.
+pub fn edge_config(origins: &[(&str, SocketAddr, &str)], hosts: &[&str]) -> String {
+    let certs = certs();
+    let mut s = format!(
+        r#"[pop]
+name = "test1"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[certificates]]
+names = ["localhost", "*.edgepop.test", "edgepop.test"]
+cert = "{c}/edge.crt"
+key = "{c}/edge.key"
+
+[[certificates]]
+names = ["other.example"]
+cert = "{c}/origin.crt"
+key = "{c}/origin.key"
+"#,
+        c = certs.display()
+    );
+    for (name, addr, extra) in origins {
+        s.push_str(&format!(
+            r#"
+[[origins]]
+name = "{name}"
+address = "{addr}"
+server_name = "origin.edgepop.test"
+ca = "{ca}"
+{extra}
+"#,
+            ca = ca().display()
+        ));
+    }
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+    let names: Vec<String> = origins.iter().map(|(n, _, _)| format!("{n:?}")).collect();
+    s.push_str(&format!(
+        "\n[[routes]]\nhosts = [{}]\norigins = [{}]\n",
+        hosts.join(", "),
+        names.join(", ")
+    ));
+    s
+}
+
+pub struct TestEdge {
+    pub server: EdgeServer,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start_edge(config: &str) -> TestEdge {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edgepop.toml");
+    std::fs::write(&path, config).expect("write config");
+    let cfg = edgepop::config::load(&path).expect("valid config");
+    let server = EdgeServer::start(&cfg).await.expect("edge starts");
+    let addr = server.listen_addrs[0];
+    let admin = server.admin_addr.expect("admin");
+    TestEdge {
+        server,
+        addr,
+        admin,
+        dir,
+    }
+}
+
+fn tls_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
+    Arc::new(edgepop::tls::client::client_config_with_roots(roots, alpn))
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(tls_config(alpn))
+        .connect(name, tcp)
+        .await
+}
+
+/// A client connection speaking h2 or http/1.1 to the edge.
+pub enum Client {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, sni: &str, h2: bool) -> Client {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(addr, sni, alpn).await.expect("TLS to edge");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("h2");
+            tokio::spawn(conn);
+            Client::H2(send)
+        } else {
+            let (send, conn) = http1::handshake(io).await.expect("h1");
+            tokio::spawn(conn);
+            Client::H1(send)
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        req: hyper::Request<Body>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Client::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Client::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    /// GET `path` with Host/authority `host`; returns status and body text.
+    pub async fn get(&mut self, host: &str, path: &str) -> (u16, String) {
+        let resp = self
+            .send(request(self.is_h2(), host, path))
+            .await
+            .expect("response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Client::H2(_))
+    }
+}
+
+pub fn request(h2: bool, host: &str, path: &str) -> hyper::Request<Body> {
+    let b = hyper::Request::builder();
+    let b = if h2 {
+        b.uri(format!("https://{host}{path}"))
+            .version(hyper::Version::HTTP_2)
+    } else {
+        b.uri(path).header("host", host)
+    };
+    b.body(empty()).expect("request")
+}
+
+/// Plain-HTTP GET on the admin listener; returns status and body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(admin).await.expect("admin connect");
+    let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.expect("admin h1");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header("host", "admin")
+        .body(empty())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("admin response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub async fn pools_json(admin: SocketAddr) -> serde_json::Value {
+    let (_, body) = admin_get(admin, "/pools").await;
+    serde_json::from_str(&body).expect("pools JSON")
+}
+
+/// Polls `f` until it returns true or `limit` passes (no fixed sleeps).
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs curl against the edge with the dev CA, resolving `host` to the edge address.
+pub async fn curl(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--cacert"])
+        .arg(ca())
+        .arg("--resolve")
+        .arg(format!("{host}:{}:{}", addr.port(), addr.ip()))
+        .args(extra)
+        .arg(format!("https://{host}:{}{path}", addr.port()))
+        .kill_on_drop(true);
+    cmd.output().await.expect("curl runs")
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p
 }

@@ -1,6 +1,8 @@
 //! `edgepop demo`: origin, WAN simulators, edge with a warm pool (and one with pooling off),
 //! then latency-probe against each, printed next to the physical limits.
 
+pub mod origin;
+
 use clap::Args;
 use std::process::ExitCode;
 

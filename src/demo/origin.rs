@@ -1,0 +1,384 @@
+//! A small TLS origin for the demo, tests and benches: h2 and http/1.1 by ALPN, counts
+//! connections and full/resumed handshakes, and can be stopped, restarted, made unhealthy,
+//! made to close idle connections or to send GOAWAY — the faults the pool must survive.
+//!
+//! Paths: `/healthz`; `/bytes/N` streams N bytes; `/echo` streams the request body back;
+//! `/headers` returns the request headers as text; `/delay/MS` answers after MS
+//! milliseconds; `/status/N` answers with status N; anything else answers "hello".
+
+use crate::tls::certs;
+use bytes::Bytes;
+use futures_util::stream;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// What the origin has seen; read by tests.
+#[derive(Debug, Default)]
+pub struct OriginStats {
+    pub connections: AtomicU64,
+    pub handshakes_full: AtomicU64,
+    pub handshakes_resumed: AtomicU64,
+    pub requests: AtomicU64,
+    pub open: AtomicUsize,
+}
+
+impl OriginStats {
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes_full.load(Ordering::SeqCst) + self.handshakes_resumed.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginBuilder {
+    address: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    alpn: Vec<Vec<u8>>,
+    idle_close: Option<Duration>,
+    keep_alive_timeout_header: Option<u64>,
+    name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("test origin certificate: {0}")]
+    Cert(#[from] certs::CertError),
+    #[error("test origin TLS config: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding test origin {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl OriginBuilder {
+    /// Defaults: 127.0.0.1:0, certs/origin.{crt,key} relative to `certs_dir`, h2 + http/1.1.
+    pub fn new(certs_dir: impl Into<PathBuf>) -> Self {
+        let dir = certs_dir.into();
+        OriginBuilder {
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert: dir.join("origin.crt"),
+            key: dir.join("origin.key"),
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            idle_close: None,
+            keep_alive_timeout_header: None,
+            name: "origin".into(),
+        }
+    }
+
+    pub fn address(mut self, a: SocketAddr) -> Self {
+        self.address = a;
+        self
+    }
+
+    pub fn name(mut self, n: &str) -> Self {
+        self.name = n.into();
+        self
+    }
+
+    /// Offer only http/1.1 (or only h2) in ALPN.
+    pub fn http1_only(mut self) -> Self {
+        self.alpn = vec![b"http/1.1".to_vec()];
+        self
+    }
+
+    pub fn h2_only(mut self) -> Self {
+        self.alpn = vec![b"h2".to_vec()];
+        self
+    }
+
+    /// Close connections that carried no request for this long.
+    pub fn idle_close(mut self, d: Duration) -> Self {
+        self.idle_close = Some(d);
+        self
+    }
+
+    /// Announce `Keep-Alive: timeout=N` on http/1.1 responses.
+    pub fn keep_alive_header(mut self, secs: u64) -> Self {
+        self.keep_alive_timeout_header = Some(secs);
+        self
+    }
+
+    pub async fn start(self) -> Result<Origin, OriginError> {
+        let key = certs::load_certified_key(&self.cert, &self.key)?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider_arc())
+            .with_protocol_versions(crate::tls::VERSIONS)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneCert(Arc::new(key))));
+        cfg.alpn_protocols = self.alpn.clone();
+        cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let shared = Arc::new(Shared {
+            stats: OriginStats::default(),
+            healthy: AtomicBool::new(true),
+            acceptor: TlsAcceptor::from(Arc::new(cfg)),
+            builder: self.clone(),
+            run: Mutex::new(CancellationToken::new()),
+            goaway: Notify::new(),
+        });
+        let address = bind_and_serve(&shared, self.address).await?;
+        Ok(Origin { shared, address })
+    }
+}
+
+#[derive(Debug)]
+struct OneCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+struct Shared {
+    stats: OriginStats,
+    healthy: AtomicBool,
+    acceptor: TlsAcceptor,
+    builder: OriginBuilder,
+    /// Cancelled by stop(); replaced by restart().
+    run: Mutex<CancellationToken>,
+    goaway: Notify,
+}
+
+impl Shared {
+    fn token(&self) -> CancellationToken {
+        self.run.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A running test origin; stops when dropped.
+pub struct Origin {
+    shared: Arc<Shared>,
+    address: SocketAddr,
+}
+
+impl Origin {
+    pub fn builder(certs_dir: impl Into<PathBuf>) -> OriginBuilder {
+        OriginBuilder::new(certs_dir)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn stats(&self) -> &OriginStats {
+        &self.shared.stats
+    }
+
+    /// `/healthz` answers 503 while false.
+    pub fn set_healthy(&self, ok: bool) {
+        self.shared.healthy.store(ok, Ordering::SeqCst);
+    }
+
+    /// Like a crash: stops listening and drops every connection at once.
+    pub fn stop(&self) {
+        self.shared.token().cancel();
+    }
+
+    /// Listens again on the same address after [`Origin::stop`].
+    pub async fn restart(&self) -> Result<(), OriginError> {
+        *self.shared.run.lock().unwrap_or_else(|p| p.into_inner()) = CancellationToken::new();
+        bind_and_serve(&self.shared, self.address).await.map(|_| ())
+    }
+
+    /// Graceful shutdown of every open connection (h2: GOAWAY), listener stays up.
+    pub fn goaway_all(&self) {
+        self.shared.goaway.notify_waiters();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn bind_and_serve(
+    shared: &Arc<Shared>,
+    address: SocketAddr,
+) -> Result<SocketAddr, OriginError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| OriginError::Bind { address, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| OriginError::Bind { address, source })?;
+    let token = shared.token();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+                _ = token.cancelled() => return,
+            };
+            tokio::spawn(serve_conn(shared.clone(), tcp, token.clone()));
+        }
+    });
+    Ok(local)
+}
+
+async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: CancellationToken) {
+    let _ = tcp.set_nodelay(true);
+    shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+    let Ok(tls) = shared.acceptor.accept(tcp).await else {
+        return;
+    };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let counter = if resumed {
+        &shared.stats.handshakes_resumed
+    } else {
+        &shared.stats.handshakes_full
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+    shared.stats.open.fetch_add(1, Ordering::SeqCst);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let activity = Arc::new(Notify::new());
+    let svc = {
+        let shared = shared.clone();
+        let in_flight = in_flight.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let shared = shared.clone();
+            let in_flight = in_flight.clone();
+            let activity = activity.clone();
+            in_flight.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let r = respond(&shared, req).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                activity.notify_one();
+                Ok::<_, Infallible>(r)
+            }
+        })
+    };
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new());
+    b.http2().timer(TokioTimer::new());
+    let conn = b.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let idle = shared.builder.idle_close;
+    let mut closing = false;
+    loop {
+        // select!: connection done, crash (token), GOAWAY request, idle timer.
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = token.cancelled() => break,
+            _ = shared.goaway.notified(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.notified() => {}
+            _ = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400))), if idle.is_some() && !closing => {
+                if in_flight.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    shared.stats.open.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    shared.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let mut resp = route(shared, req, &path).await;
+    if let Some(t) = shared.builder.keep_alive_timeout_header {
+        if let Ok(v) = format!("timeout={t}").parse() {
+            resp.headers_mut().insert("keep-alive", v);
+        }
+    }
+    if let Ok(v) = shared.builder.name.parse() {
+        resp.headers_mut().insert("x-origin", v);
+    }
+    resp
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Body> {
+    if path == "/healthz" {
+        return if shared.healthy.load(Ordering::SeqCst) {
+            full(StatusCode::OK, "ok\n")
+        } else {
+            full(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+        };
+    }
+    if path == "/echo" {
+        let body = req
+            .into_body()
+            .map_err(std::io::Error::other)
+            .boxed_unsync();
+        return Response::new(body);
+    }
+    if path == "/headers" {
+        let mut out = String::new();
+        for (k, v) in req.headers() {
+            out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<binary>")));
+        }
+        return full(StatusCode::OK, out);
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        return bytes_response(n);
+    }
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+        return full(StatusCode::OK, "delayed\n");
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|n| n.parse::<u16>().ok())
+    {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        return full(status, format!("{code}\n"));
+    }
+    // Drain any request body so http/1.1 keep-alive works.
+    let _ = req.into_body().collect().await;
+    full(StatusCode::OK, "hello\n")
+}
+
+fn bytes_response(n: u64) -> Response<Body> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let chunks = stream::iter((0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = (n - i * CHUNK).min(CHUNK) as usize;
+        Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
+    }));
+    let mut r = Response::new(StreamBody::new(chunks).boxed_unsync());
+    if let Ok(v) = n.to_string().parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_LENGTH, v);
+    }
+    r
+}

@@ -1,0 +1,103 @@
+//! One client connection after TLS: h2 or http/1.1 by ALPN, served by hyper-util's auto
+//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown.
+
+use crate::config::ListenerConfig;
+use crate::proxy::{handler, Runtime};
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent streams a client may open on one h2 connection.
+const H2_MAX_STREAMS: u32 = 256;
+
+/// Tracks requests in flight on a connection so the idle timer only runs while there are none.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    changed: Notify,
+}
+
+struct InFlight(Arc<Activity>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
+pub async fn serve(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    cfg: &ListenerConfig,
+    runtime: Arc<ArcSwap<Runtime>>,
+    shutdown: CancellationToken,
+) {
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(Some(64))
+        .keep_alive_interval(Some(cfg.idle_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = if is_h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
+    let svc = service_fn(move |req| {
+        let rt = runtime.load_full();
+        act.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(act.clone());
+        async move {
+            let resp = handler::handle(&rt, req, peer).await;
+            drop(guard);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let idle = cfg.idle_timeout;
+    let mut draining = false;
+    loop {
+        // select!: the connection finishing, drain starting, or the idle timer; the idle
+        // timer restarts whenever the number of requests in flight changes.
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended with error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.changed.notified() => {}
+            _ = tokio::time::sleep(idle), if !draining => {
+                if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

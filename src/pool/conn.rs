@@ -1,0 +1,219 @@
+//! One upstream connection: TCP (keepalive, nodelay) + verified TLS + hyper h2 or http/1.1
+//! handshake, all under the origin's connect timeout, and the task that drives it.
+
+use super::error::ConnectError;
+use super::Inner;
+use crate::config::Protocol;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The body type sent upstream: the client's streaming body, or an empty one.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How the connection that carried a request came to be; reported in Server-Timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmth {
+    /// Already open before the request arrived.
+    Warm,
+    /// Opened for this request with a full TLS handshake.
+    Fresh,
+    /// Opened for this request, TLS session resumed.
+    Resumed,
+}
+
+impl Warmth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Warmth::Warm => "warm",
+            Warmth::Fresh => "fresh",
+            Warmth::Resumed => "resumed",
+        }
+    }
+}
+
+pub(super) enum Sender {
+    H2(http2::SendRequest<UpstreamBody>),
+    /// http/1.1 senders live in the pool's idle list or in a lease, never here.
+    H1,
+}
+
+pub(super) struct Conn {
+    pub id: u64,
+    pub sender: Sender,
+    pub in_flight: AtomicUsize,
+    pub opened_at: Instant,
+    pub resumed: bool,
+    /// Set when the driver task ends; a closed connection is never handed out again.
+    pub closed: AtomicBool,
+    /// Set when rotation or an origin GOAWAY retires it: finish what runs, take nothing new.
+    pub draining: AtomicBool,
+    pub remote: SocketAddr,
+}
+
+impl Conn {
+    pub fn is_usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// A freshly opened connection, not yet in the pool.
+pub(super) struct Opened {
+    pub conn: Arc<Conn>,
+    pub h1: Option<http1::SendRequest<UpstreamBody>>,
+}
+
+/// Opens a connection and spawns its driver; the driver tells the pool when it ends.
+pub(super) async fn open(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
+    let cfg = &inner.origin;
+    let deadline = cfg.connect_timeout;
+    match tokio::time::timeout(deadline, open_inner(inner)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout {
+            address: cfg.address.clone(),
+            after: deadline,
+        }),
+    }
+}
+
+async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
+    let cfg = &inner.origin;
+    let tcp = connect_tcp(&cfg.address).await?;
+    let remote = tcp.peer_addr().map_err(|source| ConnectError::Tcp {
+        address: cfg.address.clone(),
+        source,
+    })?;
+    let tls = inner
+        .tls
+        .connect(cfg.server_name.clone(), tcp)
+        .await
+        .map_err(|source| ConnectError::Tls {
+            address: cfg.address.clone(),
+            server_name: cfg.server_name.to_str().into_owned(),
+            source,
+        })?;
+    let (_, session) = tls.get_ref();
+    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let negotiated_h2 = session.alpn_protocol() == Some(b"h2");
+    if cfg.protocol == Protocol::H2 && !negotiated_h2 {
+        return Err(ConnectError::Alpn {
+            address: cfg.address.clone(),
+        });
+    }
+    inner.stats.record_handshake(resumed);
+    let id = inner.next_id();
+    let io = TokioIo::new(tls);
+    let opened_at = Instant::now();
+    match cfg.protocol {
+        Protocol::H2 => {
+            let mut b = http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .keep_alive_interval(cfg.keepalive_interval)
+                .keep_alive_timeout(cfg.keepalive_timeout)
+                .keep_alive_while_idle(true)
+                .adaptive_window(true);
+            let (send, driver) =
+                b.handshake(io)
+                    .await
+                    .map_err(|source| ConnectError::Handshake {
+                        address: cfg.address.clone(),
+                        source,
+                    })?;
+            let conn = Arc::new(Conn::new(id, Sender::H2(send), opened_at, resumed, remote));
+            spawn_driver(inner, &conn, driver);
+            Ok(Opened { conn, h1: None })
+        }
+        Protocol::Http1 => {
+            let (send, driver) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    address: cfg.address.clone(),
+                    source,
+                })?;
+            let conn = Arc::new(Conn::new(id, Sender::H1, opened_at, resumed, remote));
+            spawn_driver(inner, &conn, driver);
+            Ok(Opened {
+                conn,
+                h1: Some(send),
+            })
+        }
+    }
+}
+
+impl Conn {
+    fn new(id: u64, sender: Sender, opened_at: Instant, resumed: bool, remote: SocketAddr) -> Self {
+        Conn {
+            id,
+            sender,
+            in_flight: AtomicUsize::new(0),
+            opened_at,
+            resumed,
+            closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            remote,
+        }
+    }
+}
+
+fn spawn_driver<F>(inner: &Arc<Inner>, conn: &Arc<Conn>, driver: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let pool = inner.clone();
+    // Weak: the driver must not keep the h2 sender alive, or a retired connection whose
+    // leases are all gone would never close.
+    let weak = Arc::downgrade(conn);
+    let id = conn.id;
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(origin = %pool.origin.name, conn = id, error = %e, "upstream connection ended with error");
+            pool.stats.set_last_error(format!("connection closed: {e}"));
+        }
+        if let Some(conn) = weak.upgrade() {
+            conn.closed.store(true, Ordering::Release);
+        }
+        pool.on_closed(id);
+    });
+}
+
+/// Tries each resolved address in turn; the whole thing runs under the connect timeout.
+async fn connect_tcp(address: &str) -> Result<TcpStream, ConnectError> {
+    let addrs = tokio::net::lookup_host(address)
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            address: address.to_string(),
+            source,
+        })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                tune(&s);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ConnectError::Tcp {
+        address: address.to_string(),
+        source: last.unwrap_or_else(|| std::io::Error::other("name resolved to no address")),
+    })
+}
+
+/// TCP keepalive catches paths that died without FIN/RST even when the pool's own checks
+/// are not running (http/1.1 idle connections).
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+}

@@ -1,0 +1,58 @@
+//! Pool errors: opening a connection, getting one, and sending on one.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("resolving origin {address}: {source}")]
+    Resolve {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to origin {address}: {source}")]
+    Tcp {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with origin {address} (SNI {server_name}): {source}")]
+    Tls {
+        address: String,
+        server_name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("origin {address} did not negotiate h2 via ALPN")]
+    Alpn { address: String },
+    #[error("HTTP handshake with origin {address}: {source}")]
+    Handshake {
+        address: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("connecting to origin {address}: timed out after {after:?}")]
+    Timeout { address: String, after: Duration },
+}
+
+impl ConnectError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ConnectError::Timeout { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no upstream connection for origin {origin} within {after:?} (all {max} in use)")]
+    QueueTimeout {
+        origin: String,
+        after: Duration,
+        max: usize,
+    },
+    #[error("origin {origin}: request queue is full ({size} waiting)")]
+    QueueFull { origin: String, size: usize },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("origin {origin}: pool is shut down")]
+    Closed { origin: String },
+}

@@ -1,0 +1,133 @@
+//! Pool counters (lock-free) and the JSON snapshot served on /pools.
+
+use super::error::ConnectError;
+use super::Inner;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Stats {
+    pub opened: AtomicU64,
+    pub failed: AtomicU64,
+    pub closed: AtomicU64,
+    pub reused: AtomicU64,
+    pub handshakes_full: AtomicU64,
+    pub handshakes_resumed: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub queue_timeouts: AtomicU64,
+    /// Only written on failures and read by /pools; never touched by a successful request.
+    last_error: Mutex<Option<String>>,
+    /// Unix milliseconds until which refills back off; 0 when not backing off.
+    pub backoff_until_ms: AtomicU64,
+}
+
+impl Stats {
+    pub fn record_handshake(&self, resumed: bool) {
+        let c = if resumed {
+            &self.handshakes_resumed
+        } else {
+            &self.handshakes_full
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_failure(&self, e: &ConnectError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.set_last_error(e.to_string());
+    }
+
+    pub fn set_last_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// One origin's pool as shown on /pools.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSnapshot {
+    pub origin: String,
+    pub address: String,
+    pub server_name: String,
+    pub protocol: &'static str,
+    pub healthy: bool,
+    pub warm_target: usize,
+    pub max_connections: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub connecting: usize,
+    pub in_flight: usize,
+    pub waiting: usize,
+    pub opened_total: u64,
+    pub failed_total: u64,
+    pub closed_total: u64,
+    pub reused_total: u64,
+    pub handshakes_full: u64,
+    pub handshakes_resumed: u64,
+    pub queue_full_total: u64,
+    pub queue_timeouts_total: u64,
+    pub backoff_until_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+impl Inner {
+    pub(super) fn snapshot(&self) -> PoolSnapshot {
+        let st = self.lock();
+        let (idle, busy, in_flight) = match self.origin.protocol {
+            crate::config::Protocol::H2 => {
+                let in_flight: usize = st
+                    .h2
+                    .iter()
+                    .map(|c| c.in_flight.load(Ordering::Relaxed))
+                    .sum();
+                let busy = st
+                    .h2
+                    .iter()
+                    .filter(|c| c.in_flight.load(Ordering::Relaxed) > 0)
+                    .count();
+                (st.open.saturating_sub(busy), busy, in_flight)
+            }
+            crate::config::Protocol::Http1 => (st.idle_h1.len(), st.busy_h1, st.busy_h1),
+        };
+        let snap = PoolSnapshot {
+            origin: self.origin.name.clone(),
+            address: self.origin.address.clone(),
+            server_name: self.key.server_name.clone(),
+            protocol: self.origin.protocol.as_str(),
+            healthy: self.health.is_up(),
+            warm_target: self.floor,
+            max_connections: self.origin.max_connections,
+            open: st.open,
+            idle,
+            busy,
+            connecting: st.connecting,
+            in_flight,
+            waiting: self.waiting.load(Ordering::Relaxed),
+            opened_total: self.stats.opened.load(Ordering::Relaxed),
+            failed_total: self.stats.failed.load(Ordering::Relaxed),
+            closed_total: self.stats.closed.load(Ordering::Relaxed),
+            reused_total: self.stats.reused.load(Ordering::Relaxed),
+            handshakes_full: self.stats.handshakes_full.load(Ordering::Relaxed),
+            handshakes_resumed: self.stats.handshakes_resumed.load(Ordering::Relaxed),
+            queue_full_total: self.stats.queue_full.load(Ordering::Relaxed),
+            queue_timeouts_total: self.stats.queue_timeouts.load(Ordering::Relaxed),
+            backoff_until_unix_ms: match self.stats.backoff_until_ms.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t),
+            },
+            last_error: None,
+        };
+        drop(st);
+        PoolSnapshot {
+            last_error: self.stats.last_error(),
+            ..snap
+        }
+    }
+}

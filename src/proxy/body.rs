@@ -1,0 +1,97 @@
+//! Response bodies: the origin's body streamed to the client frame by frame (never buffered
+//! whole), with an idle timeout between frames, holding the pool lease until it ends.
+
+use crate::pool::StreamGuard;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What edgepop sends to clients.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(text: impl Into<Bytes>) -> ProxyBody {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("origin sent no body data for {0:?}")]
+pub struct BodyIdleTimeout(pub Duration);
+
+pin_project_lite::pin_project! {
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        guard: Option<StreamGuard>,
+        idle: Duration,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, guard: StreamGuard, idle: Duration) -> Self {
+        UpstreamBody {
+            inner,
+            guard: Some(guard),
+            idle,
+            timer: tokio::time::sleep(idle),
+        }
+    }
+
+    pub fn boxed(self) -> ProxyBody {
+        UnsyncBoxBody::new(self)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timer.as_mut().reset(Instant::now() + *this.idle);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                // Ended cleanly: give the connection (or stream slot) back now, not when the
+                // client connection gets around to dropping the body.
+                this.guard.take();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard.take();
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => match this.timer.poll(cx) {
+                Poll::Ready(()) => {
+                    this.guard.take();
+                    Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

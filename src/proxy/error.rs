@@ -1,0 +1,92 @@
+//! Proxy errors know where they came from and map, in one exhaustive match, to the status
+//! the client sees with a short plain-text reason.
+
+use crate::pool::{CheckoutError, ConnectError};
+use hyper::StatusCode;
+use std::time::Duration;
+
+/// Who caused a failure: decides the status family and what gets logged at which level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Origin,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("CONNECT is not supported: edgepop is not a forward proxy")]
+    ConnectMethod,
+    #[error("no route serves host {0:?}")]
+    MisdirectedHost(String),
+    #[error(transparent)]
+    NoCapacity(CheckoutError),
+    #[error(transparent)]
+    ConnectTimeout(CheckoutError),
+    #[error(transparent)]
+    Connect(CheckoutError),
+    #[error("origin {origin}: {source}")]
+    Upstream {
+        origin: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("origin {origin}: no response head within {after:?}")]
+    FirstByteTimeout { origin: String, after: Duration },
+}
+
+impl From<CheckoutError> for ProxyError {
+    fn from(e: CheckoutError) -> Self {
+        match &e {
+            CheckoutError::QueueFull { .. }
+            | CheckoutError::QueueTimeout { .. }
+            | CheckoutError::Closed { .. } => ProxyError::NoCapacity(e),
+            CheckoutError::Connect(ConnectError::Timeout { .. }) => ProxyError::ConnectTimeout(e),
+            CheckoutError::Connect(_) => ProxyError::Connect(e),
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn source_kind(&self) -> ErrorSource {
+        match self {
+            ProxyError::BadRequest(_)
+            | ProxyError::ConnectMethod
+            | ProxyError::MisdirectedHost(_) => ErrorSource::Client,
+            ProxyError::NoCapacity(_) => ErrorSource::Internal,
+            ProxyError::ConnectTimeout(_)
+            | ProxyError::Connect(_)
+            | ProxyError::Upstream { .. }
+            | ProxyError::FirstByteTimeout { .. } => ErrorSource::Origin,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(_) | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout(_) | ProxyError::FirstByteTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+        }
+    }
+
+    /// The short reason in the response body: says what failed without leaking addresses.
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(r) => r,
+            ProxyError::ConnectMethod => "CONNECT is not supported",
+            ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
+            ProxyError::NoCapacity(_) => "no upstream capacity",
+            ProxyError::ConnectTimeout(_) => "upstream connect timed out",
+            ProxyError::Connect(_) => "upstream connect failed",
+            ProxyError::Upstream { .. } => "upstream request failed",
+            ProxyError::FirstByteTimeout { .. } => "upstream response timed out",
+        }
+    }
+}

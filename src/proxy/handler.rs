@@ -1,0 +1,250 @@
+//! One request: validate the target, route by Host, check out a pooled connection, forward,
+//! and stream the answer back. A request that provably never reached the origin is retried
+//! once on another connection; an idempotent bodiless request that may have reached a reused
+//! connection is retried once too; nothing else is.
+
+use super::body::{full, ProxyBody, UpstreamBody};
+use super::error::ProxyError;
+use super::headers;
+use super::router::normalize_host;
+use super::Runtime;
+use crate::pool::{Pool, SendError, UpstreamBody as UpBody, Warmth};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, Uri, Version};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Answers one client request; never fails (errors become 4xx/5xx responses).
+pub async fn handle(rt: &Runtime, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    let resp = match forward(rt, req, peer).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e),
+    };
+    rt.counters.record(resp.status().as_u16());
+    resp
+}
+
+pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+    match e.source_kind() {
+        super::error::ErrorSource::Client => tracing::debug!(error = %e, "client error"),
+        super::error::ErrorSource::Origin | super::error::ErrorSource::Internal => {
+            tracing::warn!(error = %e, "request failed")
+        }
+    }
+    let mut resp = Response::new(full(format!("{}\n", e.public_reason())));
+    *resp.status_mut() = e.status();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Host from :authority / absolute-form target or the Host header; both present must agree.
+fn target_host(req: &Request<Incoming>) -> Result<(String, String), ProxyError> {
+    let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
+    let from_header = match req.headers().get(header::HOST) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let authority = match (from_uri, from_header) {
+        (Some(u), Some(h)) => {
+            if normalize_host(&u) != normalize_host(&h) {
+                return Err(ProxyError::BadRequest(
+                    "Host header does not match the request target",
+                ));
+            }
+            u
+        }
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => return Err(ProxyError::BadRequest("missing Host")),
+    };
+    let host = normalize_host(&authority).ok_or(ProxyError::BadRequest("invalid Host"))?;
+    Ok((host, authority))
+}
+
+async fn forward(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectMethod);
+    }
+    let (host, authority) = target_host(&req)?;
+    let origins = rt
+        .router
+        .origins_for(&host)
+        .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
+    let pool = rt
+        .pick(origins)
+        .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
+    let client_version = req.version();
+    let upstream = build_upstream_request(rt, req, peer, &authority, pool)?;
+    let started = Instant::now();
+    let (resp, guard, lease_info) = send_with_retry(pool, upstream).await?;
+    let upstream_ttfb = started.elapsed();
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::append_via(&mut parts.headers, Version::HTTP_11, &rt.via);
+    if rt.server_timing {
+        let pool_ms = lease_info.waited.as_secs_f64() * 1000.0;
+        let up_ms = upstream_ttfb
+            .saturating_sub(lease_info.waited)
+            .as_secs_f64()
+            * 1000.0;
+        let v = format!(
+            "pool;dur={pool_ms:.3}, upstream;dur={up_ms:.3};desc=\"{}\"",
+            lease_info.warmth.as_str()
+        );
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            parts.headers.append(&headers::SERVER_TIMING, v);
+        }
+    }
+    parts.version = client_version;
+    let body = UpstreamBody::new(body, guard, pool.origin().idle_timeout).boxed();
+    Ok(Response::from_parts(parts, body))
+}
+
+fn build_upstream_request(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    authority: &str,
+    pool: &Pool,
+) -> Result<Request<UpBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if !path.starts_with('/') {
+        // OPTIONS * and other non-origin-form targets have no meaning behind a route.
+        return Err(ProxyError::BadRequest("unsupported request target"));
+    }
+    let h2 = pool.origin().protocol == crate::config::Protocol::H2;
+    parts.uri = if h2 {
+        Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(path.as_str())
+            .build()
+    } else {
+        Uri::builder().path_and_query(path.as_str()).build()
+    }
+    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    let client_version = parts.version;
+    headers::strip_hop_by_hop(&mut parts.headers, h2);
+    headers::set_forwarded(&mut parts.headers, peer.ip());
+    headers::append_via(&mut parts.headers, client_version, &rt.via);
+    if h2 {
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        let host =
+            HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+        parts.headers.insert(header::HOST, host);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(Request::from_parts(parts, body.boxed_unsync()))
+}
+
+struct LeaseInfo {
+    waited: Duration,
+    warmth: Warmth,
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Copy of a bodiless idempotent request, kept so it can be sent again if a reused
+/// connection fails after the request may have left.
+fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
+    use http_body::Body;
+    if !is_idempotent(req.method()) || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+async fn send_with_retry(
+    pool: &Pool,
+    req: Request<UpBody>,
+) -> Result<(Response<Incoming>, crate::pool::StreamGuard, LeaseInfo), ProxyError> {
+    let origin = &pool.origin().name;
+    let first_byte = pool.origin().first_byte_timeout;
+    let mut req = req;
+    let mut retried = false;
+    let mut waited = Duration::ZERO;
+    loop {
+        let replay = if retried { None } else { replayable(&req) };
+        let lease = pool.checkout().await?;
+        let warmth = lease.warmth();
+        waited += lease.waited();
+        let result = tokio::time::timeout(first_byte, lease.send(req)).await;
+        match result {
+            Ok(Ok((resp, guard))) => {
+                pool.record_success();
+                let info = LeaseInfo { waited, warmth };
+                return Ok((resp, guard, info));
+            }
+            Ok(Err(SendError {
+                source,
+                request,
+                warmth,
+            })) => {
+                let next = match request {
+                    // Never left this process: safe for any method.
+                    Some(r) => Some(r),
+                    // May have reached the origin: only a bodiless idempotent request, and
+                    // only if the connection was a reused one (a fresh connection failing is
+                    // the origin's answer, not a stale-connection race).
+                    None if warmth == Warmth::Warm => replay,
+                    None => None,
+                };
+                match next {
+                    Some(r) if !retried => {
+                        tracing::debug!(origin = %origin, error = %source, "retrying on another connection");
+                        retried = true;
+                        req = r;
+                    }
+                    _ => {
+                        pool.record_failure();
+                        return Err(ProxyError::Upstream {
+                            origin: origin.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            Err(_) => {
+                pool.record_failure();
+                return Err(ProxyError::FirstByteTimeout {
+                    origin: origin.clone(),
+                    after: first_byte,
+                });
+            }
+        }
+    }
+}

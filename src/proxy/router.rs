@@ -1,0 +1,104 @@
+//! Host -> route: exact names first, then a `*.` wildcard matching one label. Built once per
+//! configuration and swapped whole on reload.
+
+use crate::config::RouteConfig;
+use std::collections::HashMap;
+
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, usize>,
+    wildcard: HashMap<String, usize>,
+    /// Per route, origin indices in failover order.
+    routes: Vec<Vec<usize>>,
+}
+
+impl Router {
+    pub fn new(routes: &[RouteConfig]) -> Self {
+        let mut r = Router::default();
+        for (i, route) in routes.iter().enumerate() {
+            for host in &route.hosts {
+                match host.strip_prefix("*.") {
+                    Some(suffix) => r.wildcard.insert(suffix.to_string(), i),
+                    None => r.exact.insert(host.clone(), i),
+                };
+            }
+            r.routes.push(route.origins.clone());
+        }
+        r
+    }
+
+    /// The origins (failover order) serving `host`, which must be lower-case without port.
+    pub fn origins_for(&self, host: &str) -> Option<&[usize]> {
+        let i = self.exact.get(host).or_else(|| {
+            let (_, parent) = host.split_once('.')?;
+            self.wildcard.get(parent)
+        })?;
+        self.routes.get(*i).map(Vec::as_slice)
+    }
+
+    pub fn routes(&self) -> &[Vec<usize>] {
+        &self.routes
+    }
+}
+
+/// Lower-cases a Host or :authority value and strips the port and a trailing dot. Returns
+/// `None` for values that are not a plausible host (so they get 400, not a route lookup).
+pub fn normalize_host(authority: &str) -> Option<String> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']')?;
+        &authority[..end + 2]
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        }
+    };
+    let host = host.trim_end_matches('.');
+    if host.is_empty()
+        || host
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b == b'@' || b == b'/')
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(hosts: &[&str], origins: &[usize]) -> RouteConfig {
+        RouteConfig {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            origins: origins.to_vec(),
+        }
+    }
+
+    #[test]
+    fn exact_names_win_over_wildcards_and_wildcards_match_one_label() {
+        let r = Router::new(&[
+            route(&["*.example.com"], &[0]),
+            route(&["www.example.com"], &[1]),
+        ]);
+        assert_eq!(r.origins_for("www.example.com"), Some(&[1][..]));
+        assert_eq!(r.origins_for("img.example.com"), Some(&[0][..]));
+        assert_eq!(r.origins_for("a.b.example.com"), None);
+        assert_eq!(r.origins_for("example.com"), None);
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(
+            normalize_host("WWW.Example.com:443").as_deref(),
+            Some("www.example.com")
+        );
+        assert_eq!(
+            normalize_host("example.com.").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(normalize_host("[::1]:8443").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_host("user@evil"), None);
+        assert_eq!(normalize_host(""), None);
+    }
+}
