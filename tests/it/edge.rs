@@ -1,19 +1,394 @@
-//! Integration tests: the edge proxy core (TLS termination, routing, forwarding, pool).
+//! Integration tests: the edge proxy core (TLS termination, routing, forwarding, limits).
 
 use crate::support::*;
-use std::time::Duration;
+use http_body_util::BodyExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h1_and_h2_clients_reach_the_origin_through_the_edge() {
+async fn one_origin_edge(extra: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
     let origin = origin().start().await.unwrap();
     let edge = start_edge(&edge_config(
-        &[("o1", origin.addr(), "warm_connections = 2")],
+        &[("o1", origin.addr(), extra)],
         &["localhost", "*.edgepop.test"],
     ))
     .await;
+    (origin, edge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_and_h2_clients_reach_the_origin_through_the_edge() {
+    let (_origin, edge) = one_origin_edge("warm_connections = 2").await;
     for h2 in [false, true] {
         let mut c = Client::connect(edge.addr, "www.edgepop.test", h2).await;
         let (status, body) = c.get("www.edgepop.test", "/").await;
         assert_eq!((status, body.as_str()), (200, "hello\n"), "h2={h2}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_and_http1_gets_the_origin_answer() {
+    let (_origin, edge) = one_origin_edge("").await;
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = curl(
+            edge.addr,
+            "www.edgepop.test",
+            "/",
+            &[flag, "-w", "|%{http_code}|%{http_version}"],
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, format!("hello\n|200|{version}"), "curl {flag}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_upstream_protocols_forward_requests() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "protocol = \"http1\"\nwarm_connections = 2",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    for _ in 0..5 {
+        assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+    }
+}
+
+#[derive(Debug)]
+struct RecordingVerifier(Mutex<Option<Vec<u8>>>, Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.1.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.1.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.1.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The end-entity certificate the edge presents for `sni` (None: no SNI sent).
+async fn served_cert(addr: std::net::SocketAddr, sni: Option<&str>) -> Vec<u8> {
+    let provider = edgepop::tls::provider_arc();
+    let verifier = Arc::new(RecordingVerifier(Mutex::new(None), provider.clone()));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.enable_sni = sni.is_some();
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.unwrap_or("localhost").to_string()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let der = verifier.0.lock().unwrap().take().unwrap();
+    der
+}
+
+fn cert_der(name: &str) -> Vec<u8> {
+    edgepop::tls::certs::load_chain(&certs().join(name)).unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_exact_then_wildcard_then_the_first_certificate() {
+    let (_origin, edge) = one_origin_edge("").await;
+    let edge_cert = cert_der("edge.crt");
+    let other_cert = cert_der("origin.crt");
+    assert_eq!(
+        served_cert(edge.addr, Some("other.example")).await,
+        other_cert,
+        "exact"
+    );
+    assert_eq!(
+        served_cert(edge.addr, Some("OTHER.example")).await,
+        other_cert,
+        "case-insensitive"
+    );
+    assert_eq!(
+        served_cert(edge.addr, Some("img.edgepop.test")).await,
+        edge_cert,
+        "wildcard"
+    );
+    assert_eq!(
+        served_cert(edge.addr, Some("localhost")).await,
+        edge_cert,
+        "exact first"
+    );
+    assert_eq!(
+        served_cert(edge.addr, None).await,
+        edge_cert,
+        "no SNI: first certificate"
+    );
+    assert_eq!(
+        served_cert(edge.addr, Some("unknown.example")).await,
+        edge_cert,
+        "unknown SNI: first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_no_route_serves_gets_421_and_forward_proxying_is_refused() {
+    let (origin, edge) = one_origin_edge("").await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("unknown.example", "/").await.0, 421);
+    assert_eq!(
+        c.get("a.b.edgepop.test", "/").await.0,
+        421,
+        "wildcard covers one label only"
+    );
+    // Absolute-form target for another host.
+    let req = hyper::Request::builder()
+        .uri("https://unknown.example/")
+        .header("host", "unknown.example")
+        .body(empty())
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status(), 421);
+    // Host header and absolute target disagree.
+    let req = hyper::Request::builder()
+        .uri("https://localhost/")
+        .header("host", "unknown.example")
+        .body(empty())
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status(), 400);
+    let mut c2 = Client::connect(edge.addr, "localhost", false).await;
+    let req = hyper::Request::builder()
+        .method("CONNECT")
+        .uri("unknown.example:443")
+        .header("host", "unknown.example:443")
+        .body(empty())
+        .unwrap();
+    assert_eq!(c2.send(req).await.unwrap().status(), 405);
+    assert_eq!(
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
+    let (_origin, edge) = one_origin_edge("protocol = \"http1\"").await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    let req = hyper::Request::builder()
+        .uri("/headers")
+        .header("host", "localhost")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("x-forwarded-for", "192.0.2.7")
+        .header("x-app", "kept")
+        .body(empty())
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .headers()
+        .get("via")
+        .is_some_and(|v| v == "1.1 edgepop-test1"));
+    let st = resp
+        .headers()
+        .get("server-timing")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        st.contains("pool;dur=") && st.contains("upstream;dur=") && st.contains("desc=\"warm\""),
+        "{st}"
+    );
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        body.contains("x-forwarded-for: 192.0.2.7, 127.0.0.1\n"),
+        "{body}"
+    );
+    assert!(body.contains("x-forwarded-proto: https\n"), "{body}");
+    assert!(body.contains("via: 1.1 edgepop-test1\n"), "{body}");
+    assert!(body.contains("host: localhost\n"), "{body}");
+    assert!(body.contains("x-app: kept\n"), "{body}");
+    assert!(!body.contains("x-private"), "{body}");
+    assert!(!body.contains("keep-alive"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_is_opened_before_the_first_request_and_no_request_opens_another() {
+    let (origin, edge) = one_origin_edge("warm_connections = 4\nmax_connections = 8").await;
+    let stats = origin.stats();
+    assert!(eventually(Duration::from_secs(5), || async { stats.handshakes() == 4 }).await);
+    let snap = pools_json(edge.admin).await;
+    assert_eq!(snap["pools"][0]["open"], 4, "{snap}");
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    for _ in 0..200 {
+        assert_eq!(c.get("localhost", "/").await.0, 200);
+    }
+    let Client::H2(send) = c else { unreachable!() };
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let mut c = Client::H2(send.clone());
+            tokio::spawn(async move { c.get("localhost", "/delay/20").await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        stats.handshakes(),
+        4,
+        "no request may open a connection while warm ones can take it"
+    );
+    assert_eq!(
+        stats.requests.load(std::sync::atomic::Ordering::SeqCst),
+        400
+    );
+    let snap = pools_json(edge.admin).await;
+    assert_eq!(snap["pools"][0]["opened_total"], 4, "{snap}");
+    assert_eq!(snap["pools"][0]["reused_total"], 400, "{snap}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_pool_connections_are_reused_one_request_at_a_time() {
+    let (origin, edge) = one_origin_edge("protocol = \"http1\"\nwarm_connections = 4").await;
+    let stats = origin.stats();
+    assert!(eventually(Duration::from_secs(5), || async { stats.handshakes() == 4 }).await);
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    for _ in 0..200 {
+        assert_eq!(c.get("localhost", "/").await.0, 200);
+    }
+    let Client::H2(send) = c else { unreachable!() };
+    for _ in 0..50 {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let mut c = Client::H2(send.clone());
+                tokio::spawn(async move { c.get("localhost", "/").await.0 })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    assert_eq!(stats.handshakes(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_origin_gets_502_within_the_connect_timeout() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "dead",
+            closed,
+            "warm_connections = 1\nconnect_timeout = \"2s\"",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    let t = Instant::now();
+    let (status, body) = c.get("localhost", "/").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body, "upstream connect failed\n");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let (health, why) = admin_get(edge.admin, "/healthz").await;
+    assert_eq!(health, 503, "{why}");
+    let snap = pools_json(edge.admin).await;
+    assert!(
+        snap["pools"][0]["failed_total"].as_u64().unwrap() >= 1,
+        "{snap}"
+    );
+    assert!(
+        snap["pools"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("connecting to origin"),
+        "{snap}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_origin_gets_504_and_a_full_pool_gets_503() {
+    let (_origin, edge) = one_origin_edge(
+        "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"300ms\"\nfirst_byte_timeout = \"1s\"",
+    )
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    let mut busy = Client::H2(send.clone());
+    let slow = tokio::spawn(async move { busy.get("localhost", "/delay/3000").await });
+    // Wait until the one connection is taken by the slow request.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools_json(edge.admin).await["pools"][0]["busy"] == 1
+        })
+        .await
+    );
+    let (status, body) = c.get("localhost", "/").await;
+    assert_eq!((status, body.as_str()), (503, "no upstream capacity\n"));
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (504, "upstream response timed out\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_ok_when_every_route_has_a_warm_connection() {
+    let (_origin, edge) = one_origin_edge("warm_connections = 1").await;
+    assert_eq!(
+        admin_get(edge.admin, "/healthz").await,
+        (200, "ok\n".into())
+    );
+    let (status, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("edgepop_upstream_open_connections{origin=\"o1\"} 1"),
+        "{metrics}"
+    );
 }
