@@ -1,1 +1,183 @@
-//! Integration tests: config.
+//! Integration tests: configuration files and `edgepop check`.
+
+use crate::support::*;
+use std::process::Command;
+
+fn check(path: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .current_dir(root())
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("edgepop check runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_shipped_config_file_passes_check_unchanged() {
+    let (ok, stdout, stderr) = check(&root().join("config/edgepop.toml"));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("origin origin-a 127.0.0.1:9443"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("route localhost,www.edgepop.test,*.edgepop.test -> origin-a"),
+        "{stdout}"
+    );
+}
+
+/// Table headers of config/edgepop.toml; a junk key after each must be rejected by name.
+#[test]
+fn an_unknown_key_in_any_table_is_an_error_with_its_location() {
+    let original = std::fs::read_to_string(root().join("config/edgepop.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let headers: Vec<(usize, String)> = original
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with('['))
+        .map(|(i, l)| (i, l.to_string()))
+        .collect();
+    assert!(headers.len() >= 7, "{headers:?}");
+    for (i, header) in headers {
+        let mut lines: Vec<String> = original.lines().map(String::from).collect();
+        lines.insert(i + 1, "junk_key = 1".into());
+        let path = write_file(dir.path(), "bad.toml", &lines.join("\n"));
+        let (ok, _, stderr) = check(&path);
+        assert!(!ok, "junk key after {header} accepted");
+        assert!(
+            stderr.contains("unknown field `junk_key`"),
+            "after {header}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("bad.toml:{}:", i + 2)),
+            "after {header} (line {}): {stderr}",
+            i + 2
+        );
+    }
+}
+
+#[test]
+fn a_route_naming_a_missing_origin_fails_check_at_the_route_line() {
+    let original = std::fs::read_to_string(root().join("config/edgepop.toml")).unwrap();
+    let broken = original.replace(
+        "origins = [\"origin-a\"]",
+        "origins = [\"origin-a\", \"nowhere\"]",
+    );
+    assert_ne!(broken, original);
+    let line = broken
+        .lines()
+        .position(|l| l.contains("\"nowhere\""))
+        .unwrap()
+        + 1;
+    let col = broken
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .find("\"nowhere\"")
+        .unwrap()
+        + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "edgepop.toml", &broken);
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "{}:{line}:{col}: route names origin \"nowhere\", which is not defined in [[origins]]",
+            path.display()
+        )
+    );
+}
+
+fn check_text(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "e.toml", text);
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok, "accepted: {text}");
+    stderr.replace(&path.display().to_string(), "e.toml")
+}
+
+fn edge_text(origin_extra: &str, cert: &str, key: &str) -> String {
+    format!(
+        "[pop]\nname = \"p\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[certificates]]\nnames = [\"localhost\"]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[origins]]\nname = \"o\"\naddress = \"127.0.0.1:1\"\nserver_name = \"localhost\"\n{origin_extra}\n[[routes]]\nhosts = [\"localhost\"]\norigins = [\"o\"]\n"
+    )
+}
+
+#[test]
+fn bad_values_are_reported_with_file_line_and_reason() {
+    let c = certs();
+    let (crt, key) = (c.join("edge.crt"), c.join("edge.key"));
+    let (crt, key) = (crt.display().to_string(), key.display().to_string());
+    assert_eq!(
+        check_text(&edge_text(
+            "warm_connections = 0\nmax_connections = 0",
+            &crt,
+            &key
+        ))
+        .trim(),
+        "e.toml:14:19: max_connections must be at least 1"
+    );
+    assert_eq!(
+        check_text(&edge_text(
+            "warm_connections = 9\nmax_connections = 4",
+            &crt,
+            &key
+        ))
+        .trim(),
+        "e.toml:13:20: warm_connections (9) exceeds max_connections (4)"
+    );
+    assert_eq!(
+        check_text(&edge_text("connect_timeout = \"soon\"", &crt, &key)).trim(),
+        "e.toml:13:19: invalid value: string \"soon\", expected a duration"
+    );
+    let mismatch = check_text(&edge_text(
+        "",
+        &crt,
+        &c.join("origin.key").display().to_string(),
+    ));
+    assert!(mismatch.starts_with("e.toml:8:7: key "), "{mismatch}");
+    assert!(mismatch.contains("does not fit certificate"), "{mismatch}");
+    let missing = check_text(&edge_text("", "/nonexistent/x.crt", &key));
+    assert!(
+        missing.starts_with("e.toml:7:8: certificate file /nonexistent/x.crt"),
+        "{missing}"
+    );
+    let proto = check_text(&edge_text("protocol = \"h3\"", &crt, &key));
+    assert_eq!(
+        proto.trim(),
+        "e.toml:13:12: protocol \"h3\" is not one of \"h2\", \"http1\""
+    );
+}
+
+#[test]
+fn a_file_with_only_one_roles_sections_is_valid_for_that_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = root().join("config/regions.toml");
+    let dns_only = format!(
+        "[pop]\nname = \"p\"\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\n",
+        regions.display()
+    );
+    let (ok, _, stderr) = check(&write_file(dir.path(), "dns.toml", &dns_only));
+    assert!(ok, "{stderr}");
+    let c = certs();
+    let edge_only = edge_text(
+        "",
+        &c.join("edge.crt").display().to_string(),
+        &c.join("edge.key").display().to_string(),
+    );
+    let (ok, _, stderr) = check(&write_file(dir.path(), "edge.toml", &edge_only));
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = check(&write_file(
+        dir.path(),
+        "none.toml",
+        "[pop]\nname = \"p\"\n",
+    ));
+    assert!(!ok);
+    assert!(stderr.contains("nothing to run"), "{stderr}");
+}

@@ -261,3 +261,69 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write");
     p
 }
+
+/// An `edgepop serve` child process; killed on drop.
+pub struct EdgeProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl EdgeProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+/// Starts `edgepop serve` on `config` and waits for its "listening"/"admin" lines.
+pub async fn spawn_edge(config: &str) -> EdgeProcess {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_file(dir.path(), "edgepop.toml", config);
+    let mut child = tokio::process::Command::new(bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env("EDGEPOP_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn edgepop serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let (mut addr, mut admin) = (None, None);
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(a) = line.split("listening on https://").nth(1) {
+                addr = a.trim().parse().ok();
+            }
+            if let Some(a) = line.split("admin on http://").nth(1) {
+                admin = a.trim().parse().ok();
+            }
+            if addr.is_some() && admin.is_some() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "edgepop serve did not report its addresses");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    EdgeProcess {
+        child,
+        addr: addr.expect("listen address"),
+        admin: admin.expect("admin address"),
+        dir,
+    }
+}
