@@ -394,7 +394,9 @@ fn certificate(cx: &Ctx, c: &Spanned<RawCertificate>) -> Result<CertificateConfi
     let key_path = PathBuf::from(c.key.get_ref());
     let key = certs::load_certified_key(&cert_path, &key_path).map_err(|e| {
         let at = match e {
-            certs::CertError::Key { .. } | certs::CertError::NoKey { .. } => cx.at(&c.key),
+            certs::CertError::Key { .. }
+            | certs::CertError::NoKey { .. }
+            | certs::CertError::Mismatch { .. } => cx.at(&c.key),
             _ => cx.at(&c.cert),
         };
         let reason = e.to_string();
