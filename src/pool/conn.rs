@@ -8,9 +8,10 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use rand::Rng;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -48,18 +49,26 @@ pub(super) struct Conn {
     pub id: u64,
     pub sender: Sender,
     pub in_flight: AtomicUsize,
-    pub opened_at: Instant,
     pub resumed: bool,
+    pub flags: Arc<ConnFlags>,
+    /// When rotation retires it (opened + jittered max_connection_age).
+    pub retire_at: Instant,
+}
+
+/// State shared with the driver task, which must not hold the connection itself.
+#[derive(Debug)]
+pub(super) struct ConnFlags {
     /// Set when the driver task ends; a closed connection is never handed out again.
     pub closed: AtomicBool,
-    /// Set when rotation or an origin GOAWAY retires it: finish what runs, take nothing new.
+    /// Set when rotation or shutdown retires it: finish what runs, take nothing new.
     pub draining: AtomicBool,
-    pub remote: SocketAddr,
+    /// Milliseconds since the pool's epoch when the last exchange on it ended.
+    pub last_used_ms: AtomicU64,
 }
 
 impl Conn {
     pub fn is_usable(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        !self.flags.closed.load(Ordering::Acquire) && !self.flags.draining.load(Ordering::Acquire)
     }
 }
 
@@ -84,11 +93,9 @@ pub(super) async fn open(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
 
 async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
     let cfg = &inner.origin;
+    let t0 = Instant::now();
     let tcp = connect_tcp(&cfg.address).await?;
-    let remote = tcp.peer_addr().map_err(|source| ConnectError::Tcp {
-        address: cfg.address.clone(),
-        source,
-    })?;
+    let t1 = Instant::now();
     let tls = inner
         .tls
         .connect(cfg.server_name.clone(), tcp)
@@ -107,6 +114,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
         });
     }
     inner.stats.record_handshake(resumed);
+    inner.stats.record_connect_times(t1 - t0, t1.elapsed());
     let id = inner.next_id();
     let io = TokioIo::new(tls);
     let opened_at = Instant::now();
@@ -125,7 +133,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                         address: cfg.address.clone(),
                         source,
                     })?;
-            let conn = Arc::new(Conn::new(id, Sender::H2(send), opened_at, resumed, remote));
+            let conn = Arc::new(Conn::new(inner, id, Sender::H2(send), opened_at, resumed));
             spawn_driver(inner, &conn, driver);
             Ok(Opened { conn, h1: None })
         }
@@ -137,7 +145,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                     address: cfg.address.clone(),
                     source,
                 })?;
-            let conn = Arc::new(Conn::new(id, Sender::H1, opened_at, resumed, remote));
+            let conn = Arc::new(Conn::new(inner, id, Sender::H1, opened_at, resumed));
             spawn_driver(inner, &conn, driver);
             Ok(Opened {
                 conn,
@@ -148,18 +156,25 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
 }
 
 impl Conn {
-    fn new(id: u64, sender: Sender, opened_at: Instant, resumed: bool, remote: SocketAddr) -> Self {
+    fn new(inner: &Inner, id: u64, sender: Sender, opened_at: Instant, resumed: bool) -> Self {
         Conn {
             id,
             sender,
             in_flight: AtomicUsize::new(0),
-            opened_at,
             resumed,
-            closed: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            remote,
+            flags: Arc::new(ConnFlags {
+                closed: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                last_used_ms: AtomicU64::new(inner.now_ms()),
+            }),
+            retire_at: opened_at + jittered_age(inner.origin.max_connection_age),
         }
     }
+}
+
+/// 90-100% of the configured age, so connections opened together do not rotate together.
+fn jittered_age(age: Duration) -> Duration {
+    age.mul_f64(rand::thread_rng().gen_range(0.9..=1.0))
 }
 
 fn spawn_driver<F>(inner: &Arc<Inner>, conn: &Arc<Conn>, driver: F)
@@ -169,17 +184,15 @@ where
     let pool = inner.clone();
     // Weak: the driver must not keep the h2 sender alive, or a retired connection whose
     // leases are all gone would never close.
-    let weak = Arc::downgrade(conn);
+    let flags = conn.flags.clone();
     let id = conn.id;
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             tracing::debug!(origin = %pool.origin.name, conn = id, error = %e, "upstream connection ended with error");
             pool.stats.set_last_error(format!("connection closed: {e}"));
         }
-        if let Some(conn) = weak.upgrade() {
-            conn.closed.store(true, Ordering::Release);
-        }
-        pool.on_closed(id);
+        flags.closed.store(true, Ordering::Release);
+        pool.on_closed(id, &flags);
     });
 }
 

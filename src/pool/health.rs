@@ -71,6 +71,14 @@ impl Pool {
         self.inner.note_success();
     }
 
+    /// A request was sent again on another connection.
+    pub fn record_retry(&self) {
+        self.inner
+            .stats
+            .retried
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A request through this pool failed at the origin (connect, send, first byte).
     pub fn record_failure(&self) {
         self.inner.note_failure();

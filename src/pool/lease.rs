@@ -101,7 +101,17 @@ impl Lease {
             (Sender::H1, None) => unreachable!("an http/1.1 lease always carries its sender"),
         };
         match result {
-            Ok(resp) => Ok((resp, StreamGuard { _slot: self.slot })),
+            Ok(resp) => {
+                if let Some(t) = resp
+                    .headers()
+                    .get("keep-alive")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(super::idle::parse_keep_alive)
+                {
+                    self.slot.pool.idle.announce(t);
+                }
+                Ok((resp, StreamGuard { _slot: self.slot }))
+            }
             Err(mut e) => {
                 // The connection is suspect: an http/1.1 sender is not returned.
                 self.slot.h1 = None;

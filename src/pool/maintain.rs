@@ -1,82 +1,157 @@
-//! The warm task: keeps at least the floor of connections open, refilling at once when one
-//! closes and backing off (jittered, exponential, bounded) while the origin refuses.
+//! The warm task: keeps the target number of connections open (the floor, raised by adaptive
+//! warmth), refilling at once when one closes and backing off (jittered, exponential, bounded)
+//! while the origin refuses; rotates connections that reached their age or are about to hit
+//! the origin's learned idle timeout, opening the replacement before retiring the old one.
 
 use super::{conn, Inner};
 use rand::Rng;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Re-check the floor even without a wake-up, in case a notification raced a state change.
+/// Re-check even without a wake-up: rotation, decay, and a notification racing a change.
 const TICK: Duration = Duration::from_secs(1);
+/// Recent peak decays by this factor per second: half-life of about 70 s.
+const PEAK_DECAY_PER_SEC: f64 = 0.99;
 
 pub(super) async fn run(inner: Arc<Inner>) {
     let mut failures: u32 = 0;
+    let mut last_decay = Instant::now();
     loop {
         if inner.shutdown.is_cancelled() {
             return;
         }
+        decay_peak(&inner, &mut last_decay);
         let wanted = reserve_deficit(&inner);
-        if wanted > 0 {
-            let results =
-                futures_util::future::join_all((0..wanted).map(|_| conn::open(&inner))).await;
-            let mut failed = false;
-            for r in results {
-                match r {
-                    Ok(opened) => {
-                        inner.add_idle(opened);
-                        if inner.origin.health_path.is_none() {
-                            inner.note_success();
-                        }
-                    }
-                    Err(e) => {
-                        failed = true;
-                        tracing::warn!(origin = %inner.origin.name, error = %e, "warm connection failed");
-                        inner.stats.record_failure(&e);
-                        inner.note_failure();
-                        inner.cancel_connect();
-                    }
-                }
+        let mut failed = open_n(&inner, wanted).await;
+        if !failed {
+            failed = rotate(&inner).await;
+        }
+        if failed {
+            failures = failures.saturating_add(1);
+            let delay = backoff(failures);
+            inner
+                .stats
+                .backoff_until_ms
+                .store(unix_ms_after(delay), Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = inner.shutdown.cancelled() => return,
             }
-            if failed {
-                failures = failures.saturating_add(1);
-                let delay = backoff(failures);
-                inner
-                    .stats
-                    .backoff_until_ms
-                    .store(unix_ms_after(delay), Ordering::Relaxed);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = inner.shutdown.cancelled() => return,
-                }
-                inner.stats.backoff_until_ms.store(0, Ordering::Relaxed);
-            } else {
-                failures = 0;
-            }
+            inner.stats.backoff_until_ms.store(0, Ordering::Relaxed);
             continue;
         }
-        // select!: whichever comes first — a connection closed, the periodic tick, or shutdown.
+        failures = 0;
+        if wanted > 0 {
+            continue;
+        }
+        // select!: whichever comes first — a connection closed, the tick, or shutdown.
         tokio::select! {
             _ = inner.maintain.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(tick(&inner)) => {}
             _ = inner.shutdown.cancelled() => return,
         }
     }
 }
 
-/// Claims connect slots for the gap between the floor and what is open or opening.
+/// Opens `n` connections (slots already reserved) concurrently; true if any failed.
+async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
+    if n == 0 {
+        return false;
+    }
+    let results = futures_util::future::join_all((0..n).map(|_| conn::open(inner))).await;
+    let mut failed = false;
+    for r in results {
+        match r {
+            Ok(opened) => {
+                inner.add_idle(opened);
+                if inner.origin.health_path.is_none() {
+                    inner.note_success();
+                }
+            }
+            Err(e) => {
+                failed = true;
+                tracing::warn!(origin = %inner.origin.name, error = %e, "warm connection failed");
+                inner.stats.record_failure(&e);
+                inner.note_failure();
+                inner.cancel_connect();
+            }
+        }
+    }
+    failed
+}
+
+/// Wakes often enough to rotate before a learned idle timeout.
+fn tick(inner: &Inner) -> Duration {
+    match inner.idle.learned() {
+        Some(t) => (t / 8).clamp(Duration::from_millis(25), TICK),
+        None => TICK,
+    }
+}
+
+fn decay_peak(inner: &Inner, last: &mut Instant) {
+    let dt = last.elapsed().as_secs_f64();
+    if dt < 0.5 {
+        return;
+    }
+    *last = Instant::now();
+    let factor = PEAK_DECAY_PER_SEC.powf(dt);
+    let floor_now =
+        u64::try_from(inner.in_flight.load(Ordering::Acquire)).unwrap_or(u64::MAX) * 1000;
+    let _ = inner
+        .peak_milli
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+            Some(((p as f64 * factor) as u64).max(floor_now))
+        });
+}
+
+/// Claims connect slots for the gap between the target and what is live or opening.
 fn reserve_deficit(inner: &Inner) -> usize {
+    let target = inner.target();
     let mut st = inner.lock();
-    let have = st.open + st.connecting;
-    let room = inner.origin.max_connections.saturating_sub(have);
-    let wanted = inner.floor.saturating_sub(have).min(room);
+    let have = st.live() + st.connecting;
+    let room = inner
+        .origin
+        .max_connections
+        .saturating_sub(st.open + st.connecting);
+    let wanted = target.saturating_sub(have).min(room);
     st.connecting += wanted;
     wanted
 }
 
-/// Full jitter over an exponential ceiling: spreads reconnects of many pools and instances.
+/// Retires connections past their age, or idle long enough that the origin's learned idle
+/// timeout is near; each replacement is opened first. Returns true if a replacement failed.
+async fn rotate(inner: &Arc<Inner>) -> bool {
+    let now = Instant::now();
+    let now_ms = inner.now_ms();
+    let idle_limit_ms = inner
+        .idle
+        .learned()
+        .map(|t| u64::try_from((t * 3 / 4).as_millis()).unwrap_or(u64::MAX));
+    for (id, retire_at, last_used, in_flight) in inner.rotation_candidates() {
+        let aged = now >= retire_at;
+        let idle_expiring = idle_limit_ms
+            .is_some_and(|lim| in_flight == 0 && now_ms.saturating_sub(last_used) >= lim);
+        if !aged && !idle_expiring {
+            continue;
+        }
+        if inner.reserve_connect() {
+            if open_n(inner, 1).await {
+                return true;
+            }
+        }
+        inner.retire(id);
+        inner.stats.rotated.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(origin = %inner.origin.name, conn = id, aged, idle_expiring, "rotated connection");
+    }
+    false
+}
+
+/// Full jitter over the upper half of an exponential ceiling: spreads reconnects of many
+/// pools and instances.
 pub(super) fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10).saturating_sub(1));
     let ceiling = exp.min(BACKOFF_MAX);

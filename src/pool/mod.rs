@@ -9,6 +9,7 @@
 mod conn;
 mod error;
 mod health;
+mod idle;
 mod lease;
 mod maintain;
 mod stats;
@@ -63,6 +64,13 @@ pub(crate) struct Inner {
     maintain: Notify,
     next_id: AtomicU64,
     waiting: AtomicUsize,
+    /// Zero point of the millisecond timestamps kept in atomics.
+    epoch: Instant,
+    /// Requests holding a connection or stream right now, and the decaying recent peak
+    /// (in thousandths) that adaptive warmth sizes the pool by.
+    in_flight: AtomicUsize,
+    peak_milli: AtomicU64,
+    pub idle: idle::IdleLearner,
     pub stats: stats::Stats,
     health: health::Health,
     shutdown: tokio_util::sync::CancellationToken,
@@ -78,7 +86,16 @@ struct State {
     open: usize,
     /// Connects in progress (counted against max_connections).
     connecting: usize,
+    /// Open connections retired by rotation, still finishing their exchanges.
+    retiring: usize,
     busy_h1: usize,
+}
+
+impl State {
+    /// Open connections that still take new requests.
+    fn live(&self) -> usize {
+        self.open.saturating_sub(self.retiring)
+    }
 }
 
 impl Pool {
@@ -102,6 +119,10 @@ impl Pool {
                 maintain: Notify::new(),
                 next_id: AtomicU64::new(1),
                 waiting: AtomicUsize::new(0),
+                epoch: Instant::now(),
+                in_flight: AtomicUsize::new(0),
+                peak_milli: AtomicU64::new(0),
+                idle: idle::IdleLearner::default(),
                 stats: stats::Stats::default(),
                 health: health::Health::default(),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -130,11 +151,11 @@ impl Pool {
             let notified = self.inner.available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.inner.lock().open >= self.inner.floor {
+            if self.inner.lock().live() >= self.inner.floor {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.inner.lock().open >= self.inner.floor;
+                return self.inner.lock().live() >= self.inner.floor;
             }
         }
     }
@@ -205,7 +226,7 @@ impl Pool {
         let mut st = self.inner.lock();
         st.idle_h1.clear();
         for c in st.h2.drain(..) {
-            c.draining.store(true, Ordering::Release);
+            c.flags.draining.store(true, Ordering::Release);
         }
         drop(st);
         self.inner.available.notify_waiters();
@@ -230,6 +251,34 @@ impl Inner {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts a request taking a connection and raises the recent peak.
+    fn enter(&self) {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak_milli.fetch_max(
+            u64::try_from(now).unwrap_or(u64::MAX).saturating_mul(1000),
+            Ordering::AcqRel,
+        );
+    }
+
+    fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Connections to keep open: the floor, or enough for the recent peak times warm_ratio.
+    fn target(&self) -> usize {
+        let per_conn = match self.origin.protocol {
+            Protocol::H2 => H2_STREAMS_PER_CONNECTION,
+            Protocol::Http1 => 1,
+        };
+        let peak = self.peak_milli.load(Ordering::Acquire) as f64 / 1000.0;
+        let adaptive = (peak * self.origin.warm_ratio / per_conn as f64).ceil() as usize;
+        self.floor.max(adaptive).min(self.origin.max_connections)
+    }
+
     fn try_take(self: &Arc<Self>, started: Instant) -> Option<Lease> {
         let mut st = self.lock();
         match self.origin.protocol {
@@ -243,6 +292,7 @@ impl Inner {
                     .clone();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
                 drop(st);
+                self.enter();
                 Some(Lease::new(self.clone(), conn, None, Warmth::Warm, started))
             }
             Protocol::Http1 => {
@@ -251,6 +301,7 @@ impl Inner {
                         st.busy_h1 += 1;
                         conn.in_flight.fetch_add(1, Ordering::AcqRel);
                         drop(st);
+                        self.enter();
                         return Some(Lease::new(
                             self.clone(),
                             conn,
@@ -299,6 +350,7 @@ impl Inner {
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
                 }
+                self.enter();
                 // Other waiters may fit on a new h2 connection too.
                 self.available.notify_waiters();
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))
@@ -329,9 +381,21 @@ impl Inner {
     }
 
     /// Called by the driver task when a connection has ended, however it ended.
-    fn on_closed(&self, id: u64) {
+    fn on_closed(&self, id: u64, flags: &conn::ConnFlags) {
+        let draining = flags.draining.load(Ordering::Acquire);
+        if !draining {
+            // Closed by the origin or the network, not by us: if it was idle, that is what
+            // the origin's idle timeout looks like.
+            let idle_for = self
+                .now_ms()
+                .saturating_sub(flags.last_used_ms.load(Ordering::Acquire));
+            self.idle.observe_close(Duration::from_millis(idle_for));
+        }
         let mut st = self.lock();
         st.open = st.open.saturating_sub(1);
+        if draining {
+            st.retiring = st.retiring.saturating_sub(1);
+        }
         st.h2.retain(|c| c.id != id);
         st.idle_h1.retain(|(c, _)| c.id != id);
         drop(st);
@@ -342,6 +406,10 @@ impl Inner {
 
     /// Returns an http/1.1 connection after its exchange, or forgets it if it cannot be reused.
     fn return_h1(&self, conn: Arc<Conn>, send: Option<http1::SendRequest<UpstreamBody>>) {
+        conn.flags
+            .last_used_ms
+            .store(self.now_ms(), Ordering::Release);
+        self.leave();
         let mut st = self.lock();
         st.busy_h1 = st.busy_h1.saturating_sub(1);
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -354,7 +422,48 @@ impl Inner {
         self.available.notify_waiters();
     }
 
+    /// Takes a connection out of service: no new requests; it closes once its exchanges end.
+    fn retire(&self, id: u64) {
+        let mut st = self.lock();
+        let mut found = None;
+        if let Some(i) = st.h2.iter().position(|c| c.id == id) {
+            found = Some(st.h2.remove(i));
+        } else if let Some(i) = st.idle_h1.iter().position(|(c, _)| c.id == id) {
+            // Dropping the sender closes the idle http/1.1 connection.
+            found = Some(st.idle_h1.remove(i).0);
+        }
+        if let Some(c) = found {
+            if !c.flags.draining.swap(true, Ordering::AcqRel)
+                && !c.flags.closed.load(Ordering::Acquire)
+            {
+                st.retiring += 1;
+            }
+        }
+    }
+
+    /// Connections to consider for rotation: (id, retire_at, idle since ms, in flight).
+    fn rotation_candidates(&self) -> Vec<(u64, Instant, u64, usize)> {
+        let st = self.lock();
+        let h2 = st.h2.iter();
+        let h1 = st.idle_h1.iter().map(|(c, _)| c);
+        h2.chain(h1)
+            .filter(|c| c.is_usable())
+            .map(|c| {
+                (
+                    c.id,
+                    c.retire_at,
+                    c.flags.last_used_ms.load(Ordering::Acquire),
+                    c.in_flight.load(Ordering::Acquire),
+                )
+            })
+            .collect()
+    }
+
     fn release_h2(&self, conn: &Conn) {
+        conn.flags
+            .last_used_ms
+            .store(self.now_ms(), Ordering::Release);
+        self.leave();
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.available.notify_waiters();
     }

@@ -16,6 +16,11 @@ pub struct Stats {
     pub handshakes_resumed: AtomicU64,
     pub queue_full: AtomicU64,
     pub queue_timeouts: AtomicU64,
+    pub rotated: AtomicU64,
+    pub retried: AtomicU64,
+    /// Last TCP connect and TLS handshake durations, in microseconds.
+    pub tcp_connect_us: AtomicU64,
+    pub tls_handshake_us: AtomicU64,
     /// Only written on failures and read by /pools; never touched by a successful request.
     last_error: Mutex<Option<String>>,
     /// Unix milliseconds until which refills back off; 0 when not backing off.
@@ -30,6 +35,12 @@ impl Stats {
             &self.handshakes_full
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_connect_times(&self, tcp: std::time::Duration, tls: std::time::Duration) {
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.tcp_connect_us.store(us(tcp), Ordering::Relaxed);
+        self.tls_handshake_us.store(us(tls), Ordering::Relaxed);
     }
 
     pub fn record_failure(&self, e: &ConnectError) {
@@ -71,6 +82,20 @@ pub struct PoolSnapshot {
     pub reused_total: u64,
     pub handshakes_full: u64,
     pub handshakes_resumed: u64,
+    /// resumed / (full + resumed) over the pool's life.
+    pub resumption_ratio: f64,
+    /// Last connect's TCP and TLS phases; TLS 1.3 takes one round trip, so the handshake
+    /// time is the best PoP-origin RTT estimate hyper lets us measure.
+    pub last_tcp_connect_ms: f64,
+    pub last_tls_handshake_ms: f64,
+    pub rotated_total: u64,
+    pub retried_total: u64,
+    /// The origin's idle timeout, announced or observed; idle connections rotate before it.
+    pub learned_idle_timeout_ms: Option<u64>,
+    /// Target open connections: the floor raised by the recent peak of concurrent requests.
+    pub target: usize,
+    pub recent_peak_in_flight: f64,
+    pub retiring: usize,
     pub queue_full_total: u64,
     pub queue_timeouts_total: u64,
     pub backoff_until_unix_ms: Option<u64>,
@@ -96,6 +121,9 @@ impl Inner {
             }
             crate::config::Protocol::Http1 => (st.idle_h1.len(), st.busy_h1, st.busy_h1),
         };
+        let full = self.stats.handshakes_full.load(Ordering::Relaxed);
+        let resumed = self.stats.handshakes_resumed.load(Ordering::Relaxed);
+        let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
         let snap = PoolSnapshot {
             origin: self.origin.name.clone(),
             address: self.origin.address.clone(),
@@ -114,8 +142,24 @@ impl Inner {
             failed_total: self.stats.failed.load(Ordering::Relaxed),
             closed_total: self.stats.closed.load(Ordering::Relaxed),
             reused_total: self.stats.reused.load(Ordering::Relaxed),
-            handshakes_full: self.stats.handshakes_full.load(Ordering::Relaxed),
-            handshakes_resumed: self.stats.handshakes_resumed.load(Ordering::Relaxed),
+            handshakes_full: full,
+            handshakes_resumed: resumed,
+            resumption_ratio: if full + resumed == 0 {
+                0.0
+            } else {
+                resumed as f64 / (full + resumed) as f64
+            },
+            last_tcp_connect_ms: ms(&self.stats.tcp_connect_us),
+            last_tls_handshake_ms: ms(&self.stats.tls_handshake_us),
+            rotated_total: self.stats.rotated.load(Ordering::Relaxed),
+            retried_total: self.stats.retried.load(Ordering::Relaxed),
+            learned_idle_timeout_ms: self
+                .idle
+                .learned()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            target: 0,
+            recent_peak_in_flight: self.peak_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+            retiring: st.retiring,
             queue_full_total: self.stats.queue_full.load(Ordering::Relaxed),
             queue_timeouts_total: self.stats.queue_timeouts.load(Ordering::Relaxed),
             backoff_until_unix_ms: match self.stats.backoff_until_ms.load(Ordering::Relaxed) {
@@ -127,6 +171,7 @@ impl Inner {
         drop(st);
         PoolSnapshot {
             last_error: self.stats.last_error(),
+            target: self.target(),
             ..snap
         }
     }

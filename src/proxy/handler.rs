@@ -169,11 +169,11 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Copy of a bodiless idempotent request, kept so it can be sent again if a reused
-/// connection fails after the request may have left.
+/// Copy of a bodiless request, kept so it can be sent again when the first attempt fails in
+/// a way that proves (any method) or allows (idempotent methods) a retry.
 fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     use http_body::Body;
-    if !is_idempotent(req.method()) || !req.body().is_end_stream() {
+    if !req.body().is_end_stream() {
         return None;
     }
     let mut copy = Request::new(
@@ -199,6 +199,7 @@ async fn send_with_retry(
     let mut waited = Duration::ZERO;
     loop {
         let replay = if retried { None } else { replayable(&req) };
+        let method = req.method().clone();
         let lease = pool.checkout().await?;
         let warmth = lease.warmth();
         waited += lease.waited();
@@ -217,16 +218,20 @@ async fn send_with_retry(
                 let next = match request {
                     // Never left this process: safe for any method.
                     Some(r) => Some(r),
+                    // The origin says it did not process the stream (REFUSED_STREAM, or a
+                    // GOAWAY whose last-stream-id is below it): safe for any method.
+                    None if not_processed(&source) => replay,
                     // May have reached the origin: only a bodiless idempotent request, and
                     // only if the connection was a reused one (a fresh connection failing is
                     // the origin's answer, not a stale-connection race).
-                    None if warmth == Warmth::Warm => replay,
+                    None if warmth == Warmth::Warm && is_idempotent(&method) => replay,
                     None => None,
                 };
                 match next {
                     Some(r) if !retried => {
                         tracing::debug!(origin = %origin, error = %source, "retrying on another connection");
                         retried = true;
+                        pool.record_retry();
                         req = r;
                     }
                     _ => {
@@ -247,4 +252,17 @@ async fn send_with_retry(
             }
         }
     }
+}
+
+/// True when h2 tells us the origin never processed the stream.
+fn not_processed(e: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2e) = c.downcast_ref::<h2::Error>() {
+            return h2e.is_remote()
+                && (h2e.reason() == Some(h2::Reason::REFUSED_STREAM) || h2e.is_go_away());
+        }
+        cause = c.source();
+    }
+    false
 }

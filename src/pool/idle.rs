@@ -1,0 +1,107 @@
+//! Learning the origin's idle timeout, so idle connections are rotated shortly before the
+//! origin would close them instead of racing it: from `Keep-Alive: timeout=N` when the origin
+//! announces it, otherwise from two consecutive idle closes after about the same interval.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Shortest idle close we treat as a timeout rather than noise.
+const MIN_LEARNED: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default)]
+pub struct IdleLearner {
+    /// Learned timeout in ms; 0 = unknown. Read lock-free by the warm task and /pools.
+    learned_ms: AtomicU64,
+    announced_ms: AtomicU64,
+    /// The previous observed idle close, to compare with the next.
+    last_observed: Mutex<Option<Duration>>,
+}
+
+impl IdleLearner {
+    pub fn learned(&self) -> Option<Duration> {
+        match self.learned_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The origin said `Keep-Alive: timeout=N`.
+    pub fn announce(&self, timeout: Duration) {
+        if timeout < MIN_LEARNED {
+            return;
+        }
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if self.announced_ms.swap(ms, Ordering::AcqRel) != ms {
+            self.learned_ms.store(ms, Ordering::Release);
+            tracing::info!(timeout = ?timeout, "origin announced its keep-alive timeout");
+        }
+    }
+
+    /// An idle connection was closed by the far side after `idle`.
+    pub fn observe_close(&self, idle: Duration) {
+        if idle < MIN_LEARNED || self.announced_ms.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let mut last = self.last_observed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(prev) = *last {
+            let (lo, hi) = if prev < idle {
+                (prev, idle)
+            } else {
+                (idle, prev)
+            };
+            // "Steady": two closes within 10% (+50ms of scheduling noise) of each other.
+            if hi - lo <= lo / 10 + Duration::from_millis(50) {
+                let ms = u64::try_from(lo.as_millis()).unwrap_or(u64::MAX);
+                if self.learned_ms.swap(ms, Ordering::AcqRel) != ms {
+                    tracing::info!(timeout = ?lo, "learned the origin's idle timeout from its closes");
+                }
+            }
+        }
+        *last = Some(idle);
+    }
+}
+
+/// Parses `timeout=N` out of a Keep-Alive header value.
+pub fn parse_keep_alive(value: &str) -> Option<Duration> {
+    value.split(',').find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            v.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_similar_idle_closes_teach_the_timeout() {
+        let l = IdleLearner::default();
+        l.observe_close(Duration::from_millis(5000));
+        assert_eq!(l.learned(), None);
+        l.observe_close(Duration::from_millis(5030));
+        assert_eq!(l.learned(), Some(Duration::from_millis(5000)));
+    }
+
+    #[test]
+    fn an_announced_timeout_wins_over_observations() {
+        let l = IdleLearner::default();
+        l.announce(Duration::from_secs(4));
+        l.observe_close(Duration::from_millis(900));
+        l.observe_close(Duration::from_millis(900));
+        assert_eq!(l.learned(), Some(Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn keep_alive_header_values_parse() {
+        assert_eq!(
+            parse_keep_alive("timeout=5, max=100"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(parse_keep_alive("max=100"), None);
+    }
+}
