@@ -230,9 +230,10 @@ impl HttpConn {
                     h2: true,
                 })
             } else {
-                let (sender, conn) = hyper::client::conn::http1::handshake::<TokioIo<Stream>, _>(io)
-                    .await
-                    .map_err(SampleError::http)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake::<TokioIo<Stream>, _>(io)
+                        .await
+                        .map_err(SampleError::http)?;
                 let driver = tokio::spawn(async move {
                     let _ = conn.await;
                 });

@@ -180,7 +180,11 @@ impl TargetReport {
     fn upstream_states(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for s in self.ok() {
-            if let Some(state) = s.server_timing.as_ref().and_then(|t| t.upstream_state.clone()) {
+            if let Some(state) = s
+                .server_timing
+                .as_ref()
+                .and_then(|t| t.upstream_state.clone())
+            {
                 *m.entry(state).or_insert(0) += 1;
             }
         }
@@ -255,14 +259,17 @@ impl Report {
                 .map(|t| t.tls_summary().unwrap_or_else(|| "-".into()))
                 .collect(),
         );
-        let has_split = self.targets.iter().any(|t| t.stats(Row::EdgeOrigin).is_some());
+        let has_split = self
+            .targets
+            .iter()
+            .any(|t| t.stats(Row::EdgeOrigin).is_some());
         for row in Row::ALL {
             let split = matches!(row, Row::ClientEdge | Row::EdgePool | Row::EdgeOrigin);
             if split && !has_split {
                 continue;
             }
             if row == Row::ClientEdge {
-                line("ttfb split", vec![String::new(); 0]);
+                line("ttfb split", Vec::new());
             }
             line(
                 row.label(),
@@ -393,7 +400,10 @@ mod tests {
         assert_eq!(s.p99, Duration::from_millis(99));
         assert_eq!(s.max, Duration::from_millis(100));
         let one = Stats::of(vec![Duration::from_millis(7)]).expect("stats");
-        assert_eq!((one.p50, one.p99), (Duration::from_millis(7), Duration::from_millis(7)));
+        assert_eq!(
+            (one.p50, one.p99),
+            (Duration::from_millis(7), Duration::from_millis(7))
+        );
         assert!(Stats::of(vec![]).is_none());
     }
 }

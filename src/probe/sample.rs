@@ -163,8 +163,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(target: Target, options: &Options) -> Session {
-        let resolution =
-            Resolution::for_target(&target, &options.resolve, options.dns.as_ref());
+        let resolution = Resolution::for_target(&target, &options.resolve, options.dns.as_ref());
         let config = Arc::new(conn::tls_config(
             &options.trust,
             options.http,
@@ -220,8 +219,7 @@ impl Session {
         let t_conn = Instant::now();
         let (io, tls_info, tls) = if self.target.is_tls() {
             let (tls, info) =
-                conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout)
-                    .await?;
+                conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout).await?;
             (conn::stream_tls(tls), Some(info), Some(t_conn.elapsed()))
         } else {
             (conn::stream_plain(tcp), None, None)
@@ -280,8 +278,7 @@ impl Session {
         let tcp = conn::tcp_connect(addr, timeout).await?;
         let (io, info) = if self.target.is_tls() {
             let (tls, info) =
-                conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout)
-                    .await?;
+                conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout).await?;
             (conn::stream_tls(tls), Some(info))
         } else {
             (conn::stream_plain(tcp), None)
@@ -293,7 +290,11 @@ impl Session {
     }
 
     async fn request(&self, http: &mut HttpConn) -> Result<conn::Response, SampleError> {
-        let scheme = if self.target.is_tls() { "https" } else { "http" };
+        let scheme = if self.target.is_tls() {
+            "https"
+        } else {
+            "http"
+        };
         http.get(
             scheme,
             &self.target.authority(),

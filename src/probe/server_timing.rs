@@ -9,10 +9,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ServerTiming {
     /// Time the edge waited for a pooled upstream connection.
-    #[serde(serialize_with = "super::report::ser_opt_ms")]
+    #[serde(rename = "pool_ms", serialize_with = "super::report::ser_opt_ms")]
     pub pool: Option<Duration>,
     /// Upstream time to first byte, as seen by the edge (the PoP-origin leg).
-    #[serde(serialize_with = "super::report::ser_opt_ms")]
+    #[serde(rename = "upstream_ms", serialize_with = "super::report::ser_opt_ms")]
     pub upstream: Option<Duration>,
     /// How the upstream connection was obtained: `warm`, `fresh` or `resumed`.
     pub upstream_state: Option<String>,
@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn several_headers_merge() {
         let mut h = http::HeaderMap::new();
-        h.append("server-timing", http::HeaderValue::from_static("pool;dur=2"));
+        h.append(
+            "server-timing",
+            http::HeaderValue::from_static("pool;dur=2"),
+        );
         h.append(
             "Server-Timing",
             http::HeaderValue::from_static("upstream;dur=7;desc=resumed"),

@@ -36,7 +36,10 @@ impl Target {
             _ => return Err(bad("scheme must be https:// or http://")),
         };
         let host = uri.host().ok_or_else(|| bad("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let path = uri
             .path_and_query()
@@ -223,11 +226,12 @@ async fn query(d: &DnsServer, host: &str, rtype: RecordType) -> Result<Option<Ip
     let mut edns = Edns::new();
     edns.set_max_payload(1232);
     if let Some(net) = d.subnet {
-        edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
-            net.network(),
-            net.prefix_len(),
-            0,
-        )));
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                net.network(),
+                net.prefix_len(),
+                0,
+            )));
     }
     msg.set_edns(edns);
     let bytes = msg.to_vec().map_err(wire)?;
@@ -273,7 +277,10 @@ mod tests {
     #[test]
     fn parses_urls_and_defaults_the_path_and_port() {
         let t = Target::parse("https://origin.edgepop.test").expect("url");
-        assert_eq!((t.host(), t.port(), t.path()), ("origin.edgepop.test", 443, "/"));
+        assert_eq!(
+            (t.host(), t.port(), t.path()),
+            ("origin.edgepop.test", 443, "/")
+        );
         assert_eq!(t.authority(), "origin.edgepop.test");
         let t = Target::parse("https://[::1]:8443/a?b=c").expect("url");
         assert_eq!((t.host(), t.port(), t.path()), ("::1", 8443, "/a?b=c"));
@@ -288,6 +295,8 @@ mod tests {
         assert_eq!(o.host, "example.com");
         assert_eq!(o.addr, "::1".parse::<IpAddr>().expect("ip"));
         assert!("example.com:443".parse::<ResolveOverride>().is_err());
-        assert!("example.com:x:127.0.0.1".parse::<ResolveOverride>().is_err());
+        assert!("example.com:x:127.0.0.1"
+            .parse::<ResolveOverride>()
+            .is_err());
     }
 }
