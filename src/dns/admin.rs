@@ -38,6 +38,7 @@ pub async fn start(
                     async move { Ok::<_, std::convert::Infallible>(route(&state, &req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::select! {

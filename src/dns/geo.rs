@@ -34,8 +34,8 @@ pub struct GeoIndex {
 }
 
 impl GeoIndex {
-    /// `networks`: (network, class) with class != [`DEFAULT_CLASS`]; networks must be
-    /// canonical (no host bits) and unique.
+    /// `networks`: (network, class); networks must be canonical (no host bits) and unique.
+    /// Networks of [`DEFAULT_CLASS`] leave no block but still override their parents.
     pub fn build(networks: &[(ipnet::IpNet, ClassId)]) -> Self {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
@@ -285,6 +285,13 @@ mod tests {
         assert_eq!(hit(&i, "10.0.0.1"), (1, 16));
         assert_eq!(hit(&i, "11.0.0.1"), (DEFAULT_CLASS, 8));
         assert_eq!(hit(&i, "200.0.0.1"), (DEFAULT_CLASS, 1));
+    }
+
+    #[test]
+    fn a_default_answered_network_inside_a_region_is_carved_out() {
+        let i = idx(&[("10.0.0.0/8", 1), ("10.1.0.0/16", DEFAULT_CLASS)]);
+        assert_eq!(hit(&i, "10.1.2.3"), (DEFAULT_CLASS, 16));
+        assert_eq!(hit(&i, "10.2.0.0"), (1, 15));
     }
 
     #[test]

@@ -196,9 +196,9 @@ pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
             (lists.len() - 1) as ClassId
         });
         labels[class as usize].push(r.name.clone());
-        if class != DEFAULT_CLASS {
-            networks.extend(r.networks.iter().map(|n| (*n, class)));
-        }
+        // Networks answered like the default still matter: they carve holes in the
+        // networks around them.
+        networks.extend(r.networks.iter().map(|n| (*n, class)));
     }
     let classes = lists
         .into_iter()
