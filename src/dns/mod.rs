@@ -1,11 +1,406 @@
-//! The authoritative DNS sidecar: `server` (UDP/TCP wire I/O), `geo` (address or ECS ->
-//! region -> answer, pure), `map` (building the immutable map from the region file).
+//! The authoritative DNS sidecar: `server` (UDP/TCP wire I/O), `query` (one query -> one
+//! answer, pure), `geo` (address or ECS -> region, pure), `map` (building the immutable map
+//! from the region file), `health` (PoP probes), `stats` and `admin` (observability).
+//! [`DnsState`] holds the map in service behind an atomic swap.
 
+pub mod admin;
+pub mod geo;
+pub mod health;
+pub mod map;
+pub mod query;
+pub mod server;
+pub mod stats;
+
+use crate::config::{regions, ConfigError, DnsConfig};
+use arc_swap::ArcSwap;
+use health::{HealthBook, Prober};
+use map::{HitBook, Map, MapError};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
 
-/// `edgepop dns`: runs until SIGTERM.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("region file rejected")]
+    Regions(#[source] ConfigError),
+    #[error("cannot build the region map")]
+    Map(#[source] MapError),
+    #[error("map build task failed")]
+    Join(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Health(Box<health::HealthError>),
+    #[error("cannot bind admin listener on {addr}")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The last rejected region file load.
+#[derive(Debug, Clone)]
+pub struct RegenError {
+    pub message: String,
+    pub at: SystemTime,
+    /// True until a later load succeeds.
+    pub current: bool,
+}
+
+/// Shared state of a running sidecar; cheap to clone.
+#[derive(Clone)]
+pub struct DnsState(Arc<Inner>);
+
+struct Inner {
+    cfg: DnsConfig,
+    map: ArcSwap<Map>,
+    health: HealthBook,
+    hits: HitBook,
+    stats: stats::Stats,
+    regen_failures: AtomicU64,
+    /// Written by the regeneration task, read by /metrics and /map; never by a query.
+    last_error: Mutex<Option<RegenError>>,
+}
+
+impl DnsState {
+    /// Loads the region file and builds the first map; an error here is fatal (there is no
+    /// previous map to keep).
+    pub async fn new(cfg: DnsConfig) -> Result<Self, DnsError> {
+        let health = HealthBook::default();
+        let hits = HitBook::default();
+        let first = build_map(cfg.clone(), None, &health, &hits)?;
+        Ok(DnsState(Arc::new(Inner {
+            cfg,
+            map: ArcSwap::from_pointee(first),
+            health,
+            hits,
+            stats: stats::Stats::default(),
+            regen_failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        })))
+    }
+
+    pub fn config(&self) -> &DnsConfig {
+        &self.0.cfg
+    }
+
+    /// The map in service (a cheap guard for the query path).
+    #[inline]
+    pub fn map_guard(&self) -> arc_swap::Guard<Arc<Map>> {
+        self.0.map.load()
+    }
+
+    pub fn map(&self) -> Arc<Map> {
+        self.0.map.load_full()
+    }
+
+    pub fn stats(&self) -> &stats::Stats {
+        &self.0.stats
+    }
+
+    pub fn hits(&self) -> &HitBook {
+        &self.0.hits
+    }
+
+    /// (rejected loads so far, the last rejection).
+    pub fn regen_status(&self) -> (u64, Option<RegenError>) {
+        let last = self.0.last_error.lock().ok().and_then(|g| g.clone());
+        (self.0.regen_failures.load(Ordering::Relaxed), last)
+    }
+
+    /// Healthy while a map is in service and at least one PoP is up.
+    pub fn healthz(&self) -> bool {
+        self.map().pops.iter().any(|p| p.health.is_up())
+    }
+
+    /// Re-reads the region file and swaps in a new map; on error the old map stays.
+    pub async fn regenerate(&self) -> Result<Arc<Map>, DnsError> {
+        let old = self.map();
+        let this = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            build_map(this.0.cfg.clone(), Some(&old), &this.0.health, &this.0.hits)
+        })
+        .await
+        .map_err(DnsError::Join)
+        .and_then(|r| r);
+        match result {
+            Ok(m) => {
+                let m = Arc::new(m);
+                self.0.map.store(m.clone());
+                if let Ok(mut g) = self.0.last_error.lock() {
+                    if let Some(e) = g.as_mut() {
+                        e.current = false;
+                    }
+                }
+                Ok(m)
+            }
+            Err(e) => {
+                self.0.regen_failures.fetch_add(1, Ordering::Relaxed);
+                let message = error_chain(&e);
+                tracing::error!(
+                    generation = self.map().generation,
+                    "region map not rebuilt, keeping the previous one: {message}"
+                );
+                if let Ok(mut g) = self.0.last_error.lock() {
+                    *g = Some(RegenError {
+                        message,
+                        at: SystemTime::now(),
+                        current: true,
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// JSON for `/map`: regions -> PoP chosen now, every PoP's health, the map's identity.
+    pub fn map_json(&self) -> serde_json::Value {
+        let m = self.map();
+        let pops: Vec<_> = m
+            .pops
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "up": p.health.is_up(),
+                    "health_url": p.health.url.as_ref().map(|u| u.to_string()),
+                    "probes": p.health.probes.load(Ordering::Relaxed),
+                    "failures": p.health.failures.load(Ordering::Relaxed),
+                    "last_error": p.health.last_error(),
+                })
+            })
+            .collect();
+        let mut regions: Vec<serde_json::Value> = Vec::new();
+        let chosen = |class: geo::ClassId| {
+            let (pos, c) = m.choose(class);
+            m.pops[usize::from(c.pops[pos])].name.clone()
+        };
+        let names = |list: &[usize]| -> Vec<String> {
+            list.iter()
+                .filter_map(|&i| m.source.pops.get(i).map(|p| p.name.clone()))
+                .collect()
+        };
+        regions.push(serde_json::json!({
+            "name": "default",
+            "pops": names(&m.source.default),
+            "chosen": chosen(geo::DEFAULT_CLASS),
+        }));
+        for r in &m.source.regions {
+            let class = m
+                .classes
+                .iter()
+                .position(|c| c.label.split('+').any(|l| l == r.name))
+                .unwrap_or(0) as geo::ClassId;
+            regions.push(serde_json::json!({
+                "name": r.name,
+                "networks": r.networks.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                "pops": names(&r.pops),
+                "chosen": chosen(class),
+            }));
+        }
+        let (failures, last) = self.regen_status();
+        serde_json::json!({
+            "generation": m.generation,
+            "serial": m.serial,
+            "age_seconds": SystemTime::now().duration_since(m.built_at).unwrap_or_default().as_secs_f64(),
+            "blocks": m.geo.block_count(),
+            "regions": regions,
+            "pops": pops,
+            "errors": failures,
+            "last_error": last.map(|e| serde_json::json!({"message": e.message, "current": e.current})),
+        })
+    }
+}
+
+fn build_map(
+    cfg: DnsConfig,
+    old: Option<&Map>,
+    health: &HealthBook,
+    hits: &HitBook,
+) -> Result<Map, DnsError> {
+    let file = regions::load(&cfg.regions).map_err(DnsError::Regions)?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+    // The serial moves only when the content does, and never backwards.
+    let serial = match old {
+        Some(o) if o.source == file => o.serial,
+        Some(o) => now.max(o.serial.wrapping_add(1)),
+        None => now,
+    };
+    let cx = map::BuildContext {
+        cfg: &cfg,
+        health,
+        hits,
+        generation: old.map_or(1, |o| o.generation + 1),
+        serial,
+    };
+    map::build(file, &cx).map_err(DnsError::Map)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// A running sidecar: sockets bound, map loaded, probes and regeneration running. Dropping
+/// it stops everything.
+pub struct Sidecar {
+    state: DnsState,
+    dns_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    reload: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+    _udp: server::UdpWorkers,
+}
+
+impl Sidecar {
+    /// Starts on `cfg.listen` (port 0 picks one, the same for UDP and TCP) and, if given, an
+    /// admin listener.
+    pub async fn start(cfg: DnsConfig, admin: Option<SocketAddr>) -> Result<Self, DnsError> {
+        let prober = Prober::new(&cfg).map_err(|e| DnsError::Health(Box::new(e)))?;
+        let state = DnsState::new(cfg.clone()).await?;
+        let (udp, tcp) = server::bind(cfg.listen)?;
+        let dns_addr = tcp
+            .local_addr()
+            .map_err(|source| server::ServerError::Bind {
+                proto: "TCP",
+                addr: cfg.listen,
+                source,
+            })?;
+        let workers = std::env::var("EDGEPOP_DNS_UDP_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let udp = server::UdpWorkers::start(udp, state.clone(), workers)?;
+        let cancel = CancellationToken::new();
+        tokio::spawn(server::tcp_accept(tcp, state.clone(), cancel.clone()));
+        for h in state.0.health.reconcile(&current_health(&state.map())) {
+            prober.spawn(h);
+        }
+        let reload = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(regenerate_loop(
+            state.clone(),
+            prober,
+            reload.clone(),
+            cancel.clone(),
+        ));
+        let admin_addr = match admin {
+            Some(addr) => Some(admin::start(addr, state.clone(), cancel.clone()).await?),
+            None => None,
+        };
+        Ok(Sidecar {
+            state,
+            dns_addr,
+            admin_addr,
+            reload,
+            cancel,
+            _udp: udp,
+        })
+    }
+
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn state(&self) -> &DnsState {
+        &self.state
+    }
+
+    /// Asks for a regeneration now (what SIGHUP does).
+    pub fn reload(&self) {
+        self.reload.notify_one();
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn current_health(m: &Map) -> Vec<Arc<health::Health>> {
+    m.pops.iter().map(|p| p.health.clone()).collect()
+}
+
+async fn regenerate_loop(
+    state: DnsState,
+    prober: Prober,
+    reload: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    let every = state.config().regenerate_every;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                // Retire every probe task with the sidecar.
+                state.0.health.reconcile(&[]);
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+            _ = reload.notified() => tracing::info!("regenerating the region map on request"),
+        }
+        if let Ok(m) = state.regenerate().await {
+            for h in state.0.health.reconcile(&current_health(&m)) {
+                prober.spawn(h);
+            }
+        }
+    }
+}
+
+/// `edgepop dns`: runs until SIGTERM or SIGINT; SIGHUP regenerates the map at once.
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
-    let _ = config;
-    anyhow::bail!("dns: not implemented yet")
+    use anyhow::Context;
+    let cfg = crate::config::load(config)?;
+    let Some(dns) = cfg.dns.clone() else {
+        anyhow::bail!(
+            "{}: no [dns] section: nothing for `edgepop dns` to run",
+            config.display()
+        );
+    };
+    let sidecar = Sidecar::start(dns, cfg.admin.as_ref().map(|a| a.listen))
+        .await
+        .context("dns sidecar")?;
+    let m = sidecar.state().map();
+    tracing::info!(
+        addr = %sidecar.dns_addr(),
+        admin = ?sidecar.admin_addr(),
+        generation = m.generation,
+        serial = m.serial,
+        "dns listening on {} (udp+tcp)",
+        sidecar.dns_addr()
+    );
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => sidecar.reload(),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("dns sidecar stopping");
+    drop(sidecar);
+    // Let in-flight TCP answers finish writing.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,1 +1,792 @@
-//! Integration tests: dns.
+//! The DNS sidecar against real clients (`dig`, `kdig`) and hand-made packets: geo answers by
+//! source and by ECS, the ECS scope rule, zone semantics, EDNS, truncation and TCP, health
+//! failover, regeneration of the map, malformed input, admin endpoints and the binary.
+
+mod harness;
+
+use harness::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+/// Three PoPs without health URLs (always up), two regions and a default.
+fn basic_regions() -> String {
+    r#"
+[[pops]]
+name = "north1"
+ipv4 = ["192.0.2.1"]
+ipv6 = ["2001:db8::1"]
+
+[[pops]]
+name = "south1"
+ipv4 = ["192.0.2.2", "192.0.2.22"]
+ipv6 = ["2001:db8::2"]
+
+[[pops]]
+name = "home1"
+ipv4 = ["192.0.2.3"]
+
+[[regions]]
+name = "north"
+networks = ["198.51.100.0/24", "2001:db8:1::/48"]
+pops = ["north1", "south1"]
+
+[[regions]]
+name = "south"
+networks = ["203.0.113.0/24", "2001:db8:2::/48", "10.0.0.0/8"]
+pops = ["south1", "north1"]
+
+[[regions]]
+name = "nested"
+networks = ["10.1.0.0/16"]
+pops = ["home1"]
+
+[default]
+pops = ["home1"]
+"#
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_follow_the_region_of_the_ecs_subnet_and_of_the_source() {
+    let dns = Dns::start(&basic_regions()).await;
+    // 127.0.0.1 is in no region: the default PoP.
+    assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.3"]);
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=203.0.113.77/32"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(
+        dns.short(&[WWW, "AAAA", "+subnet=2001:db8:2:5::/64"]).await,
+        vec!["2001:db8::2"]
+    );
+    assert_eq!(
+        dns.short(&[WWW, "AAAA", "+subnet=2001:db8:1::/48"]).await,
+        vec!["2001:db8::1"]
+    );
+    // The default PoP has no IPv6 address: NODATA, not an error.
+    let out = dns.dig(&[WWW, "AAAA"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    // Case of the question is echoed as sent (0x20 randomisation).
+    let out = dns.dig(&["wWw.EdgePop.TEST", "A"]).await;
+    assert!(out.contains("wWw.EdgePop.TEST.\t"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dig_and_kdig_see_the_ecs_option_echoed_with_its_scope() {
+    let dns = Dns::start(&basic_regions()).await;
+    let out = dns.dig(&[WWW, "A", "+subnet=198.51.100.0/24"]).await;
+    assert!(out.contains("CLIENT-SUBNET: 198.51.100.0/24/24"), "{out}");
+    // A /32 inside a /24 region: scope /24 (the whole /24 gets this answer).
+    let out = dns.dig(&[WWW, "A", "+subnet=198.51.100.9/32"]).await;
+    assert!(out.contains("CLIENT-SUBNET: 198.51.100.9/32/24"), "{out}");
+    // 10.1/16 is nested in 10/8 with another answer: 10.2.x gets at most /15.
+    let out = dns.dig(&[WWW, "A", "+subnet=10.2.0.0/16"]).await;
+    assert!(out.contains("CLIENT-SUBNET: 10.2.0.0/16/15"), "{out}");
+    let out = dns.kdig(&[WWW, "A", "+subnet=10.1.2.0/24"]).await;
+    assert!(out.contains("192.0.2.3"), "{out}");
+    assert!(out.contains("10.1.2.0/24/16"), "{out}");
+    // SOURCE 0: the resolver's own address decides, SCOPE 0.
+    let out = dns.dig(&[WWW, "A", "+subnet=0.0.0.0/0"]).await;
+    assert!(out.contains("CLIENT-SUBNET: 0.0.0.0/0/0"), "{out}");
+    assert!(out.contains("192.0.2.3"), "{out}");
+    // ECS is echoed on negative answers too, with SCOPE 0.
+    let out = dns
+        .dig(&["nope.edgepop.test", "A", "+subnet=198.51.100.0/24"])
+        .await;
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert!(out.contains("CLIENT-SUBNET: 198.51.100.0/24/0"), "{out}");
+    // No ECS in the query, none in the answer; no EDNS, no OPT.
+    let m = dns.ask(&query(WWW, RecordType::A, None)).await;
+    assert!(m.extensions().is_none());
+    let out = dns.dig(&[WWW, "A"]).await;
+    assert!(!out.contains("CLIENT-SUBNET"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apex_has_soa_and_ns_and_negative_answers_carry_the_soa() {
+    let dns = Dns::start(&basic_regions()).await;
+    let soa = dns.dig(&[ZONE, "SOA"]).await;
+    assert!(soa.contains("flags: qr aa rd;"), "AA set, RA clear: {soa}");
+    assert!(
+        soa.contains("IN\tSOA\tns1.edgepop.test. hostmaster.edgepop.test."),
+        "{soa}"
+    );
+    assert_eq!(
+        dns.short(&[ZONE, "NS"]).await,
+        vec!["ns1.edgepop.test.", "ns2.edgepop.test."]
+    );
+    let nx = dns.dig(&["nothing.edgepop.test", "A"]).await;
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(
+        nx.contains("AUTHORITY SECTION:") && nx.contains("IN\tSOA"),
+        "{nx}"
+    );
+    assert!(nx.contains("flags: qr aa rd;"), "{nx}");
+    // Below a geo name: NXDOMAIN too.
+    let below = dns.dig(&["x.www.edgepop.test", "A"]).await;
+    assert!(below.contains("status: NXDOMAIN"), "{below}");
+    // An existing name, another type: NODATA with the SOA.
+    let nodata = dns.dig(&[WWW, "TXT"]).await;
+    assert!(
+        nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"),
+        "{nodata}"
+    );
+    assert!(nodata.contains("IN\tSOA"), "{nodata}");
+    // An empty non-terminal (sub.edgepop.test above deep.sub.edgepop.test): NODATA.
+    let ent = dns.dig(&["sub.edgepop.test", "A"]).await;
+    assert!(
+        ent.contains("status: NOERROR") && ent.contains("ANSWER: 0"),
+        "{ent}"
+    );
+    assert_eq!(
+        dns.short(&["deep.sub.edgepop.test", "A"]).await,
+        vec!["192.0.2.3"]
+    );
+    // Out of zone, and a zone that merely ends with ours: REFUSED.
+    for name in ["example.com", "notedgepop.test", "test"] {
+        let out = dns.dig(&[name, "A"]).await;
+        assert!(out.contains("status: REFUSED"), "{name}: {out}");
+    }
+    // The serial is the same in every answer of one map.
+    let serial = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("\tSOA\t"))
+            .and_then(|l| l.split_whitespace().nth(6).map(str::to_string))
+    };
+    assert!(serial(&soa).is_some());
+    assert_eq!(serial(&soa), serial(&nx));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_answers_and_a_truncated_udp_answer_is_retried_over_tcp() {
+    // A PoP with 120 addresses: 120 * 16 bytes does not fit in 1232.
+    let many: Vec<String> = (1..=120).map(|i| format!("\"192.0.2.{i}\"")).collect();
+    let regions = format!(
+        "[[pops]]\nname = \"big\"\nipv4 = [{}]\n\n[default]\npops = [\"big\"]\n",
+        many.join(", ")
+    );
+    let dns = Dns::start(&regions).await;
+    assert_eq!(dns.short(&[WWW, "A", "+tcp"]).await.len(), 120);
+    let udp = dns.dig(&[WWW, "A", "+ignore", "+notcp"]).await;
+    assert!(udp.contains(" tc "), "TC set: {udp}");
+    assert!(udp.contains("ANSWER: 0"), "{udp}");
+    // Without +ignore dig retries over TCP by itself and gets everything.
+    let retried = dns.dig(&[WWW, "A"]).await;
+    assert!(
+        retried.contains("Truncated, retrying in TCP mode"),
+        "{retried}"
+    );
+    assert!(retried.contains("ANSWER: 120"), "{retried}");
+    let k = dns.kdig(&[WWW, "A", "+tcp"]).await;
+    assert!(k.contains("ANSWER: 120"), "{k}");
+    // Without EDNS the limit is 512 bytes.
+    let small = dns
+        .raw_udp(
+            &query(WWW, RecordType::A, None).to_vec().expect("encode"),
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("answer");
+    assert!(small.len() <= 512 && small[2] & 0x02 != 0, "TC within 512");
+    // The same query over a raw TCP connection.
+    let tcp = dns
+        .raw_tcp(&query(WWW, RecordType::A, None).to_vec().expect("encode"))
+        .await;
+    let m = hickory_proto::op::Message::from_vec(&tcp).expect("parse");
+    assert_eq!(m.answers().len(), 120);
+    assert!(!m.truncated());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ecs_scope_never_covers_a_more_specific_network_with_another_answer() {
+    // Networks nested five deep with alternating PoPs, plus siblings and IPv6.
+    let nets: [(&str, &str); 11] = [
+        ("10.0.0.0/8", "a"),
+        ("10.128.0.0/9", "b"),
+        ("10.160.0.0/11", "a"),
+        ("10.160.0.0/16", "b"),
+        ("10.160.3.0/24", "a"),
+        ("10.160.3.128/25", "b"),
+        ("10.160.3.130/31", "a"),
+        // Answered like the default, nested inside "a": still carves its hole.
+        ("10.160.3.64/26", "d"),
+        ("172.16.0.0/12", "b"),
+        ("2001:db8::/32", "a"),
+        ("2001:db8:ff00::/40", "b"),
+    ];
+    let mut regions = String::from(
+        "[[pops]]\nname = \"pa\"\nipv4 = [\"192.0.2.1\"]\nipv6 = [\"2001:db8::a\"]\n\n[[pops]]\nname = \"pb\"\nipv4 = [\"192.0.2.2\"]\nipv6 = [\"2001:db8::b\"]\n\n[[pops]]\nname = \"pd\"\nipv4 = [\"192.0.2.9\"]\nipv6 = [\"2001:db8::9\"]\n\n",
+    );
+    for (i, (net, pop)) in nets.iter().enumerate() {
+        regions.push_str(&format!(
+            "[[regions]]\nname = \"r{i}\"\nnetworks = [\"{net}\"]\npops = [\"p{pop}\"]\n\n"
+        ));
+    }
+    regions.push_str("[default]\npops = [\"pd\"]\n");
+    let dns = Dns::start(&regions).await;
+
+    let parsed: Vec<(ipnet::IpNet, &str)> = nets
+        .iter()
+        .map(|(n, p)| (n.parse().expect("net"), *p))
+        .collect();
+    let model = |a: std::net::IpAddr| -> &str {
+        parsed
+            .iter()
+            .filter(|(n, _)| n.contains(&a))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map_or("d", |(_, p)| *p)
+    };
+    let pop_of = |addr: &str| match addr {
+        "192.0.2.1" | "2001:db8::a" => "a",
+        "192.0.2.2" | "2001:db8::b" => "b",
+        _ => "d",
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut samples: Vec<std::net::IpAddr> = Vec::new();
+    for _ in 0..300 {
+        // Mostly inside 10/8 and its neighbours, where the nesting is.
+        let a = u32::from_be_bytes([10, 0, 0, 0]) | rng.gen_range(0..1u32 << 24);
+        let a = if rng.gen_bool(0.2) {
+            a ^ (1 << rng.gen_range(20..32))
+        } else {
+            a
+        };
+        samples.push(std::net::Ipv4Addr::from(a).into());
+    }
+    for s in [
+        "10.160.3.130",
+        "10.160.3.131",
+        "10.160.3.129",
+        "10.160.3.132",
+        "172.16.0.1",
+    ] {
+        samples.push(s.parse().expect("addr"));
+    }
+    for _ in 0..100 {
+        let hi = 0x2001_0db8u128 << 96;
+        let a = hi | (u128::from(rng.gen::<u64>()) << 32) | u128::from(rng.gen::<u32>());
+        samples.push(std::net::Ipv6Addr::from(a).into());
+    }
+    for addr in samples {
+        let (full, rtype) = match addr {
+            std::net::IpAddr::V4(_) => (32, RecordType::A),
+            std::net::IpAddr::V6(_) => (128, RecordType::AAAA),
+        };
+        let m = dns
+            .ask(&query(WWW, rtype, Some((&addr.to_string(), full))))
+            .await;
+        let got = addrs(&m);
+        assert_eq!(got.len(), 1, "{addr}: {got:?}");
+        assert_eq!(pop_of(&got[0]), model(addr), "answer for {addr}");
+        let (_, source, scope, _) = ecs_of(&m).expect("ECS echoed");
+        assert_eq!(source, full);
+        // Every network inside the scope prefix must get the same answer...
+        let scope_net = ipnet::IpNet::new(addr, scope).expect("scope").trunc();
+        for (n, p) in &parsed {
+            if scope_net.contains(&n.network()) && n.prefix_len() >= scope {
+                assert_eq!(*p, model(addr), "{addr}: scope /{scope} covers {n} ({p})");
+            }
+        }
+        // ...and so must the edges of the scope prefix.
+        assert_eq!(
+            model(scope_net.network()),
+            model(addr),
+            "{addr} /{scope} start"
+        );
+        assert_eq!(
+            model(scope_net.broadcast()),
+            model(addr),
+            "{addr} /{scope} end"
+        );
+        // ...and the scope is the shortest: one bit shorter is not uniform.
+        if scope > 0 {
+            let wider = ipnet::IpNet::new(addr, scope - 1).expect("wider").trunc();
+            let uniform = model(wider.network()) == model(addr)
+                && model(wider.broadcast()) == model(addr)
+                && parsed.iter().all(|(n, p)| {
+                    !(wider.contains(&n.network()) && n.prefix_len() >= scope - 1)
+                        || *p == model(addr)
+                });
+            assert!(
+                !uniform,
+                "{addr}: /{scope} is not the shortest uniform prefix"
+            );
+        }
+    }
+}
+
+fn health_regions(first: &FakeHealth, second: &FakeHealth) -> String {
+    format!(
+        r#"
+[[pops]]
+name = "first"
+ipv4 = ["192.0.2.1"]
+health = "{}"
+
+[[pops]]
+name = "second"
+ipv4 = ["192.0.2.2"]
+health = "{}"
+
+[[regions]]
+name = "north"
+networks = ["198.51.100.0/24"]
+pops = ["first", "second"]
+
+[default]
+pops = ["second", "first"]
+"#,
+        first.url(),
+        second.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pop_answering_503_is_replaced_by_the_next_and_comes_back_when_healthy() {
+    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    let dns = Dns::start(&health_regions(&first, &second)).await;
+    let north = |dns: &Dns| {
+        let q = query(WWW, RecordType::A, Some(("198.51.100.0", 24)));
+        let dns_addr = dns.addr();
+        async move {
+            let d = Dns::probe_addr(dns_addr, &q).await;
+            addrs(&d)
+        }
+    };
+    assert_eq!(north(&dns).await, vec!["192.0.2.1"]);
+    eventually(Duration::from_secs(5), "probes reach the PoP", || async {
+        first.hits.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    })
+    .await;
+    first.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "north fails over to its second PoP",
+        || async { north(&dns).await == vec!["192.0.2.2"] },
+    )
+    .await;
+    // health_interval is 50 ms, unhealthy_after 2: a few intervals, not seconds.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let (_, map) = dns.admin_get("/map").await;
+    assert!(map.contains("\"up\": false"), "{map}");
+    first
+        .fail
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "north comes back to its first PoP",
+        || async { north(&dns).await == vec!["192.0.2.1"] },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_every_pop_of_a_region_is_down_its_first_pop_answers() {
+    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    first.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    second
+        .fail
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let dns = Dns::start(&health_regions(&first, &second)).await;
+    eventually(Duration::from_secs(5), "both PoPs marked down", || async {
+        let (code, _) = dns.admin_get("/healthz").await;
+        code == 503
+    })
+    .await;
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
+    assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edited_region_file_is_picked_up_and_a_broken_one_keeps_the_old_map() {
+    let dns = Dns::start_with(&basic_regions(), "regenerate_every = \"100ms\"").await;
+    let serial = |dns: &Dns| dns.sidecar.state().map().serial;
+    let first_serial = serial(&dns);
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
+    // Move 198.51.100.0/24 from north to south.
+    let moved = basic_regions()
+        .replace("networks = [\"198.51.100.0/24\", ", "networks = [")
+        .replace(
+            "\"203.0.113.0/24\",",
+            "\"203.0.113.0/24\", \"198.51.100.0/24\",",
+        );
+    dns.write_regions(&moved);
+    eventually(
+        Duration::from_secs(5),
+        "the moved network answers south",
+        || async {
+            dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await
+                == vec!["192.0.2.2", "192.0.2.22"]
+        },
+    )
+    .await;
+    assert!(serial(&dns) > first_serial, "serial moves with the map");
+    let good_serial = serial(&dns);
+    // A broken edit: an unknown PoP on line 3.
+    dns.write_regions("[[regions]]\nname = \"x\"\npops = [\"ghost\"]\nnetworks = []\n[default]\npops = [\"ghost\"]\n");
+    eventually(Duration::from_secs(5), "the error is reported", || async {
+        dns.sidecar
+            .state()
+            .regen_status()
+            .1
+            .is_some_and(|e| e.current)
+    })
+    .await;
+    let (_, last) = dns.sidecar.state().regen_status();
+    let msg = last.expect("error").message;
+    assert!(msg.contains("regions.toml:3:"), "file:line in {msg}");
+    assert!(msg.contains("ghost"), "{msg}");
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    assert!(metrics.contains("edgepop_dns_map_last_error{"), "{metrics}");
+    assert!(metrics.contains("regions.toml:3:"), "{metrics}");
+    // The old map is still served, with its serial.
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(serial(&dns), good_serial);
+    // Fixing the file clears the error state.
+    dns.write_regions(&basic_regions());
+    eventually(
+        Duration::from_secs(5),
+        "the fixed file is served",
+        || async { dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await == vec!["192.0.2.1"] },
+    )
+    .await;
+    assert!(!dns.sidecar.state().regen_status().1.expect("kept").current);
+}
+
+/// A query for WWW/A as bytes, with `opt` appended as the additional section.
+fn with_opt(opt: &[u8]) -> Vec<u8> {
+    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    q[11] = 1; // ARCOUNT
+    q.extend_from_slice(opt);
+    q
+}
+
+/// An OPT record: root owner, type 41, payload, ext-rcode/version/flags, options.
+fn opt_record(version: u8, options: &[u8]) -> Vec<u8> {
+    let mut o = vec![0, 0, 41, 0x04, 0xd0, 0, version, 0, 0];
+    o.extend_from_slice(&(options.len() as u16).to_be_bytes());
+    o.extend_from_slice(options);
+    o
+}
+
+fn ecs_option(family: u16, source: u8, scope: u8, addr: &[u8]) -> Vec<u8> {
+    let mut o = vec![0, 8];
+    o.extend_from_slice(&((4 + addr.len()) as u16).to_be_bytes());
+    o.extend_from_slice(&family.to_be_bytes());
+    o.extend_from_slice(&[source, scope]);
+    o.extend_from_slice(addr);
+    o
+}
+
+fn rcode(resp: &[u8]) -> u8 {
+    resp[3] & 0x0f
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edns_and_ecs_errors_get_the_rcodes_the_rfcs_ask_for() {
+    let dns = Dns::start(&basic_regions()).await;
+    let wait = Duration::from_secs(2);
+    let send = |b: Vec<u8>| {
+        let addr = dns.addr();
+        async move { Dns::probe_raw(addr, &b, wait).await }
+    };
+    // Well-formed ECS plus an unknown option: answered, unknown option ignored.
+    let mut opts = vec![0xfd, 0xe9, 0, 2, 0xaa, 0xbb];
+    opts.extend(ecs_option(1, 24, 0, &[198, 51, 100]));
+    let ok = send(with_opt(&opt_record(0, &opts))).await.expect("answer");
+    let m = hickory_proto::op::Message::from_vec(&ok).expect("parse");
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_eq!(addrs(&m), vec!["192.0.2.1"]);
+    assert_eq!(ecs_of(&m), Some((1, 24, 24, vec![198, 51, 100])));
+    assert_eq!(m.extensions().as_ref().map(|e| e.max_payload()), Some(1232));
+    // FORMERR: unknown family, SOURCE too long, wrong octet count, bits beyond SOURCE,
+    // non-zero SCOPE in a query.
+    for (what, ecs) in [
+        ("family 3", ecs_option(3, 8, 0, &[1])),
+        ("v4 source 33", ecs_option(1, 33, 0, &[1, 2, 3, 4, 0])),
+        ("v6 source 129", ecs_option(2, 129, 0, &[0; 17])),
+        ("too few octets", ecs_option(1, 24, 0, &[198, 51])),
+        ("too many octets", ecs_option(1, 16, 0, &[198, 51, 100])),
+        ("bits beyond source", ecs_option(1, 23, 0, &[198, 51, 101])),
+        ("scope set", ecs_option(1, 24, 24, &[198, 51, 100])),
+    ] {
+        let r = send(with_opt(&opt_record(0, &ecs))).await.expect(what);
+        assert_eq!(rcode(&r), 1, "{what}: FORMERR");
+    }
+    // EDNS version 1: BADVERS (extended rcode 16 = 1 in the OPT TTL's high byte).
+    let r = send(with_opt(&opt_record(1, &[]))).await.expect("badvers");
+    let m = hickory_proto::op::Message::from_vec(&r).expect("parse");
+    // hickory names extended rcode 16 BADSIG (TSIG) as well as BADVERS (EDNS): same value.
+    assert_eq!(u16::from(m.response_code()), 16);
+    assert_eq!(m.extensions().as_ref().map(|e| e.version()), Some(0));
+    // Two OPT records: FORMERR.
+    let mut two = with_opt(&opt_record(0, &[]));
+    two[11] = 2;
+    two.extend_from_slice(&opt_record(0, &[]));
+    assert_eq!(rcode(&send(two).await.expect("two opts")), 1);
+    // Unknown opcode: NOTIMP. UPDATE too (we are not a primary for updates).
+    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    q[2] = (q[2] & 0x87) | (3 << 3);
+    assert_eq!(rcode(&send(q.clone()).await.expect("opcode 3")), 4);
+    q[2] = (q[2] & 0x87) | (5 << 3);
+    assert_eq!(rcode(&send(q).await.expect("update")), 4);
+    // Two questions: FORMERR. No question: FORMERR.
+    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    let question = q[12..].to_vec();
+    q[5] = 2;
+    q.extend_from_slice(&question);
+    assert_eq!(rcode(&send(q).await.expect("qdcount 2")), 1);
+    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    q[5] = 0;
+    q.truncate(12);
+    assert_eq!(rcode(&send(q).await.expect("qdcount 0")), 1);
+    // A response (QR=1) is never answered.
+    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    q[2] |= 0x80;
+    assert!(send(q).await.is_none(), "no answer to a response");
+    // Class CH: REFUSED.
+    let out = dns.dig(&["version.bind", "TXT", "CH"]).await;
+    assert!(out.contains("status: REFUSED"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_packets_never_crash_the_server_and_it_keeps_answering() {
+    let dns = Dns::start(&basic_regions()).await;
+    let addr = dns.addr();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let valid = query(WWW, RecordType::A, None).to_vec().expect("encode");
+    let mut packets: Vec<Vec<u8>> = Vec::new();
+    // Truncated headers and questions.
+    for n in 0..valid.len() {
+        packets.push(valid[..n].to_vec());
+    }
+    // A compression-pointer loop in the question name, and one pointing forward.
+    let mut looped = valid[..12].to_vec();
+    looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    packets.push(looped);
+    let mut forward = valid[..12].to_vec();
+    forward.extend_from_slice(&[0xc0, 14, 0xc0, 12, 0, 1, 0, 1]);
+    packets.push(forward);
+    // A loop in an additional record's owner name.
+    let mut add = valid.clone();
+    add[11] = 1;
+    let at = add.len() as u8;
+    add.extend_from_slice(&[0xc0, at, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]);
+    packets.push(add);
+    // Huge counts with no data behind them.
+    for idx in [5usize, 7, 9, 11] {
+        let mut p = valid.clone();
+        p[idx - 1] = 0xff;
+        p[idx] = 0xff;
+        packets.push(p);
+    }
+    // An OPT whose length runs past the end, and an option that does.
+    let mut p = with_opt(&opt_record(0, &[]));
+    let l = p.len();
+    p[l - 1] = 0x40;
+    packets.push(p);
+    packets.push(with_opt(&opt_record(0, &[0, 8, 0, 40, 0, 1])));
+    // Random bytes, and random mutations of a valid query.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for _ in 0..2000 {
+        let n = rng.gen_range(0..600);
+        packets.push((0..n).map(|_| rng.gen()).collect());
+    }
+    let base = with_opt(&opt_record(0, &ecs_option(1, 24, 0, &[198, 51, 100])));
+    for _ in 0..3000 {
+        let mut p = base.clone();
+        for _ in 0..rng.gen_range(1..6) {
+            let i = rng.gen_range(0..p.len());
+            p[i] = rng.gen();
+        }
+        if rng.gen_bool(0.2) {
+            p.truncate(rng.gen_range(0..p.len()));
+        }
+        packets.push(p);
+    }
+    for p in &packets {
+        sock.send_to(p, addr).await.expect("send");
+    }
+    // Still alive and correct, over UDP and TCP.
+    eventually(
+        Duration::from_secs(5),
+        "the server still answers",
+        || async { dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await == vec!["192.0.2.1"] },
+    )
+    .await;
+    for p in packets.iter().step_by(50) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+        use tokio::io::AsyncWriteExt;
+        let mut framed = (p.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(p);
+        let _ = s.write_all(&framed).await;
+    }
+    assert_eq!(dns.short(&[WWW, "A", "+tcp"]).await, vec!["192.0.2.3"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_serves_healthz_map_and_metrics() {
+    let dns = Dns::start(&basic_regions()).await;
+    dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await;
+    dns.short(&["nope.edgepop.test", "A"]).await;
+    let (code, body) = dns.admin_get("/healthz").await;
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, map) = dns.admin_get("/map").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&map).expect("json");
+    assert_eq!(v["generation"], 1);
+    let north = v["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .find(|r| r["name"] == "north")
+        .expect("north");
+    assert_eq!(north["chosen"], "north1");
+    let (code, m) = dns.admin_get("/metrics").await;
+    assert_eq!(code, 200);
+    for needle in [
+        "edgepop_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}",
+        "edgepop_dns_queries_total{qtype=\"A\",rcode=\"NXDOMAIN\"} 1",
+        "edgepop_dns_answers_total{region=\"north\",pop=\"north1\"} 1",
+        "edgepop_dns_map_age_seconds",
+        "edgepop_dns_map_generation 1",
+        "edgepop_dns_map_errors_total 0",
+        "edgepop_dns_pop_up{pop=\"north1\"} 1",
+    ] {
+        assert!(m.contains(needle), "{needle} in {m}");
+    }
+}
+
+/// Kills the child on drop, so a failing test leaves nothing running.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_serves_reloads_on_sighup_and_check_reports_a_broken_region_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(&regions, basic_regions()).expect("write");
+    let cfg = dir.path().join("edgepop.toml");
+    // A long regeneration period: only SIGHUP can make the edit visible.
+    std::fs::write(&cfg, config_text(&regions, "regenerate_every = \"1h\"")).expect("write");
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{check:?}");
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["dns", "--config"])
+        .arg(&cfg)
+        .env("EDGEPOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Child)
+        .expect("spawn");
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let port = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the sidecar logs its address");
+        if let Some(rest) = line.split("dns listening on 127.0.0.1:").nth(1) {
+            break rest.split_whitespace().next().expect("port").to_string();
+        }
+    };
+    let dig = |extra: &'static str| {
+        let port = port.clone();
+        async move {
+            let out = run(
+                "dig",
+                &[
+                    "@127.0.0.1",
+                    "-p",
+                    &port,
+                    "+short",
+                    "+time=2",
+                    "+tries=1",
+                    WWW,
+                    "A",
+                    extra,
+                ],
+            )
+            .await;
+            out.trim().to_string()
+        }
+    };
+    assert_eq!(dig("+subnet=198.51.100.0/24").await, "192.0.2.1");
+    std::fs::write(
+        &regions,
+        basic_regions().replace("192.0.2.1\"", "192.0.2.111\""),
+    )
+    .expect("edit");
+    let pid = child.0.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    eventually(
+        Duration::from_secs(10),
+        "SIGHUP reloads the map",
+        || async { dig("+subnet=198.51.100.0/24").await == "192.0.2.111" },
+    )
+    .await;
+
+    std::fs::write(&regions, "[[pops]]\nname = \"a\"\nipv4 = [\"not-an-ip\"]\n").expect("break");
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    assert!(!check.status.success());
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("regions.toml:3:"), "{err}");
+    assert!(err.contains("not an IPv4 address"), "{err}");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = child.0.wait().expect("wait");
+    assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
+}

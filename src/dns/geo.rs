@@ -1,0 +1,352 @@
+//! Pure lookup: an address (the resolver's, or the ECS client subnet) -> answer class and
+//! ECS scope. Built once per map from the region networks; read-only afterwards.
+//!
+//! The networks may nest (a /16 inside a /8 with another answer). At build time they are
+//! flattened into disjoint, maximally aggregated blocks: every block is uniform and its parent
+//! prefix is not, so the ECS SCOPE of an address inside a block is the block's length. Blocks
+//! of the default answer are left implicit (they would be most of the address space); for an
+//! address there, SCOPE is one more than its longest common prefix with any explicit block,
+//! which is found from the two neighbours in address order.
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use prefix_trie::PrefixMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Index of an answer class: [`DEFAULT_CLASS`] or a set of regions with the same PoP list.
+pub type ClassId = u32;
+
+/// The class for clients outside every region.
+pub const DEFAULT_CLASS: ClassId = 0;
+
+/// What the map says for one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub class: ClassId,
+    /// The shortest prefix of the address under which every address gets the same class.
+    pub scope: u8,
+}
+
+/// Longest-prefix lookup for both families.
+#[derive(Debug, Default)]
+pub struct GeoIndex {
+    v4: Family<Ipv4Net, u32>,
+    v6: Family<Ipv6Net, u128>,
+}
+
+impl GeoIndex {
+    /// `networks`: (network, class); networks must be canonical (no host bits) and unique.
+    /// Networks of [`DEFAULT_CLASS`] leave no block but still override their parents.
+    pub fn build(networks: &[(ipnet::IpNet, ClassId)]) -> Self {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for &(net, class) in networks {
+            match net {
+                ipnet::IpNet::V4(n) => v4.push((u32::from(n.network()), n.prefix_len(), class)),
+                ipnet::IpNet::V6(n) => v6.push((u128::from(n.network()), n.prefix_len(), class)),
+            }
+        }
+        GeoIndex {
+            v4: Family::build(v4, |a, l| Ipv4Net::new(Ipv4Addr::from(a), l).ok()),
+            v6: Family::build(v6, |a, l| Ipv6Net::new(Ipv6Addr::from(a), l).ok()),
+        }
+    }
+
+    pub fn lookup(&self, addr: IpAddr) -> Hit {
+        match addr {
+            IpAddr::V4(a) => self
+                .v4
+                .lookup(u32::from(a), |a| Ipv4Net::new(a.into(), 32).ok()),
+            IpAddr::V6(a) => self
+                .v6
+                .lookup(u128::from(a), |a| Ipv6Net::new(a.into(), 128).ok()),
+        }
+    }
+
+    /// Explicit (non-default) blocks after flattening, both families.
+    pub fn block_count(&self) -> usize {
+        self.v4.bounds.len() + self.v6.bounds.len()
+    }
+}
+
+/// The integer form of an address of one family.
+pub trait Bits: Copy + Ord + std::fmt::Debug {
+    const WIDTH: u8;
+    fn zero() -> Self;
+    /// The address with only bit `i` (0 = most significant) set.
+    fn bit(i: u8) -> Self;
+    fn or(self, o: Self) -> Self;
+    fn xor(self, o: Self) -> Self;
+    fn leading_zeros_(self) -> u32;
+    /// The last address of the prefix `self/len`.
+    fn last(self, len: u8) -> Self;
+}
+
+impl Bits for u32 {
+    const WIDTH: u8 = 32;
+    fn zero() -> Self {
+        0
+    }
+    fn bit(i: u8) -> Self {
+        1u32 << (31 - u32::from(i))
+    }
+    fn or(self, o: Self) -> Self {
+        self | o
+    }
+    fn xor(self, o: Self) -> Self {
+        self ^ o
+    }
+    fn leading_zeros_(self) -> u32 {
+        self.leading_zeros()
+    }
+    fn last(self, len: u8) -> Self {
+        self | u32::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+    }
+}
+
+impl Bits for u128 {
+    const WIDTH: u8 = 128;
+    fn zero() -> Self {
+        0
+    }
+    fn bit(i: u8) -> Self {
+        1u128 << (127 - u32::from(i))
+    }
+    fn or(self, o: Self) -> Self {
+        self | o
+    }
+    fn xor(self, o: Self) -> Self {
+        self ^ o
+    }
+    fn leading_zeros_(self) -> u32 {
+        self.leading_zeros()
+    }
+    fn last(self, len: u8) -> Self {
+        self | u128::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Block<R> {
+    addr: R,
+    len: u8,
+    class: ClassId,
+}
+
+#[derive(Debug)]
+struct Family<P, R> {
+    /// Explicit blocks -> class; disjoint, so the longest match is the only match.
+    trie: PrefixMap<P, ClassId>,
+    /// (first, last) address of every explicit block, in address order.
+    bounds: Vec<(R, R)>,
+}
+
+impl<P: prefix_trie::Prefix, R: Bits> Default for Family<P, R> {
+    fn default() -> Self {
+        Family {
+            trie: PrefixMap::new(),
+            bounds: Vec::new(),
+        }
+    }
+}
+
+impl<P: prefix_trie::Prefix, R: Bits> Family<P, R> {
+    fn build(mut nets: Vec<(R, u8, ClassId)>, prefix: impl Fn(R, u8) -> Option<P>) -> Self {
+        // Parents sort before their children: same address, shorter length first.
+        nets.sort_unstable_by_key(|&(a, l, _)| (a, l));
+        nets.dedup_by_key(|&mut (a, l, _)| (a, l));
+        let mut blocks = Vec::new();
+        flatten(R::zero(), 0, DEFAULT_CLASS, &nets, &mut blocks);
+        let mut trie = PrefixMap::new();
+        let mut bounds = Vec::with_capacity(blocks.len());
+        for b in &blocks {
+            if let Some(p) = prefix(b.addr, b.len) {
+                trie.insert(p, b.class);
+            }
+            bounds.push((b.addr, b.addr.last(b.len)));
+        }
+        Family { trie, bounds }
+    }
+
+    fn lookup(&self, addr: R, host: impl Fn(R) -> Option<P>) -> Hit {
+        if self.bounds.is_empty() {
+            return Hit {
+                class: DEFAULT_CLASS,
+                scope: 0,
+            };
+        }
+        if let Some((p, &class)) = host(addr).and_then(|h| self.trie.get_lpm(&h)) {
+            return Hit {
+                class,
+                scope: p.prefix_len(),
+            };
+        }
+        // In the implicit default area: the scope must stop short of every explicit block.
+        let i = self.bounds.partition_point(|&(first, _)| first < addr);
+        let mut common = 0u32;
+        if let Some(&(_, last)) = i.checked_sub(1).and_then(|j| self.bounds.get(j)) {
+            common = common.max(last.xor(addr).leading_zeros_());
+        }
+        if let Some(&(first, _)) = self.bounds.get(i) {
+            common = common.max(first.xor(addr).leading_zeros_());
+        }
+        Hit {
+            class: DEFAULT_CLASS,
+            scope: u8::try_from(common + 1).unwrap_or(R::WIDTH).min(R::WIDTH),
+        }
+    }
+}
+
+/// Emits the explicit blocks of prefix `addr/len`, whose covering class is `inherited`, given
+/// the networks strictly or exactly inside it (sorted). Recursion depth is at most the width.
+fn flatten<R: Bits>(
+    addr: R,
+    len: u8,
+    mut inherited: ClassId,
+    mut nets: &[(R, u8, ClassId)],
+    out: &mut Vec<Block<R>>,
+) {
+    if let Some(&(a, l, class)) = nets.first() {
+        if a == addr && l == len {
+            inherited = class;
+            nets = &nets[1..];
+        }
+    }
+    if nets.is_empty() || len >= R::WIDTH {
+        if inherited != DEFAULT_CLASS {
+            push_merged(
+                out,
+                Block {
+                    addr,
+                    len,
+                    class: inherited,
+                },
+            );
+        }
+        return;
+    }
+    let hi = addr.or(R::bit(len));
+    let split = nets.partition_point(|&(a, _, _)| a < hi);
+    flatten(addr, len + 1, inherited, &nets[..split], out);
+    flatten(hi, len + 1, inherited, &nets[split..], out);
+}
+
+/// Pushes a block, merging it with its sibling while both halves have the same class, so
+/// that no two sibling blocks of one class remain (maximal aggregation).
+fn push_merged<R: Bits>(out: &mut Vec<Block<R>>, mut b: Block<R>) {
+    while b.len > 0 {
+        let bit = R::bit(b.len - 1);
+        let is_upper_half = b.addr.xor(bit) < b.addr;
+        let Some(top) = out.last() else { break };
+        if !is_upper_half || top.len != b.len || top.class != b.class || top.addr != b.addr.xor(bit)
+        {
+            break;
+        }
+        b = Block {
+            addr: top.addr,
+            len: b.len - 1,
+            class: b.class,
+        };
+        out.pop();
+    }
+    out.push(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(nets: &[(&str, ClassId)]) -> GeoIndex {
+        let nets: Vec<_> = nets
+            .iter()
+            .map(|(n, c)| (n.parse().expect("net"), *c))
+            .collect();
+        GeoIndex::build(&nets)
+    }
+
+    fn hit(i: &GeoIndex, a: &str) -> (ClassId, u8) {
+        let h = i.lookup(a.parse().expect("addr"));
+        (h.class, h.scope)
+    }
+
+    #[test]
+    fn an_empty_map_answers_default_with_scope_zero() {
+        let i = idx(&[]);
+        assert_eq!(hit(&i, "192.0.2.1"), (DEFAULT_CLASS, 0));
+        assert_eq!(hit(&i, "2001:db8::1"), (DEFAULT_CLASS, 0));
+    }
+
+    #[test]
+    fn nested_networks_get_scopes_that_never_cover_a_different_answer() {
+        let i = idx(&[("10.0.0.0/8", 1), ("10.1.0.0/16", 2), ("10.1.2.0/24", 1)]);
+        assert_eq!(hit(&i, "10.1.2.3"), (1, 24));
+        assert_eq!(hit(&i, "10.1.3.3"), (2, 24));
+        assert_eq!(hit(&i, "10.1.0.1"), (2, 23));
+        assert_eq!(hit(&i, "10.200.0.1"), (1, 9));
+        assert_eq!(hit(&i, "10.0.0.1"), (1, 16));
+        assert_eq!(hit(&i, "11.0.0.1"), (DEFAULT_CLASS, 8));
+        assert_eq!(hit(&i, "200.0.0.1"), (DEFAULT_CLASS, 1));
+    }
+
+    #[test]
+    fn a_default_answered_network_inside_a_region_is_carved_out() {
+        let i = idx(&[("10.0.0.0/8", 1), ("10.1.0.0/16", DEFAULT_CLASS)]);
+        assert_eq!(hit(&i, "10.1.2.3"), (DEFAULT_CLASS, 16));
+        assert_eq!(hit(&i, "10.2.0.0"), (1, 15));
+    }
+
+    #[test]
+    fn sibling_networks_of_one_class_aggregate() {
+        let i = idx(&[("192.0.2.0/25", 1), ("192.0.2.128/25", 1)]);
+        assert_eq!(hit(&i, "192.0.2.200"), (1, 24));
+    }
+
+    #[test]
+    fn scopes_match_a_brute_force_check() {
+        let nets = [
+            ("10.0.0.0/8", 1),
+            ("10.0.0.0/9", 2),
+            ("10.0.0.0/10", 1),
+            ("10.64.0.0/10", 3),
+            ("10.128.0.0/16", 2),
+            ("10.130.7.0/24", 1),
+        ];
+        let i = idx(&nets);
+        let parsed: Vec<(Ipv4Net, ClassId)> = nets
+            .iter()
+            .map(|(n, c)| (n.parse().expect("net"), *c))
+            .collect();
+        let class_of = |a: u32| {
+            parsed
+                .iter()
+                .filter(|(n, _)| n.contains(&Ipv4Addr::from(a)))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map_or(DEFAULT_CLASS, |(_, c)| *c)
+        };
+        // Samples: every /16 in 10/8 and around it, with a few host offsets.
+        for hi in (9u32 << 8)..(12u32 << 8) {
+            for lo in [0u32, 7 << 8, 0xffff] {
+                let a = (hi << 16) | lo;
+                let h = i.lookup(IpAddr::V4(Ipv4Addr::from(a)));
+                assert_eq!(h.class, class_of(a), "{}", Ipv4Addr::from(a));
+                // Uniform under the scope (checked on a sample of addresses)...
+                let first = a & u32::MAX.checked_shl(32 - u32::from(h.scope)).unwrap_or(0);
+                let last = first | u32::MAX.checked_shr(u32::from(h.scope)).unwrap_or(0);
+                let step = ((last - first) / 4096).max(1);
+                let mut x = first;
+                while x <= last && x >= first {
+                    assert_eq!(
+                        class_of(x),
+                        h.class,
+                        "scope {} of {}",
+                        h.scope,
+                        Ipv4Addr::from(a)
+                    );
+                    x = match x.checked_add(step) {
+                        Some(n) => n,
+                        None => break,
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! Building the immutable map that queries read: the geo index, the answer classes (regions
+//! with their PoP lists), the pre-encoded record sets of every PoP and the zone's SOA and NS.
+//! A map is built off the query path and swapped in whole; only health flags and hit counters
+//! inside it change afterwards (atomics).
+
+use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
+use super::health::{Health, HealthBook};
+use crate::config::regions::RegionFile;
+use crate::config::DnsConfig;
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Errors while turning a validated region file and `[dns]` into a map.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("{name:?} is not a valid DNS name")]
+    Name {
+        name: String,
+        #[source]
+        source: hickory_proto::error::ProtoError,
+    },
+    #[error("cannot encode the {what} record")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: hickory_proto::error::ProtoError,
+    },
+    #[error("too many PoPs or regions ({0}); at most 65535")]
+    TooMany(usize),
+}
+
+/// Pre-encoded resource records whose owner is a compression pointer to the question name
+/// (offset 12), ready to be appended after the echoed question.
+#[derive(Debug, Default, Clone)]
+pub struct RrSet {
+    pub bytes: Vec<u8>,
+    pub count: u16,
+}
+
+/// What a name in the zone is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// The zone apex; `geo` when it is also one of `names`.
+    Apex { geo: bool },
+    /// One of `[dns] names`: A/AAAA from the region map.
+    Geo,
+    /// Exists only because a name below it does (empty non-terminal): NODATA.
+    Empty,
+}
+
+#[derive(Debug)]
+pub struct PopAnswer {
+    pub name: String,
+    pub health: Arc<Health>,
+    pub a: RrSet,
+    pub aaaa: RrSet,
+}
+
+/// Regions that answer alike (same PoP list) share a class; class 0 is the default.
+#[derive(Debug)]
+pub struct Class {
+    /// "default", a region name, or region names joined by '+'.
+    pub label: String,
+    /// Indices into [`Map::pops`], preference order; never empty.
+    pub pops: Vec<u16>,
+    /// Answers given, per position in `pops`; shared with later maps of the same label.
+    pub hits: Vec<Arc<AtomicU64>>,
+}
+
+/// The zone's fixed records, pre-encoded.
+#[derive(Debug)]
+pub struct Zone {
+    /// Lower-case wire form of the apex.
+    pub apex_wire: Vec<u8>,
+    /// Lower-case wire names -> kind (apex, geo names and the empty non-terminals above them).
+    pub names: Vec<(Vec<u8>, NameKind)>,
+    /// SOA with owner = question name (for SOA queries at the apex).
+    pub soa_answer: RrSet,
+    /// NS records with owner = question name.
+    pub ns_answer: RrSet,
+    /// SOA with the apex written out, for the authority section of negative answers.
+    pub soa_authority: RrSet,
+}
+
+/// One generation of the region map. Immutable apart from atomics.
+#[derive(Debug)]
+pub struct Map {
+    pub generation: u64,
+    pub serial: u32,
+    pub built_at: SystemTime,
+    pub geo: GeoIndex,
+    pub classes: Vec<Class>,
+    pub pops: Vec<PopAnswer>,
+    pub zone: Zone,
+    /// The region file this map was built from (for /map and change detection).
+    pub source: RegionFile,
+}
+
+impl Map {
+    /// The PoP that answers for `class` now: its first healthy PoP, else its first.
+    #[inline]
+    pub fn choose(&self, class: ClassId) -> (usize, &Class) {
+        let c = &self.classes[class as usize];
+        let pos = c
+            .pops
+            .iter()
+            .position(|&p| self.pops[usize::from(p)].health.is_up())
+            .unwrap_or(0);
+        (pos, c)
+    }
+}
+
+/// Counters shared between map generations, keyed by class label and PoP name.
+#[derive(Debug, Default)]
+pub struct HitBook {
+    counters: dashmap::DashMap<(String, String), Arc<AtomicU64>>,
+}
+
+impl HitBook {
+    fn counter(&self, class: &str, pop: &str) -> Arc<AtomicU64> {
+        self.counters
+            .entry((class.to_string(), pop.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// (class label, PoP name, answers) for every pair seen so far.
+    pub fn snapshot(&self) -> Vec<(String, String, u64)> {
+        let mut v: Vec<_> = self
+            .counters
+            .iter()
+            .map(|e| {
+                let (c, p) = e.key();
+                (c.clone(), p.clone(), e.value().load(Ordering::Relaxed))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Everything a build needs besides the region file.
+pub struct BuildContext<'a> {
+    pub cfg: &'a DnsConfig,
+    pub health: &'a HealthBook,
+    pub hits: &'a HitBook,
+    pub generation: u64,
+    pub serial: u32,
+}
+
+/// Builds a map. Pure apart from registering health and hit entries in the shared books.
+pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
+    if file.pops.len() > usize::from(u16::MAX) || file.regions.len() > usize::from(u16::MAX) {
+        return Err(MapError::TooMany(file.pops.len().max(file.regions.len())));
+    }
+    let ttl = u32::try_from(cx.cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
+    let pops = file
+        .pops
+        .iter()
+        .map(|p| {
+            let mut a = RrSet::default();
+            for addr in &p.ipv4 {
+                push_rr(&mut a, RData::A(A(*addr)), ttl)?;
+            }
+            let mut aaaa = RrSet::default();
+            for addr in &p.ipv6 {
+                push_rr(&mut aaaa, RData::AAAA(AAAA(*addr)), ttl)?;
+            }
+            Ok(PopAnswer {
+                name: p.name.clone(),
+                health: cx.health.entry(&p.name, p.health.as_ref()),
+                a,
+                aaaa,
+            })
+        })
+        .collect::<Result<Vec<_>, MapError>>()?;
+
+    // Classes: the default first, then one per distinct PoP list.
+    let as_u16 = |v: &[usize]| v.iter().map(|&i| i as u16).collect::<Vec<u16>>();
+    let mut by_list: HashMap<Vec<u16>, ClassId> = HashMap::new();
+    let mut labels: Vec<Vec<String>> = vec![vec!["default".to_string()]];
+    let mut lists: Vec<Vec<u16>> = vec![as_u16(&file.default)];
+    by_list.insert(lists[0].clone(), DEFAULT_CLASS);
+    let mut networks = Vec::new();
+    for r in &file.regions {
+        let list = as_u16(&r.pops);
+        let class = *by_list.entry(list.clone()).or_insert_with(|| {
+            lists.push(list);
+            labels.push(Vec::new());
+            (lists.len() - 1) as ClassId
+        });
+        labels[class as usize].push(r.name.clone());
+        // Networks answered like the default still matter: they carve holes in the
+        // networks around them.
+        networks.extend(r.networks.iter().map(|n| (*n, class)));
+    }
+    let classes = lists
+        .into_iter()
+        .zip(labels)
+        .map(|(pops_of, names)| {
+            let label = names.join("+");
+            let hits = pops_of
+                .iter()
+                .map(|&p| cx.hits.counter(&label, &pops[usize::from(p)].name))
+                .collect();
+            Class {
+                label,
+                pops: pops_of,
+                hits,
+            }
+        })
+        .collect();
+
+    Ok(Map {
+        generation: cx.generation,
+        serial: cx.serial,
+        built_at: SystemTime::now(),
+        geo: GeoIndex::build(&networks),
+        classes,
+        pops,
+        zone: zone(cx.cfg, cx.serial)?,
+        source: file,
+    })
+}
+
+fn name(s: &str) -> Result<Name, MapError> {
+    let fqdn = format!("{}.", s.trim_end_matches('.'));
+    Name::from_str(&fqdn).map_err(|source| MapError::Name {
+        name: s.to_string(),
+        source,
+    })
+}
+
+/// Lower-case wire form of a name (labels, then the root).
+pub fn wire(n: &Name) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n.len() + 2);
+    for label in n.iter() {
+        out.push(label.len() as u8);
+        out.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    out.push(0);
+    out
+}
+
+fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
+    let apex = name(&cfg.zone)?;
+    let apex_wire = wire(&apex);
+    let geo: Vec<Vec<u8>> = cfg
+        .names
+        .iter()
+        .map(|n| name(n).map(|n| wire(&n)))
+        .collect::<Result<_, _>>()?;
+    let mut names: Vec<(Vec<u8>, NameKind)> = vec![(
+        apex_wire.clone(),
+        NameKind::Apex {
+            geo: geo.contains(&apex_wire),
+        },
+    )];
+    for g in &geo {
+        if *g != apex_wire && !names.iter().any(|(n, _)| n == g) {
+            names.push((g.clone(), NameKind::Geo));
+        }
+    }
+    // Empty non-terminals: every ancestor of a geo name strictly below the apex.
+    for g in &geo {
+        let mut rest = g.as_slice();
+        while let Some(&l) = rest.first() {
+            rest = &rest[usize::from(l) + 1..];
+            if rest.len() <= apex_wire.len() {
+                break;
+            }
+            if !names.iter().any(|(n, _)| n == rest) {
+                names.push((rest.to_vec(), NameKind::Empty));
+            }
+        }
+    }
+    let ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
+    let soa = SOA::new(
+        name(cfg.nameservers.first().map_or(cfg.zone.as_str(), |s| s))?,
+        name(&cfg.hostmaster)?,
+        serial,
+        3600,
+        600,
+        86400,
+        ttl,
+    );
+    let mut soa_answer = RrSet::default();
+    push_rr(&mut soa_answer, RData::SOA(soa.clone()), ttl)?;
+    let mut ns_answer = RrSet::default();
+    for ns in &cfg.nameservers {
+        push_rr(&mut ns_answer, RData::NS(NS(name(ns)?)), ttl)?;
+    }
+    let mut soa_authority = RrSet::default();
+    soa_authority.bytes.extend_from_slice(&apex_wire);
+    emit_rest(&mut soa_authority, RData::SOA(soa), ttl)?;
+    Ok(Zone {
+        apex_wire,
+        names,
+        soa_answer,
+        ns_answer,
+        soa_authority,
+    })
+}
+
+/// Appends one record whose owner is the question name (pointer to offset 12).
+fn push_rr(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
+    set.bytes.extend_from_slice(&0xC00Cu16.to_be_bytes());
+    emit_rest(set, rdata, ttl)
+}
+
+/// Type, class, TTL, length and data, names in the data uncompressed (the bytes are reused
+/// at different offsets, so they must not point into this buffer).
+fn emit_rest(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
+    let rtype: RecordType = rdata.record_type();
+    let mut data = Vec::with_capacity(32);
+    {
+        let mut enc = BinEncoder::new(&mut data);
+        enc.set_canonical_names(true);
+        rdata.emit(&mut enc).map_err(|source| MapError::Encode {
+            what: rtype_name(rtype),
+            source,
+        })?;
+    }
+    let mut rest = Vec::with_capacity(data.len() + 10);
+    {
+        let mut enc = BinEncoder::new(&mut rest);
+        let res = (|| {
+            enc.emit_u16(u16::from(rtype))?;
+            enc.emit_u16(1)?; // IN
+            enc.emit_u32(ttl)?;
+            enc.emit_u16(data.len() as u16)?;
+            enc.emit_vec(&data)
+        })();
+        res.map_err(|source| MapError::Encode {
+            what: rtype_name(rtype),
+            source,
+        })?;
+    }
+    set.bytes.extend_from_slice(&rest);
+    set.count += 1;
+    Ok(())
+}
+
+fn rtype_name(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::NS => "NS",
+        RecordType::SOA => "SOA",
+        _ => "other",
+    }
+}

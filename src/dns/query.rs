@@ -1,0 +1,529 @@
+//! The query path, pure: request bytes + source address + map -> response bytes. Parsing uses
+//! hickory-proto's decoder (header fields, question, record framing); the answer is assembled
+//! from the question as received and the map's pre-encoded record sets, so a query costs one
+//! name parse, one trie lookup and a few copies, without locks or heap allocation.
+
+use super::geo::Hit;
+use super::map::{Map, NameKind, RrSet};
+use hickory_proto::op::Query;
+use hickory_proto::rr::Name;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Largest UDP answer we send (RFC 8085 / DNS flag day 2020).
+pub const MAX_UDP: u16 = 1232;
+const OPT: u16 = 41;
+const ECS: u16 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Response codes we send (extended codes included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Rcode {
+    NoError = 0,
+    FormErr = 1,
+    NxDomain = 3,
+    NotImp = 4,
+    Refused = 5,
+    BadVers = 16,
+}
+
+impl Rcode {
+    pub const ALL: [Rcode; 6] = [
+        Rcode::NoError,
+        Rcode::FormErr,
+        Rcode::NxDomain,
+        Rcode::NotImp,
+        Rcode::Refused,
+        Rcode::BadVers,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rcode::NoError => "NOERROR",
+            Rcode::FormErr => "FORMERR",
+            Rcode::NxDomain => "NXDOMAIN",
+            Rcode::NotImp => "NOTIMP",
+            Rcode::Refused => "REFUSED",
+            Rcode::BadVers => "BADVERS",
+        }
+    }
+}
+
+/// Query types, bucketed for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qtype {
+    A,
+    Aaaa,
+    Soa,
+    Ns,
+    Any,
+    Other,
+    /// No question could be read.
+    None,
+}
+
+impl Qtype {
+    pub const ALL: [Qtype; 7] = [
+        Qtype::A,
+        Qtype::Aaaa,
+        Qtype::Soa,
+        Qtype::Ns,
+        Qtype::Any,
+        Qtype::Other,
+        Qtype::None,
+    ];
+
+    fn from_u16(t: u16) -> Self {
+        match t {
+            1 => Qtype::A,
+            28 => Qtype::Aaaa,
+            6 => Qtype::Soa,
+            2 => Qtype::Ns,
+            255 => Qtype::Any,
+            _ => Qtype::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Qtype::A => "A",
+            Qtype::Aaaa => "AAAA",
+            Qtype::Soa => "SOA",
+            Qtype::Ns => "NS",
+            Qtype::Any => "ANY",
+            Qtype::Other => "other",
+            Qtype::None => "none",
+        }
+    }
+}
+
+/// What happened, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub qtype: Qtype,
+    pub rcode: Rcode,
+    pub truncated: bool,
+}
+
+/// A validated EDNS Client Subnet option (RFC 7871).
+#[derive(Debug, Clone, Copy)]
+struct Ecs {
+    family: u16,
+    source: u8,
+    /// The address, zero-padded; echoed truncated to `ceil(source / 8)` octets.
+    addr: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Edns {
+    udp_size: u16,
+    version: u8,
+    dnssec_ok: bool,
+    ecs: Option<Ecs>,
+}
+
+/// Everything after the header that we need; `Err` means FORMERR.
+struct Parsed<'a> {
+    /// The question exactly as received (name, type, class).
+    question: Option<(&'a [u8], Query)>,
+    edns: Option<Edns>,
+}
+
+/// Handles one query; `out` receives the response. `None`: send nothing (not a query, or too
+/// short to answer). Never panics on any input.
+pub fn handle(
+    query: &[u8],
+    src: IpAddr,
+    transport: Transport,
+    map: &Map,
+    out: &mut Vec<u8>,
+) -> Option<Outcome> {
+    out.clear();
+    let mut d = BinDecoder::new(query);
+    let id = d.read_u16().ok()?.unverified();
+    let flags = d.read_u16().ok()?.unverified();
+    let mut counts = [0u16; 4];
+    for c in &mut counts {
+        *c = d.read_u16().ok()?.unverified();
+    }
+    if flags & 0x8000 != 0 {
+        return None; // a response: never answer it (reflection loops)
+    }
+    let opcode = (flags >> 11) & 0xF;
+    // Echoed: opcode, RD, CD. Set: QR, AA.
+    let base_flags = 0x8000 | (flags & 0x7800) | 0x0400 | (flags & 0x0100) | (flags & 0x0010);
+    let mut r = Response {
+        out,
+        id,
+        flags: base_flags,
+        question: None,
+        edns: None,
+        limit: 512,
+        answers: [None, None],
+        authority: None,
+        scope: 0,
+    };
+    let parsed = parse(&mut d, counts, opcode == 0);
+    let qtype_of = |p: &Parsed| {
+        p.question.as_ref().map_or(Qtype::None, |(_, q)| {
+            Qtype::from_u16(u16::from(q.query_type()))
+        })
+    };
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(_) => {
+            let rcode = if opcode == 0 {
+                Rcode::FormErr
+            } else {
+                Rcode::NotImp
+            };
+            return Some(r.finish(rcode, transport, Qtype::None));
+        }
+    };
+    let qtype = qtype_of(&parsed);
+    r.question = parsed.question.as_ref().map(|(raw, _)| *raw);
+    r.edns = parsed.edns;
+    r.limit = match (transport, parsed.edns) {
+        (Transport::Tcp, _) => u16::MAX,
+        (Transport::Udp, Some(e)) => e.udp_size.clamp(512, MAX_UDP),
+        (Transport::Udp, None) => 512,
+    };
+    if opcode != 0 {
+        return Some(r.finish(Rcode::NotImp, transport, qtype));
+    }
+    if let Some(e) = parsed.edns {
+        if e.version > 0 {
+            return Some(r.finish(Rcode::BadVers, transport, qtype));
+        }
+    }
+    let Some((_, q)) = parsed.question.as_ref() else {
+        return Some(r.finish(Rcode::FormErr, transport, qtype));
+    };
+    let rtype = u16::from(q.query_type());
+    let rclass = u16::from(q.query_class());
+    if rtype == OPT {
+        return Some(r.finish(Rcode::FormErr, transport, qtype));
+    }
+    if rclass != 1 || matches!(rtype, 251 | 252) {
+        // Only class IN; no zone transfers.
+        return Some(r.finish(Rcode::Refused, transport, qtype));
+    }
+    let zone = &map.zone;
+    let mut qwire = [0u8; 256];
+    let Some(qlen) = lower_wire(q.name(), &mut qwire) else {
+        return Some(r.finish(Rcode::FormErr, transport, qtype));
+    };
+    let qwire = &qwire[..qlen];
+    if !in_zone(qwire, &zone.apex_wire) {
+        return Some(r.finish(Rcode::Refused, transport, qtype));
+    }
+    let kind = zone
+        .names
+        .iter()
+        .find(|(n, _)| n.as_slice() == qwire)
+        .map(|(_, k)| *k);
+    let Some(kind) = kind else {
+        r.authority = Some(&zone.soa_authority);
+        return Some(r.finish(Rcode::NxDomain, transport, qtype));
+    };
+    let apex = matches!(kind, NameKind::Apex { .. });
+    let geo = matches!(kind, NameKind::Geo | NameKind::Apex { geo: true });
+    match rtype {
+        6 if apex => r.answers[0] = Some(&zone.soa_answer),
+        2 if apex => r.answers[0] = Some(&zone.ns_answer),
+        1 | 28 | 255 if geo => {
+            let (hit, at) = locate(map, src, parsed.edns.and_then(|e| e.ecs));
+            let (pos, class) = map.choose(hit.class);
+            let pop = &map.pops[usize::from(class.pops[pos])];
+            let set = match rtype {
+                1 => &pop.a,
+                28 => &pop.aaaa,
+                // ANY (RFC 8482): one RRset is enough.
+                _ if pop.a.count > 0 => &pop.a,
+                _ => &pop.aaaa,
+            };
+            if set.count > 0 {
+                r.answers[0] = Some(set);
+                if at.is_some() {
+                    r.scope = hit.scope;
+                }
+                if let Some(c) = class.hits.get(pos) {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        255 if apex => {
+            r.answers[0] = Some(&zone.soa_answer);
+            r.answers[1] = Some(&zone.ns_answer);
+        }
+        _ => {}
+    }
+    if r.answers[0].is_none() {
+        r.authority = Some(&zone.soa_authority);
+    }
+    Some(r.finish(Rcode::NoError, transport, qtype))
+}
+
+/// Which address locates the client: the ECS subnet when it has a non-zero SOURCE, else the
+/// packet's source. Returns the hit and, when ECS decided, the ECS (so SCOPE is set).
+fn locate(map: &Map, src: IpAddr, ecs: Option<Ecs>) -> (Hit, Option<Ecs>) {
+    match ecs {
+        Some(e) if e.source > 0 => (map.geo.lookup(e.addr), Some(e)),
+        _ => (map.geo.lookup(canonical(src)), None),
+    }
+}
+
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Lower-case wire form of `name` into `buf`; `None` if it does not fit (cannot happen for a
+/// name hickory accepted, which is at most 255 octets).
+fn lower_wire(name: &Name, buf: &mut [u8; 256]) -> Option<usize> {
+    let mut n = 0usize;
+    for label in name.iter() {
+        let end = n.checked_add(label.len() + 1)?;
+        if end >= buf.len() {
+            return None;
+        }
+        buf[n] = label.len() as u8;
+        for (dst, src) in buf[n + 1..end].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        n = end;
+    }
+    *buf.get_mut(n)? = 0;
+    Some(n + 1)
+}
+
+/// Whether wire name `q` is `apex` or below it (on a label boundary).
+fn in_zone(q: &[u8], apex: &[u8]) -> bool {
+    if q.len() < apex.len() {
+        return false;
+    }
+    let mut i = 0usize;
+    while i < q.len() {
+        if q.len() - i == apex.len() {
+            return &q[i..] == apex;
+        }
+        i += usize::from(q[i]) + 1;
+    }
+    false
+}
+
+/// Reads the question and the OPT record. With `full` false (an unknown opcode) only the
+/// question is needed; errors there still mean "no question to echo".
+fn parse<'a>(
+    d: &mut BinDecoder<'a>,
+    [qd, an, ns, ar]: [u16; 4],
+    full: bool,
+) -> Result<Parsed<'a>, ()> {
+    let mut parsed = Parsed {
+        question: None,
+        edns: None,
+    };
+    if qd > 1 {
+        return Err(());
+    }
+    if qd == 1 {
+        let start = d.index();
+        let q = Query::read(d).map_err(|_| ())?;
+        let raw = d.slice_from(start).map_err(|_| ())?;
+        // A compressed question name would point into our header once echoed.
+        let expected = q.name().iter().map(|l| l.len() + 1).sum::<usize>() + 1 + 4;
+        if raw.len() != expected {
+            return Err(());
+        }
+        parsed.question = Some((raw, q));
+    }
+    if !full {
+        return Ok(parsed);
+    }
+    for _ in 0..(u32::from(an) + u32::from(ns)) {
+        skip_record(d)?;
+    }
+    for _ in 0..ar {
+        let owner_root = d.peek().map(|b| b.unverified()) == Some(0);
+        Name::read(d).map_err(|_| ())?;
+        let rtype = read_u16(d)?;
+        let class = read_u16(d)?;
+        let ttl = d.read_u32().map_err(|_| ())?.unverified();
+        let len = read_u16(d)?;
+        let data = d.read_slice(usize::from(len)).map_err(|_| ())?.unverified();
+        if rtype != OPT {
+            continue;
+        }
+        if parsed.edns.is_some() || !owner_root {
+            return Err(()); // RFC 6891 6.1.1: one OPT, owned by the root
+        }
+        parsed.edns = Some(Edns {
+            udp_size: class,
+            version: (ttl >> 16) as u8,
+            dnssec_ok: ttl & 0x8000 != 0,
+            ecs: options(data)?,
+        });
+    }
+    Ok(parsed)
+}
+
+fn read_u16(d: &mut BinDecoder<'_>) -> Result<u16, ()> {
+    Ok(d.read_u16().map_err(|_| ())?.unverified())
+}
+
+fn skip_record(d: &mut BinDecoder<'_>) -> Result<(), ()> {
+    Name::read(d).map_err(|_| ())?;
+    d.read_slice(8).map_err(|_| ())?; // type, class, ttl
+    let len = read_u16(d)?;
+    d.read_slice(usize::from(len)).map_err(|_| ())?;
+    Ok(())
+}
+
+/// Walks the OPT options; unknown ones are ignored, ECS is validated (RFC 7871 6).
+fn options(data: &[u8]) -> Result<Option<Ecs>, ()> {
+    let mut d = BinDecoder::new(data);
+    let mut ecs = None;
+    while !d.is_empty() {
+        let code = read_u16(&mut d)?;
+        let len = read_u16(&mut d)?;
+        let value = d.read_slice(usize::from(len)).map_err(|_| ())?.unverified();
+        if code == ECS {
+            if ecs.is_some() {
+                return Err(());
+            }
+            ecs = Some(client_subnet(value)?);
+        }
+    }
+    Ok(ecs)
+}
+
+fn client_subnet(value: &[u8]) -> Result<Ecs, ()> {
+    let mut d = BinDecoder::new(value);
+    let family = read_u16(&mut d)?;
+    let source = d.read_u8().map_err(|_| ())?.unverified();
+    let scope = d.read_u8().map_err(|_| ())?.unverified();
+    let octets = d.read_slice(d.len()).map_err(|_| ())?.unverified();
+    let max = match family {
+        1 => 32,
+        2 => 128,
+        _ => return Err(()),
+    };
+    if source > max || scope != 0 || octets.len() != usize::from(source).div_ceil(8) {
+        return Err(());
+    }
+    let mut full = [0u8; 16];
+    full[..octets.len()].copy_from_slice(octets);
+    let bits = u128::from_be_bytes(full);
+    let mask = u128::MAX.checked_shr(u32::from(source)).unwrap_or(0);
+    if bits & mask != 0 {
+        return Err(()); // address bits set beyond SOURCE PREFIX-LENGTH
+    }
+    let addr = if family == 1 {
+        IpAddr::V4(Ipv4Addr::new(full[0], full[1], full[2], full[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(full))
+    };
+    Ok(Ecs {
+        family,
+        source,
+        addr,
+    })
+}
+
+/// The response being assembled; sections are borrowed from the map.
+struct Response<'q, 'm> {
+    out: &'q mut Vec<u8>,
+    id: u16,
+    flags: u16,
+    question: Option<&'q [u8]>,
+    edns: Option<Edns>,
+    limit: u16,
+    answers: [Option<&'m RrSet>; 2],
+    authority: Option<&'m RrSet>,
+    scope: u8,
+}
+
+impl Response<'_, '_> {
+    fn finish(self, rcode: Rcode, _transport: Transport, qtype: Qtype) -> Outcome {
+        let out = self.out;
+        let code = rcode as u16;
+        let opt_len = self.edns.map_or(0, |e| {
+            11 + e.ecs.map_or(0, |c| 8 + usize::from(c.source).div_ceil(8))
+        });
+        let q_len = self.question.map_or(0, <[u8]>::len);
+        let body: usize = self
+            .answers
+            .iter()
+            .chain(std::iter::once(&self.authority))
+            .flatten()
+            .map(|s| s.bytes.len())
+            .sum();
+        let truncated = 12 + q_len + body + opt_len > usize::from(self.limit);
+        let mut flags = self.flags | (code & 0xF);
+        if truncated {
+            flags |= 0x0200;
+        }
+        let (an, ns) = if truncated {
+            (0, 0)
+        } else {
+            (
+                self.answers.iter().flatten().map(|s| s.count).sum::<u16>(),
+                self.authority.map_or(0, |s| s.count),
+            )
+        };
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&u16::from(self.question.is_some()).to_be_bytes());
+        out.extend_from_slice(&an.to_be_bytes());
+        out.extend_from_slice(&ns.to_be_bytes());
+        out.extend_from_slice(&u16::from(self.edns.is_some()).to_be_bytes());
+        if let Some(q) = self.question {
+            out.extend_from_slice(q);
+        }
+        if !truncated {
+            for s in self.answers.iter().flatten() {
+                out.extend_from_slice(&s.bytes);
+            }
+            if let Some(s) = self.authority {
+                out.extend_from_slice(&s.bytes);
+            }
+        }
+        if let Some(e) = self.edns {
+            // OPT: root owner, our UDP size, extended rcode, version 0, DO echoed.
+            out.push(0);
+            out.extend_from_slice(&OPT.to_be_bytes());
+            out.extend_from_slice(&MAX_UDP.to_be_bytes());
+            let ttl = (u32::from(code >> 4) << 24) | if e.dnssec_ok { 0x8000 } else { 0 };
+            out.extend_from_slice(&ttl.to_be_bytes());
+            match e.ecs {
+                Some(c) => {
+                    let n = usize::from(c.source).div_ceil(8);
+                    out.extend_from_slice(&((8 + n) as u16).to_be_bytes());
+                    out.extend_from_slice(&ECS.to_be_bytes());
+                    out.extend_from_slice(&((4 + n) as u16).to_be_bytes());
+                    out.extend_from_slice(&c.family.to_be_bytes());
+                    out.push(c.source);
+                    out.push(if c.source == 0 { 0 } else { self.scope });
+                    match c.addr {
+                        IpAddr::V4(a) => out.extend_from_slice(&a.octets()[..n]),
+                        IpAddr::V6(a) => out.extend_from_slice(&a.octets()[..n]),
+                    }
+                }
+                None => out.extend_from_slice(&0u16.to_be_bytes()),
+            }
+        }
+        Outcome {
+            qtype,
+            rcode,
+            truncated,
+        }
+    }
+}

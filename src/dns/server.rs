@@ -1,0 +1,250 @@
+//! Wire I/O: UDP on dedicated threads (blocking receive/send: two system calls per query,
+//! no reactor in between) and TCP on tokio (RFC 7766: length-prefixed, pipelined, idle
+//! timeout). Both read the current map through an `ArcSwap` guard, never a lock.
+
+use super::query::{self, Transport};
+use super::DnsState;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a TCP client may stay silent between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Concurrent TCP connections; more wait in the accept queue.
+const TCP_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind DNS {proto} socket on {addr}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start UDP worker thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Binds UDP and TCP on the same address. With port 0 the TCP socket takes the port the
+/// kernel gave UDP; if that TCP port is taken, it tries again with a fresh UDP port.
+pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+    let mut attempt = 0;
+    loop {
+        let udp = udp_socket(addr)?;
+        let local = udp.local_addr().map_err(|source| ServerError::Bind {
+            proto: "UDP",
+            addr,
+            source,
+        })?;
+        match tcp_listener(local) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && attempt < 16 => {
+                attempt += 1;
+                tracing::debug!(error = %e, "TCP port taken, retrying");
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    proto: "TCP",
+                    addr: local,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
+    let err = |source| ServerError::Bind {
+        proto: "UDP",
+        addr,
+        source,
+    };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    // Large buffers absorb bursts while a worker is busy; failure here is not fatal.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into()).map_err(err)?;
+    Ok(s.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Running UDP workers; dropping it stops them.
+pub struct UdpWorkers {
+    stop: Arc<AtomicBool>,
+    wake: SocketAddr,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl UdpWorkers {
+    pub fn start(sock: UdpSocket, state: DnsState, n: usize) -> Result<Self, ServerError> {
+        let local = sock.local_addr().map_err(ServerError::Thread)?;
+        let wake = match local {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        let sock = Arc::new(sock);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let (sock, state, stop) = (sock.clone(), state.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || udp_loop(&sock, &state, &stop))
+                .map_err(ServerError::Thread)?;
+            threads.push(t);
+        }
+        Ok(UdpWorkers {
+            stop,
+            wake,
+            threads,
+        })
+    }
+}
+
+impl Drop for UdpWorkers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Each worker sits in a blocking receive: one empty datagram per worker wakes it to
+        // see the flag (an empty datagram is not a query and gets no answer).
+        let bind: SocketAddr = if self.wake.is_ipv4() {
+            ([127, 0, 0, 1], 0).into()
+        } else {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        };
+        if let Ok(s) = UdpSocket::bind(bind) {
+            for _ in &self.threads {
+                let _ = s.send_to(&[], self.wake);
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 65535];
+    let mut out = Vec::with_capacity(4096);
+    let stats = state.stats();
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                // ICMP errors from earlier sends surface here on some systems; keep going.
+                stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "dns udp receive");
+                continue;
+            }
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let map = state.map_guard();
+        if let Some(o) = query::handle(&buf[..n], src.ip(), Transport::Udp, &map, &mut out) {
+            drop(map);
+            stats.record(o);
+            if sock.send_to(&out, src).is_err() {
+                stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Accepts TCP clients until `cancel`.
+pub async fn tcp_accept(listener: TcpListener, state: DnsState, cancel: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(TCP_MAX));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns tcp accept");
+                    continue;
+                }
+            },
+        };
+        let (state, cancel) = (state.clone(), cancel.clone());
+        state
+            .stats()
+            .tcp_connections
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tcp_conn(stream, &state) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// One TCP client: queries answered in order until EOF, an error or the idle timeout.
+async fn tcp_conn(mut s: TcpStream, state: &DnsState) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 65535];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        let Some(msg) = buf.get_mut(..len) else {
+            return;
+        };
+        match tokio::time::timeout(TCP_IDLE, s.read_exact(msg)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let peer = match s.peer_addr() {
+            Ok(p) => p.ip(),
+            Err(_) => return,
+        };
+        let outcome = {
+            let map = state.map_guard();
+            query::handle(&buf[..len], peer, Transport::Tcp, &map, &mut out)
+        };
+        let Some(o) = outcome else { continue };
+        state.stats().record(o);
+        let Ok(n) = u16::try_from(out.len()) else {
+            return;
+        };
+        let mut frame = Vec::with_capacity(out.len() + 2);
+        frame.extend_from_slice(&n.to_be_bytes());
+        frame.extend_from_slice(&out);
+        match tokio::time::timeout(TCP_IDLE, s.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Query counters (by qtype and rcode: a fixed array of atomics, so counting costs one
+//! relaxed add and no lock) and the Prometheus text exposition of everything the sidecar
+//! reports: queries, answers per region and PoP, PoP health, map age, generations, errors.
+
+use super::query::{Outcome, Qtype, Rcode};
+use super::DnsState;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+const NQ: usize = Qtype::ALL.len();
+const NR: usize = Rcode::ALL.len();
+
+#[derive(Debug)]
+pub struct Stats {
+    queries: [[AtomicU64; NR]; NQ],
+    truncated: AtomicU64,
+    pub udp_errors: AtomicU64,
+    pub tcp_connections: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            queries: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            truncated: AtomicU64::new(0),
+            udp_errors: AtomicU64::new(0),
+            tcp_connections: AtomicU64::new(0),
+        }
+    }
+}
+
+fn qi(q: Qtype) -> usize {
+    Qtype::ALL.iter().position(|&x| x == q).unwrap_or(NQ - 1)
+}
+
+fn ri(r: Rcode) -> usize {
+    Rcode::ALL.iter().position(|&x| x == r).unwrap_or(0)
+}
+
+impl Stats {
+    #[inline]
+    pub fn record(&self, o: Outcome) {
+        self.queries[qi(o.qtype)][ri(o.rcode)].fetch_add(1, Ordering::Relaxed);
+        if o.truncated {
+            self.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn queries(&self, q: Qtype, r: Rcode) -> u64 {
+        self.queries[qi(q)][ri(r)].load(Ordering::Relaxed)
+    }
+}
+
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of the DNS sidecar's metrics.
+pub fn render(state: &DnsState) -> String {
+    let mut o = String::with_capacity(4096);
+    let s = state.stats();
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_queries_total DNS queries answered, by query type and response code."
+    );
+    let _ = writeln!(o, "# TYPE edgepop_dns_queries_total counter");
+    for q in Qtype::ALL {
+        for r in Rcode::ALL {
+            let n = s.queries(q, r);
+            if n > 0 {
+                let _ = writeln!(
+                    o,
+                    "edgepop_dns_queries_total{{qtype=\"{}\",rcode=\"{}\"}} {n}",
+                    q.as_str(),
+                    r.as_str()
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_truncated_total UDP answers sent with TC set.\n# TYPE edgepop_dns_truncated_total counter\nedgepop_dns_truncated_total {}",
+        s.truncated.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_answers_total Geo answers, by region (answer class) and PoP.\n# TYPE edgepop_dns_answers_total counter"
+    );
+    for (region, pop, n) in state.hits().snapshot() {
+        let _ = writeln!(
+            o,
+            "edgepop_dns_answers_total{{region=\"{}\",pop=\"{}\"}} {n}",
+            label(&region),
+            label(&pop)
+        );
+    }
+    let map = state.map();
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_pop_up Whether a PoP passes its health checks (1) or not (0).\n# TYPE edgepop_dns_pop_up gauge"
+    );
+    for p in &map.pops {
+        let _ = writeln!(
+            o,
+            "edgepop_dns_pop_up{{pop=\"{}\"}} {}",
+            label(&p.name),
+            u8::from(p.health.is_up())
+        );
+    }
+    let age = SystemTime::now()
+        .duration_since(map.built_at)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_age_seconds Time since the map in service was built.\n# TYPE edgepop_dns_map_age_seconds gauge\nedgepop_dns_map_age_seconds {age:.3}"
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_generation Generation of the map in service (successful builds).\n# TYPE edgepop_dns_map_generation gauge\nedgepop_dns_map_generation {}",
+        map.generation
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_serial SOA serial of the map in service.\n# TYPE edgepop_dns_map_serial gauge\nedgepop_dns_map_serial {}",
+        map.serial
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_blocks Explicit prefix blocks in the map after flattening.\n# TYPE edgepop_dns_map_blocks gauge\nedgepop_dns_map_blocks {}",
+        map.geo.block_count()
+    );
+    let (failures, last) = state.regen_status();
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_errors_total Region file loads rejected (old map kept).\n# TYPE edgepop_dns_map_errors_total counter\nedgepop_dns_map_errors_total {failures}"
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_map_last_error The last rejected region file load (1 while it is the latest outcome).\n# TYPE edgepop_dns_map_last_error gauge"
+    );
+    if let Some(e) = last {
+        let _ = writeln!(
+            o,
+            "edgepop_dns_map_last_error{{error=\"{}\"}} {}",
+            label(&e.message),
+            u8::from(e.current)
+        );
+    }
+    o
+}
