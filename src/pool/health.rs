@@ -111,7 +111,7 @@ pub(super) async fn run(pool: Pool) {
 }
 
 async fn check_once(pool: &Pool, path: &str) -> bool {
-    let Ok(lease) = pool.checkout().await else {
+    let Ok(lease) = pool.checkout(false).await else {
         return false;
     };
     let origin = &pool.inner.origin;

@@ -33,6 +33,9 @@ use tokio::time::Instant;
 /// SETTINGS_MAX_CONCURRENT_STREAMS is enforced by h2 itself (excess streams wait for a slot).
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
+/// Pause between a request's connect attempts while the origin refuses connections.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Everything that decides which connections may be shared: two origins with the same key
 /// could share a pool, two with different keys never.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -171,7 +174,10 @@ impl Pool {
 
     /// A connection for one request: a warm one if any can take it; otherwise a new one if
     /// below `max_connections`; otherwise wait in the bounded queue up to `queue_timeout`.
-    pub async fn checkout(&self) -> Result<Lease, CheckoutError> {
+    ///
+    /// `retry_refused`: keep retrying refused connects until the connect timeout (for the
+    /// last origin a request can use; others fail fast so the request can fail over).
+    pub async fn checkout(&self, retry_refused: bool) -> Result<Lease, CheckoutError> {
         let inner = &self.inner;
         let started = Instant::now();
         if let Some(lease) = inner.try_take(started) {
@@ -200,7 +206,26 @@ impl Pool {
                 });
             }
             if inner.reserve_connect() {
-                return inner.open_for_request(started).await;
+                match inner.open_for_request(started).await {
+                    // Refused or reset while the origin restarts: nothing was sent, so keep
+                    // trying (or take a connection that frees up) until the connect timeout,
+                    // rather than fail a request the origin will be able to serve shortly.
+                    Err(CheckoutError::Connect(e))
+                        if retry_refused
+                            && !e.is_timeout()
+                            && Instant::now() + CONNECT_RETRY_PAUSE
+                                < started + inner.origin.connect_timeout =>
+                    {
+                        tracing::debug!(origin = %inner.origin.name, error = %e, "connect failed; retrying within the connect timeout");
+                        let pause = tokio::time::sleep(CONNECT_RETRY_PAUSE);
+                        tokio::select! {
+                            _ = pause => {}
+                            _ = notified => {}
+                        }
+                        continue;
+                    }
+                    other => return other,
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 if let Some(lease) = inner.try_take(started) {

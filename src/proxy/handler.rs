@@ -1,14 +1,18 @@
-//! One request: validate the target, route by Host, check out a pooled connection, forward,
-//! and stream the answer back. A request that provably never reached the origin is retried
-//! once on another connection; an idempotent bodiless request that may have reached a reused
-//! connection is retried once too; nothing else is.
+//! One request: validate the target, route by Host, check out a pooled connection on the
+//! first healthy origin of the route, forward, and stream the answer back.
+//!
+//! Retries: a request that provably never reached the origin (never written, REFUSED_STREAM,
+//! GOAWAY below its stream) is retried once on another connection whatever its method; a
+//! bodiless idempotent request that failed on a reused connection is retried once too;
+//! nothing else is. A connect failure moves on to the route's next healthy origin.
 
 use super::body::{full, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers;
 use super::router::normalize_host;
 use super::Runtime;
-use crate::pool::{Pool, SendError, UpstreamBody as UpBody, Warmth};
+use crate::config::Protocol;
+use crate::pool::{CheckoutError, Pool, SendError, StreamGuard, UpstreamBody as UpBody, Warmth};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -18,7 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Answers one client request; never fails (errors become 4xx/5xx responses).
-pub async fn handle(rt: &Runtime, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+pub async fn handle(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
     let resp = match forward(rt, req, peer).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
@@ -83,42 +91,44 @@ async fn forward(
         .router
         .origins_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
-    let pool = rt
-        .pick(origins)
-        .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
+    let candidates = rt.candidates(origins);
     let client_version = req.version();
-    let upstream = build_upstream_request(rt, req, peer, &authority, pool)?;
+    let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
-    let (resp, guard, lease_info) = send_with_retry(pool, upstream).await?;
+    let sent = send(&candidates, upstream, &authority).await?;
     let upstream_ttfb = started.elapsed();
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, body) = sent.response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
     headers::append_via(&mut parts.headers, Version::HTTP_11, &rt.via);
     if rt.server_timing {
-        let pool_ms = lease_info.waited.as_secs_f64() * 1000.0;
-        let up_ms = upstream_ttfb
-            .saturating_sub(lease_info.waited)
-            .as_secs_f64()
-            * 1000.0;
-        let v = format!(
-            "pool;dur={pool_ms:.3}, upstream;dur={up_ms:.3};desc=\"{}\"",
-            lease_info.warmth.as_str()
-        );
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            parts.headers.append(&headers::SERVER_TIMING, v);
-        }
+        add_server_timing(&mut parts.headers, sent.waited, upstream_ttfb, sent.warmth);
     }
     parts.version = client_version;
-    let body = UpstreamBody::new(body, guard, pool.origin().idle_timeout).boxed();
+    let body = UpstreamBody::new(body, sent.guard, sent.pool.origin().idle_timeout).boxed();
     Ok(Response::from_parts(parts, body))
 }
 
-fn build_upstream_request(
+/// `Server-Timing: pool;dur=<ms>, upstream;dur=<ms>;desc="warm|fresh|resumed"`: time to get
+/// a connection, then the upstream time to the response head.
+fn add_server_timing(h: &mut header::HeaderMap, waited: Duration, total: Duration, w: Warmth) {
+    let pool_ms = waited.as_secs_f64() * 1000.0;
+    let up_ms = total.saturating_sub(waited).as_secs_f64() * 1000.0;
+    let v = format!(
+        "pool;dur={pool_ms:.3}, upstream;dur={up_ms:.3};desc=\"{}\"",
+        w.as_str()
+    );
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.append(&headers::SERVER_TIMING, v);
+    }
+}
+
+/// The request as it leaves the edge, in origin form with a Host header; [`for_protocol`]
+/// turns it into what the chosen origin's protocol needs.
+fn upstream_request(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,
     authority: &str,
-    pool: &Pool,
 ) -> Result<Request<UpBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -130,34 +140,58 @@ fn build_upstream_request(
         // OPTIONS * and other non-origin-form targets have no meaning behind a route.
         return Err(ProxyError::BadRequest("unsupported request target"));
     }
-    let h2 = pool.origin().protocol == crate::config::Protocol::H2;
-    parts.uri = if h2 {
-        Uri::builder()
-            .scheme("https")
-            .authority(authority)
-            .path_and_query(path.as_str())
-            .build()
-    } else {
-        Uri::builder().path_and_query(path.as_str()).build()
-    }
-    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    parts.uri = Uri::builder()
+        .path_and_query(path.as_str())
+        .build()
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     let client_version = parts.version;
-    headers::strip_hop_by_hop(&mut parts.headers, h2);
+    headers::strip_hop_by_hop(&mut parts.headers, true);
     headers::set_forwarded(&mut parts.headers, peer.ip());
     headers::append_via(&mut parts.headers, client_version, &rt.via);
-    if h2 {
-        parts.headers.remove(header::HOST);
-        parts.version = Version::HTTP_2;
-    } else {
-        let host =
-            HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;
-        parts.headers.insert(header::HOST, host);
-        parts.version = Version::HTTP_11;
-    }
+    let host =
+        HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+    parts.headers.insert(header::HOST, host);
+    parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, body.boxed_unsync()))
 }
 
-struct LeaseInfo {
+/// h2 upstream: absolute URI (becomes :scheme/:authority), no Host header; http/1.1: origin
+/// form with Host, no `TE: trailers`.
+fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -> Request<UpBody> {
+    match protocol {
+        Protocol::H2 => {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = Uri::builder()
+                .scheme("https")
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+            {
+                *req.uri_mut() = uri;
+            }
+            req.headers_mut().remove(header::HOST);
+            *req.version_mut() = Version::HTTP_2;
+        }
+        Protocol::Http1 => {
+            if let Some(p) = req.uri().path_and_query().cloned() {
+                *req.uri_mut() = Uri::from(p);
+            }
+            req.headers_mut().remove(header::TE);
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(h) = HeaderValue::from_str(authority) {
+                    req.headers_mut().insert(header::HOST, h);
+                }
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+    req
+}
+
+struct Sent<'a> {
+    response: Response<Incoming>,
+    guard: StreamGuard,
+    pool: &'a Pool,
     waited: Duration,
     warmth: Warmth,
 }
@@ -188,27 +222,46 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     Some(copy)
 }
 
-async fn send_with_retry(
-    pool: &Pool,
+/// Sends on the first candidate that gives a connection; see the module doc for retries.
+async fn send<'a>(
+    candidates: &[&'a Pool],
     req: Request<UpBody>,
-) -> Result<(Response<Incoming>, crate::pool::StreamGuard, LeaseInfo), ProxyError> {
-    let origin = &pool.origin().name;
-    let first_byte = pool.origin().first_byte_timeout;
+    authority: &str,
+) -> Result<Sent<'a>, ProxyError> {
     let mut req = req;
     let mut retried = false;
     let mut waited = Duration::ZERO;
+    let mut i = 0;
     loop {
-        let replay = if retried { None } else { replayable(&req) };
-        let method = req.method().clone();
-        let lease = pool.checkout().await?;
+        let Some(&pool) = candidates.get(i) else {
+            return Err(ProxyError::MisdirectedHost(authority.to_string()));
+        };
+        let last_candidate = i + 1 == candidates.len();
+        let lease = match pool.checkout(last_candidate).await {
+            Ok(l) => l,
+            Err(e @ CheckoutError::Connect(_)) if !last_candidate => {
+                tracing::debug!(origin = %pool.origin().name, error = %e, "failing over to the next origin");
+                i += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let warmth = lease.warmth();
         waited += lease.waited();
-        let result = tokio::time::timeout(first_byte, lease.send(req)).await;
-        match result {
-            Ok(Ok((resp, guard))) => {
+        let out = for_protocol(req, pool.origin().protocol, authority);
+        let replay = if retried { None } else { replayable(&out) };
+        let method = out.method().clone();
+        let first_byte = pool.origin().first_byte_timeout;
+        match tokio::time::timeout(first_byte, lease.send(out)).await {
+            Ok(Ok((response, guard))) => {
                 pool.record_success();
-                let info = LeaseInfo { waited, warmth };
-                return Ok((resp, guard, info));
+                return Ok(Sent {
+                    response,
+                    guard,
+                    pool,
+                    waited,
+                    warmth,
+                });
             }
             Ok(Err(SendError {
                 source,
@@ -229,7 +282,7 @@ async fn send_with_retry(
                 };
                 match next {
                     Some(r) if !retried => {
-                        tracing::debug!(origin = %origin, error = %source, "retrying on another connection");
+                        tracing::debug!(origin = %pool.origin().name, error = %source, "retrying on another connection");
                         retried = true;
                         pool.record_retry();
                         req = r;
@@ -237,7 +290,7 @@ async fn send_with_retry(
                     _ => {
                         pool.record_failure();
                         return Err(ProxyError::Upstream {
-                            origin: origin.clone(),
+                            origin: pool.origin().name.clone(),
                             source,
                         });
                     }
@@ -246,7 +299,7 @@ async fn send_with_retry(
             Err(_) => {
                 pool.record_failure();
                 return Err(ProxyError::FirstByteTimeout {
-                    origin: origin.clone(),
+                    origin: pool.origin().name.clone(),
                     after: first_byte,
                 });
             }

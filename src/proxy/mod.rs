@@ -43,13 +43,23 @@ impl Runtime {
         }
     }
 
-    /// The origin to use for a route: the first healthy one in failover order; if none is
-    /// healthy, the first (try rather than fail without trying).
-    pub fn pick(&self, origins: &[usize]) -> Option<&Pool> {
-        origins
+    /// The origins to try for a route, in order: the healthy ones in failover order; if none
+    /// is healthy, the first (try rather than fail without trying). Never routes to a down
+    /// origin while an up one exists.
+    pub fn candidates(&self, origins: &[usize]) -> Vec<&Pool> {
+        let healthy: Vec<&Pool> = origins
             .iter()
             .filter_map(|&i| self.pools.get(i))
-            .find(|p| p.is_healthy())
-            .or_else(|| origins.first().and_then(|&i| self.pools.get(i)))
+            .filter(|p| p.is_healthy())
+            .collect();
+        if healthy.is_empty() {
+            origins
+                .first()
+                .and_then(|&i| self.pools.get(i))
+                .into_iter()
+                .collect()
+        } else {
+            healthy
+        }
     }
 }
