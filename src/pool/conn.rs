@@ -68,7 +68,13 @@ pub(super) struct ConnFlags {
 
 impl Conn {
     pub fn is_usable(&self) -> bool {
-        !self.flags.closed.load(Ordering::Acquire) && !self.flags.draining.load(Ordering::Acquire)
+        let open = match &self.sender {
+            // hyper knows before our driver task does when an h2 connection has failed.
+            Sender::H2(s) => !s.is_closed(),
+            Sender::H1 => true,
+        };
+        open && !self.flags.closed.load(Ordering::Acquire)
+            && !self.flags.draining.load(Ordering::Acquire)
     }
 }
 

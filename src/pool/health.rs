@@ -92,7 +92,8 @@ pub(super) async fn run(pool: Pool) {
         return;
     };
     let interval = pool.inner.origin.health_interval;
-    let mut tick = tokio::time::interval(interval);
+    // The first check one interval after start: the warm task is opening connections now.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -22,11 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Answers one client request; never fails (errors become 4xx/5xx responses).
-pub async fn handle(
-    rt: &Runtime,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<ProxyBody> {
+pub async fn handle(rt: &Runtime, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
     let resp = match forward(rt, req, peer).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
@@ -188,6 +184,11 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
     req
 }
 
+/// Retries per request. More than one, because when an origin crashes every pooled
+/// connection is dead at once and the first retry may pick a sibling that is not yet known
+/// dead; each retry still needs a proof or an idempotent method, and stops at a fresh one.
+const MAX_RETRIES: u32 = 2;
+
 struct Sent<'a> {
     response: Response<Incoming>,
     guard: StreamGuard,
@@ -229,7 +230,7 @@ async fn send<'a>(
     authority: &str,
 ) -> Result<Sent<'a>, ProxyError> {
     let mut req = req;
-    let mut retried = false;
+    let mut retries = 0;
     let mut waited = Duration::ZERO;
     let mut i = 0;
     loop {
@@ -249,7 +250,11 @@ async fn send<'a>(
         let warmth = lease.warmth();
         waited += lease.waited();
         let out = for_protocol(req, pool.origin().protocol, authority);
-        let replay = if retried { None } else { replayable(&out) };
+        let replay = if retries < MAX_RETRIES {
+            replayable(&out)
+        } else {
+            None
+        };
         let method = out.method().clone();
         let first_byte = pool.origin().first_byte_timeout;
         match tokio::time::timeout(first_byte, lease.send(out)).await {
@@ -281,13 +286,14 @@ async fn send<'a>(
                     None => None,
                 };
                 match next {
-                    Some(r) if !retried => {
+                    Some(r) if retries < MAX_RETRIES => {
                         tracing::debug!(origin = %pool.origin().name, error = %source, "retrying on another connection");
-                        retried = true;
+                        retries += 1;
                         pool.record_retry();
                         req = r;
                     }
                     _ => {
+                        tracing::debug!(origin = %pool.origin().name, error = ?source, "upstream send failed");
                         pool.record_failure();
                         return Err(ProxyError::Upstream {
                             origin: pool.origin().name.clone(),

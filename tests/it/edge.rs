@@ -337,7 +337,11 @@ async fn an_unreachable_origin_gets_502_within_the_connect_timeout() {
     assert_eq!(body, "upstream connect failed\n");
     // Refused connects are retried until the connect timeout (an origin restarting comes back
     // within it), then the client gets 502.
-    assert!(t.elapsed() <= Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() <= Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     let (health, why) = admin_get(edge.admin, "/healthz").await;
     assert_eq!(health, 503, "{why}");
     let snap = pools_json(edge.admin).await;

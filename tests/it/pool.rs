@@ -1,1 +1,342 @@
-//! Integration tests: pool.
+//! Integration tests: pools that stay warm through origin restarts, silent path death,
+//! idle-close races, GOAWAY, rotation, and failover between origins.
+
+use crate::support::*;
+use edgepop::wan::Relay;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A client hammering the edge with GETs until stopped; counts successes and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    fn start(edge: std::net::SocketAddr, h2: bool, path: &'static str, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let (s, o) = (stop.clone(), ok.clone());
+        let task = tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut c = Client::connect(edge, "localhost", h2).await;
+            while !s.load(Ordering::SeqCst) {
+                let (status, body) = c.get("localhost", path).await;
+                if status == 200 {
+                    o.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    errors.push(format!("{status} {body}"));
+                }
+                tokio::time::sleep(pause).await;
+            }
+            errors
+        });
+        Load { stop, ok, task }
+    }
+
+    async fn wait_for(&self, n: usize) {
+        let ok = self.ok.clone();
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                let ok = ok.clone();
+                async move { ok.load(Ordering::SeqCst) >= n }
+            })
+            .await,
+            "load stalled"
+        );
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let errors = self.task.await.unwrap();
+        (self.ok.load(Ordering::SeqCst), errors)
+    }
+}
+
+async fn pool_field(admin: std::net::SocketAddr, i: usize, field: &str) -> serde_json::Value {
+    pools_json(admin).await["pools"][i][field].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refills_resumed() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[("o1", origin.addr(), "warm_connections = 2")],
+        &["localhost"],
+    ))
+    .await;
+    let load = Load::start(edge.addr, true, "/", Duration::from_millis(5));
+    load.wait_for(20).await;
+    origin.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "open").await == 0
+        })
+        .await
+    );
+    let full_before = origin.stats().handshakes_full.load(Ordering::SeqCst);
+    origin.restart().await.unwrap();
+    // Back to warm within one (bounded) backoff step.
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            pool_field(edge.admin, 0, "open").await == 2
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    let n = load.ok.load(Ordering::SeqCst);
+    load.wait_for(n + 20).await;
+    let (ok, errors) = load.finish().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed GETs of {}: {errors:?}",
+        errors.len(),
+        ok + errors.len()
+    );
+    // Reconnects resume the TLS session with the origin.
+    assert_eq!(
+        origin.stats().handshakes_full.load(Ordering::SeqCst),
+        full_before
+    );
+    assert!(origin.stats().handshakes_resumed.load(Ordering::SeqCst) >= 2);
+    let snap = pools_json(edge.admin).await;
+    assert!(
+        snap["pools"][0]["handshakes_resumed"].as_u64().unwrap() >= 2,
+        "{snap}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_path_is_detected_by_h2_ping_and_replaced() {
+    let origin = origin().start().await.unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        origin.addr(),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            relay.local_addr(),
+            "warm_connections = 2\nkeepalive_interval = \"300ms\"\nkeepalive_timeout = \"300ms\"\nconnect_timeout = \"1s\"",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+    relay.blackhole(true);
+    let started = tokio::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "closed_total").await.as_u64() >= Some(2)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    let detected = started.elapsed();
+    eprintln!("dead connections detected after {detected:?} (interval + timeout = 600ms)");
+    relay.blackhole(false);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "open").await == 2
+        })
+        .await
+    );
+    for _ in 0..5 {
+        assert_eq!(c.get("localhost", "/").await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_idle_close_race_costs_no_client_an_error() {
+    // The origin closes connections idle for 300ms; requests arrive right around then.
+    let origin = origin()
+        .http1_only()
+        .idle_close(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "protocol = \"http1\"\nwarm_connections = 2",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let mut failures = Vec::new();
+    for i in 0..24u64 {
+        let (status, body) = c.get("localhost", "/").await;
+        if status != 200 {
+            failures.push(format!("{i}: {status} {body}"));
+        }
+        // 280..320 ms: straddles the origin's idle timeout.
+        tokio::time::sleep(Duration::from_millis(280 + (i * 7) % 41)).await;
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    let snap = pools_json(edge.admin).await;
+    let learned = snap["pools"][0]["learned_idle_timeout_ms"].as_u64();
+    assert!(
+        learned.is_some_and(|ms| (250..=400).contains(&ms)),
+        "{snap}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_keep_alive_timeout_is_learned() {
+    let origin = origin()
+        .http1_only()
+        .keep_alive_header(4)
+        .start()
+        .await
+        .unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "protocol = \"http1\"\nwarm_connections = 1",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+    assert_eq!(
+        pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
+        4000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_from_the_origin_and_connection_rotation_cost_no_client_an_error() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "warm_connections = 2\nmax_connection_age = \"400ms\"",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let loads: Vec<Load> = (0..3)
+        .map(|_| Load::start(edge.addr, true, "/delay/5", Duration::ZERO))
+        .collect();
+    for l in &loads {
+        l.wait_for(10).await;
+    }
+    for _ in 0..3 {
+        origin.goaway_all();
+        let n = loads[0].ok.load(Ordering::SeqCst);
+        loads[0].wait_for(n + 10).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "rotated_total").await.as_u64() >= Some(4)
+        })
+        .await
+    );
+    let mut all = Vec::new();
+    for l in loads {
+        let (_, errors) = l.finish().await;
+        all.extend(errors);
+    }
+    assert!(all.is_empty(), "{all:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_over_to_the_second_origin_and_come_back() {
+    let a = origin().name("a").start().await.unwrap();
+    let b = origin().name("b").start().await.unwrap();
+    let health = "warm_connections = 1\nstandby_connections = 1\nhealth_path = \"/healthz\"\nhealth_interval = \"200ms\"\nunhealthy_after = 1\nhealthy_after = 1";
+    let edge = start_edge(&edge_config(
+        &[("a", a.addr(), health), ("b", b.addr(), health)],
+        &["localhost"],
+    ))
+    .await;
+    // The standby origin is warm too.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.stats().handshakes() == 1
+        })
+        .await
+    );
+    let served_by = || async {
+        let mut c = Client::connect(edge.addr, "localhost", false).await;
+        let resp = c.send(request(false, "localhost", "/")).await.unwrap();
+        resp.headers()["x-origin"].to_str().unwrap().to_string()
+    };
+    assert_eq!(served_by().await, "a");
+    a.set_healthy(false);
+    let t = tokio::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            served_by().await == "b"
+        })
+        .await
+    );
+    eprintln!(
+        "failed over after {:?} (health_interval 200ms)",
+        t.elapsed()
+    );
+    assert_eq!(pool_field(edge.admin, 0, "healthy").await, false);
+    a.set_healthy(true);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            served_by().await == "a"
+        })
+        .await
+    );
+    // A hard stop of the first origin: passive ejection plus failover, no client error.
+    let load = Load::start(edge.addr, false, "/", Duration::from_millis(5));
+    load.wait_for(10).await;
+    a.stop();
+    let n = load.ok.load(Ordering::SeqCst);
+    load.wait_for(n + 30).await;
+    let (_, errors) = load.finish().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(served_by().await, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_raises_the_warm_target_above_the_floor() {
+    let origin = origin().http1_only().start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 16",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = c else { unreachable!() };
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = Client::H2(send.clone());
+            tokio::spawn(async move { c.get("localhost", "/delay/200").await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // After the burst the pool keeps enough connections for it (decaying slowly).
+    let snap = pools_json(edge.admin).await;
+    assert!(snap["pools"][0]["target"].as_u64().unwrap() >= 8, "{snap}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "open").await.as_u64() >= Some(8)
+        })
+        .await
+    );
+}

@@ -92,7 +92,18 @@ pub struct TestEdge {
     pub dir: tempfile::TempDir,
 }
 
+/// Test logs, when `EDGEPOP_LOG` is set (e.g. `EDGEPOP_LOG=edgepop=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("EDGEPOP_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn start_edge(config: &str) -> TestEdge {
+    init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("edgepop.toml");
     std::fs::write(&path, config).expect("write config");
