@@ -91,6 +91,8 @@ pub struct RawOrigin {
     pub unhealthy_after: Option<Spanned<i64>>,
     pub healthy_after: Option<Spanned<i64>>,
     pub warm_ratio: Option<Spanned<f64>>,
+    /// `false`: no pool at all, a new connection per request (for comparisons, e.g. `demo`).
+    pub pooling: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

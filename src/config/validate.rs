@@ -121,6 +121,8 @@ pub struct OriginConfig {
     pub healthy_after: u32,
     /// Open connections kept per recent peak of concurrent requests.
     pub warm_ratio: f64,
+    /// `false`: a new connection per request, closed after it (no reuse, no warm floor).
+    pub pooling: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -458,9 +460,31 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
             ))
         }
     };
-    let warm = cx.count(&o.warm_connections, 4, "warm_connections")?;
+    let pooling = o.pooling.as_ref().is_none_or(|p| *p.get_ref());
+    let warm = cx.count(
+        &o.warm_connections,
+        if pooling { 4 } else { 0 },
+        "warm_connections",
+    )?;
+    if !pooling && warm > 0 {
+        let s = o.warm_connections.as_ref().map_or(at.clone(), |s| cx.at(s));
+        return Err(ConfigError::invalid(
+            s,
+            "warm_connections needs pooling = true",
+        ));
+    }
     let max = cx.count(&o.max_connections, 64, "max_connections")?;
     let standby = cx.count(&o.standby_connections, warm.min(1), "standby_connections")?;
+    if !pooling && standby > 0 {
+        let s = o
+            .standby_connections
+            .as_ref()
+            .map_or(at.clone(), |s| cx.at(s));
+        return Err(ConfigError::invalid(
+            s,
+            "standby_connections needs pooling = true",
+        ));
+    }
     if max == 0 {
         let s = o.max_connections.as_ref().map_or(at.clone(), |s| cx.at(s));
         return Err(ConfigError::invalid(
@@ -523,7 +547,8 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         health_interval: d(o.health_interval, 5_000, "health_interval")?,
         unhealthy_after: cx.threshold(&o.unhealthy_after, 3, "unhealthy_after")?,
         healthy_after: cx.threshold(&o.healthy_after, 2, "healthy_after")?,
-        warm_ratio,
+        warm_ratio: if pooling { warm_ratio } else { 0.0 },
+        pooling,
     })
 }
 

@@ -104,7 +104,12 @@ impl State {
 impl Pool {
     /// Builds the pool (and its TLS client config); nothing is opened until [`Pool::start`].
     pub fn new(origin: Arc<OriginConfig>, floor: usize) -> Result<Pool, CertError> {
-        let tls = crate::tls::client::client_config(origin.ca.as_deref(), origin.protocol)?;
+        let tls = crate::tls::client::shared_client_config(
+            &origin.address,
+            &origin.server_name.to_str(),
+            origin.ca.as_deref(),
+            origin.protocol,
+        )?;
         let key = PoolKey {
             address: origin.address.clone(),
             server_name: origin.server_name.to_str().into_owned(),
@@ -116,7 +121,7 @@ impl Pool {
                 floor: floor.min(origin.max_connections),
                 origin,
                 key,
-                tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                tls: tokio_rustls::TlsConnector::from(tls),
                 state: Mutex::new(State::default()),
                 available: Notify::new(),
                 maintain: Notify::new(),
@@ -305,6 +310,9 @@ impl Inner {
     }
 
     fn try_take(self: &Arc<Self>, started: Instant) -> Option<Lease> {
+        if !self.origin.pooling {
+            return None;
+        }
         let mut st = self.lock();
         match self.origin.protocol {
             Protocol::H2 => {
@@ -371,7 +379,9 @@ impl Inner {
                     st.connecting -= 1;
                     st.open += 1;
                     match self.origin.protocol {
-                        Protocol::H2 => st.h2.push(conn.clone()),
+                        // Without pooling nobody else may use it; it closes with the lease.
+                        Protocol::H2 if self.origin.pooling => st.h2.push(conn.clone()),
+                        Protocol::H2 => {}
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
                 }
@@ -439,7 +449,11 @@ impl Inner {
         st.busy_h1 = st.busy_h1.saturating_sub(1);
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
         if let Some(send) = send {
-            if conn.is_usable() && send.is_ready() && !self.shutdown.is_cancelled() {
+            if self.origin.pooling
+                && conn.is_usable()
+                && send.is_ready()
+                && !self.shutdown.is_cancelled()
+            {
                 st.idle_h1.push((conn, send));
             }
         }

@@ -41,3 +41,52 @@ pub fn client_config_with_roots(roots: RootCertStore, alpn: &[&[u8]]) -> rustls:
 
 /// Shares one client config per origin key; wrapped so callers cannot mutate it.
 pub type SharedClientConfig = Arc<rustls::ClientConfig>;
+
+/// Everything that makes two upstream TLS configs different, including the CA file's bytes
+/// so a reload with a changed CA builds a new config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ConfigKey {
+    address: String,
+    server_name: String,
+    ca: Option<Vec<u8>>,
+    protocol: Protocol,
+}
+
+type Registry = std::sync::Mutex<std::collections::HashMap<ConfigKey, SharedClientConfig>>;
+
+/// Process-wide: one config (hence one TLS session cache) per server name + address + CA +
+/// protocol, shared by every worker thread and kept across reloads, so reconnects resume.
+fn registry() -> &'static Registry {
+    static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// The shared client config for an origin; built on first use.
+pub fn shared_client_config(
+    address: &str,
+    server_name: &str,
+    ca: Option<&Path>,
+    protocol: Protocol,
+) -> Result<SharedClientConfig, CertError> {
+    let ca_bytes = match ca {
+        Some(p) => Some(std::fs::read(p).map_err(|e| CertError::Ca {
+            path: p.to_path_buf(),
+            source: rustls::pki_types::pem::Error::Io(e),
+        })?),
+        None => None,
+    };
+    let key = ConfigKey {
+        address: address.to_string(),
+        server_name: server_name.to_string(),
+        ca: ca_bytes,
+        protocol,
+    };
+    // Held only at pool construction (start-up and reload), never on a request path.
+    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(cfg) = map.get(&key) {
+        return Ok(cfg.clone());
+    }
+    let cfg = Arc::new(client_config(ca, protocol)?);
+    map.insert(key, cfg.clone());
+    Ok(cfg)
+}

@@ -3,6 +3,7 @@
 mod support;
 
 mod config;
+mod demo;
 mod dns;
 mod edge;
 mod pool;
