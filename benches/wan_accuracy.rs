@@ -62,11 +62,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn line(what: &str, p50: Duration, ideal: f64) {
+/// `direct`: the same phase without the relay (crypto and HTTP work on loopback), which a real
+/// link would add too; what is left after it is the relay's own error.
+fn line(what: &str, p50: Duration, ideal: f64, direct: Duration) {
     let p = ms(p50);
     println!(
-        "{what:<28} p50 {p:>8.3} ms  ideal {ideal:>6.1} ms  error {:>+7.3} ms",
-        p - ideal
+        "{what:<28} p50 {p:>8.3} ms  ideal {ideal:>6.1} ms  error {:>+7.3} ms  \
+         (loopback cost {:>6.3} ms, relay error {:>+7.3} ms)",
+        p - ideal,
+        ms(direct),
+        p - ideal - ms(direct)
     );
 }
 
@@ -121,12 +126,21 @@ fn main() {
             let d = Duration::from_millis(one_way);
             let rtt = 2.0 * one_way as f64;
             println!("one-way delay {one_way} ms (RTT {rtt} ms)");
-            line("tcp ping-pong (1 RTT)", tcp_ping_pong(d, 50).await, rtt);
+            line(
+                "tcp ping-pong (1 RTT)",
+                tcp_ping_pong(d, 50).await,
+                rtt,
+                tcp_ping_pong(Duration::ZERO, 50).await,
+            );
             let relay = Relay::start("127.0.0.1:0".parse().expect("addr"), origin, d)
                 .await
                 .expect("relay");
             let url = format!("https://127.0.0.1:{}/", relay.local_addr().port());
-            let targets = [Target::parse(&url).expect("url")];
+            let direct = format!("https://127.0.0.1:{}/", origin.port());
+            let targets = [
+                Target::parse(&url).expect("url"),
+                Target::parse(&direct).expect("url"),
+            ];
             for mode in [Mode::Cold, Mode::Resumed, Mode::Warm] {
                 let opts = Options {
                     count: 50,
@@ -135,18 +149,29 @@ fn main() {
                     ..Options::default()
                 };
                 let r = measure(&targets, &opts).await;
-                let t = &r.targets[0];
-                let p50 = |row| t.stats(row).map(|s| s.p50).unwrap_or_default();
+                let p50 =
+                    |i: usize, row| r.targets[i].stats(row).map(|s| s.p50).unwrap_or_default();
                 let name = mode.as_str();
                 if mode != Mode::Warm {
                     line(
                         &format!("{name}: tls done (2 RTT)"),
-                        p50(Row::Connect) + p50(Row::Tls),
+                        p50(0, Row::Connect) + p50(0, Row::Tls),
                         2.0 * rtt,
+                        p50(1, Row::Connect) + p50(1, Row::Tls),
                     );
-                    line(&format!("{name}: ttfb (3 RTT)"), p50(Row::Ttfb), 3.0 * rtt);
+                    line(
+                        &format!("{name}: ttfb (3 RTT)"),
+                        p50(0, Row::Ttfb),
+                        3.0 * rtt,
+                        p50(1, Row::Ttfb),
+                    );
                 } else {
-                    line(&format!("{name}: ttfb (1 RTT)"), p50(Row::Ttfb), rtt);
+                    line(
+                        &format!("{name}: ttfb (1 RTT)"),
+                        p50(0, Row::Ttfb),
+                        rtt,
+                        p50(1, Row::Ttfb),
+                    );
                 }
             }
         }
