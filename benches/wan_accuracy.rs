@@ -180,7 +180,56 @@ fn main() {
                         p50(1, Row::Ttfb),
                     );
                 }
+                if mode == Mode::Cold {
+                    compare_with_curl(&url, &r);
+                }
             }
         }
     });
+}
+
+/// curl's `time_connect time_appconnect time_starttransfer` p50 over 20 runs against the same
+/// URL, beside the probe's cold p50 (connect, connect + tls, ttfb).
+fn compare_with_curl(url: &str, r: &edgepop::probe::Report) {
+    let ca = certs().join("dev-ca.crt");
+    let mut cols: [Vec<f64>; 3] = Default::default();
+    for _ in 0..20 {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--cacert"])
+            .arg(&ca)
+            .args([
+                "-w",
+                "%{time_connect} %{time_appconnect} %{time_starttransfer}",
+                url,
+            ])
+            .output();
+        let Ok(out) = out else {
+            println!("curl not available: comparison skipped");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        for (col, v) in cols.iter_mut().zip(text.split_whitespace()) {
+            if let Ok(v) = v.parse::<f64>() {
+                col.push(v * 1000.0);
+            }
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let t = &r.targets[0];
+    let p = |row| t.stats(row).map(|s| ms(s.p50)).unwrap_or(f64::NAN);
+    let [c, a, s] = &mut cols;
+    println!(
+        "probe vs curl, p50 ms        connect {:>8.3} / {:>8.3}  tls done {:>8.3} / {:>8.3}  ttfb {:>8.3} / {:>8.3}",
+        p(Row::Connect),
+        med(c),
+        p(Row::Connect) + p(Row::Tls),
+        med(a),
+        p(Row::Ttfb),
+        med(s)
+    );
 }
