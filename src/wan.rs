@@ -31,8 +31,9 @@
 //! before its deadline, then yields until the deadline. Measured with `cargo bench --bench
 //! wan_accuracy` on a loaded 2-core box: +0.06 to +0.35 ms per round trip at p50. The price is
 //! up to 1.5 ms of busy-yielding per delivered chunk: fine for tests and the demo, not meant
-//! for bulk throughput on many connections. Under paused tokio time it falls back to the
-//! timer after 3 ms of real time, so paused-clock tests still advance.
+//! for bulk throughput on many connections. If the tokio clock does not move (paused time),
+//! a delivery falls back to the timer after 3 ms of real time instead of spinning forever
+//! (by design; not covered by a test, as tokio's `test-util` feature is not enabled).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), edgepop::wan::WanError> {
