@@ -62,11 +62,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn line(what: &str, p50: Duration, ideal: f64) {
+/// `direct`: the same phase without the relay (crypto and HTTP work on loopback), which a real
+/// link would add too; what is left after it is the relay's own error.
+fn line(what: &str, p50: Duration, ideal: f64, direct: Duration) {
     let p = ms(p50);
     println!(
-        "{what:<28} p50 {p:>8.3} ms  ideal {ideal:>6.1} ms  error {:>+7.3} ms",
-        p - ideal
+        "{what:<28} p50 {p:>8.3} ms  ideal {ideal:>6.1} ms  error {:>+7.3} ms  \
+         (loopback cost {:>6.3} ms, relay error {:>+7.3} ms)",
+        p - ideal,
+        ms(direct),
+        p - ideal - ms(direct)
     );
 }
 
@@ -109,6 +114,13 @@ async fn tcp_ping_pong(delay: Duration, n: usize) -> Duration {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs harness-less benches too, without `--bench`: skip there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "wan_accuracy: measurement skipped (run it with `cargo bench --bench wan_accuracy`)"
+        );
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -121,12 +133,21 @@ fn main() {
             let d = Duration::from_millis(one_way);
             let rtt = 2.0 * one_way as f64;
             println!("one-way delay {one_way} ms (RTT {rtt} ms)");
-            line("tcp ping-pong (1 RTT)", tcp_ping_pong(d, 50).await, rtt);
+            line(
+                "tcp ping-pong (1 RTT)",
+                tcp_ping_pong(d, 50).await,
+                rtt,
+                tcp_ping_pong(Duration::ZERO, 50).await,
+            );
             let relay = Relay::start("127.0.0.1:0".parse().expect("addr"), origin, d)
                 .await
                 .expect("relay");
             let url = format!("https://127.0.0.1:{}/", relay.local_addr().port());
-            let targets = [Target::parse(&url).expect("url")];
+            let direct = format!("https://127.0.0.1:{}/", origin.port());
+            let targets = [
+                Target::parse(&url).expect("url"),
+                Target::parse(&direct).expect("url"),
+            ];
             for mode in [Mode::Cold, Mode::Resumed, Mode::Warm] {
                 let opts = Options {
                     count: 50,
@@ -135,20 +156,80 @@ fn main() {
                     ..Options::default()
                 };
                 let r = measure(&targets, &opts).await;
-                let t = &r.targets[0];
-                let p50 = |row| t.stats(row).map(|s| s.p50).unwrap_or_default();
+                let p50 =
+                    |i: usize, row| r.targets[i].stats(row).map(|s| s.p50).unwrap_or_default();
                 let name = mode.as_str();
                 if mode != Mode::Warm {
                     line(
                         &format!("{name}: tls done (2 RTT)"),
-                        p50(Row::Connect) + p50(Row::Tls),
+                        p50(0, Row::Connect) + p50(0, Row::Tls),
                         2.0 * rtt,
+                        p50(1, Row::Connect) + p50(1, Row::Tls),
                     );
-                    line(&format!("{name}: ttfb (3 RTT)"), p50(Row::Ttfb), 3.0 * rtt);
+                    line(
+                        &format!("{name}: ttfb (3 RTT)"),
+                        p50(0, Row::Ttfb),
+                        3.0 * rtt,
+                        p50(1, Row::Ttfb),
+                    );
                 } else {
-                    line(&format!("{name}: ttfb (1 RTT)"), p50(Row::Ttfb), rtt);
+                    line(
+                        &format!("{name}: ttfb (1 RTT)"),
+                        p50(0, Row::Ttfb),
+                        rtt,
+                        p50(1, Row::Ttfb),
+                    );
+                }
+                if mode == Mode::Cold {
+                    compare_with_curl(&url, &r);
                 }
             }
         }
     });
+}
+
+/// curl's `time_connect time_appconnect time_starttransfer` p50 over 20 runs against the same
+/// URL, beside the probe's cold p50 (connect, connect + tls, ttfb).
+fn compare_with_curl(url: &str, r: &edgepop::probe::Report) {
+    let ca = certs().join("dev-ca.crt");
+    let mut cols: [Vec<f64>; 3] = Default::default();
+    for _ in 0..20 {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--cacert"])
+            .arg(&ca)
+            .args([
+                "-w",
+                "%{time_connect} %{time_appconnect} %{time_starttransfer}",
+                url,
+            ])
+            .output();
+        let Ok(out) = out else {
+            println!("curl not available: comparison skipped");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        for (col, v) in cols.iter_mut().zip(text.split_whitespace()) {
+            if let Ok(v) = v.parse::<f64>() {
+                col.push(v * 1000.0);
+            }
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let t = &r.targets[0];
+    let p = |row| t.stats(row).map(|s| ms(s.p50)).unwrap_or(f64::NAN);
+    let [c, a, s] = &mut cols;
+    println!(
+        "probe vs curl, p50 ms        connect {:>8.3} / {:>8.3}  tls done {:>8.3} / {:>8.3}  ttfb {:>8.3} / {:>8.3}",
+        p(Row::Connect),
+        med(c),
+        p(Row::Connect) + p(Row::Tls),
+        med(a),
+        p(Row::Ttfb),
+        med(s)
+    );
 }

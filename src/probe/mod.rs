@@ -24,8 +24,16 @@
 //! `dns`, `connect`, `tls` are the durations of those phases (absent when the phase did not
 //! happen: IP literal or `--resolve`, or `warm` mode); `ttfb` and `total` count from the start
 //! of the sample, as curl's `time_starttransfer` / `time_total` do. In `warm` mode the sample
-//! starts at the request, so `ttfb` is the request round trip alone. Through `wan::Relay`
+//! starts at the request, so `ttfb` is the request round trip alone. "First byte" is when hyper
+//! has the response head, which for a small head is its first byte's arrival to within
+//! microseconds. Through `wan::Relay`
 //! the TCP round trip shows up in the TLS phase (see `wan`).
+//!
+//! A sample fails (counted per target with its reason: `refused`, `bad certificate`,
+//! `timeout (tls handshake)`, `status 502`...) on any error or a 5xx status; failures are
+//! reported, never fatal. The edge's `Server-Timing` (`pool;dur=`, `upstream;dur=;desc=`)
+//! splits TTFB into client<->edge (TTFB - DNS - pool wait - upstream), the edge's pool wait,
+//! and edge<->origin (upstream time to first byte).
 
 mod args;
 mod conn;

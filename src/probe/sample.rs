@@ -144,9 +144,16 @@ pub struct Sample {
     pub http: &'static str,
     pub status: u16,
     pub body_bytes: u64,
-    /// `None` on cleartext and on a kept (`warm`) connection.
+    /// `None` on cleartext; in `warm` mode, the kept connection's handshake.
     pub tls_info: Option<TlsInfo>,
     pub server_timing: Option<ServerTiming>,
+}
+
+/// The connection `warm` mode keeps.
+struct Kept {
+    http: HttpConn,
+    addr: SocketAddr,
+    tls_info: Option<TlsInfo>,
 }
 
 /// What a target carries from sample to sample.
@@ -157,8 +164,8 @@ pub struct Session {
     http: HttpVersion,
     mode: Mode,
     timeout: Duration,
-    /// `warm`: the kept connection and where it goes.
-    kept: Option<(HttpConn, SocketAddr)>,
+    /// `warm`: the kept connection, where it goes and what its handshake negotiated.
+    kept: Option<Kept>,
 }
 
 impl Session {
@@ -245,14 +252,14 @@ impl Session {
     /// A request on the kept connection: the request round trip alone.
     async fn kept(&mut self) -> Result<Sample, SampleError> {
         self.ensure_kept().await?;
-        let Some((mut http, addr)) = self.kept.take() else {
+        let Some(mut kept) = self.kept.take() else {
             return Err(SampleError::Request("no kept connection".into()));
         };
         let start = Instant::now();
-        let resp = self.request(&mut http).await?;
-        let h2 = http.h2;
+        let resp = self.request(&mut kept.http).await?;
+        let (h2, addr, tls_info) = (kept.http.h2, kept.addr, kept.tls_info.clone());
         // Kept only if the request went well: a broken connection is reopened next sample.
-        self.kept = Some((http, addr));
+        self.kept = Some(kept);
         Ok(Sample {
             address: addr,
             dns: None,
@@ -263,13 +270,13 @@ impl Session {
             http: if h2 { "HTTP/2" } else { "HTTP/1.1" },
             status: resp.status,
             body_bytes: resp.body_bytes,
-            tls_info: None,
+            tls_info,
             server_timing: resp.server_timing,
         })
     }
 
     async fn ensure_kept(&mut self) -> Result<(), SampleError> {
-        if self.kept.as_ref().is_some_and(|(c, _)| c.is_open()) {
+        if self.kept.as_ref().is_some_and(|k| k.http.is_open()) {
             return Ok(());
         }
         self.kept = None;
@@ -285,7 +292,11 @@ impl Session {
         };
         let h2 = self.use_h2(info.as_ref());
         let http = HttpConn::handshake(io, h2, timeout).await?;
-        self.kept = Some((http, addr));
+        self.kept = Some(Kept {
+            http,
+            addr,
+            tls_info: info,
+        });
         Ok(())
     }
 

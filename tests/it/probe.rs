@@ -727,3 +727,49 @@ async fn dns_flag_resolves_through_the_given_server_with_client_subnet() {
     let want = ClientSubnet::new("203.0.113.0".parse().expect("ip"), 24, 0);
     assert!(seen.iter().all(|s| *s == Some(want)), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_accepts_a_certificate_for_another_name() {
+    let o = origin(None).await;
+    let mut opts = options(Mode::Cold, 1);
+    opts.trust = Trust::Insecure;
+    opts.resolve = vec![format!("elsewhere.example:{}:127.0.0.1", o.addr.port())
+        .parse()
+        .expect("override")];
+    let target = format!("https://elsewhere.example:{}/", o.addr.port());
+    let report = measure(&[Target::parse(&target).expect("url")], &opts).await;
+    assert_eq!(
+        report.targets[0].succeeded(),
+        1,
+        "{}",
+        report.render_table()
+    );
+    assert!(
+        report.targets[0].stats(Row::Dns).is_none(),
+        "--resolve: no dns phase"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_path_fails_with_the_phase_that_timed_out() {
+    let o = origin(None).await;
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        o.addr,
+        Duration::from_millis(1),
+    )
+    .await
+    .expect("relay");
+    relay.blackhole(true);
+    let mut opts = options(Mode::Cold, 1);
+    opts.timeout = Duration::from_millis(300);
+    let report = measure(
+        &[Target::parse(&url(relay.local_addr())).expect("url")],
+        &opts,
+    )
+    .await;
+    let failures = report.targets[0].failures();
+    assert_eq!(failures.len(), 1, "{}", report.render_table());
+    assert_eq!(failures[0].reason, "timeout (tls handshake)");
+    assert!(!report.all_targets_succeeded());
+}
