@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# End-to-end throughput: h2load through edgepop vs through nginx (upstream keepalive), both
+# in front of the same nginx origin, one worker each, on loopback, in one run.
+#   bash benches/edge/run.sh            (needs nginx, h2load: apt-get install nginx-light nghttp2-client)
+# Env: N (requests per run, default 200000), C (clients, 16), M (h2 streams per client, 32).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+N=${N:-200000}; C=${C:-16}; M=${M:-32}
+command -v nginx >/dev/null && command -v h2load >/dev/null || {
+  echo "needs nginx and h2load (apt-get install -y nginx-light nghttp2-client)"; exit 1; }
+cargo build --release -q
+BIN=$PWD/target/release/edgepop
+DIR=$(mktemp -d); CERTS=$PWD/certs
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ORIGIN_PORT=$(free_port); NGINX_EDGE_PORT=$(free_port); EDGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+fill() { sed -e "s#@DIR@#$DIR#g; s#@CERTS@#$CERTS#g; s#@ORIGIN_PORT@#$ORIGIN_PORT#g; s#@NGINX_EDGE_PORT@#$NGINX_EDGE_PORT#g; s#@EDGE_PORT@#$EDGE_PORT#g; s#@ADMIN_PORT@#$ADMIN_PORT#g; s#@PROTOCOL@#$2#g; s#@WARM@#$3#g" "$1"; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up"; exit 1; }
+
+fill benches/edge/nginx-origin.conf.in x x > "$DIR/origin.conf"
+nginx -c "$DIR/origin.conf" -p "$DIR" & pids+=($!)
+fill benches/edge/nginx-edge.conf.in x x > "$DIR/edge.conf"
+nginx -c "$DIR/edge.conf" -p "$DIR" & pids+=($!)
+wait_port "$ORIGIN_PORT"; wait_port "$NGINX_EDGE_PORT"
+
+# p99 from h2load's per-request log (duration in microseconds is the 3rd column).
+p99() { sort -n -k3 "$1" | awk '{d[NR]=$3} END {i=int(NR*0.99); if (i<1) i=1; printf "%.2f", d[i]/1000}'; }
+run() { # label port h1|h2
+  local key; key=$(printf %s "$1" | tr -c 'a-zA-Z0-9' '_')
+  local log="$DIR/$key.log"
+  local args=(-c "$C")
+  if [ "$3" = h1 ]; then args+=(--h1); else args+=(-m "$M"); fi
+  h2load "${args[@]}" -n 5000 "https://localhost:$2/" > /dev/null 2>&1 || true   # warm-up
+  h2load "${args[@]}" -n "$N" --log-file="$log" "https://localhost:$2/" > "$DIR/$key.out" 2>&1 || true
+  local rps ok
+  rps=$(awk '/^finished in/ {print $4}' "$DIR/$key.out")
+  ok=$(awk '/^requests:/ {print $8}' "$DIR/$key.out")
+  printf "%-48s %10s req/s   p99 %7s ms   (%s of %s succeeded)\n" "$1" "$rps" "$(p99 "$log")" "$ok" "$N"
+  echo "$rps" > "$DIR/$key.rps"
+}
+edge() { # protocol
+  fill benches/edge/edgepop.toml.in "$1" 16 > "$DIR/edgepop-$1.toml"
+  TOKIO_WORKER_THREADS=1 EDGEPOP_LOG=warn "$BIN" serve --config "$DIR/edgepop-$1.toml" > /dev/null & EDGE_PID=$!
+  pids+=($EDGE_PID); wait_port "$EDGE_PORT"
+}
+stop_edge() { kill "$EDGE_PID"; wait "$EDGE_PID" 2>/dev/null || true; }
+
+echo "h2load -n $N -c $C (-m $M for h2), one worker per proxy, origin: nginx (1 worker), $(nproc) cores"
+for proto in h2 http1; do
+  edge "$proto"
+  run "edgepop (upstream $proto), client h2" "$EDGE_PORT" h2
+  run "edgepop (upstream $proto), client h1" "$EDGE_PORT" h1
+  stop_edge
+done
+run "nginx (upstream http/1.1 keepalive), client h2" "$NGINX_EDGE_PORT" h2
+run "nginx (upstream http/1.1 keepalive), client h1" "$NGINX_EDGE_PORT" h1
+ratio() {
+  local a b; a=$(printf %s "$1" | tr -c 'a-zA-Z0-9' '_'); b=$(printf %s "$2" | tr -c 'a-zA-Z0-9' '_')
+  python3 -c "print(f'{float(open(\"$DIR/$a.rps\").read())/float(open(\"$DIR/$b.rps\").read()):.2f}')"
+}
+echo "ratio edgepop(h2 upstream)/nginx, client h2: $(ratio 'edgepop (upstream h2), client h2' 'nginx (upstream http/1.1 keepalive), client h2')"
+echo "ratio edgepop(http1 upstream)/nginx, client h1: $(ratio 'edgepop (upstream http1), client h1' 'nginx (upstream http/1.1 keepalive), client h1')"
