@@ -26,6 +26,8 @@ pub enum Command {
     LatencyProbe(crate::probe::ProbeArgs),
     /// Self-contained showcase on loopback: origin, WAN simulator, edge, probe.
     Demo(crate::demo::DemoArgs),
+    /// Run the demo/test origin (TLS, h2 + http/1.1) so `serve` has something to front.
+    Origin(crate::demo::OriginArgs),
 }
 
 #[derive(Debug, Args)]

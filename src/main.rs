@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Command::Dns(a) => runtime().and_then(|rt| rt.block_on(edgepop::dns::run(&a.config))),
         Command::LatencyProbe(a) => runtime().and_then(|rt| rt.block_on(edgepop::probe::run(a))),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(edgepop::demo::run(a))),
+        Command::Origin(a) => runtime().and_then(|rt| rt.block_on(edgepop::demo::run_origin(a))),
     };
     match result {
         Ok(code) => code,

@@ -51,6 +51,9 @@ struct HandshakeLabel {
     kind: String,
 }
 
+/// A metric read off a pool snapshot: name, help, accessor.
+type SnapshotMetric<T> = (&'static str, &'static str, fn(&PoolSnapshot) -> T);
+
 fn gauge(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -75,7 +78,7 @@ pub fn render_edge(counters: &EdgeCounters, pools: &[PoolSnapshot], draining: bo
     d.set(i64::from(draining));
     reg.register(DRAINING, "1 while the edge drains", d);
 
-    let gauges: [(&str, &str, fn(&PoolSnapshot) -> i64); 5] = [
+    let gauges: [SnapshotMetric<i64>; 5] = [
         (UPSTREAM_OPEN, "Open upstream connections", |p| {
             gauge(p.open)
         }),
@@ -104,7 +107,7 @@ pub fn render_edge(counters: &EdgeCounters, pools: &[PoolSnapshot], draining: bo
         }
         reg.register(name, help, fam);
     }
-    let counters: [(&str, &str, fn(&PoolSnapshot) -> u64); 3] = [
+    let counters: [SnapshotMetric<u64>; 3] = [
         (UPSTREAM_OPENED, "Upstream connections opened", |p| {
             p.opened_total
         }),

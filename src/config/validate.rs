@@ -27,7 +27,6 @@ pub struct Config {
 pub struct PopConfig {
     pub name: String,
     pub server_timing: bool,
-    pub ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -265,7 +264,6 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
     Ok(PopConfig {
         name: p.name.get_ref().clone(),
         server_timing: p.server_timing.unwrap_or(true),
-        ticket_keys: p.ticket_keys.as_ref().map(|s| PathBuf::from(s.get_ref())),
     })
 }
 

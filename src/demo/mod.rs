@@ -34,6 +34,31 @@ pub struct DemoArgs {
     pub count: usize,
 }
 
+#[derive(Debug, Args)]
+pub struct OriginArgs {
+    /// Address to listen on (the origin of config/edgepop.toml).
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    pub listen: SocketAddr,
+    /// Folder with origin.crt and origin.key.
+    #[arg(long, default_value = "certs")]
+    pub certs: std::path::PathBuf,
+}
+
+/// `edgepop origin`: the demo origin in the foreground until Ctrl-C / SIGTERM.
+pub async fn run_origin(args: OriginArgs) -> anyhow::Result<ExitCode> {
+    let origin = origin::Origin::builder(&args.certs)
+        .address(args.listen)
+        .start()
+        .await?;
+    println!("edgepop origin: listening on https://{}", origin.addr());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
 
 fn any_port() -> SocketAddr {

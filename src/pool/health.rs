@@ -132,8 +132,10 @@ async fn check_once(pool: &Pool, path: &str) -> bool {
             req.headers_mut().insert(hyper::header::HOST, h);
         }
     }
+    let sent_at = tokio::time::Instant::now();
     match lease.send(req).await {
         Ok((resp, guard)) => {
+            pool.inner.stats.record_health_rtt(sent_at.elapsed());
             let ok = resp.status().is_success() || resp.status().is_redirection();
             // Drain so an http/1.1 connection can go back to the pool.
             let _ = resp.into_body().collect().await;

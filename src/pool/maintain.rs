@@ -138,10 +138,8 @@ async fn rotate(inner: &Arc<Inner>) -> bool {
         if !aged && !idle_expiring {
             continue;
         }
-        if inner.reserve_connect() {
-            if open_n(inner, 1).await {
-                return true;
-            }
+        if inner.reserve_connect() && open_n(inner, 1).await {
+            return true;
         }
         inner.retire(id);
         inner.stats.rotated.fetch_add(1, Ordering::Relaxed);

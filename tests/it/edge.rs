@@ -474,3 +474,75 @@ async fn uploads_and_downloads_of_64_mib_stream_with_bounded_edge_memory() {
         eprintln!("{proto}: edge peak RSS {baseline} KiB -> {peak} KiB");
     }
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+async fn served_by(addr: std::net::SocketAddr) -> String {
+    let mut c = Client::connect(addr, "localhost", false).await;
+    let resp = c.send(request(false, "localhost", "/")).await.unwrap();
+    resp.headers()
+        .get("x-origin")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_config_keeps_serving_on_a_bad_one_and_sigterm_drains() {
+    let a = origin().name("a").start().await.unwrap();
+    let b = origin().name("b").start().await.unwrap();
+    let mut edge = spawn_edge(&edge_config(
+        &[("a", a.addr(), "warm_connections = 1")],
+        &["localhost"],
+    ))
+    .await;
+    let pid = edge.pid();
+    let path = edge.dir.path().join("edgepop.toml");
+    assert_eq!(served_by(edge.addr).await, "a");
+    // A broken edit: the running configuration keeps serving.
+    std::fs::write(&path, "[pop]\nname = \"x\"\nbogus = 1\n").unwrap();
+    signal(pid, "HUP");
+    for _ in 0..20 {
+        assert_eq!(served_by(edge.addr).await, "a");
+    }
+    // A good edit moves the route to origin b (whose pool is opened before the swap).
+    std::fs::write(
+        &path,
+        edge_config(&[("b", b.addr(), "warm_connections = 1")], &["localhost"]),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served_by(edge.addr).await == "b"
+        })
+        .await
+    );
+    assert_eq!(
+        b.stats().handshakes(),
+        1,
+        "the new origin's pool was warm before the swap"
+    );
+    // SIGTERM while a request is in flight: it completes, then the process exits cleanly.
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    let mut slow = Client::H2(send.clone());
+    let seen = || b.stats().requests.load(std::sync::atomic::Ordering::SeqCst);
+    let before = seen();
+    let in_flight = tokio::spawn(async move { slow.get("localhost", "/delay/700").await });
+    assert!(eventually(Duration::from_secs(5), || async { seen() > before }).await);
+    signal(pid, "TERM");
+    assert_eq!(in_flight.await.unwrap(), (200, "delayed\n".into()));
+    let status = tokio::time::timeout(Duration::from_secs(10), edge.child.wait())
+        .await
+        .expect("exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(c);
+}
