@@ -155,7 +155,7 @@ impl EdgeServer {
             counters.clone(),
         )));
         let tls = Arc::new(ArcSwap::from_pointee(
-            crate::tls::sni::server_config(&edge_cfg.certificates)
+            crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())
                 .context("building the TLS server config")?,
         ));
         let status = EdgeStatus {
@@ -209,7 +209,8 @@ impl EdgeServer {
             .edge
             .as_ref()
             .context("reloaded config has no edge sections")?;
-        let tls = crate::tls::sni::server_config(&edge_cfg.certificates)?;
+        let tls =
+            crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())?;
         let old = self.status.runtime.load_full();
         let mut pools = Vec::with_capacity(edge_cfg.origins.len());
         let mut fresh = Vec::new();

@@ -27,6 +27,8 @@ pub struct RawPop {
     pub name: Spanned<String>,
     /// Add a `Server-Timing` header with the PoP's view of each request.
     pub server_timing: Option<bool>,
+    /// Session-ticket key file shared by the instances of a PoP (see `tls::tickets`).
+    pub ticket_keys: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,8 @@ pub struct Config {
 pub struct PopConfig {
     pub name: String,
     pub server_timing: bool,
+    /// Shared session-ticket keys; `None`: each process makes its own.
+    pub ticket_keys: Option<Arc<crate::tls::tickets::FileTicketer>>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,9 +263,19 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
     if p.name.get_ref().trim().is_empty() {
         return Err(cx.err(&p.name, "pop name must not be empty"));
     }
+    let ticket_keys = match &p.ticket_keys {
+        Some(path) => Some(Arc::new(
+            crate::tls::tickets::FileTicketer::load(Path::new(path.get_ref())).map_err(|e| {
+                let reason = e.to_string();
+                ConfigError::invalid_because(cx.at(path), reason, e)
+            })?,
+        )),
+        None => None,
+    };
     Ok(PopConfig {
         name: p.name.get_ref().clone(),
         server_timing: p.server_timing.unwrap_or(true),
+        ticket_keys,
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod client;
 pub mod sni;
+pub mod tickets;
 
 use std::sync::Arc;
 

@@ -63,8 +63,11 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the listener's TLS config.
-pub fn server_config(certs: &[CertificateConfig]) -> Result<rustls::ServerConfig, rustls::Error> {
+/// Builds the listener's TLS config; `tickets`: shared ticket keys, else a per-process key.
+pub fn server_config(
+    certs: &[CertificateConfig],
+    tickets: Option<Arc<super::tickets::FileTicketer>>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let resolver = SniResolver::new(certs)
         .ok_or_else(|| rustls::Error::General("no certificate configured".into()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(super::provider_arc())
@@ -72,7 +75,10 @@ pub fn server_config(certs: &[CertificateConfig]) -> Result<rustls::ServerConfig
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    cfg.ticketer = match tickets {
+        Some(t) => t,
+        None => rustls::crypto::ring::Ticketer::new()?,
+    };
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
     Ok(cfg)
 }

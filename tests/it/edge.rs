@@ -546,3 +546,68 @@ async fn sighup_applies_a_good_config_keeps_serving_on_a_bad_one_and_sigterm_dra
     assert!(status.success(), "{status:?}");
     drop(c);
 }
+
+/// Connects with `cfg`, does one GET (so TLS 1.3 tickets are read), reports resumption.
+async fn get_and_check_resumed(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(request(false, "localhost", "/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    resumed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_sharing_a_ticket_key_file_resume_each_others_sessions() {
+    let origin = origin().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = write_file(
+        dir.path(),
+        "ticket.keys",
+        "# name (16 bytes) + key (32 bytes)\n00112233445566778899aabbccddeeff000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+    );
+    let base = edge_config(
+        &[("o1", origin.addr(), "warm_connections = 1")],
+        &["localhost"],
+    );
+    let shared = base.replace(
+        "name = \"test1\"\n",
+        &format!("name = \"test1\"\nticket_keys = \"{}\"\n", keys.display()),
+    );
+    let roots = edgepop::tls::certs::load_roots(&ca()).unwrap();
+    let client = || {
+        Arc::new(edgepop::tls::client::client_config_with_roots(
+            roots.clone(),
+            &[b"http/1.1"],
+        ))
+    };
+    // Shared keys: a ticket from instance A resumes on instance B.
+    let (a, b) = (start_edge(&shared).await, start_edge(&shared).await);
+    let cfg = client();
+    assert!(!get_and_check_resumed(a.addr, cfg.clone()).await);
+    assert!(
+        get_and_check_resumed(b.addr, cfg.clone()).await,
+        "resumed on the other instance"
+    );
+    // Without shared keys, each instance has its own: no resumption across them.
+    let (c, d) = (start_edge(&base).await, start_edge(&base).await);
+    let cfg = client();
+    assert!(!get_and_check_resumed(c.addr, cfg.clone()).await);
+    assert!(!get_and_check_resumed(d.addr, cfg.clone()).await);
+    assert!(
+        get_and_check_resumed(d.addr, cfg).await,
+        "same instance resumes"
+    );
+}
