@@ -611,3 +611,68 @@ async fn instances_sharing_a_ticket_key_file_resume_each_others_sessions() {
         "same instance resumes"
     );
 }
+
+/// Writes raw bytes over TLS (http/1.1) and returns what the edge answers.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(addr, "localhost", &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_nothing_is_smuggled_past_the_edge() {
+    let (origin, edge) = one_origin_edge("protocol = \"http1\"").await;
+    let cases: [(&str, &[u8]); 3] = [
+        ("garbage request line", b"GARBAGE\r\n\r\n"),
+        ("two content-lengths", b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+        ("no Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+    ];
+    for (what, bytes) in cases {
+        let answer = raw_exchange(edge.addr, bytes).await;
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no status in {answer:?}"));
+        assert!((400..500).contains(&status), "{what}: {answer:?}");
+    }
+    // Content-Length with Transfer-Encoding: hyper applies RFC 9112 6.3 (chunked wins, the
+    // length is dropped) and closes the client connection after, so nothing can be smuggled
+    // behind it.
+    let answer = raw_exchange(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("connection: close"), "{answer:?}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer:?}");
+    let before_huge = origin
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let answer = raw_exchange(edge.addr, huge.as_bytes()).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        before_huge
+    );
+    assert_eq!(before_huge, 1, "only the chunked POST reached the origin");
+    // And the edge still serves.
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+}
