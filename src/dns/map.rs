@@ -356,3 +356,16 @@ fn rtype_name(t: RecordType) -> &'static str {
         _ => "other",
     }
 }
+
+/// Builds a map outside a running sidecar (its own health and hit books, every PoP up):
+/// for fuzzing, benches and tests of the query path.
+pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
+    let cx = BuildContext {
+        cfg,
+        health: &HealthBook::default(),
+        hits: &HitBook::default(),
+        generation: 1,
+        serial: 1,
+    };
+    build(file, &cx)
+}

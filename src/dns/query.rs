@@ -270,6 +270,12 @@ pub fn handle(
     Some(r.finish(Rcode::NoError, transport, qtype))
 }
 
+/// [`handle`] for one UDP query into a fresh buffer: the fuzz target's entry point.
+pub fn handle_query(query: &[u8], src: IpAddr, map: &Map) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    handle(query, src, Transport::Udp, map, &mut out).map(|_| out)
+}
+
 /// Which address locates the client: the ECS subnet when it has a non-zero SOURCE, else the
 /// packet's source. Returns the hit and, when ECS decided, the ECS (so SCOPE is set).
 fn locate(map: &Map, src: IpAddr, ecs: Option<Ecs>) -> (Hit, Option<Ecs>) {

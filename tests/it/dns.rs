@@ -790,3 +790,46 @@ async fn the_binary_serves_reloads_on_sighup_and_check_reports_a_broken_region_f
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
 }
+
+#[test]
+fn the_fuzz_seed_corpus_and_random_mutations_never_panic_the_query_path() {
+    let cfg = edgepop::config::parse(
+        std::path::Path::new("t.toml"),
+        &config_text(std::path::Path::new("unused.toml"), ""),
+    )
+    .expect("config")
+    .dns
+    .expect("[dns]");
+    let file = edgepop::config::regions::parse(std::path::Path::new("r.toml"), &basic_regions())
+        .expect("regions");
+    let map = edgepop::dns::map::standalone(&cfg, file).expect("map");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/dns_query");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .expect("seed corpus")
+        .map(|e| std::fs::read(e.expect("entry").path()).expect("seed"))
+        .collect();
+    assert!(seeds.len() >= 20, "seed corpus in {}", dir.display());
+    seeds.sort();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let srcs: [std::net::IpAddr; 2] = [
+        "198.51.100.7".parse().expect("v4"),
+        "2001:db8:2::1".parse().expect("v6"),
+    ];
+    let mut answered = 0;
+    for seed in &seeds {
+        for round in 0..300 {
+            let mut p = seed[1..].to_vec();
+            if round > 0 && !p.is_empty() {
+                for _ in 0..rng.gen_range(1..4) {
+                    let i = rng.gen_range(0..p.len());
+                    p[i] = rng.gen();
+                }
+            }
+            if let Some(r) = edgepop::dns::query::handle_query(&p, srcs[round % 2], &map) {
+                assert!(r.len() >= 12 && r.len() <= 1232 && r[..2] == p[..2]);
+                answered += 1;
+            }
+        }
+    }
+    assert!(answered > 1000, "{answered}");
+}
