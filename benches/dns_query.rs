@@ -16,7 +16,16 @@ pub fn region_file(n: usize) -> RegionFile {
         .map(|i| Pop {
             name: format!("pop{i}"),
             ipv4: vec![Ipv4Addr::new(192, 0, 2, i + 1)],
-            ipv6: vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(i) + 1)],
+            ipv6: vec![Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from(i) + 1,
+            )],
             health: None,
         })
         .collect();
@@ -31,10 +40,16 @@ pub fn region_file(n: usize) -> RegionFile {
         let x = (k as u32).wrapping_mul(2_654_435_761);
         let net: ipnet::IpNet = if k % 2 == 0 {
             let len = if k % 20 == 0 { 16 } else { 24 };
-            ipnet::Ipv4Net::new(Ipv4Addr::from(x), len).expect("v4").trunc().into()
+            ipnet::Ipv4Net::new(Ipv4Addr::from(x), len)
+                .expect("v4")
+                .trunc()
+                .into()
         } else {
             let a = (0x2001_0db8u128 << 96) | (u128::from(x) << 64);
-            ipnet::Ipv6Net::new(Ipv6Addr::from(a), 48).expect("v6").trunc().into()
+            ipnet::Ipv6Net::new(Ipv6Addr::from(a), 48)
+                .expect("v6")
+                .trunc()
+                .into()
         };
         regions[k % 8].networks.push(net);
     }
