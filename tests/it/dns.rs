@@ -352,7 +352,9 @@ pops = ["second", "first"]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pop_answering_503_is_replaced_by_the_next_and_comes_back_when_healthy() {
-    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    // The first PoP's health URL is HTTPS (verified against health_ca), the second's HTTP.
+    let (first, second) = (FakeHealth::start_tls().await, FakeHealth::start().await);
+    assert!(first.url().starts_with("https://127.0.0.1:"));
     let dns = Dns::start(&health_regions(&first, &second)).await;
     let north = |dns: &Dns| {
         let q = query(WWW, RecordType::A, Some(("198.51.100.0", 24)));
