@@ -81,6 +81,28 @@ async fn answers_follow_the_region_of_the_ecs_subnet_and_of_the_source() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_ecs_the_resolver_source_address_picks_the_region() {
+    let regions = basic_regions().replace("\"10.0.0.0/8\"]", "\"10.0.0.0/8\", \"127.0.0.0/8\"]");
+    let dns = Dns::start(&regions).await;
+    assert_eq!(
+        dns.short(&[WWW, "A"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(
+        dns.short(&[WWW, "A", "+tcp"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(dns.short(&[WWW, "AAAA"]).await, vec!["2001:db8::2"]);
+    let k = dns.kdig(&[WWW, "A"]).await;
+    assert!(k.contains("192.0.2.22"), "{k}");
+    // ECS, when present, wins over the source address.
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dig_and_kdig_see_the_ecs_option_echoed_with_its_scope() {
     let dns = Dns::start(&basic_regions()).await;
     let out = dns.dig(&[WWW, "A", "+subnet=198.51.100.0/24"]).await;
