@@ -4,6 +4,8 @@
 //! [`DnsState`] holds the map in service behind an atomic swap.
 
 pub mod admin;
+#[cfg(target_os = "linux")]
+mod batch;
 pub mod geo;
 pub mod health;
 pub mod map;

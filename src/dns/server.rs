@@ -1,5 +1,5 @@
-//! Wire I/O: UDP on dedicated threads (blocking receive/send: two system calls per query,
-//! no reactor in between) and TCP on tokio (RFC 7766: length-prefixed, pipelined, idle
+//! Wire I/O: UDP on dedicated threads (blocking receive/send, batched with `recvmmsg` and
+//! `sendmmsg` on Linux, no reactor in between) and TCP on tokio (RFC 7766: length-prefixed, pipelined, idle
 //! timeout). Both read the current map through an `ArcSwap` guard, never a lock.
 
 use super::query::{self, Transport};
@@ -109,7 +109,7 @@ impl UdpWorkers {
             let (sock, state, stop) = (sock.clone(), state.clone(), stop.clone());
             let t = std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
-                .spawn(move || udp_loop(&sock, &state, &stop))
+                .spawn(move || worker(&sock, &state, &stop))
                 .map_err(ServerError::Thread)?;
             threads.push(t);
         }
@@ -131,17 +131,38 @@ impl Drop for UdpWorkers {
         } else {
             (std::net::Ipv6Addr::LOCALHOST, 0).into()
         };
-        if let Ok(s) = UdpSocket::bind(bind) {
-            for _ in &self.threads {
+        // A worker may take several queued datagrams in one batched receive, so keep
+        // sending until every worker has seen the flag (bounded, in case the socket is gone).
+        let waker = UdpSocket::bind(bind).ok();
+        for _ in 0..5000 {
+            if self.threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            if let Some(s) = &waker {
                 let _ = s.send_to(&[], self.wake);
             }
+            std::thread::sleep(Duration::from_millis(1));
         }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
 
+#[cfg(target_os = "linux")]
+fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
+    super::batch::udp_loop(sock, state, stop)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
+    udp_loop(sock, state, stop)
+}
+
+/// One datagram per system call (portable fallback; Linux uses `batch`).
+#[cfg_attr(target_os = "linux", allow(dead_code))]
 fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65535];
     let mut out = Vec::with_capacity(4096);
