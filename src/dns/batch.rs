@@ -8,33 +8,34 @@ use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Datagrams per system call.
-const BATCH: usize = 32;
+/// Datagrams per system call, unless `EDGEPOP_DNS_UDP_BATCH` says otherwise (1..=256).
+pub const BATCH: usize = 32;
 /// Receive buffer per datagram: DNS queries are small; a longer one is cut (`MSG_TRUNC`) and
 /// then fails to parse like any other malformed packet.
 const QUERY_MAX: usize = 4096;
 
 /// The receive loop of one worker; returns when `stop` is set.
-pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
+pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: usize) {
+    let batch = batch.clamp(1, 256);
     let fd = sock.as_raw_fd();
     let stats = state.stats();
-    let mut bufs = vec![[0u8; QUERY_MAX]; BATCH];
-    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+    let mut bufs = vec![[0u8; QUERY_MAX]; batch];
+    let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1232)).collect();
     // SAFETY: all-zero is a valid value for these plain C structs.
-    let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; batch];
     let mut iov: Vec<libc::iovec> = vec![
         libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0
         };
-        BATCH
+        batch
     ];
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
     let mut send_iov = iov.clone();
     let mut send_msgs = msgs.clone();
     loop {
         // Re-point every header at its buffer each round: the kernel rewrites lengths.
-        for i in 0..BATCH {
+        for i in 0..batch {
             iov[i] = libc::iovec {
                 iov_base: bufs[i].as_mut_ptr().cast(),
                 iov_len: QUERY_MAX,
@@ -45,14 +46,14 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
             msgs[i].msg_hdr.msg_iovlen = 1;
             msgs[i].msg_len = 0;
         }
-        // SAFETY: `msgs` holds BATCH headers whose name and iovec pointers point into
+        // SAFETY: `msgs` holds batch headers whose name and iovec pointers point into
         // `addrs`, `iov` and `bufs`, which outlive the call and are not otherwise borrowed.
         // MSG_WAITFORONE: block for the first datagram, then take only what is already queued.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
                 msgs.as_mut_ptr(),
-                BATCH as u32,
+                batch as u32,
                 libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )

@@ -169,7 +169,7 @@ pub fn handle(
         authority: None,
         scope: 0,
     };
-    let parsed = parse(&mut d, counts, opcode == 0);
+    let parsed = parse(&mut d, counts);
     let qtype_of = |p: &Parsed| {
         p.question.as_ref().map_or(Qtype::None, |(_, q)| {
             Qtype::from_u16(u16::from(q.query_type()))
@@ -326,13 +326,9 @@ fn in_zone(q: &[u8], apex: &[u8]) -> bool {
     false
 }
 
-/// Reads the question and the OPT record. With `full` false (an unknown opcode) only the
-/// question is needed; errors there still mean "no question to echo".
-fn parse<'a>(
-    d: &mut BinDecoder<'a>,
-    [qd, an, ns, ar]: [u16; 4],
-    full: bool,
-) -> Result<Parsed<'a>, ()> {
+/// Reads the question and the OPT record (for every opcode, so that even NOTIMP echoes
+/// EDNS and ECS). `Err`: FORMERR, or for an unknown opcode a bare NOTIMP.
+fn parse<'a>(d: &mut BinDecoder<'a>, [qd, an, ns, ar]: [u16; 4]) -> Result<Parsed<'a>, ()> {
     let mut parsed = Parsed {
         question: None,
         edns: None,
@@ -350,9 +346,6 @@ fn parse<'a>(
             return Err(());
         }
         parsed.question = Some((raw, q));
-    }
-    if !full {
-        return Ok(parsed);
     }
     for _ in 0..(u32::from(an) + u32::from(ns)) {
         skip_record(d)?;

@@ -153,7 +153,11 @@ impl Drop for UdpWorkers {
 
 #[cfg(target_os = "linux")]
 fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
-    super::batch::udp_loop(sock, state, stop)
+    let batch = std::env::var("EDGEPOP_DNS_UDP_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(super::batch::BATCH);
+    super::batch::udp_loop(sock, state, stop, batch)
 }
 
 #[cfg(not(target_os = "linux"))]

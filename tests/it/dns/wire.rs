@@ -85,6 +85,12 @@ async fn edns_and_ecs_errors_get_the_rcodes_the_rfcs_ask_for() {
     assert_eq!(rcode(&send(q.clone()).await.expect("opcode 3")), 4);
     q[2] = (q[2] & 0x87) | (5 << 3);
     assert_eq!(rcode(&send(q).await.expect("update")), 4);
+    // NOTIMP still echoes EDNS and the ECS option (SCOPE 0).
+    let mut q = with_opt(&opt_record(0, &ecs_option(1, 24, 0, &[198, 51, 100])));
+    q[2] = (q[2] & 0x87) | (3 << 3);
+    let r = send(q).await.expect("notimp with ecs");
+    assert_eq!(rcode(&r), 4);
+    assert!(r.ends_with(&[0, 1, 24, 0, 198, 51, 100]), "ECS echoed: {r:?}");
     // Two questions: FORMERR. No question: FORMERR.
     let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
     let question = q[12..].to_vec();
