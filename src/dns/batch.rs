@@ -33,9 +33,10 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
     let mut send_iov = iov.clone();
     let mut send_msgs = msgs.clone();
+    // Headers the kernel wrote into last round; only those need resetting.
+    let mut dirty = batch;
     loop {
-        // Re-point every header at its buffer each round: the kernel rewrites lengths.
-        for i in 0..batch {
+        for i in 0..dirty {
             iov[i] = libc::iovec {
                 iov_base: bufs[i].as_mut_ptr().cast(),
                 iov_len: QUERY_MAX,
@@ -46,6 +47,7 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
             msgs[i].msg_hdr.msg_iovlen = 1;
             msgs[i].msg_len = 0;
         }
+        dirty = 0;
         // SAFETY: `msgs` holds batch headers whose name and iovec pointers point into
         // `addrs`, `iov` and `bufs`, which outlive the call and are not otherwise borrowed.
         // MSG_WAITFORONE: block for the first datagram, then take only what is already queued.
@@ -70,6 +72,7 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
             continue;
         }
         let n = n as usize;
+        dirty = n;
         let mut answers = 0usize;
         {
             let map = state.map_guard();

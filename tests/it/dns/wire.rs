@@ -90,7 +90,10 @@ async fn edns_and_ecs_errors_get_the_rcodes_the_rfcs_ask_for() {
     q[2] = (q[2] & 0x87) | (3 << 3);
     let r = send(q).await.expect("notimp with ecs");
     assert_eq!(rcode(&r), 4);
-    assert!(r.ends_with(&[0, 1, 24, 0, 198, 51, 100]), "ECS echoed: {r:?}");
+    assert!(
+        r.ends_with(&[0, 1, 24, 0, 198, 51, 100]),
+        "ECS echoed: {r:?}"
+    );
     // Two questions: FORMERR. No question: FORMERR.
     let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
     let question = q[12..].to_vec();
