@@ -5,11 +5,14 @@
 # latency, RSS idle and with 100,000 networks, and edgepop's map rebuild time (SIGHUP ->
 # new answers) with 100,000 networks.
 #
-# usage: benches/dns/run.sh [SECONDS_PER_RUN]     (needs dnsperf, gdnsd, tinydns, dig, python3)
+# usage: benches/dns/run.sh [SECONDS_PER_RUN] [REPEATS]   (needs dnsperf, gdnsd, tinydns, dig)
+# Runs alternate between servers and each configuration is repeated (default 3); the
+# summary gives the median CPU per query, which is what survives a noisy shared machine.
 # Everything runs on 127.0.0.1; tinydns can only use port 53 (it must be free).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-10}
+REPEATS=${2:-3}
 WORK=$(mktemp -d /tmp/edgepop-dnsbench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -47,8 +50,26 @@ run() {
   cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$done" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }')
   local lost
   lost=$(echo "$out" | awk '/Queries lost:/ {print $3}')
-  printf '%-26s %-10s qps=%-10s cpu/query=%-6s us  latency=%s  lost=%s\n' \
-    "$name" "$( [ "$qps" = 0 ] && echo cap || echo "$qps")" "$qps_got" "$cpu_us" "$lat" "$lost"
+  local load; load=$( [ "$qps" = 0 ] && echo cap || echo "$qps")
+  printf '%-26s %-6s qps=%-12s cpu/query=%-6s us  latency=%s  lost=%s\n' \
+    "$name" "$load" "$qps_got" "$cpu_us" "$lat" "$lost"
+  echo "$name|$load|$cpu_us|$qps_got" >> "$WORK/results"
+}
+
+summary() {
+  echo
+  echo "== median of $REPEATS runs =="
+  python3 - "$WORK/results" <<'PY'
+import sys, statistics
+rows = {}
+for line in open(sys.argv[1]):
+    name, load, cpu, qps = line.strip().split("|")
+    rows.setdefault((load, name), []).append((float(cpu), float(qps)))
+for (load, name), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cap", kv[0][0], kv[0][1])):
+    cpu = statistics.median(c for c, _ in v)
+    qps = statistics.median(q for _, q in v)
+    print(f"{name:26s} {load:6s} cpu/query median {cpu:5.2f} us  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
+PY
 }
 
 echo "== map: 1,000 networks (throughput runs) =="
@@ -112,13 +133,16 @@ fi
 
 echo
 echo "== dnsperf, ${SECS}s per run, 20 clients, 2 threads =="
-for target in 40000 0; do
-  run "edgepop" $EP $EP_PORT $target -e
-  run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
-  run "gdnsd" $GDP $GD_PORT $target -e
-  run "gdnsd +ECS" $GDP $GD_PORT $target -E "$ECS_OPT"
-  [ -n "$TD" ] && run "tinydns (no EDNS)" $TD 53 $target
+for _ in $(seq 1 "$REPEATS"); do
+  for target in 40000 0; do
+    run "edgepop" $EP $EP_PORT $target -e
+    run "gdnsd" $GDP $GD_PORT $target -e
+    run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
+    run "gdnsd +ECS" $GDP $GD_PORT $target -E "$ECS_OPT"
+    if [ -n "$TD" ]; then run "tinydns (no EDNS)" $TD 53 $target; fi
+  done
 done
+summary
 
 kill $EP $GDP ${TD:-} 2>/dev/null || true
 wait 2>/dev/null || true
