@@ -6,7 +6,10 @@
 //! prefix is not, so the ECS SCOPE of an address inside a block is the block's length. Blocks
 //! of the default answer are left implicit (they would be most of the address space); for an
 //! address there, SCOPE is one more than its longest common prefix with any explicit block,
-//! which is found from the two neighbours in address order.
+//! which is found from the two neighbours in address order. The networks go through a
+//! `prefix_trie::PrefixMap` (nesting order, duplicates); a query is one binary search over
+//! the blocks, which for disjoint blocks is the longest-prefix match (tested against the
+//! trie's own `get_lpm`).
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use prefix_trie::PrefixMap;

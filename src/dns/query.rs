@@ -1,7 +1,7 @@
 //! The query path, pure: request bytes + source address + map -> response bytes. Parsing uses
 //! hickory-proto's decoder (header fields, question, record framing); the answer is assembled
 //! from the question as received and the map's pre-encoded record sets, so a query costs one
-//! name parse, one trie lookup and a few copies, without locks or heap allocation.
+//! name parse, one binary search over the map's blocks and a few copies, without locks or heap allocation.
 
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet};
