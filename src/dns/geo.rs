@@ -6,11 +6,14 @@
 //! prefix is not, so the ECS SCOPE of an address inside a block is the block's length. Blocks
 //! of the default answer are left implicit (they would be most of the address space); for an
 //! address there, SCOPE is one more than its longest common prefix with any explicit block,
-//! which is found from the two neighbours in address order.
+//! which is found from the two neighbours in address order. The networks go through a
+//! `prefix_trie::PrefixMap` (nesting order, duplicates); a query is one binary search over
+//! the blocks, which for disjoint blocks is the longest-prefix match (tested against the
+//! trie's own `get_lpm`).
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use prefix_trie::PrefixMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 /// Index of an answer class: [`DEFAULT_CLASS`] or a set of regions with the same PoP list.
 pub type ClassId = u32;
@@ -29,42 +32,53 @@ pub struct Hit {
 /// Longest-prefix lookup for both families.
 #[derive(Debug, Default)]
 pub struct GeoIndex {
-    v4: Family<Ipv4Net, u32>,
-    v6: Family<Ipv6Net, u128>,
+    v4: Family<u32>,
+    v6: Family<u128>,
 }
 
 impl GeoIndex {
     /// `networks`: (network, class); networks must be canonical (no host bits) and unique.
     /// Networks of [`DEFAULT_CLASS`] leave no block but still override their parents.
     pub fn build(networks: &[(ipnet::IpNet, ClassId)]) -> Self {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
+        // The prefix trie gives the nesting order (parents before children, then by
+        // address) and drops exact duplicates; flattening then works on that sequence.
+        let mut v4: PrefixMap<Ipv4Net, ClassId> = PrefixMap::new();
+        let mut v6: PrefixMap<Ipv6Net, ClassId> = PrefixMap::new();
         for &(net, class) in networks {
             match net {
-                ipnet::IpNet::V4(n) => v4.push((u32::from(n.network()), n.prefix_len(), class)),
-                ipnet::IpNet::V6(n) => v6.push((u128::from(n.network()), n.prefix_len(), class)),
+                ipnet::IpNet::V4(n) => {
+                    v4.insert(n.trunc(), class);
+                }
+                ipnet::IpNet::V6(n) => {
+                    v6.insert(n.trunc(), class);
+                }
             }
         }
         GeoIndex {
-            v4: Family::build(v4, |a, l| Ipv4Net::new(Ipv4Addr::from(a), l).ok()),
-            v6: Family::build(v6, |a, l| Ipv6Net::new(Ipv6Addr::from(a), l).ok()),
+            v4: Family::build(
+                v4.iter()
+                    .map(|(n, &c)| (u32::from(n.network()), n.prefix_len(), c))
+                    .collect(),
+            ),
+            v6: Family::build(
+                v6.iter()
+                    .map(|(n, &c)| (u128::from(n.network()), n.prefix_len(), c))
+                    .collect(),
+            ),
         }
     }
 
+    #[inline]
     pub fn lookup(&self, addr: IpAddr) -> Hit {
         match addr {
-            IpAddr::V4(a) => self
-                .v4
-                .lookup(u32::from(a), |a| Ipv4Net::new(a.into(), 32).ok()),
-            IpAddr::V6(a) => self
-                .v6
-                .lookup(u128::from(a), |a| Ipv6Net::new(a.into(), 128).ok()),
+            IpAddr::V4(a) => self.v4.lookup(u32::from(a)),
+            IpAddr::V6(a) => self.v6.lookup(u128::from(a)),
         }
     }
 
     /// Explicit (non-default) blocks after flattening, both families.
     pub fn block_count(&self) -> usize {
-        self.v4.bounds.len() + self.v6.bounds.len()
+        self.v4.firsts.len() + self.v6.firsts.len()
     }
 }
 
@@ -132,61 +146,70 @@ struct Block<R> {
     class: ClassId,
 }
 
+/// The flattened blocks of one family, in address order, as parallel arrays so the binary
+/// search touches only the `firsts` array. Being disjoint, the block containing an address
+/// is its longest (and only) match.
 #[derive(Debug)]
-struct Family<P, R> {
-    /// Explicit blocks -> class; disjoint, so the longest match is the only match.
-    trie: PrefixMap<P, ClassId>,
-    /// (first, last) address of every explicit block, in address order.
-    bounds: Vec<(R, R)>,
+struct Family<R> {
+    firsts: Vec<R>,
+    lasts: Vec<R>,
+    hits: Vec<Hit>,
 }
 
-impl<P: prefix_trie::Prefix, R: Bits> Default for Family<P, R> {
+impl<R: Bits> Default for Family<R> {
     fn default() -> Self {
         Family {
-            trie: PrefixMap::new(),
-            bounds: Vec::new(),
+            firsts: Vec::new(),
+            lasts: Vec::new(),
+            hits: Vec::new(),
         }
     }
 }
 
-impl<P: prefix_trie::Prefix, R: Bits> Family<P, R> {
-    fn build(mut nets: Vec<(R, u8, ClassId)>, prefix: impl Fn(R, u8) -> Option<P>) -> Self {
-        // Parents sort before their children: same address, shorter length first.
+impl<R: Bits> Family<R> {
+    /// `nets`: (address, length, class) in trie order (parents first, then by address).
+    fn build(mut nets: Vec<(R, u8, ClassId)>) -> Self {
+        // Already in this order when it comes from the trie; sorting again is cheap and
+        // makes the flattening independent of the trie's iteration order.
         nets.sort_unstable_by_key(|&(a, l, _)| (a, l));
         nets.dedup_by_key(|&mut (a, l, _)| (a, l));
         let mut blocks = Vec::new();
         flatten(R::zero(), 0, DEFAULT_CLASS, &nets, &mut blocks);
-        let mut trie = PrefixMap::new();
-        let mut bounds = Vec::with_capacity(blocks.len());
-        for b in &blocks {
-            if let Some(p) = prefix(b.addr, b.len) {
-                trie.insert(p, b.class);
-            }
-            bounds.push((b.addr, b.addr.last(b.len)));
+        Family {
+            firsts: blocks.iter().map(|b| b.addr).collect(),
+            lasts: blocks.iter().map(|b| b.addr.last(b.len)).collect(),
+            hits: blocks
+                .iter()
+                .map(|b| Hit {
+                    class: b.class,
+                    scope: b.len,
+                })
+                .collect(),
         }
-        Family { trie, bounds }
     }
 
-    fn lookup(&self, addr: R, host: impl Fn(R) -> Option<P>) -> Hit {
-        if self.bounds.is_empty() {
+    #[inline]
+    fn lookup(&self, addr: R) -> Hit {
+        if self.firsts.is_empty() {
             return Hit {
                 class: DEFAULT_CLASS,
                 scope: 0,
             };
         }
-        if let Some((p, &class)) = host(addr).and_then(|h| self.trie.get_lpm(&h)) {
-            return Hit {
-                class,
-                scope: p.prefix_len(),
-            };
-        }
-        // In the implicit default area: the scope must stop short of every explicit block.
-        let i = self.bounds.partition_point(|&(first, _)| first < addr);
+        // Index of the first block starting after `addr`; the one before may contain it.
+        let i = self.firsts.partition_point(|&first| first <= addr);
         let mut common = 0u32;
-        if let Some(&(_, last)) = i.checked_sub(1).and_then(|j| self.bounds.get(j)) {
-            common = common.max(last.xor(addr).leading_zeros_());
+        if let Some(j) = i.checked_sub(1) {
+            if let (Some(&last), Some(&hit)) = (self.lasts.get(j), self.hits.get(j)) {
+                if addr <= last {
+                    return hit;
+                }
+                common = last.xor(addr).leading_zeros_();
+            }
         }
-        if let Some(&(first, _)) = self.bounds.get(i) {
+        // In the implicit default area: the scope must stop short of every explicit block,
+        // and the closest ones are the neighbours in address order.
+        if let Some(&first) = self.firsts.get(i) {
             common = common.max(first.xor(addr).leading_zeros_());
         }
         Hit {
@@ -254,6 +277,7 @@ fn push_merged<R: Bits>(out: &mut Vec<Block<R>>, mut b: Block<R>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn idx(nets: &[(&str, ClassId)]) -> GeoIndex {
         let nets: Vec<_> = nets
@@ -298,6 +322,42 @@ mod tests {
     fn sibling_networks_of_one_class_aggregate() {
         let i = idx(&[("192.0.2.0/25", 1), ("192.0.2.128/25", 1)]);
         assert_eq!(hit(&i, "192.0.2.200"), (1, 24));
+    }
+
+    #[test]
+    fn lookups_agree_with_the_prefix_tries_longest_match() {
+        let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        let mut nets = Vec::new();
+        let mut oracle: PrefixMap<Ipv4Net, ClassId> = PrefixMap::new();
+        for _ in 0..400 {
+            let len = 8 + (next() % 25) as u8;
+            let n = Ipv4Net::new(Ipv4Addr::from(next() as u32 & 0x0fff_ffff), len)
+                .expect("net")
+                .trunc();
+            let class = (next() % 4) as ClassId;
+            if oracle.get(&n).is_none() {
+                oracle.insert(n, class);
+                nets.push((ipnet::IpNet::V4(n), class));
+            }
+        }
+        let i = GeoIndex::build(&nets);
+        for _ in 0..20_000 {
+            let a = Ipv4Addr::from(next() as u32 & 0x1fff_ffff);
+            let want = oracle
+                .get_lpm(&Ipv4Net::new(a, 32).expect("host"))
+                .map_or(DEFAULT_CLASS, |(_, c)| *c);
+            let covering: Vec<_> = nets
+                .iter()
+                .filter(|(n, _)| n.contains(&IpAddr::V4(a)))
+                .collect();
+            assert_eq!(i.lookup(IpAddr::V4(a)).class, want, "{a} in {covering:?}");
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum MapError {
     },
     #[error("too many PoPs or regions ({0}); at most 65535")]
     TooMany(usize),
+    #[error("{0} has no PoP, or names a PoP that does not exist")]
+    BadPops(String),
 }
 
 /// Pre-encoded resource records whose owner is a compression pointer to the question name
@@ -158,6 +160,15 @@ pub struct BuildContext<'a> {
 pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
     if file.pops.len() > usize::from(u16::MAX) || file.regions.len() > usize::from(u16::MAX) {
         return Err(MapError::TooMany(file.pops.len().max(file.regions.len())));
+    }
+    // The region file is validated when loaded, but its fields are public: re-check what
+    // the query path indexes with, so no query can ever index out of bounds.
+    let bad = |list: &[usize]| list.is_empty() || list.iter().any(|&i| i >= file.pops.len());
+    if bad(&file.default) {
+        return Err(MapError::BadPops("[default]".into()));
+    }
+    if let Some(r) = file.regions.iter().find(|r| bad(&r.pops)) {
+        return Err(MapError::BadPops(format!("region {:?}", r.name)));
     }
     let ttl = u32::try_from(cx.cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
     let pops = file
@@ -355,4 +366,17 @@ fn rtype_name(t: RecordType) -> &'static str {
         RecordType::SOA => "SOA",
         _ => "other",
     }
+}
+
+/// Builds a map outside a running sidecar (its own health and hit books, every PoP up):
+/// for fuzzing, benches and tests of the query path.
+pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
+    let cx = BuildContext {
+        cfg,
+        health: &HealthBook::default(),
+        hits: &HitBook::default(),
+        generation: 1,
+        serial: 1,
+    };
+    build(file, &cx)
 }

@@ -1,7 +1,7 @@
 //! The query path, pure: request bytes + source address + map -> response bytes. Parsing uses
 //! hickory-proto's decoder (header fields, question, record framing); the answer is assembled
 //! from the question as received and the map's pre-encoded record sets, so a query costs one
-//! name parse, one trie lookup and a few copies, without locks or heap allocation.
+//! name parse, one binary search over the map's blocks and a few copies, without locks or heap allocation.
 
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet};
@@ -128,10 +128,20 @@ struct Edns {
     ecs: Option<Ecs>,
 }
 
+/// The question: as received (for the echo) and reduced to what the lookup needs. The
+/// parsed `Name` is dropped right away; the lower-case wire name sits in a caller's buffer.
+#[derive(Debug, Clone, Copy)]
+struct Question<'a> {
+    raw: &'a [u8],
+    qtype: u16,
+    qclass: u16,
+    /// Length of the lower-case wire name in the caller's buffer.
+    wire_len: usize,
+}
+
 /// Everything after the header that we need; `Err` means FORMERR.
 struct Parsed<'a> {
-    /// The question exactly as received (name, type, class).
-    question: Option<(&'a [u8], Query)>,
+    question: Option<Question<'a>>,
     edns: Option<Edns>,
 }
 
@@ -169,11 +179,12 @@ pub fn handle(
         authority: None,
         scope: 0,
     };
-    let parsed = parse(&mut d, counts, opcode == 0);
+    let mut qwire = [0u8; 256];
+    let parsed = parse(&mut d, counts, &mut qwire);
     let qtype_of = |p: &Parsed| {
-        p.question.as_ref().map_or(Qtype::None, |(_, q)| {
-            Qtype::from_u16(u16::from(q.query_type()))
-        })
+        p.question
+            .as_ref()
+            .map_or(Qtype::None, |q| Qtype::from_u16(q.qtype))
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -187,7 +198,7 @@ pub fn handle(
         }
     };
     let qtype = qtype_of(&parsed);
-    r.question = parsed.question.as_ref().map(|(raw, _)| *raw);
+    r.question = parsed.question.as_ref().map(|q| q.raw);
     r.edns = parsed.edns;
     r.limit = match (transport, parsed.edns) {
         (Transport::Tcp, _) => u16::MAX,
@@ -202,11 +213,10 @@ pub fn handle(
             return Some(r.finish(Rcode::BadVers, transport, qtype));
         }
     }
-    let Some((_, q)) = parsed.question.as_ref() else {
+    let Some(q) = parsed.question else {
         return Some(r.finish(Rcode::FormErr, transport, qtype));
     };
-    let rtype = u16::from(q.query_type());
-    let rclass = u16::from(q.query_class());
+    let (rtype, rclass) = (q.qtype, q.qclass);
     if rtype == OPT {
         return Some(r.finish(Rcode::FormErr, transport, qtype));
     }
@@ -215,11 +225,7 @@ pub fn handle(
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     let zone = &map.zone;
-    let mut qwire = [0u8; 256];
-    let Some(qlen) = lower_wire(q.name(), &mut qwire) else {
-        return Some(r.finish(Rcode::FormErr, transport, qtype));
-    };
-    let qwire = &qwire[..qlen];
+    let qwire = &qwire[..q.wire_len];
     if !in_zone(qwire, &zone.apex_wire) {
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
@@ -268,6 +274,12 @@ pub fn handle(
         r.authority = Some(&zone.soa_authority);
     }
     Some(r.finish(Rcode::NoError, transport, qtype))
+}
+
+/// [`handle`] for one UDP query into a fresh buffer: the fuzz target's entry point.
+pub fn handle_query(query: &[u8], src: IpAddr, map: &Map) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    handle(query, src, Transport::Udp, map, &mut out).map(|_| out)
 }
 
 /// Which address locates the client: the ECS subnet when it has a non-zero SOURCE, else the
@@ -320,12 +332,12 @@ fn in_zone(q: &[u8], apex: &[u8]) -> bool {
     false
 }
 
-/// Reads the question and the OPT record. With `full` false (an unknown opcode) only the
-/// question is needed; errors there still mean "no question to echo".
+/// Reads the question and the OPT record (for every opcode, so that even NOTIMP echoes
+/// EDNS and ECS). `Err`: FORMERR, or for an unknown opcode a bare NOTIMP.
 fn parse<'a>(
     d: &mut BinDecoder<'a>,
     [qd, an, ns, ar]: [u16; 4],
-    full: bool,
+    qwire: &mut [u8; 256],
 ) -> Result<Parsed<'a>, ()> {
     let mut parsed = Parsed {
         question: None,
@@ -338,15 +350,17 @@ fn parse<'a>(
         let start = d.index();
         let q = Query::read(d).map_err(|_| ())?;
         let raw = d.slice_from(start).map_err(|_| ())?;
+        let wire_len = lower_wire(q.name(), qwire).ok_or(())?;
         // A compressed question name would point into our header once echoed.
-        let expected = q.name().iter().map(|l| l.len() + 1).sum::<usize>() + 1 + 4;
-        if raw.len() != expected {
+        if raw.len() != wire_len + 4 {
             return Err(());
         }
-        parsed.question = Some((raw, q));
-    }
-    if !full {
-        return Ok(parsed);
+        parsed.question = Some(Question {
+            raw,
+            qtype: u16::from(q.query_type()),
+            qclass: u16::from(q.query_class()),
+            wire_len,
+        });
     }
     for _ in 0..(u32::from(an) + u32::from(ns)) {
         skip_record(d)?;

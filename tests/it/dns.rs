@@ -3,15 +3,15 @@
 //! failover, regeneration of the map, malformed input, admin endpoints and the binary.
 
 mod harness;
+mod wire;
 
 use harness::*;
-use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 /// Three PoPs without health URLs (always up), two regions and a default.
-fn basic_regions() -> String {
+pub fn basic_regions() -> String {
     r#"
 [[pops]]
 name = "north1"
@@ -78,6 +78,28 @@ async fn answers_follow_the_region_of_the_ecs_subnet_and_of_the_source() {
     // Case of the question is echoed as sent (0x20 randomisation).
     let out = dns.dig(&["wWw.EdgePop.TEST", "A"]).await;
     assert!(out.contains("wWw.EdgePop.TEST.\t"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_ecs_the_resolver_source_address_picks_the_region() {
+    let regions = basic_regions().replace("\"10.0.0.0/8\"]", "\"10.0.0.0/8\", \"127.0.0.0/8\"]");
+    let dns = Dns::start(&regions).await;
+    assert_eq!(
+        dns.short(&[WWW, "A"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(
+        dns.short(&[WWW, "A", "+tcp"]).await,
+        vec!["192.0.2.2", "192.0.2.22"]
+    );
+    assert_eq!(dns.short(&[WWW, "AAAA"]).await, vec!["2001:db8::2"]);
+    let k = dns.kdig(&[WWW, "A"]).await;
+    assert!(k.contains("192.0.2.22"), "{k}");
+    // ECS, when present, wins over the source address.
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -352,7 +374,9 @@ pops = ["second", "first"]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pop_answering_503_is_replaced_by_the_next_and_comes_back_when_healthy() {
-    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    // The first PoP's health URL is HTTPS (verified against health_ca), the second's HTTP.
+    let (first, second) = (FakeHealth::start_tls().await, FakeHealth::start().await);
+    assert!(first.url().starts_with("https://127.0.0.1:"));
     let dns = Dns::start(&health_regions(&first, &second)).await;
     let north = |dns: &Dns| {
         let q = query(WWW, RecordType::A, Some(("198.51.100.0", 24)));
@@ -470,179 +494,6 @@ async fn an_edited_region_file_is_picked_up_and_a_broken_one_keeps_the_old_map()
     )
     .await;
     assert!(!dns.sidecar.state().regen_status().1.expect("kept").current);
-}
-
-/// A query for WWW/A as bytes, with `opt` appended as the additional section.
-fn with_opt(opt: &[u8]) -> Vec<u8> {
-    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    q[11] = 1; // ARCOUNT
-    q.extend_from_slice(opt);
-    q
-}
-
-/// An OPT record: root owner, type 41, payload, ext-rcode/version/flags, options.
-fn opt_record(version: u8, options: &[u8]) -> Vec<u8> {
-    let mut o = vec![0, 0, 41, 0x04, 0xd0, 0, version, 0, 0];
-    o.extend_from_slice(&(options.len() as u16).to_be_bytes());
-    o.extend_from_slice(options);
-    o
-}
-
-fn ecs_option(family: u16, source: u8, scope: u8, addr: &[u8]) -> Vec<u8> {
-    let mut o = vec![0, 8];
-    o.extend_from_slice(&((4 + addr.len()) as u16).to_be_bytes());
-    o.extend_from_slice(&family.to_be_bytes());
-    o.extend_from_slice(&[source, scope]);
-    o.extend_from_slice(addr);
-    o
-}
-
-fn rcode(resp: &[u8]) -> u8 {
-    resp[3] & 0x0f
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn edns_and_ecs_errors_get_the_rcodes_the_rfcs_ask_for() {
-    let dns = Dns::start(&basic_regions()).await;
-    let wait = Duration::from_secs(2);
-    let send = |b: Vec<u8>| {
-        let addr = dns.addr();
-        async move { Dns::probe_raw(addr, &b, wait).await }
-    };
-    // Well-formed ECS plus an unknown option: answered, unknown option ignored.
-    let mut opts = vec![0xfd, 0xe9, 0, 2, 0xaa, 0xbb];
-    opts.extend(ecs_option(1, 24, 0, &[198, 51, 100]));
-    let ok = send(with_opt(&opt_record(0, &opts))).await.expect("answer");
-    let m = hickory_proto::op::Message::from_vec(&ok).expect("parse");
-    assert_eq!(m.response_code(), ResponseCode::NoError);
-    assert_eq!(addrs(&m), vec!["192.0.2.1"]);
-    assert_eq!(ecs_of(&m), Some((1, 24, 24, vec![198, 51, 100])));
-    assert_eq!(m.extensions().as_ref().map(|e| e.max_payload()), Some(1232));
-    // FORMERR: unknown family, SOURCE too long, wrong octet count, bits beyond SOURCE,
-    // non-zero SCOPE in a query.
-    for (what, ecs) in [
-        ("family 3", ecs_option(3, 8, 0, &[1])),
-        ("v4 source 33", ecs_option(1, 33, 0, &[1, 2, 3, 4, 0])),
-        ("v6 source 129", ecs_option(2, 129, 0, &[0; 17])),
-        ("too few octets", ecs_option(1, 24, 0, &[198, 51])),
-        ("too many octets", ecs_option(1, 16, 0, &[198, 51, 100])),
-        ("bits beyond source", ecs_option(1, 23, 0, &[198, 51, 101])),
-        ("scope set", ecs_option(1, 24, 24, &[198, 51, 100])),
-    ] {
-        let r = send(with_opt(&opt_record(0, &ecs))).await.expect(what);
-        assert_eq!(rcode(&r), 1, "{what}: FORMERR");
-    }
-    // EDNS version 1: BADVERS (extended rcode 16 = 1 in the OPT TTL's high byte).
-    let r = send(with_opt(&opt_record(1, &[]))).await.expect("badvers");
-    let m = hickory_proto::op::Message::from_vec(&r).expect("parse");
-    // hickory names extended rcode 16 BADSIG (TSIG) as well as BADVERS (EDNS): same value.
-    assert_eq!(u16::from(m.response_code()), 16);
-    assert_eq!(m.extensions().as_ref().map(|e| e.version()), Some(0));
-    // Two OPT records: FORMERR.
-    let mut two = with_opt(&opt_record(0, &[]));
-    two[11] = 2;
-    two.extend_from_slice(&opt_record(0, &[]));
-    assert_eq!(rcode(&send(two).await.expect("two opts")), 1);
-    // Unknown opcode: NOTIMP. UPDATE too (we are not a primary for updates).
-    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    q[2] = (q[2] & 0x87) | (3 << 3);
-    assert_eq!(rcode(&send(q.clone()).await.expect("opcode 3")), 4);
-    q[2] = (q[2] & 0x87) | (5 << 3);
-    assert_eq!(rcode(&send(q).await.expect("update")), 4);
-    // Two questions: FORMERR. No question: FORMERR.
-    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    let question = q[12..].to_vec();
-    q[5] = 2;
-    q.extend_from_slice(&question);
-    assert_eq!(rcode(&send(q).await.expect("qdcount 2")), 1);
-    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    q[5] = 0;
-    q.truncate(12);
-    assert_eq!(rcode(&send(q).await.expect("qdcount 0")), 1);
-    // A response (QR=1) is never answered.
-    let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    q[2] |= 0x80;
-    assert!(send(q).await.is_none(), "no answer to a response");
-    // Class CH: REFUSED.
-    let out = dns.dig(&["version.bind", "TXT", "CH"]).await;
-    assert!(out.contains("status: REFUSED"), "{out}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn malformed_packets_never_crash_the_server_and_it_keeps_answering() {
-    let dns = Dns::start(&basic_regions()).await;
-    let addr = dns.addr();
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let valid = query(WWW, RecordType::A, None).to_vec().expect("encode");
-    let mut packets: Vec<Vec<u8>> = Vec::new();
-    // Truncated headers and questions.
-    for n in 0..valid.len() {
-        packets.push(valid[..n].to_vec());
-    }
-    // A compression-pointer loop in the question name, and one pointing forward.
-    let mut looped = valid[..12].to_vec();
-    looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-    packets.push(looped);
-    let mut forward = valid[..12].to_vec();
-    forward.extend_from_slice(&[0xc0, 14, 0xc0, 12, 0, 1, 0, 1]);
-    packets.push(forward);
-    // A loop in an additional record's owner name.
-    let mut add = valid.clone();
-    add[11] = 1;
-    let at = add.len() as u8;
-    add.extend_from_slice(&[0xc0, at, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]);
-    packets.push(add);
-    // Huge counts with no data behind them.
-    for idx in [5usize, 7, 9, 11] {
-        let mut p = valid.clone();
-        p[idx - 1] = 0xff;
-        p[idx] = 0xff;
-        packets.push(p);
-    }
-    // An OPT whose length runs past the end, and an option that does.
-    let mut p = with_opt(&opt_record(0, &[]));
-    let l = p.len();
-    p[l - 1] = 0x40;
-    packets.push(p);
-    packets.push(with_opt(&opt_record(0, &[0, 8, 0, 40, 0, 1])));
-    // Random bytes, and random mutations of a valid query.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    for _ in 0..2000 {
-        let n = rng.gen_range(0..600);
-        packets.push((0..n).map(|_| rng.gen()).collect());
-    }
-    let base = with_opt(&opt_record(0, &ecs_option(1, 24, 0, &[198, 51, 100])));
-    for _ in 0..3000 {
-        let mut p = base.clone();
-        for _ in 0..rng.gen_range(1..6) {
-            let i = rng.gen_range(0..p.len());
-            p[i] = rng.gen();
-        }
-        if rng.gen_bool(0.2) {
-            p.truncate(rng.gen_range(0..p.len()));
-        }
-        packets.push(p);
-    }
-    for p in &packets {
-        sock.send_to(p, addr).await.expect("send");
-    }
-    // Still alive and correct, over UDP and TCP.
-    eventually(
-        Duration::from_secs(5),
-        "the server still answers",
-        || async { dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await == vec!["192.0.2.1"] },
-    )
-    .await;
-    for p in packets.iter().step_by(50) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("tcp");
-        use tokio::io::AsyncWriteExt;
-        let mut framed = (p.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(p);
-        let _ = s.write_all(&framed).await;
-    }
-    assert_eq!(dns.short(&[WWW, "A", "+tcp"]).await, vec!["192.0.2.3"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -142,8 +142,12 @@ impl Dns {
 
 pub fn config_text(regions: &std::path::Path, extra: &str) -> String {
     format!(
-        "[pop]\nname = \"test\"\n\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"{ZONE}\"\nnames = [\"{WWW}\", \"deep.sub.{ZONE}\"]\nttl = \"60s\"\nregions = {:?}\nnameservers = [\"ns1.{ZONE}\", \"ns2.{ZONE}\"]\nhealth_interval = \"50ms\"\nhealth_timeout = \"500ms\"\nunhealthy_after = 2\nhealthy_after = 2\n{extra}\n",
-        regions.display().to_string()
+        "[pop]\nname = \"test\"\n\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"{ZONE}\"\nnames = [\"{WWW}\", \"deep.sub.{ZONE}\"]\nttl = \"60s\"\nregions = {:?}\nnameservers = [\"ns1.{ZONE}\", \"ns2.{ZONE}\"]\nhealth_interval = \"50ms\"\nhealth_timeout = \"500ms\"\nunhealthy_after = 2\nhealthy_after = 2\nhealth_ca = {:?}\n{extra}\n",
+        regions.display().to_string(),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("certs/dev-ca.crt")
+            .display()
+            .to_string()
     )
 }
 
@@ -225,10 +229,55 @@ pub struct FakeHealth {
     pub fail: Arc<AtomicBool>,
     pub hits: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+    https: bool,
+}
+
+/// Reads one request head and answers 200, or 503 while `fail` is set.
+async fn serve_health<S>(mut s: S, fail: &AtomicBool, hits: &AtomicU64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    hits.fetch_add(1, Ordering::Relaxed);
+    let status = if fail.load(Ordering::Relaxed) {
+        "503 Service Unavailable"
+    } else {
+        "200 OK"
+    };
+    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 impl FakeHealth {
+    /// Plain HTTP.
     pub async fn start() -> FakeHealth {
+        Self::start_inner(None).await
+    }
+
+    /// HTTPS with the dev certificate (SAN 127.0.0.1), signed by certs/dev-ca.crt.
+    pub async fn start_tls() -> FakeHealth {
+        let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let (cert, key) = (certs.join("edge.crt"), certs.join("edge.key"));
+        let ck = edgepop::tls::certs::load_certified_key(&cert, &key).expect("dev cert");
+        let cc = edgepop::config::CertificateConfig {
+            names: vec!["localhost".into()],
+            cert_path: cert,
+            key_path: key,
+            key: Arc::new(ck),
+        };
+        let cfg = edgepop::tls::sni::server_config(&[cc]).expect("server config");
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeHealth {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -236,28 +285,19 @@ impl FakeHealth {
         let fail = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicU64::new(0));
         let (f, h) = (fail.clone(), hits.clone());
+        let https = tls.is_some();
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (f, h) = (f.clone(), h.clone());
+            while let Ok((s, _)) = l.accept().await {
+                let (f, h, tls) = (f.clone(), h.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(s).await {
+                                serve_health(s, &f, &h).await;
+                            }
                         }
+                        None => serve_health(s, &f, &h).await,
                     }
-                    h.fetch_add(1, Ordering::Relaxed);
-                    let status = if f.load(Ordering::Relaxed) {
-                        "503 Service Unavailable"
-                    } else {
-                        "200 OK"
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
                 });
             }
         });
@@ -266,11 +306,13 @@ impl FakeHealth {
             fail,
             hits,
             task,
+            https,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/healthz", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/healthz", self.addr)
     }
 }
 

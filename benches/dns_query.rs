@@ -1,0 +1,108 @@
+//! CPU cost of the DNS query path without sockets (parse, lookup, answer) and of building a
+//! 100,000-network map. `cargo bench --bench dns_query`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use edgepop::config::regions::{Pop, Region, RegionFile};
+use edgepop::dns::map::standalone;
+use edgepop::dns::query::{handle, Transport};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+const CONFIG: &str = "[pop]\nname = \"bench\"\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"unused.toml\"\n";
+
+/// `n` networks (/24s and /48s, every tenth nested in a /16) over 8 regions and 4 PoPs.
+pub fn region_file(n: usize) -> RegionFile {
+    let pops = (0..4u8)
+        .map(|i| Pop {
+            name: format!("pop{i}"),
+            ipv4: vec![Ipv4Addr::new(192, 0, 2, i + 1)],
+            ipv6: vec![Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from(i) + 1,
+            )],
+            health: None,
+        })
+        .collect();
+    let mut regions: Vec<Region> = (0..8)
+        .map(|i| Region {
+            name: format!("r{i}"),
+            networks: Vec::new(),
+            pops: vec![i % 4, (i + 1) % 4],
+        })
+        .collect();
+    for k in 0..n {
+        let x = (k as u32).wrapping_mul(2_654_435_761);
+        let net: ipnet::IpNet = if k % 2 == 0 {
+            let len = if k % 20 == 0 { 16 } else { 24 };
+            ipnet::Ipv4Net::new(Ipv4Addr::from(x), len)
+                .expect("v4")
+                .trunc()
+                .into()
+        } else {
+            let a = (0x2001_0db8u128 << 96) | (u128::from(x) << 64);
+            ipnet::Ipv6Net::new(Ipv6Addr::from(a), 48)
+                .expect("v6")
+                .trunc()
+                .into()
+        };
+        regions[k % 8].networks.push(net);
+    }
+    // Drop duplicates (hash collisions), like validation would reject them.
+    let mut seen = std::collections::HashSet::new();
+    for r in &mut regions {
+        r.networks.retain(|n| seen.insert(*n));
+    }
+    RegionFile {
+        pops,
+        regions,
+        default: vec![0],
+    }
+}
+
+fn query(ecs: bool, name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(ecs)];
+    for l in name.split('.') {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if ecs {
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 11]);
+        q.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, 0, 198, 51, 100]);
+    }
+    q
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = edgepop::config::parse(Path::new("bench.toml"), CONFIG)
+        .expect("config")
+        .dns
+        .expect("[dns]");
+    let map = standalone(&cfg, region_file(100_000)).expect("map");
+    let src = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let mut out = Vec::with_capacity(4096);
+    for (label, q) in [
+        ("query_a", query(false, "www.edgepop.test")),
+        ("query_a_ecs", query(true, "www.edgepop.test")),
+        ("query_nxdomain", query(false, "nope.edgepop.test")),
+    ] {
+        c.bench_function(label, |b| {
+            b.iter(|| handle(black_box(&q), src, Transport::Udp, &map, &mut out))
+        });
+    }
+    let mut g = c.benchmark_group("map");
+    g.sample_size(10);
+    g.bench_function("build_100k_networks", |b| {
+        b.iter(|| standalone(&cfg, region_file(100_000)).expect("map"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,132 @@
+//! Batched UDP I/O for Linux: `recvmmsg` takes every datagram waiting (up to [`BATCH`]) in
+//! one system call and `sendmmsg` returns all the answers in one, so under load the cost of
+//! the two system calls is shared by the whole batch. Used by the UDP workers in `server`.
+
+use super::query::{self, Transport};
+use super::DnsState;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Datagrams per system call, unless `EDGEPOP_DNS_UDP_BATCH` says otherwise (1..=256).
+pub const BATCH: usize = 32;
+/// Receive buffer per datagram: DNS queries are small; a longer one is cut (`MSG_TRUNC`) and
+/// then fails to parse like any other malformed packet.
+const QUERY_MAX: usize = 4096;
+
+/// The receive loop of one worker; returns when `stop` is set.
+pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: usize) {
+    let batch = batch.clamp(1, 256);
+    let fd = sock.as_raw_fd();
+    let stats = state.stats();
+    let mut bufs = vec![[0u8; QUERY_MAX]; batch];
+    let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1232)).collect();
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; batch];
+    let mut iov: Vec<libc::iovec> = vec![
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0
+        };
+        batch
+    ];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
+    let mut send_iov = iov.clone();
+    let mut send_msgs = msgs.clone();
+    // Headers the kernel wrote into last round; only those need resetting.
+    let mut dirty = batch;
+    loop {
+        for i in 0..dirty {
+            iov[i] = libc::iovec {
+                iov_base: bufs[i].as_mut_ptr().cast(),
+                iov_len: QUERY_MAX,
+            };
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_len = 0;
+        }
+        dirty = 0;
+        // SAFETY: `msgs` holds batch headers whose name and iovec pointers point into
+        // `addrs`, `iov` and `bufs`, which outlive the call and are not otherwise borrowed.
+        // MSG_WAITFORONE: block for the first datagram, then take only what is already queued.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                batch as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if n <= 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "dns udp receive");
+            }
+            continue;
+        }
+        let n = n as usize;
+        dirty = n;
+        let mut answers = 0usize;
+        {
+            let map = state.map_guard();
+            for i in 0..n {
+                let len = (msgs[i].msg_len as usize).min(QUERY_MAX);
+                // SAFETY: the kernel filled `addrs[i]` with `msg_namelen` bytes of address.
+                let src = unsafe { socket2::SockAddr::new(addrs[i], msgs[i].msg_hdr.msg_namelen) }
+                    .as_socket();
+                let Some(src) = src else { continue };
+                let Some(o) = query::handle(
+                    &bufs[i][..len],
+                    src.ip(),
+                    Transport::Udp,
+                    &map,
+                    &mut outs[i],
+                ) else {
+                    continue;
+                };
+                stats.record(o);
+                send_iov[answers] = libc::iovec {
+                    iov_base: outs[i].as_mut_ptr().cast(),
+                    iov_len: outs[i].len(),
+                };
+                send_msgs[answers].msg_hdr.msg_name =
+                    (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+                send_msgs[answers].msg_hdr.msg_namelen = msgs[i].msg_hdr.msg_namelen;
+                send_msgs[answers].msg_hdr.msg_iov = &mut send_iov[answers];
+                send_msgs[answers].msg_hdr.msg_iovlen = 1;
+                answers += 1;
+            }
+        }
+        let mut sent = 0usize;
+        while sent < answers {
+            // SAFETY: headers `sent..answers` point at live `addrs`, `send_iov` and `outs`
+            // entries that are not touched until the call returns.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    send_msgs[sent..].as_mut_ptr(),
+                    (answers - sent) as u32,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Drop this answer (e.g. unreachable peer) and carry on with the rest.
+                stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+                sent += 1;
+            } else {
+                sent += r as usize;
+            }
+        }
+    }
+}
