@@ -273,7 +273,7 @@ impl FakeHealth {
             key_path: key,
             key: Arc::new(ck),
         };
-        let cfg = edgepop::tls::sni::server_config(&[cc]).expect("server config");
+        let cfg = edgepop::tls::sni::server_config(&[cc], None).expect("server config");
         Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
     }
 
