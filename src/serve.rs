@@ -47,12 +47,23 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     }
     if let (Some(d), Some(r)) = (&cfg.dns, regions) {
         println!(
-            "  dns {} zone {} names {} regions {} ({:?})",
+            "  dns {} zone {} names {} ttl {:?}",
             d.listen,
             d.zone,
             d.names.join(","),
+            d.ttl
+        );
+        println!(
+            "  regions {}: {} PoPs, {} regions, {} networks, default {}",
             d.regions.display(),
-            r
+            r.pops.len(),
+            r.regions.len(),
+            r.regions.iter().map(|g| g.networks.len()).sum::<usize>(),
+            r.default
+                .iter()
+                .filter_map(|&i| r.pops.get(i).map(|p| p.name.as_str()))
+                .collect::<Vec<_>>()
+                .join(" > ")
         );
     }
     Ok(ExitCode::SUCCESS)

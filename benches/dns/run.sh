@@ -86,8 +86,9 @@ zone = "edgepop.test"
 names = ["www.edgepop.test"]
 ttl = "60s"
 regions = "$WORK/map/regions.toml"
+udp_workers = 1
 EOF
-EDGEPOP_DNS_UDP_WORKERS=1 EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
+EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
 EP=$!; PIDS+=("$EP")
 wait_port $EP_PORT
 echo "edgepop RSS idle (1k nets): $(rss_kib $EP) KiB"
@@ -151,7 +152,7 @@ echo
 echo "== 100,000 networks: RSS and rebuild =="
 python3 benches/dns/gen.py "$WORK/big" 100000
 sed -i "s#$WORK/map/regions.toml#$WORK/big/regions.toml#" "$WORK/edgepop.toml"
-EDGEPOP_DNS_UDP_WORKERS=1 EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
+EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
 EP=$!; PIDS+=("$EP")
 wait_port $EP_PORT
 echo "edgepop RSS with 100k nets: $(rss_kib $EP) KiB"

@@ -125,4 +125,6 @@ pub struct RawDns {
     pub hostmaster: Option<Spanned<String>>,
     /// CA for the HTTPS health checks of PoPs; default: webpki roots.
     pub health_ca: Option<Spanned<String>>,
+    /// UDP worker threads (one socket each, SO_REUSEPORT); default: one per core.
+    pub udp_workers: Option<Spanned<i64>>,
 }

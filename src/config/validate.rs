@@ -151,6 +151,8 @@ pub struct DnsConfig {
     pub nameservers: Vec<String>,
     pub hostmaster: String,
     pub health_ca: Option<PathBuf>,
+    /// UDP worker threads; at least 1.
+    pub udp_workers: usize,
 }
 
 /// Carries the file path and text so spans can become file:line:column.
@@ -658,5 +660,12 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         nameservers,
         hostmaster,
         health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        udp_workers: match &d.udp_workers {
+            Some(n) if *n.get_ref() < 1 || *n.get_ref() > 256 => {
+                return Err(cx.err(n, "udp_workers must be between 1 and 256"));
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(1),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
     })
 }

@@ -284,10 +284,7 @@ impl Sidecar {
                 addr: cfg.listen,
                 source,
             })?;
-        let workers = std::env::var("EDGEPOP_DNS_UDP_WORKERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let workers = cfg.udp_workers;
         release_free_memory();
         let udp = server::UdpWorkers::start(udp, state.clone(), workers)?;
         let cancel = CancellationToken::new();
