@@ -51,6 +51,8 @@ pub(super) struct Conn {
     pub in_flight: AtomicUsize,
     pub resumed: bool,
     pub flags: Arc<ConnFlags>,
+    /// The TCP socket, for TCP_INFO only; valid while `flags.closed` is false.
+    pub fd: std::os::fd::RawFd,
     /// When rotation retires it (opened + jittered max_connection_age).
     pub retire_at: Instant,
 }
@@ -102,6 +104,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
     let t0 = Instant::now();
     let tcp = connect_tcp(&cfg.address).await?;
     let t1 = Instant::now();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let tls = inner
         .tls
         .connect(cfg.server_name.clone(), tcp)
@@ -139,7 +142,14 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                         address: cfg.address.clone(),
                         source,
                     })?;
-            let conn = Arc::new(Conn::new(inner, id, Sender::H2(send), opened_at, resumed));
+            let conn = Arc::new(Conn::new(
+                inner,
+                id,
+                Sender::H2(send),
+                opened_at,
+                resumed,
+                fd,
+            ));
             spawn_driver(inner, &conn, driver);
             Ok(Opened { conn, h1: None })
         }
@@ -151,7 +161,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                     address: cfg.address.clone(),
                     source,
                 })?;
-            let conn = Arc::new(Conn::new(inner, id, Sender::H1, opened_at, resumed));
+            let conn = Arc::new(Conn::new(inner, id, Sender::H1, opened_at, resumed, fd));
             spawn_driver(inner, &conn, driver);
             Ok(Opened {
                 conn,
@@ -162,8 +172,16 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
 }
 
 impl Conn {
-    fn new(inner: &Inner, id: u64, sender: Sender, opened_at: Instant, resumed: bool) -> Self {
+    fn new(
+        inner: &Inner,
+        id: u64,
+        sender: Sender,
+        opened_at: Instant,
+        resumed: bool,
+        fd: std::os::fd::RawFd,
+    ) -> Self {
         Conn {
+            fd,
             id,
             sender,
             in_flight: AtomicUsize::new(0),

@@ -25,6 +25,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
             return;
         }
         decay_peak(&inner, &mut last_decay);
+        if let Some(rtt) = inner.sample_rtt() {
+            inner.stats.record_tcp_rtt(rtt);
+        }
         let wanted = reserve_deficit(&inner);
         let mut failed = open_n(&inner, wanted).await;
         if !failed {

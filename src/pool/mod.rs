@@ -12,6 +12,7 @@ mod health;
 mod idle;
 mod lease;
 mod maintain;
+mod rtt;
 mod stats;
 
 pub use conn::{UpstreamBody, Warmth};
@@ -478,6 +479,18 @@ impl Inner {
                 st.retiring += 1;
             }
         }
+    }
+
+    /// Lowest kernel-smoothed RTT over the open connections (the path's RTT; queueing only
+    /// ever adds to it).
+    fn sample_rtt(&self) -> Option<Duration> {
+        let st = self.lock();
+        let h2 = st.h2.iter();
+        let h1 = st.idle_h1.iter().map(|(c, _)| c);
+        h2.chain(h1)
+            .filter(|c| !c.flags.closed.load(Ordering::Acquire))
+            .filter_map(|c| rtt::tcp_rtt(c.fd))
+            .min()
     }
 
     /// Connections to consider for rotation: (id, retire_at, idle since ms, in flight).

@@ -263,6 +263,15 @@ async fn the_pool_is_opened_before_the_first_request_and_no_request_opens_anothe
     assert!(eventually(Duration::from_secs(5), || async { stats.handshakes() == 4 }).await);
     let snap = pools_json(edge.admin).await;
     assert_eq!(snap["pools"][0]["open"], 4, "{snap}");
+    // The PoP-origin RTT (kernel-smoothed, of the pooled connections) is exported.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools_json(edge.admin).await["pools"][0]["rtt_ms"]
+                .as_f64()
+                .is_some()
+        })
+        .await
+    );
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     for _ in 0..200 {
         assert_eq!(c.get("localhost", "/").await.0, 200);
