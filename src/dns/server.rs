@@ -179,6 +179,9 @@ impl Drop for UdpWorkers {
             if let Some(s) = &waker {
                 let _ = s.send_to(&[], self.wake);
             }
+            // Shutdown only, never on a query path: pace the wake-up datagrams while the
+            // worker OS threads notice the stop flag.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(1));
         }
         for t in self.threads.drain(..) {
