@@ -95,7 +95,7 @@ async fn forward(
     let upstream_ttfb = started.elapsed();
     let (mut parts, body) = sent.response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    headers::append_via(&mut parts.headers, Version::HTTP_11, &rt.via);
+    headers::append_via(&mut parts.headers, parts.version, &rt.via);
     if rt.server_timing {
         add_server_timing(&mut parts.headers, sent.waited, upstream_ttfb, sent.warmth);
     }
