@@ -6,8 +6,8 @@ use super::Inner;
 use crate::config::Protocol;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ impl Warmth {
 }
 
 pub(super) enum Sender {
-    H2(http2::SendRequest<UpstreamBody>),
+    H2(h2::client::SendRequest<Bytes>),
     /// http/1.1 senders live in the pool's idle list or in a lease, never here.
     H1,
 }
@@ -51,6 +51,8 @@ pub(super) struct Conn {
     pub in_flight: AtomicUsize,
     pub resumed: bool,
     pub flags: Arc<ConnFlags>,
+    /// PING round trips measured on this connection (h2 only).
+    pub ping: Arc<super::h2conn::PingStats>,
     /// The TCP socket, for TCP_INFO only; valid while `flags.closed` is false.
     pub fd: std::os::fd::RawFd,
     /// When rotation retires it (opened + jittered max_connection_age).
@@ -66,16 +68,23 @@ pub(super) struct ConnFlags {
     pub draining: AtomicBool,
     /// Milliseconds since the pool's epoch when the last exchange on it ended.
     pub last_used_ms: AtomicU64,
+    /// Cancelled to close the connection now (an unanswered PING); ends the h2 driver.
+    pub kill: tokio_util::sync::CancellationToken,
 }
 
 impl Conn {
+    /// Streams this connection takes before another is preferred: our cap, or the origin's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS if lower.
+    pub fn stream_capacity(&self) -> usize {
+        match &self.sender {
+            Sender::H2(s) => super::H2_STREAMS_PER_CONNECTION.min(s.current_max_send_streams()),
+            Sender::H1 => 1,
+        }
+    }
+
     pub fn is_usable(&self) -> bool {
-        let open = match &self.sender {
-            // hyper knows before our driver task does when an h2 connection has failed.
-            Sender::H2(s) => !s.is_closed(),
-            Sender::H1 => true,
-        };
-        open && !self.flags.closed.load(Ordering::Acquire)
+        !self.flags.kill.is_cancelled()
+            && !self.flags.closed.load(Ordering::Acquire)
             && !self.flags.draining.load(Ordering::Acquire)
     }
 }
@@ -125,23 +134,23 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
     inner.stats.record_handshake(resumed);
     inner.stats.record_connect_times(t1 - t0, t1.elapsed());
     let id = inner.next_id();
-    let io = TokioIo::new(tls);
     let opened_at = Instant::now();
     match cfg.protocol {
         Protocol::H2 => {
-            let mut b = http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .keep_alive_interval(cfg.keepalive_interval)
-                .keep_alive_timeout(cfg.keepalive_timeout)
-                .keep_alive_while_idle(true)
-                .adaptive_window(true);
-            let (send, driver) =
-                b.handshake(io)
-                    .await
-                    .map_err(|source| ConnectError::Handshake {
-                        address: cfg.address.clone(),
-                        source,
-                    })?;
+            let kill = tokio_util::sync::CancellationToken::new();
+            let ping = Arc::new(super::h2conn::PingStats::default());
+            let (send, driver) = super::h2conn::open(
+                tls,
+                cfg.keepalive_interval,
+                cfg.keepalive_timeout,
+                kill.clone(),
+                ping.clone(),
+            )
+            .await
+            .map_err(|source| ConnectError::H2Handshake {
+                address: cfg.address.clone(),
+                source,
+            })?;
             let conn = Arc::new(Conn::new(
                 inner,
                 id,
@@ -149,20 +158,38 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                 opened_at,
                 resumed,
                 fd,
+                kill,
+                ping,
             ));
-            spawn_driver(inner, &conn, driver);
+            spawn_driver(inner, &conn, async move {
+                match driver.await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
             Ok(Opened { conn, h1: None })
         }
         Protocol::Http1 => {
             let (send, driver) = http1::Builder::new()
-                .handshake(io)
+                .handshake(TokioIo::new(tls))
                 .await
                 .map_err(|source| ConnectError::Handshake {
                     address: cfg.address.clone(),
                     source,
                 })?;
-            let conn = Arc::new(Conn::new(inner, id, Sender::H1, opened_at, resumed, fd));
-            spawn_driver(inner, &conn, driver);
+            let conn = Arc::new(Conn::new(
+                inner,
+                id,
+                Sender::H1,
+                opened_at,
+                resumed,
+                fd,
+                tokio_util::sync::CancellationToken::new(),
+                Arc::new(super::h2conn::PingStats::default()),
+            ));
+            spawn_driver(inner, &conn, async move {
+                driver.await.map_err(|e| e.to_string())
+            });
             Ok(Opened {
                 conn,
                 h1: Some(send),
@@ -172,6 +199,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
 }
 
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         inner: &Inner,
         id: u64,
@@ -179,9 +207,12 @@ impl Conn {
         opened_at: Instant,
         resumed: bool,
         fd: std::os::fd::RawFd,
+        kill: tokio_util::sync::CancellationToken,
+        ping: Arc<super::h2conn::PingStats>,
     ) -> Self {
         Conn {
             fd,
+            ping,
             id,
             sender,
             in_flight: AtomicUsize::new(0),
@@ -190,6 +221,7 @@ impl Conn {
                 closed: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 last_used_ms: AtomicU64::new(inner.now_ms()),
+                kill,
             }),
             retire_at: opened_at + jittered_age(inner.origin.max_connection_age),
         }
@@ -203,7 +235,7 @@ fn jittered_age(age: Duration) -> Duration {
 
 fn spawn_driver<F>(inner: &Arc<Inner>, conn: &Arc<Conn>, driver: F)
 where
-    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let pool = inner.clone();
     // Weak: the driver must not keep the h2 sender alive, or a retired connection whose
@@ -216,6 +248,8 @@ where
             pool.stats.set_last_error(format!("connection closed: {e}"));
         }
         flags.closed.store(true, Ordering::Release);
+        // Stops the pinger too.
+        flags.kill.cancel();
         pool.on_closed(id, &flags);
     });
 }

@@ -31,6 +31,12 @@ pub enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    #[error("h2 handshake with origin {address}: {source}")]
+    H2Handshake {
+        address: String,
+        #[source]
+        source: h2::Error,
+    },
     #[error("connecting to origin {address}: timed out after {after:?}")]
     Timeout { address: String, after: Duration },
 }
@@ -55,4 +61,26 @@ pub enum CheckoutError {
     Connect(#[from] ConnectError),
     #[error("origin {origin}: pool is shut down")]
     Closed { origin: String },
+}
+
+/// A request failed on an upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Http1(hyper::Error),
+    #[error(transparent)]
+    H2(h2::Error),
+}
+
+impl UpstreamError {
+    /// The origin says it did not process the request: REFUSED_STREAM, or a GOAWAY whose
+    /// last-stream-id is below the stream.
+    pub fn not_processed(&self) -> bool {
+        match self {
+            UpstreamError::H2(e) => {
+                e.is_remote() && (e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away())
+            }
+            UpstreamError::Http1(_) => false,
+        }
+    }
 }

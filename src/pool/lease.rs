@@ -3,8 +3,10 @@
 //! is complete and hyper reports it ready for the next request.
 
 use super::conn::{Conn, Sender, UpstreamBody, Warmth};
+use super::error::UpstreamError;
+use super::h2conn::ResponseBody;
 use super::Inner;
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use std::sync::Arc;
@@ -31,7 +33,7 @@ pub struct StreamGuard {
 /// makes a retry on another connection safe for any method.
 #[derive(Debug)]
 pub struct SendError {
-    pub source: hyper::Error,
+    pub source: UpstreamError,
     pub request: Option<Request<UpstreamBody>>,
     pub warmth: Warmth,
 }
@@ -80,23 +82,31 @@ impl Lease {
     pub async fn send(
         mut self,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, StreamGuard), SendError> {
+    ) -> Result<(Response<ResponseBody>, StreamGuard), SendError> {
         let warmth = self.warmth;
         let result = match (&self.slot.conn.sender, self.slot.h1.as_mut()) {
-            (Sender::H2(send), _) => {
-                let mut send = send.clone();
-                send.try_send_request(req).await
-            }
+            (Sender::H2(send), _) => super::h2conn::send(send, req)
+                .await
+                .map_err(|e| (UpstreamError::H2(e.error), e.request)),
             (Sender::H1, Some(send)) => {
                 if let Err(source) = send.ready().await {
                     self.slot.h1 = None;
                     return Err(SendError {
-                        source,
+                        source: UpstreamError::Http1(source),
                         request: Some(req),
                         warmth,
                     });
                 }
-                send.try_send_request(req).await
+                match send.try_send_request(req).await {
+                    Ok(resp) => Ok(resp.map(|b| {
+                        b.map_err(|e| Box::new(e) as super::h2conn::BoxError)
+                            .boxed_unsync()
+                    })),
+                    Err(mut e) => {
+                        let request = e.take_message();
+                        Err((UpstreamError::Http1(e.into_error()), request))
+                    }
+                }
             }
             (Sender::H1, None) => unreachable!("an http/1.1 lease always carries its sender"),
         };
@@ -112,13 +122,20 @@ impl Lease {
                 }
                 Ok((resp, StreamGuard { _slot: self.slot }))
             }
-            Err(mut e) => {
-                // The connection is suspect: an http/1.1 sender is not returned.
+            Err((source, request)) => {
+                // The connection is suspect: an http/1.1 sender is not returned; an h2
+                // connection that failed as a whole (GOAWAY, I/O) takes no new streams, so a
+                // retry lands elsewhere while its in-flight streams finish.
+                if let UpstreamError::H2(e) = &source {
+                    if !e.is_reset() {
+                        self.slot.pool.retire(self.slot.conn.id);
+                    }
+                }
                 self.slot.h1 = None;
                 self.slot.pool.maintain.notify_one();
                 Err(SendError {
-                    request: e.take_message(),
-                    source: e.into_error(),
+                    request,
+                    source,
                     warmth,
                 })
             }

@@ -28,6 +28,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
         if let Some(rtt) = inner.sample_rtt() {
             inner.stats.record_tcp_rtt(rtt);
         }
+        if let Some(rtt) = inner.sample_ping_rtt() {
+            inner.stats.record_ping_rtt(rtt);
+        }
         let wanted = reserve_deficit(&inner);
         let mut failed = open_n(&inner, wanted).await;
         if !failed {

@@ -8,6 +8,7 @@
 
 mod conn;
 mod error;
+mod h2conn;
 mod health;
 mod idle;
 mod lease;
@@ -16,7 +17,8 @@ mod rtt;
 mod stats;
 
 pub use conn::{UpstreamBody, Warmth};
-pub use error::{CheckoutError, ConnectError};
+pub use error::{CheckoutError, ConnectError, UpstreamError};
+pub use h2conn::ResponseBody;
 pub use lease::{Lease, SendError, StreamGuard};
 pub use stats::PoolSnapshot;
 
@@ -30,8 +32,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Streams per h2 connection we open before preferring another connection. The origin's own
-/// SETTINGS_MAX_CONCURRENT_STREAMS is enforced by h2 itself (excess streams wait for a slot).
+/// Streams per h2 connection before another connection is preferred; lowered to the origin's
+/// SETTINGS_MAX_CONCURRENT_STREAMS when that is smaller (`Conn::stream_capacity`).
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Pause between a request's connect attempts while the origin refuses connections.
@@ -321,7 +323,7 @@ impl Inner {
                     .h2
                     .iter()
                     .filter(|c| c.is_usable())
-                    .filter(|c| c.in_flight.load(Ordering::Acquire) < H2_STREAMS_PER_CONNECTION)
+                    .filter(|c| c.in_flight.load(Ordering::Acquire) < c.stream_capacity())
                     .min_by_key(|c| c.in_flight.load(Ordering::Acquire))?
                     .clone();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -479,6 +481,18 @@ impl Inner {
                 st.retiring += 1;
             }
         }
+    }
+
+    /// Lowest PING round trip over the open h2 connections.
+    fn sample_ping_rtt(&self) -> Option<Duration> {
+        let st = self.lock();
+        st.h2
+            .iter()
+            .filter(|c| c.is_usable())
+            .map(|c| c.ping.last_rtt_us.load(Ordering::Relaxed))
+            .filter(|&us| us > 0)
+            .min()
+            .map(Duration::from_micros)
     }
 
     /// Lowest kernel-smoothed RTT over the open connections (the path's RTT; queueing only

@@ -25,6 +25,8 @@ pub struct Stats {
     pub health_rtt_us: AtomicU64,
     /// Kernel-smoothed RTT of the pooled TCP connections, in microseconds.
     pub tcp_rtt_us: AtomicU64,
+    /// Lowest h2 PING round trip over the pooled connections, in microseconds.
+    pub ping_rtt_us: AtomicU64,
     /// Only written on failures and read by /pools; never touched by a successful request.
     last_error: Mutex<Option<String>>,
     /// Unix milliseconds until which refills back off; 0 when not backing off.
@@ -45,6 +47,11 @@ impl Stats {
         let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.tcp_connect_us.store(us(tcp), Ordering::Relaxed);
         self.tls_handshake_us.store(us(tls), Ordering::Relaxed);
+    }
+
+    pub fn record_ping_rtt(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.ping_rtt_us.store(us, Ordering::Relaxed);
     }
 
     pub fn record_tcp_rtt(&self, d: std::time::Duration) {
@@ -108,6 +115,9 @@ pub struct PoolSnapshot {
     /// The PoP-origin round trip as the kernel measures it on the pooled connections
     /// (TCP_INFO smoothed RTT, lowest over the open connections, sampled every second).
     pub rtt_ms: Option<f64>,
+    /// The PoP-origin round trip measured by h2 PING on the pooled connections (lowest of
+    /// the latest PING per connection, every `keepalive_interval`); h2 origins only.
+    pub ping_rtt_ms: Option<f64>,
     pub rotated_total: u64,
     pub retried_total: u64,
     /// The origin's idle timeout, announced or observed; idle connections rotate before it.
@@ -171,6 +181,10 @@ impl Inner {
             },
             last_tcp_connect_ms: ms(&self.stats.tcp_connect_us),
             last_tls_handshake_ms: ms(&self.stats.tls_handshake_us),
+            ping_rtt_ms: match self.stats.ping_rtt_us.load(Ordering::Relaxed) {
+                0 => None,
+                us => Some(us as f64 / 1000.0),
+            },
             rtt_ms: match self.stats.tcp_rtt_us.load(Ordering::Relaxed) {
                 0 => None,
                 us => Some(us as f64 / 1000.0),

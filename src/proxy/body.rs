@@ -1,11 +1,11 @@
 //! Response bodies: the origin's body streamed to the client frame by frame (never buffered
 //! whole), with an idle timeout between frames, holding the pool lease until it ends.
 
+use crate::pool::ResponseBody;
 use crate::pool::StreamGuard;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -30,7 +30,7 @@ pub struct BodyIdleTimeout(pub Duration);
 pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
-        inner: Incoming,
+        inner: ResponseBody,
         guard: Option<StreamGuard>,
         idle: Duration,
         #[pin]
@@ -39,7 +39,7 @@ pin_project_lite::pin_project! {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, guard: StreamGuard, idle: Duration) -> Self {
+    pub fn new(inner: ResponseBody, guard: StreamGuard, idle: Duration) -> Self {
         UpstreamBody {
             inner,
             guard: Some(guard),
@@ -75,7 +75,7 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.guard.take();
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => match this.timer.poll(cx) {
                 Poll::Ready(()) => {

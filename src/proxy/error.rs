@@ -31,7 +31,7 @@ pub enum ProxyError {
     Upstream {
         origin: String,
         #[source]
-        source: hyper::Error,
+        source: crate::pool::UpstreamError,
     },
     #[error("origin {origin}: no response head within {after:?}")]
     FirstByteTimeout { origin: String, after: Duration },

@@ -190,7 +190,7 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
 const MAX_RETRIES: u32 = 2;
 
 struct Sent<'a> {
-    response: Response<Incoming>,
+    response: Response<crate::pool::ResponseBody>,
     guard: StreamGuard,
     pool: &'a Pool,
     waited: Duration,
@@ -278,7 +278,7 @@ async fn send<'a>(
                     Some(r) => Some(r),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method.
-                    None if not_processed(&source) => replay,
+                    None if source.not_processed() => replay,
                     // May have reached the origin: only a bodiless idempotent request, and
                     // only if the connection was a reused one (a fresh connection failing is
                     // the origin's answer, not a stale-connection race).
@@ -311,17 +311,4 @@ async fn send<'a>(
             }
         }
     }
-}
-
-/// True when h2 tells us the origin never processed the stream.
-fn not_processed(e: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(h2e) = c.downcast_ref::<h2::Error>() {
-            return h2e.is_remote()
-                && (h2e.reason() == Some(h2::Reason::REFUSED_STREAM) || h2e.is_go_away());
-        }
-        cause = c.source();
-    }
-    false
 }

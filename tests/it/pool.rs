@@ -340,3 +340,41 @@ async fn a_burst_raises_the_warm_target_above_the_floor() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pop_origin_rtt_is_measured_by_h2_ping_and_exported() {
+    let origin = origin().start().await.unwrap();
+    // 20 ms each way: a 40 ms PoP-origin round trip.
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        origin.addr(),
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "o1",
+            relay.local_addr(),
+            "warm_connections = 2\nkeepalive_interval = \"200ms\"",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "ping_rtt_ms")
+                .await
+                .as_f64()
+                .is_some()
+        })
+        .await
+    );
+    let rtt = pool_field(edge.admin, 0, "ping_rtt_ms")
+        .await
+        .as_f64()
+        .unwrap();
+    // Never below the simulated round trip; the upper bound only guards against nonsense.
+    assert!((39.0..1000.0).contains(&rtt), "ping_rtt_ms {rtt}");
+    eprintln!("PING RTT through a 40 ms relay: {rtt:.2} ms");
+}
