@@ -1,5 +1,6 @@
-//! One upstream connection: TCP (keepalive, nodelay) + verified TLS + hyper h2 or http/1.1
-//! handshake, all under the origin's connect timeout, and the task that drives it.
+//! One upstream connection: TCP (keepalive, nodelay) + verified TLS + an h2 (`h2` crate) or
+//! http/1.1 (hyper) handshake, all under the origin's connect timeout, and the task that
+//! drives it.
 
 use super::error::ConnectError;
 use super::Inner;

@@ -29,7 +29,7 @@ pub struct StreamGuard {
     _slot: Slot,
 }
 
-/// Sending failed. `request` is `Some` when hyper guarantees nothing of it was sent, which
+/// Sending failed. `request` is `Some` when nothing of it was sent (hyper or h2 says so), which
 /// makes a retry on another connection safe for any method.
 #[derive(Debug)]
 pub struct SendError {

@@ -1,7 +1,6 @@
 //! The PoP-origin round trip as the kernel measures it on the pooled TCP connections
-//! (TCP_INFO's smoothed RTT). hyper does not expose its h2 PING timings, and the kernel's
-//! estimate is at least as good on a real path. Through the user-space WAN relay it shows the
-//! loopback hop only, not the simulated delay.
+//! (TCP_INFO's smoothed RTT), beside the h2 PING round trip: it covers http/1.1 origins too.
+//! Through the user-space WAN relay it shows the loopback hop only, not the simulated delay.
 
 use std::os::fd::RawFd;
 use std::time::Duration;

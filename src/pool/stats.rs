@@ -106,7 +106,7 @@ pub struct PoolSnapshot {
     /// resumed / (full + resumed) over the pool's life.
     pub resumption_ratio: f64,
     /// Last connect's TCP and TLS phases; TLS 1.3 takes one round trip, so the handshake
-    /// time is the best PoP-origin RTT estimate hyper lets us measure.
+    /// time is one more view of the PoP-origin RTT (see also `ping_rtt_ms`, `rtt_ms`).
     pub last_tcp_connect_ms: f64,
     pub last_tls_handshake_ms: f64,
     /// Round trip of the last active health check over a warm connection (the PoP-origin RTT
