@@ -251,6 +251,16 @@ async fn goaway_from_the_origin_and_connection_rotation_cost_no_client_an_error(
         all.extend(errors);
     }
     assert!(all.is_empty(), "{all:?}");
+    // Retired connections really close once their streams are done (no leak of capacity).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let p = &pools_json(edge.admin).await["pools"][0];
+            p["retiring"].as_u64() == Some(0) && p["open"].as_u64() <= Some(3)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
