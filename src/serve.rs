@@ -113,21 +113,28 @@ pub struct EdgeServer {
     drain_timeout: Duration,
 }
 
-/// Builds one pool per origin. The floor is `warm_connections` for an origin that is some
-/// route's first choice, `standby_connections` for one that is only ever a failover target.
+/// The floor of origin `i`: `warm_connections` if it is some route's first choice,
+/// `standby_connections` if it is only ever a failover target.
+fn floor_of(edge: &EdgeConfig, i: usize, o: &config::OriginConfig) -> usize {
+    let primary = edge.routes.iter().any(|r| r.origins.first() == Some(&i));
+    let floor = if primary {
+        o.warm_connections
+    } else {
+        o.standby_connections
+    };
+    floor.min(o.max_connections)
+}
+
+fn new_pool(edge: &EdgeConfig, i: usize, o: &Arc<config::OriginConfig>) -> anyhow::Result<Pool> {
+    Pool::new(o.clone(), floor_of(edge, i, o)).with_context(|| format!("origin {}", o.name))
+}
+
+/// Builds one pool per origin (nothing is opened until `Pool::start`).
 pub fn build_pools(edge: &EdgeConfig) -> anyhow::Result<Vec<Pool>> {
     edge.origins
         .iter()
         .enumerate()
-        .map(|(i, o)| {
-            let primary = edge.routes.iter().any(|r| r.origins.first() == Some(&i));
-            let floor = if primary {
-                o.warm_connections
-            } else {
-                o.standby_connections
-            };
-            Pool::new(o.clone(), floor).with_context(|| format!("origin {}", o.name))
-        })
+        .map(|(i, o)| new_pool(edge, i, o))
         .collect()
 }
 
@@ -225,20 +232,24 @@ impl EdgeServer {
         let old = self.status.runtime.load_full();
         let mut pools = Vec::with_capacity(edge_cfg.origins.len());
         let mut fresh = Vec::new();
-        let fresh_pools = build_pools(edge_cfg)?;
-        for (o, candidate) in edge_cfg.origins.iter().zip(fresh_pools) {
-            let same = old
+        for (i, o) in edge_cfg.origins.iter().enumerate() {
+            let floor = floor_of(edge_cfg, i, o);
+            let kept = old
                 .pools
                 .iter()
-                .find(|p| same_origin(p.origin(), o) && p.floor() == candidate.floor());
-            match same {
-                Some(p) => pools.push(p.clone()),
+                .find(|p| **p.origin() == **o && p.floor() == floor);
+            let pool = match kept {
+                Some(p) => p.clone(),
                 None => {
-                    candidate.start();
-                    fresh.push(candidate.clone());
-                    pools.push(candidate);
+                    let p = new_pool(edge_cfg, i, o)?;
+                    fresh.push(p.clone());
+                    p
                 }
-            }
+            };
+            pools.push(pool);
+        }
+        for p in &fresh {
+            p.start();
         }
         futures_util::future::join_all(
             fresh
@@ -246,20 +257,17 @@ impl EdgeServer {
                 .map(|p| p.wait_warm(p.origin().connect_timeout)),
         )
         .await;
+        let retired: Vec<Pool> = old
+            .pools
+            .iter()
+            .filter(|p| !pools.iter().any(|n| Arc::ptr_eq(n.origin(), p.origin())))
+            .cloned()
+            .collect();
         let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone());
         self.tls.store(Arc::new(tls));
         self.status.runtime.store(Arc::new(new_rt));
-        for p in &old.pools {
-            if !self
-                .status
-                .runtime
-                .load()
-                .pools
-                .iter()
-                .any(|n| Arc::ptr_eq(n.origin(), p.origin()))
-            {
-                p.shutdown();
-            }
+        for p in retired {
+            p.shutdown();
         }
         Ok(())
     }
@@ -279,10 +287,6 @@ impl EdgeServer {
             p.shutdown();
         }
     }
-}
-
-fn same_origin(a: &config::OriginConfig, b: &config::OriginConfig) -> bool {
-    format!("{a:?}") == format!("{b:?}")
 }
 
 /// `edgepop serve`: runs until SIGTERM/SIGINT, reloading on SIGHUP.

@@ -94,7 +94,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OriginConfig {
     pub name: String,
     /// `host:port`, resolved at every connect so DNS changes are followed.

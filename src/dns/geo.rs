@@ -95,49 +95,35 @@ pub trait Bits: Copy + Ord + std::fmt::Debug {
     fn last(self, len: u8) -> Self;
 }
 
-impl Bits for u32 {
-    const WIDTH: u8 = 32;
-    fn zero() -> Self {
-        0
-    }
-    fn bit(i: u8) -> Self {
-        1u32 << (31 - u32::from(i))
-    }
-    fn or(self, o: Self) -> Self {
-        self | o
-    }
-    fn xor(self, o: Self) -> Self {
-        self ^ o
-    }
-    fn leading_zeros_(self) -> u32 {
-        self.leading_zeros()
-    }
-    fn last(self, len: u8) -> Self {
-        self | u32::MAX.checked_shr(u32::from(len)).unwrap_or(0)
-    }
+/// The same bit operations on both address widths.
+macro_rules! impl_bits {
+    ($t:ty, $width:expr) => {
+        impl Bits for $t {
+            const WIDTH: u8 = $width;
+            fn zero() -> Self {
+                0
+            }
+            fn bit(i: u8) -> Self {
+                1 << (u32::from($width - 1) - u32::from(i))
+            }
+            fn or(self, o: Self) -> Self {
+                self | o
+            }
+            fn xor(self, o: Self) -> Self {
+                self ^ o
+            }
+            fn leading_zeros_(self) -> u32 {
+                self.leading_zeros()
+            }
+            fn last(self, len: u8) -> Self {
+                self | <$t>::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+            }
+        }
+    };
 }
 
-impl Bits for u128 {
-    const WIDTH: u8 = 128;
-    fn zero() -> Self {
-        0
-    }
-    fn bit(i: u8) -> Self {
-        1u128 << (127 - u32::from(i))
-    }
-    fn or(self, o: Self) -> Self {
-        self | o
-    }
-    fn xor(self, o: Self) -> Self {
-        self ^ o
-    }
-    fn leading_zeros_(self) -> u32 {
-        self.leading_zeros()
-    }
-    fn last(self, len: u8) -> Self {
-        self | u128::MAX.checked_shr(u32::from(len)).unwrap_or(0)
-    }
-}
+impl_bits!(u32, 32u8);
+impl_bits!(u128, 128u8);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Block<R> {

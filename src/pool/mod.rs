@@ -39,16 +39,6 @@ pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 /// Pause between a request's connect attempts while the origin refuses connections.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Everything that decides which connections may be shared: two origins with the same key
-/// could share a pool, two with different keys never.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub address: String,
-    pub server_name: String,
-    pub ca: Option<std::path::PathBuf>,
-    pub protocol: Protocol,
-}
-
 /// A handle to one origin's pool; cheap to clone.
 #[derive(Clone)]
 pub struct Pool {
@@ -57,7 +47,6 @@ pub struct Pool {
 
 pub(crate) struct Inner {
     pub origin: Arc<OriginConfig>,
-    pub key: PoolKey,
     tls: tokio_rustls::TlsConnector,
     /// Connections kept open at all times.
     floor: usize,
@@ -113,17 +102,10 @@ impl Pool {
             origin.ca.as_deref(),
             origin.protocol,
         )?;
-        let key = PoolKey {
-            address: origin.address.clone(),
-            server_name: origin.server_name.to_str().into_owned(),
-            ca: origin.ca.clone(),
-            protocol: origin.protocol,
-        };
         Ok(Pool {
             inner: Arc::new(Inner {
                 floor: floor.min(origin.max_connections),
                 origin,
-                key,
                 tls: tokio_rustls::TlsConnector::from(tls),
                 state: Mutex::new(State::default()),
                 available: Notify::new(),

@@ -5,6 +5,7 @@ use super::Inner;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 #[derive(Default)]
 pub struct Stats {
@@ -43,25 +44,21 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn record_connect_times(&self, tcp: std::time::Duration, tls: std::time::Duration) {
-        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.tcp_connect_us.store(us(tcp), Ordering::Relaxed);
-        self.tls_handshake_us.store(us(tls), Ordering::Relaxed);
+    pub fn record_connect_times(&self, tcp: Duration, tls: Duration) {
+        store_us(&self.tcp_connect_us, tcp);
+        store_us(&self.tls_handshake_us, tls);
     }
 
-    pub fn record_ping_rtt(&self, d: std::time::Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.ping_rtt_us.store(us, Ordering::Relaxed);
+    pub fn record_ping_rtt(&self, d: Duration) {
+        store_us(&self.ping_rtt_us, d);
     }
 
-    pub fn record_tcp_rtt(&self, d: std::time::Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.tcp_rtt_us.store(us, Ordering::Relaxed);
+    pub fn record_tcp_rtt(&self, d: Duration) {
+        store_us(&self.tcp_rtt_us, d);
     }
 
-    pub fn record_health_rtt(&self, d: std::time::Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.health_rtt_us.store(us, Ordering::Relaxed);
+    pub fn record_health_rtt(&self, d: Duration) {
+        store_us(&self.health_rtt_us, d);
     }
 
     pub fn record_failure(&self, e: &ConnectError) {
@@ -132,8 +129,26 @@ pub struct PoolSnapshot {
     pub last_error: Option<String>,
 }
 
+fn store_us(gauge: &AtomicU64, d: Duration) {
+    gauge.store(
+        u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+/// A microsecond gauge as milliseconds; 0 means "not measured yet".
+fn opt_ms(us: &AtomicU64) -> Option<f64> {
+    match us.load(Ordering::Relaxed) {
+        0 => None,
+        us => Some(us as f64 / 1000.0),
+    }
+}
+
 impl Inner {
     pub(super) fn snapshot(&self) -> PoolSnapshot {
+        // Read before taking the state lock: the last error has its own lock.
+        let last_error = self.stats.last_error();
+        let target = self.target();
         let st = self.lock();
         let (idle, busy, in_flight) = match self.origin.protocol {
             crate::config::Protocol::H2 => {
@@ -154,10 +169,10 @@ impl Inner {
         let full = self.stats.handshakes_full.load(Ordering::Relaxed);
         let resumed = self.stats.handshakes_resumed.load(Ordering::Relaxed);
         let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
-        let snap = PoolSnapshot {
+        PoolSnapshot {
             origin: self.origin.name.clone(),
             address: self.origin.address.clone(),
-            server_name: self.key.server_name.clone(),
+            server_name: self.origin.server_name.to_str().into_owned(),
             protocol: self.origin.protocol.as_str(),
             healthy: self.health.is_up(),
             warm_target: self.floor,
@@ -181,25 +196,16 @@ impl Inner {
             },
             last_tcp_connect_ms: ms(&self.stats.tcp_connect_us),
             last_tls_handshake_ms: ms(&self.stats.tls_handshake_us),
-            ping_rtt_ms: match self.stats.ping_rtt_us.load(Ordering::Relaxed) {
-                0 => None,
-                us => Some(us as f64 / 1000.0),
-            },
-            rtt_ms: match self.stats.tcp_rtt_us.load(Ordering::Relaxed) {
-                0 => None,
-                us => Some(us as f64 / 1000.0),
-            },
-            health_rtt_ms: match self.stats.health_rtt_us.load(Ordering::Relaxed) {
-                0 => None,
-                us => Some(us as f64 / 1000.0),
-            },
+            ping_rtt_ms: opt_ms(&self.stats.ping_rtt_us),
+            rtt_ms: opt_ms(&self.stats.tcp_rtt_us),
+            health_rtt_ms: opt_ms(&self.stats.health_rtt_us),
             rotated_total: self.stats.rotated.load(Ordering::Relaxed),
             retried_total: self.stats.retried.load(Ordering::Relaxed),
             learned_idle_timeout_ms: self
                 .idle
                 .learned()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            target: 0,
+            target,
             recent_peak_in_flight: self.peak_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             retiring: st.retiring,
             queue_full_total: self.stats.queue_full.load(Ordering::Relaxed),
@@ -208,13 +214,7 @@ impl Inner {
                 0 => None,
                 t => Some(t),
             },
-            last_error: None,
-        };
-        drop(st);
-        PoolSnapshot {
-            last_error: self.stats.last_error(),
-            target: self.target(),
-            ..snap
+            last_error,
         }
     }
 }

@@ -7,7 +7,8 @@ use rustls::RootCertStore;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Builds the client config for one origin: ALPN is pinned to the configured protocol.
+/// Builds the client config for one origin: ALPN is pinned to the configured protocol, and
+/// sessions are cached so reconnects resume.
 pub fn client_config(
     ca: Option<&Path>,
     protocol: Protocol,
@@ -18,12 +19,7 @@ pub fn client_config(
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
     };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(super::provider_arc())
-        .with_protocol_versions(super::VERSIONS)
-        .expect("ring supports TLS 1.2 and 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
+    let mut cfg = client_config_with_roots(roots, &[protocol.alpn()]);
     cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
     Ok(cfg)
 }

@@ -49,15 +49,8 @@ async fn curl_over_http2_and_http1_gets_the_origin_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_upstream_protocols_forward_requests() {
     let origin = origin().start().await.unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            "protocol = \"http1\"\nwarm_connections = 2",
-        )],
-        &["localhost"],
-    ))
-    .await;
+    let edge =
+        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 2").await;
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     for _ in 0..5 {
         assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
@@ -491,15 +484,6 @@ fn signal(pid: u32, sig: &str) {
         .expect("kill runs")
         .success();
     assert!(ok, "kill -{sig} {pid}");
-}
-
-async fn served_by(addr: std::net::SocketAddr) -> String {
-    let mut c = Client::connect(addr, "localhost", false).await;
-    let resp = c.send(request(false, "localhost", "/")).await.unwrap();
-    resp.headers()
-        .get("x-origin")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,11 +62,7 @@ async fn pool_field(admin: std::net::SocketAddr, i: usize, field: &str) -> serde
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refills_resumed() {
     let origin = origin().start().await.unwrap();
-    let edge = start_edge(&edge_config(
-        &[("o1", origin.addr(), "warm_connections = 2")],
-        &["localhost"],
-    ))
-    .await;
+    let edge = single_origin_edge(origin.addr(), "warm_connections = 2").await;
     let load = Load::start(edge.addr, true, "/", Duration::from_millis(5));
     load.wait_for(20).await;
     origin.stop();
@@ -119,15 +115,7 @@ async fn a_silently_dead_path_is_detected_by_h2_ping_and_replaced() {
     )
     .await
     .unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            relay.local_addr(),
-            "warm_connections = 2\nkeepalive_interval = \"300ms\"\nkeepalive_timeout = \"300ms\"\nconnect_timeout = \"1s\"",
-        )],
-        &["localhost"],
-    ))
-    .await;
+    let edge = single_origin_edge(relay.local_addr(), "warm_connections = 2\nkeepalive_interval = \"300ms\"\nkeepalive_timeout = \"300ms\"\nconnect_timeout = \"1s\"").await;
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     assert_eq!(c.get("localhost", "/").await.0, 200);
     relay.blackhole(true);
@@ -163,15 +151,8 @@ async fn the_http1_idle_close_race_costs_no_client_an_error() {
         .start()
         .await
         .unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            "protocol = \"http1\"\nwarm_connections = 2",
-        )],
-        &["localhost"],
-    ))
-    .await;
+    let edge =
+        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 2").await;
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     let mut failures = Vec::new();
     for i in 0..24u64 {
@@ -199,15 +180,8 @@ async fn an_announced_keep_alive_timeout_is_learned() {
         .start()
         .await
         .unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            "protocol = \"http1\"\nwarm_connections = 1",
-        )],
-        &["localhost"],
-    ))
-    .await;
+    let edge =
+        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 1").await;
     let mut c = Client::connect(edge.addr, "localhost", false).await;
     assert_eq!(c.get("localhost", "/").await.0, 200);
     assert_eq!(
@@ -219,14 +193,10 @@ async fn an_announced_keep_alive_timeout_is_learned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_from_the_origin_and_connection_rotation_cost_no_client_an_error() {
     let origin = origin().start().await.unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            "warm_connections = 2\nmax_connection_age = \"400ms\"",
-        )],
-        &["localhost"],
-    ))
+    let edge = single_origin_edge(
+        origin.addr(),
+        "warm_connections = 2\nmax_connection_age = \"400ms\"",
+    )
     .await;
     let loads: Vec<Load> = (0..3)
         .map(|_| Load::start(edge.addr, true, "/delay/5", Duration::ZERO))
@@ -280,11 +250,7 @@ async fn requests_fail_over_to_the_second_origin_and_come_back() {
         })
         .await
     );
-    let served_by = || async {
-        let mut c = Client::connect(edge.addr, "localhost", false).await;
-        let resp = c.send(request(false, "localhost", "/")).await.unwrap();
-        resp.headers()["x-origin"].to_str().unwrap().to_string()
-    };
+    let served_by = || served_by(edge.addr);
     assert_eq!(served_by().await, "a");
     a.set_healthy(false);
     let t = tokio::time::Instant::now();
@@ -320,14 +286,10 @@ async fn requests_fail_over_to_the_second_origin_and_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_raises_the_warm_target_above_the_floor() {
     let origin = origin().http1_only().start().await.unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 16",
-        )],
-        &["localhost"],
-    ))
+    let edge = single_origin_edge(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 16",
+    )
     .await;
     let c = Client::connect(edge.addr, "localhost", true).await;
     let Client::H2(send) = c else { unreachable!() };
@@ -362,14 +324,10 @@ async fn the_pop_origin_rtt_is_measured_by_h2_ping_and_exported() {
     )
     .await
     .unwrap();
-    let edge = start_edge(&edge_config(
-        &[(
-            "o1",
-            relay.local_addr(),
-            "warm_connections = 2\nkeepalive_interval = \"200ms\"",
-        )],
-        &["localhost"],
-    ))
+    let edge = single_origin_edge(
+        relay.local_addr(),
+        "warm_connections = 2\nkeepalive_interval = \"200ms\"",
+    )
     .await;
     assert!(
         eventually(Duration::from_secs(10), || async {

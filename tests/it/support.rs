@@ -92,6 +92,12 @@ pub struct TestEdge {
     pub dir: tempfile::TempDir,
 }
 
+/// An in-process edge routing `localhost` to one origin "o1" at `addr`, with `extra` TOML lines
+/// for the origin.
+pub async fn single_origin_edge(addr: SocketAddr, extra: &str) -> TestEdge {
+    start_edge(&edge_config(&[("o1", addr, extra)], &["localhost"])).await
+}
+
 /// Test logs, when `EDGEPOP_LOG` is set (e.g. `EDGEPOP_LOG=edgepop=debug`).
 pub fn init_logs() {
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("EDGEPOP_LOG") {
@@ -337,4 +343,14 @@ pub async fn spawn_edge(config: &str) -> EdgeProcess {
         admin: admin.expect("admin address"),
         dir,
     }
+}
+
+/// Which origin (its `x-origin` header) answers a GET / for localhost on a new connection.
+pub async fn served_by(addr: SocketAddr) -> String {
+    let mut c = Client::connect(addr, "localhost", false).await;
+    let resp = c.send(request(false, "localhost", "/")).await.unwrap();
+    resp.headers()
+        .get("x-origin")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
 }
