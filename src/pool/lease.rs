@@ -35,7 +35,6 @@ pub struct StreamGuard {
 pub struct SendError {
     pub source: UpstreamError,
     pub request: Option<Request<UpstreamBody>>,
-    pub warmth: Warmth,
 }
 
 struct Slot {
@@ -83,7 +82,6 @@ impl Lease {
         mut self,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<ResponseBody>, StreamGuard), SendError> {
-        let warmth = self.warmth;
         let result = match (&self.slot.conn.sender, self.slot.h1.as_mut()) {
             (Sender::H2(send), _) => super::h2conn::send(send, req)
                 .await
@@ -94,7 +92,6 @@ impl Lease {
                     return Err(SendError {
                         source: UpstreamError::Http1(source),
                         request: Some(req),
-                        warmth,
                     });
                 }
                 match send.try_send_request(req).await {
@@ -133,11 +130,7 @@ impl Lease {
                 }
                 self.slot.h1 = None;
                 self.slot.pool.maintain.notify_one();
-                Err(SendError {
-                    request,
-                    source,
-                    warmth,
-                })
+                Err(SendError { request, source })
             }
         }
     }

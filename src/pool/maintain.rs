@@ -129,7 +129,8 @@ fn reserve_deficit(inner: &Inner) -> usize {
 }
 
 /// Retires connections past their age, or idle long enough that the origin's learned idle
-/// timeout is near; each replacement is opened first. Returns true if a replacement failed.
+/// timeout is near; each replacement is opened first, unless the pool holds more than its
+/// target (then the connection just goes). Returns true if a replacement failed.
 async fn rotate(inner: &Arc<Inner>) -> bool {
     let now = Instant::now();
     let now_ms = inner.now_ms();
@@ -144,7 +145,10 @@ async fn rotate(inner: &Arc<Inner>) -> bool {
         if !aged && !idle_expiring {
             continue;
         }
-        if inner.reserve_connect() && open_n(inner, 1).await {
+        // Rotation is also how a pool shrinks back to its target after a burst: a surplus
+        // connection is retired without a replacement.
+        let surplus = inner.lock().live() > inner.target();
+        if !surplus && inner.reserve_connect() && open_n(inner, 1).await {
             return true;
         }
         inner.retire(id);

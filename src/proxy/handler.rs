@@ -3,7 +3,7 @@
 //!
 //! Retries: a request that provably never reached the origin (never written, REFUSED_STREAM,
 //! GOAWAY below its stream) is retried once on another connection whatever its method; a
-//! bodiless idempotent request that failed on a reused connection is retried once too;
+//! bodiless idempotent request that may have reached the origin is retried too;
 //! nothing else is. A connect failure moves on to the route's next healthy origin.
 
 use super::body::{full, ProxyBody, UpstreamBody};
@@ -186,7 +186,7 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
 
 /// Retries per request. More than one, because when an origin crashes every pooled
 /// connection is dead at once and the first retry may pick a sibling that is not yet known
-/// dead; each retry still needs a proof or an idempotent method, and stops at a fresh one.
+/// dead; each retry still needs a proof or a bodiless idempotent request.
 const MAX_RETRIES: u32 = 2;
 
 struct Sent<'a> {
@@ -268,21 +268,17 @@ async fn send<'a>(
                     warmth,
                 });
             }
-            Ok(Err(SendError {
-                source,
-                request,
-                warmth,
-            })) => {
+            Ok(Err(SendError { source, request })) => {
                 let next = match request {
                     // Never left this process: safe for any method.
                     Some(r) => Some(r),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method.
                     None if source.not_processed() => replay,
-                    // May have reached the origin: only a bodiless idempotent request, and
-                    // only if the connection was a reused one (a fresh connection failing is
-                    // the origin's answer, not a stale-connection race).
-                    None if warmth == Warmth::Warm && is_idempotent(&method) => replay,
+                    // May have reached the origin: only a bodiless idempotent request (its
+                    // body, if any, is gone). Fresh connections too: an origin that is going
+                    // down may accept a connection and drop it before answering.
+                    None if is_idempotent(&method) => replay,
                     None => None,
                 };
                 match next {
