@@ -58,7 +58,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -92,8 +92,13 @@ pub struct Relay {
 
 #[derive(Debug)]
 struct Generation {
-    accept: Option<AbortHandle>,
+    accept: Option<JoinHandle<()>>,
     conns: CancellationToken,
+    /// While stopped: the aborted accept loop (its listener closes when it ends) and the
+    /// port, bound but not listening, so connects are refused and no other socket (a
+    /// parallel test's listener or an outgoing connection) can take it before `restart`.
+    stopped: Option<JoinHandle<()>>,
+    parked: Option<TcpSocket>,
 }
 
 #[derive(Debug)]
@@ -119,7 +124,7 @@ impl Relay {
         upstream: SocketAddr,
         one_way_delay: Duration,
     ) -> Result<Relay, WanError> {
-        let listener = bind(listen)?;
+        let listener = listen_on(bound_socket(listen)?, listen)?;
         let local = listener.local_addr().map_err(|source| WanError::Listen {
             addr: listen,
             source,
@@ -140,6 +145,8 @@ impl Relay {
             run: Mutex::new(Generation {
                 accept: Some(accept),
                 conns,
+                stopped: None,
+                parked: None,
             }),
         })
     }
@@ -181,11 +188,17 @@ impl Relay {
         self.shared.accepted.load(Ordering::Relaxed)
     }
 
-    /// Closes the listener (connects are refused) and resets every open connection.
+    /// Closes the listener (connects are refused) and resets every open connection. The
+    /// port stays reserved for [`Relay::restart`].
     pub fn stop(&self) {
-        let mut run = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        let mut run = self.lock();
         if let Some(accept) = run.accept.take() {
+            if run.parked.is_none() {
+                // Bound beside the listener (SO_REUSEPORT) before the listener closes.
+                run.parked = bound_socket(self.local).ok();
+            }
             accept.abort();
+            run.stopped = Some(accept);
         }
         run.conns.cancel();
     }
@@ -195,31 +208,48 @@ impl Relay {
         if self.is_running() {
             return Ok(());
         }
-        let listener = bind(self.local)?;
+        let stopped = self.lock().stopped.take();
+        if let Some(old) = stopped {
+            // The old listener must be closed before the parked socket listens.
+            let _ = old.await;
+        }
+        let socket = match self.lock().parked.take() {
+            Some(s) => s,
+            None => bound_socket(self.local)?,
+        };
+        let listener = listen_on(socket, self.local)?;
         let conns = CancellationToken::new();
         let accept = spawn_accept(listener, self.shared.clone(), conns.clone());
-        let mut run = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        let mut run = self.lock();
         run.accept = Some(accept);
         run.conns = conns;
         Ok(())
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generation> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether the listener is open.
     pub fn is_running(&self) -> bool {
-        let run = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        let run = self.lock();
         run.accept.as_ref().is_some_and(|a| !a.is_finished())
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.stop();
+        let run = self.lock();
+        if let Some(accept) = &run.accept {
+            accept.abort();
+        }
+        run.conns.cancel();
     }
 }
 
-/// A listener with SO_REUSEADDR, so `restart` can bind the same port while old connections
-/// are in TIME_WAIT.
-fn bind(addr: SocketAddr) -> Result<TcpListener, WanError> {
+/// A bound socket with SO_REUSEADDR (`restart` binds the same port while old connections
+/// are in TIME_WAIT) and SO_REUSEPORT (`stop` parks the port beside the listener).
+fn bound_socket(addr: SocketAddr) -> Result<TcpSocket, WanError> {
     let err = |source| WanError::Listen { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -228,15 +258,23 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, WanError> {
     }
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(1024).map_err(err)
+    Ok(socket)
+}
+
+fn listen_on(socket: TcpSocket, addr: SocketAddr) -> Result<TcpListener, WanError> {
+    socket
+        .listen(1024)
+        .map_err(|source| WanError::Listen { addr, source })
 }
 
 fn spawn_accept(
     listener: TcpListener,
     shared: Arc<Shared>,
     conns: CancellationToken,
-) -> AbortHandle {
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let (client, _) = match listener.accept().await {
@@ -259,7 +297,6 @@ fn spawn_accept(
             });
         }
     })
-    .abort_handle()
 }
 
 /// Why a relayed connection ends early: both sides are then reset.

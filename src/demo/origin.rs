@@ -131,9 +131,12 @@ impl OriginBuilder {
             acceptor: TlsAcceptor::from(Arc::new(cfg)),
             builder: self.clone(),
             run: Mutex::new(CancellationToken::new()),
+            parked: Mutex::new(None),
+            accept_task: Mutex::new(None),
             goaway: Notify::new(),
         });
-        let address = bind_and_serve(&shared, self.address).await?;
+        let socket = bound_socket(self.address)?;
+        let address = serve(&shared, socket, self.address)?;
         Ok(Origin { shared, address })
     }
 }
@@ -157,12 +160,16 @@ struct Shared {
     builder: OriginBuilder,
     /// Cancelled by stop(); replaced by restart().
     run: Mutex<CancellationToken>,
+    /// While stopped, the port stays bound (not listening): connects are refused, and no
+    /// other socket of a parallel test can take the port before restart() listens on it.
+    parked: Mutex<Option<socket2::Socket>>,
+    accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     goaway: Notify,
 }
 
 impl Shared {
     fn token(&self) -> CancellationToken {
-        self.run.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.run).clone()
     }
 }
 
@@ -190,15 +197,30 @@ impl Origin {
         self.shared.healthy.store(ok, Ordering::SeqCst);
     }
 
-    /// Like a crash: stops listening and drops every connection at once.
+    /// Like a crash: stops listening and drops every connection at once. The port stays
+    /// reserved for [`Origin::restart`].
     pub fn stop(&self) {
+        let mut parked = lock(&self.shared.parked);
+        if parked.is_none() {
+            // Bound beside the listener (SO_REUSEPORT) before the listener closes.
+            *parked = bound_socket(self.address).ok();
+        }
         self.shared.token().cancel();
     }
 
     /// Listens again on the same address after [`Origin::stop`].
     pub async fn restart(&self) -> Result<(), OriginError> {
-        *self.shared.run.lock().unwrap_or_else(|p| p.into_inner()) = CancellationToken::new();
-        bind_and_serve(&self.shared, self.address).await.map(|_| ())
+        let previous = lock(&self.shared.accept_task).take();
+        if let Some(task) = previous {
+            // The old listener must be closed before the parked socket listens.
+            let _ = task.await;
+        }
+        *lock(&self.shared.run) = CancellationToken::new();
+        let socket = match lock(&self.shared.parked).take() {
+            Some(s) => s,
+            None => bound_socket(self.address)?,
+        };
+        serve(&self.shared, socket, self.address).map(|_| ())
     }
 
     /// Graceful shutdown of every open connection (h2: GOAWAY), listener stays up.
@@ -213,19 +235,41 @@ impl Drop for Origin {
     }
 }
 
-async fn bind_and_serve(
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A bound, not yet listening socket with SO_REUSEADDR and SO_REUSEPORT.
+fn bound_socket(address: SocketAddr) -> Result<socket2::Socket, OriginError> {
+    let bind = |source| OriginError::Bind { address, source };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(bind)?;
+    s.set_reuse_address(true).map_err(bind)?;
+    #[cfg(unix)]
+    s.set_reuse_port(true).map_err(bind)?;
+    s.set_nonblocking(true).map_err(bind)?;
+    s.bind(&address.into()).map_err(bind)?;
+    Ok(s)
+}
+
+/// Listens on `socket` and serves until the run token is cancelled; returns the local address.
+fn serve(
     shared: &Arc<Shared>,
+    socket: socket2::Socket,
     address: SocketAddr,
 ) -> Result<SocketAddr, OriginError> {
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| OriginError::Bind { address, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| OriginError::Bind { address, source })?;
+    let bind = |source| OriginError::Bind { address, source };
+    socket.listen(1024).map_err(bind)?;
+    let listener = TcpListener::from_std(std::net::TcpListener::from(socket)).map_err(bind)?;
+    let local = listener.local_addr().map_err(bind)?;
     let token = shared.token();
-    let shared = shared.clone();
-    tokio::spawn(async move {
+    let task_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let shared = task_shared;
         loop {
             let (tcp, _) = tokio::select! {
                 r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
@@ -234,6 +278,7 @@ async fn bind_and_serve(
             tokio::spawn(serve_conn(shared.clone(), tcp, token.clone()));
         }
     });
+    *lock(&shared.accept_task) = Some(task);
     Ok(local)
 }
 

@@ -2,9 +2,10 @@
 //! first healthy origin of the route, forward, and stream the answer back.
 //!
 //! Retries: a request that provably never reached the origin (never written, REFUSED_STREAM,
-//! GOAWAY below its stream) is retried once on another connection whatever its method; a
-//! bodiless idempotent request that may have reached the origin is retried too;
-//! nothing else is. A connect failure moves on to the route's next healthy origin.
+//! GOAWAY below its stream) is retried on another connection whatever its method (each failed
+//! connection is retired, so retries walk to live or fresh ones; at most 8); a bodiless
+//! idempotent request that may have reached the origin is retried too (at most 2); nothing
+//! else is. A connect failure moves on to the route's next healthy origin.
 
 use super::body::{full, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
@@ -184,10 +185,16 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
     req
 }
 
-/// Retries per request. More than one, because when an origin crashes every pooled
-/// connection is dead at once and the first retry may pick a sibling that is not yet known
-/// dead; each retry still needs a proof or a bodiless idempotent request.
+/// Retries per request of a bodiless idempotent request that may have reached the origin.
+/// More than one, because when an origin crashes every pooled connection is dead at once and
+/// the first retry may pick a sibling that is not yet known dead.
 const MAX_RETRIES: u32 = 2;
+
+/// Retries per request when the origin proved it did not process the request (or it never
+/// left). A larger budget: an origin restarting gracefully sends GOAWAY on every connection
+/// at once, and each failed attempt retires the connection it used, so the retries walk the
+/// going-away connections and then land on fresh ones.
+const MAX_PROVEN_RETRIES: u32 = 8;
 
 struct Sent<'a> {
     response: Response<crate::pool::ResponseBody>,
@@ -231,6 +238,7 @@ async fn send<'a>(
 ) -> Result<Sent<'a>, ProxyError> {
     let mut req = req;
     let mut retries = 0;
+    let mut proven_retries = 0;
     let mut waited = Duration::ZERO;
     let mut i = 0;
     loop {
@@ -250,7 +258,7 @@ async fn send<'a>(
         let warmth = lease.warmth();
         waited += lease.waited();
         let out = for_protocol(req, pool.origin().protocol, authority);
-        let replay = if retries < MAX_RETRIES {
+        let replay = if retries < MAX_RETRIES || proven_retries < MAX_PROVEN_RETRIES {
             replayable(&out)
         } else {
             None
@@ -269,22 +277,29 @@ async fn send<'a>(
                 });
             }
             Ok(Err(SendError { source, request })) => {
+                let proven = proven_retries < MAX_PROVEN_RETRIES;
                 let next = match request {
                     // Never left this process: safe for any method.
-                    Some(r) => Some(r),
+                    Some(r) if proven => Some((r, true)),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method.
-                    None if source.not_processed() => replay,
+                    None if proven && source.not_processed() => replay.map(|r| (r, true)),
                     // May have reached the origin: only a bodiless idempotent request (its
                     // body, if any, is gone). Fresh connections too: an origin that is going
                     // down may accept a connection and drop it before answering.
-                    None if is_idempotent(&method) => replay,
-                    None => None,
+                    None if retries < MAX_RETRIES && is_idempotent(&method) => {
+                        replay.map(|r| (r, false))
+                    }
+                    _ => None,
                 };
                 match next {
-                    Some(r) if retries < MAX_RETRIES => {
+                    Some((r, was_proven)) => {
                         tracing::debug!(origin = %pool.origin().name, error = %source, "retrying on another connection");
-                        retries += 1;
+                        if was_proven {
+                            proven_retries += 1;
+                        } else {
+                            retries += 1;
+                        }
                         pool.record_retry();
                         req = r;
                     }

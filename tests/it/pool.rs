@@ -70,7 +70,10 @@ async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refil
         eventually(Duration::from_secs(5), || async {
             pool_field(edge.admin, 0, "open").await == 0
         })
-        .await
+        .await,
+        "{} origin open {}",
+        pools_json(edge.admin).await,
+        origin.stats().open.load(Ordering::SeqCst)
     );
     let full_before = origin.stats().handshakes_full.load(Ordering::SeqCst);
     origin.restart().await.unwrap();
