@@ -313,6 +313,14 @@ async fn http1_pool_connections_are_reused_one_request_at_a_time() {
         for t in tasks {
             assert_eq!(t.await.unwrap(), 200);
         }
+        // A connection goes back to the pool just after its response; the next batch starts
+        // once all four are idle again, so each request finds a warm one free.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                pools_json(edge.admin).await["pools"][0]["idle"] == 4
+            })
+            .await
+        );
     }
     assert_eq!(stats.handshakes(), 4);
 }

@@ -77,10 +77,11 @@ async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refil
     );
     let full_before = origin.stats().handshakes_full.load(Ordering::SeqCst);
     origin.restart().await.unwrap();
-    // Back to warm within one (bounded) backoff step.
+    // Back to warm within one (bounded) backoff step. (Requests that waited through the
+    // outage may have opened one more; the surplus goes at rotation.)
     assert!(
         eventually(Duration::from_secs(6), || async {
-            pool_field(edge.admin, 0, "open").await == 2
+            pool_field(edge.admin, 0, "open").await.as_u64() >= Some(2)
         })
         .await,
         "{}",
