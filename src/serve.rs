@@ -54,6 +54,31 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
             d.ttl
         );
         println!(
+            "  nameservers {}",
+            d.nameservers
+                .iter()
+                .map(|n| match d.glue.iter().find(|g| &g.name == n) {
+                    Some(g) => format!(
+                        "{n} ({})",
+                        g.addresses
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    None => n.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for n in d.unreachable_nameservers() {
+            println!(
+                "  warning: nameserver {n} is inside zone {} but has no [dns] glue addresses; \
+                 resolvers cannot reach it",
+                d.zone
+            );
+        }
+        println!(
             "  regions {}: {} PoPs, {} regions, {} networks, default {}",
             d.regions.display(),
             r.pops.len(),

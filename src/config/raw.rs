@@ -102,6 +102,9 @@ pub struct RawRoute {
     pub origins: Spanned<Vec<Spanned<String>>>,
 }
 
+/// `[dns] glue`: nameserver name -> addresses.
+pub type RawGlue = std::collections::BTreeMap<String, Spanned<Vec<Spanned<String>>>>;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
@@ -121,6 +124,8 @@ pub struct RawDns {
     pub regions: Spanned<String>,
     /// Nameserver names published at the apex (NS records); default `ns1.<zone>`.
     pub nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Addresses of in-zone nameservers (glue): name -> IPv4/IPv6 addresses.
+    pub glue: Option<Spanned<RawGlue>>,
     /// SOA RNAME; default `hostmaster.<zone>`.
     pub hostmaster: Option<Spanned<String>>,
     /// CA for the HTTPS health checks of PoPs; default: webpki roots.

@@ -149,10 +149,39 @@ pub struct DnsConfig {
     pub healthy_after: u32,
     pub regions: PathBuf,
     pub nameservers: Vec<String>,
+    /// Addresses of in-zone nameservers: answered for A/AAAA and sent as glue with NS.
+    pub glue: Vec<Glue>,
     pub hostmaster: String,
     pub health_ca: Option<PathBuf>,
     /// UDP worker threads; at least 1.
     pub udp_workers: usize,
+}
+
+/// One in-zone nameserver and its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glue {
+    /// Lower-case, without the trailing dot; one of `nameservers`, inside the zone.
+    pub name: String,
+    /// Never empty.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+impl DnsConfig {
+    /// Nameservers inside the zone that have no glue: resolvers cannot reach them.
+    pub fn unreachable_nameservers(&self) -> Vec<&str> {
+        self.nameservers
+            .iter()
+            .filter(|n| in_zone(n, &self.zone) && !self.glue.iter().any(|g| &g.name == *n))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+fn in_zone(name: &str, zone: &str) -> bool {
+    name == zone
+        || name
+            .strip_suffix(zone)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 /// Carries the file path and text so spans can become file:line:column.
@@ -612,7 +641,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         return Err(cx.err(&d.zone, "zone must not be empty"));
     }
     host_name(cx, &d.zone)?;
-    let in_zone = |n: &str| n == zone || n.ends_with(&format!(".{zone}"));
+    let in_zone = |n: &str| in_zone(n, &zone);
     let mut names = Vec::new();
     for n in d.names.get_ref() {
         let name = host_name(cx, n)?;
@@ -635,6 +664,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             .collect::<Result<Vec<_>, _>>()?,
         None => vec![format!("ns1.{zone}")],
     };
+    let glue = glue(cx, d, &zone, &names, &nameservers)?;
     let hostmaster = match &d.hostmaster {
         Some(h) => host_name(cx, h)?,
         None => format!("hostmaster.{zone}"),
@@ -658,6 +688,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         healthy_after: cx.threshold(&d.healthy_after, 2, "healthy_after")?,
         regions: PathBuf::from(d.regions.get_ref()),
         nameservers,
+        glue,
         hostmaster,
         health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
         udp_workers: match &d.udp_workers {
@@ -668,4 +699,58 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
     })
+}
+
+fn glue(
+    cx: &Ctx,
+    d: &RawDns,
+    zone: &str,
+    names: &[String],
+    nameservers: &[String],
+) -> Result<Vec<Glue>, ConfigError> {
+    let Some(table) = &d.glue else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (key, list) in table.get_ref() {
+        let name = key.trim_end_matches('.').to_ascii_lowercase();
+        if !nameservers.contains(&name) {
+            return Err(cx.err(
+                list,
+                format!("glue for {name:?}, which is not one of [dns] nameservers"),
+            ));
+        }
+        if !in_zone(&name, zone) {
+            return Err(cx.err(
+                list,
+                format!("glue for {name:?}: only nameservers inside zone {zone:?} need glue"),
+            ));
+        }
+        if name == zone {
+            return Err(cx.err(
+                list,
+                "the zone apex cannot be a nameserver with glue; use a name below it",
+            ));
+        }
+        if names.contains(&name) {
+            return Err(cx.err(
+                list,
+                format!("{name:?} is both a geo name and a nameserver with glue"),
+            ));
+        }
+        if list.get_ref().is_empty() {
+            return Err(cx.err(list, format!("glue for {name:?} lists no address")));
+        }
+        let addresses = list
+            .get_ref()
+            .iter()
+            .map(|a| {
+                a.get_ref()
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| cx.err(a, format!("{:?} is not an IP address", a.get_ref())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(Glue { name, addresses });
+    }
+    Ok(out)
 }

@@ -11,6 +11,7 @@ use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{Name, RData, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,8 +53,17 @@ pub enum NameKind {
     Apex { geo: bool },
     /// One of `[dns] names`: A/AAAA from the region map.
     Geo,
+    /// An in-zone nameserver with glue: A/AAAA from [`Zone::hosts`] at this index.
+    Host(u8),
     /// Exists only because a name below it does (empty non-terminal): NODATA.
     Empty,
+}
+
+/// The addresses of one in-zone nameserver, owner = question name.
+#[derive(Debug, Default)]
+pub struct HostAnswer {
+    pub a: RrSet,
+    pub aaaa: RrSet,
 }
 
 #[derive(Debug)]
@@ -86,6 +96,10 @@ pub struct Zone {
     pub soa_answer: RrSet,
     /// NS records with owner = question name.
     pub ns_answer: RrSet,
+    /// A/AAAA of the in-zone nameservers, owners written out: the additional section of NS.
+    pub ns_glue: RrSet,
+    /// Answers for the in-zone nameservers' names.
+    pub hosts: Vec<HostAnswer>,
     /// SOA with the apex written out, for the authority section of negative answers.
     pub soa_authority: RrSet,
 }
@@ -278,8 +292,29 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
             names.push((g.clone(), NameKind::Geo));
         }
     }
-    // Empty non-terminals: every ancestor of a geo name strictly below the apex.
-    for g in &geo {
+    let ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
+    let mut hosts = Vec::new();
+    let mut ns_glue = RrSet::default();
+    let mut leaves = geo.clone();
+    for g in cfg.glue.iter().take(usize::from(u8::MAX)) {
+        let owner = wire(&name(&g.name)?);
+        let mut host = HostAnswer::default();
+        for a in &g.addresses {
+            let (rdata, set) = match *a {
+                IpAddr::V4(v4) => (RData::A(A(v4)), &mut host.a),
+                IpAddr::V6(v6) => (RData::AAAA(AAAA(v6)), &mut host.aaaa),
+            };
+            push_rr(set, rdata.clone(), ttl)?;
+            ns_glue.bytes.extend_from_slice(&owner);
+            emit_rest(&mut ns_glue, rdata, ttl)?;
+        }
+        let index = u8::try_from(hosts.len()).unwrap_or(u8::MAX);
+        hosts.push(host);
+        names.push((owner.clone(), NameKind::Host(index)));
+        leaves.push(owner);
+    }
+    // Empty non-terminals: every ancestor of a leaf name strictly below the apex.
+    for g in &leaves {
         let mut rest = g.as_slice();
         while let Some(&l) = rest.first() {
             rest = &rest[usize::from(l) + 1..];
@@ -291,7 +326,6 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
             }
         }
     }
-    let ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
     let soa = SOA::new(
         name(cfg.nameservers.first().map_or(cfg.zone.as_str(), |s| s))?,
         name(&cfg.hostmaster)?,
@@ -315,6 +349,8 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
         names,
         soa_answer,
         ns_answer,
+        ns_glue,
+        hosts,
         soa_authority,
     })
 }

@@ -274,6 +274,9 @@ impl Sidecar {
     /// Starts on `cfg.listen` (port 0 picks one, the same for UDP and TCP) and, if given, an
     /// admin listener.
     pub async fn start(cfg: DnsConfig, admin: Option<SocketAddr>) -> Result<Self, DnsError> {
+        for n in cfg.unreachable_nameservers() {
+            tracing::warn!(nameserver = n, zone = %cfg.zone, "in-zone nameserver without [dns] glue addresses: resolvers cannot reach it");
+        }
         let prober = Prober::new(&cfg).map_err(|e| DnsError::Health(Box::new(e)))?;
         let state = DnsState::new(cfg.clone()).await?;
         let (udp, tcp) = server::bind(cfg.listen)?;

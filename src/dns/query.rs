@@ -177,6 +177,7 @@ pub fn handle(
         limit: 512,
         answers: [None, None],
         authority: None,
+        additional: None,
         scope: 0,
     };
     let mut qwire = [0u8; 256];
@@ -242,7 +243,10 @@ pub fn handle(
     let geo = matches!(kind, NameKind::Geo | NameKind::Apex { geo: true });
     match rtype {
         6 if apex => r.answers[0] = Some(&zone.soa_answer),
-        2 if apex => r.answers[0] = Some(&zone.ns_answer),
+        2 if apex => {
+            r.answers[0] = Some(&zone.ns_answer);
+            r.additional = glue(zone);
+        }
         1 | 28 | 255 if geo => {
             let (hit, at) = locate(map, src, parsed.edns.and_then(|e| e.ecs));
             let (pos, class) = map.choose(hit.class);
@@ -267,6 +271,22 @@ pub fn handle(
         255 if apex => {
             r.answers[0] = Some(&zone.soa_answer);
             r.answers[1] = Some(&zone.ns_answer);
+            r.additional = glue(zone);
+        }
+        1 | 28 | 255 => {
+            if let NameKind::Host(i) = kind {
+                if let Some(h) = zone.hosts.get(usize::from(i)) {
+                    let set = match rtype {
+                        1 => &h.a,
+                        28 => &h.aaaa,
+                        _ if h.a.count > 0 => &h.a,
+                        _ => &h.aaaa,
+                    };
+                    if set.count > 0 {
+                        r.answers[0] = Some(set);
+                    }
+                }
+            }
         }
         _ => {}
     }
@@ -274,6 +294,10 @@ pub fn handle(
         r.authority = Some(&zone.soa_authority);
     }
     Some(r.finish(Rcode::NoError, transport, qtype))
+}
+
+fn glue(zone: &super::map::Zone) -> Option<&RrSet> {
+    Some(&zone.ns_glue).filter(|g| g.count > 0)
 }
 
 /// [`handle`] for one UDP query into a fresh buffer: the fuzz target's entry point.
@@ -462,6 +486,8 @@ struct Response<'q, 'm> {
     limit: u16,
     answers: [Option<&'m RrSet>; 2],
     authority: Option<&'m RrSet>,
+    /// Glue; with the OPT record in the additional section.
+    additional: Option<&'m RrSet>,
     scope: u8,
 }
 
@@ -476,7 +502,7 @@ impl Response<'_, '_> {
         let body: usize = self
             .answers
             .iter()
-            .chain(std::iter::once(&self.authority))
+            .chain([&self.authority, &self.additional])
             .flatten()
             .map(|s| s.bytes.len())
             .sum();
@@ -485,12 +511,13 @@ impl Response<'_, '_> {
         if truncated {
             flags |= 0x0200;
         }
-        let (an, ns) = if truncated {
-            (0, 0)
+        let (an, ns, ar) = if truncated {
+            (0, 0, 0)
         } else {
             (
                 self.answers.iter().flatten().map(|s| s.count).sum::<u16>(),
                 self.authority.map_or(0, |s| s.count),
+                self.additional.map_or(0, |s| s.count),
             )
         };
         out.extend_from_slice(&self.id.to_be_bytes());
@@ -498,7 +525,7 @@ impl Response<'_, '_> {
         out.extend_from_slice(&u16::from(self.question.is_some()).to_be_bytes());
         out.extend_from_slice(&an.to_be_bytes());
         out.extend_from_slice(&ns.to_be_bytes());
-        out.extend_from_slice(&u16::from(self.edns.is_some()).to_be_bytes());
+        out.extend_from_slice(&(ar + u16::from(self.edns.is_some())).to_be_bytes());
         if let Some(q) = self.question {
             out.extend_from_slice(q);
         }
@@ -506,7 +533,7 @@ impl Response<'_, '_> {
             for s in self.answers.iter().flatten() {
                 out.extend_from_slice(&s.bytes);
             }
-            if let Some(s) = self.authority {
+            for s in [self.authority, self.additional].into_iter().flatten() {
                 out.extend_from_slice(&s.bytes);
             }
         }

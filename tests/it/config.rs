@@ -156,6 +156,57 @@ fn bad_values_are_reported_with_file_line_and_reason() {
 }
 
 #[test]
+fn glue_is_checked_and_an_in_zone_nameserver_without_it_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = root().join("config/regions.toml");
+    let dns = |extra: &str| {
+        format!(
+            "[pop]\nname = \"p\"\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\nnameservers = [\"ns1.edgepop.test\", \"ns.example.net\"]\n{extra}\n",
+            regions.display()
+        )
+    };
+    // No glue for the in-zone ns1: valid, with a warning naming it.
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "warn.toml", &dns("")));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("warning: nameserver ns1.edgepop.test is inside zone edgepop.test but has no [dns] glue"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("nameserver ns.example.net is inside"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = check(&write_file(
+        dir.path(),
+        "glued.toml",
+        &dns("glue = { \"ns1.edgepop.test\" = [\"192.0.2.53\"] }"),
+    ));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ns1.edgepop.test (192.0.2.53)"), "{stdout}");
+    assert!(!stdout.contains("warning"), "{stdout}");
+    for (extra, want) in [
+        (
+            "glue = { \"ns9.edgepop.test\" = [\"192.0.2.53\"] }",
+            "e.toml:9:31: glue for \"ns9.edgepop.test\", which is not one of [dns] nameservers",
+        ),
+        (
+            "glue = { \"ns.example.net\" = [\"192.0.2.53\"] }",
+            "e.toml:9:29: glue for \"ns.example.net\": only nameservers inside zone \"edgepop.test\" need glue",
+        ),
+        (
+            "glue = { \"ns1.edgepop.test\" = [\"192.0.2.530\"] }",
+            "e.toml:9:32: \"192.0.2.530\" is not an IP address",
+        ),
+        (
+            "glue = { \"ns1.edgepop.test\" = [] }",
+            "e.toml:9:31: glue for \"ns1.edgepop.test\" lists no address",
+        ),
+    ] {
+        assert_eq!(check_text(&dns(extra)).trim(), want, "{extra}");
+    }
+}
+
+#[test]
 fn a_file_with_only_one_roles_sections_is_valid_for_that_role() {
     let dir = tempfile::tempdir().unwrap();
     let regions = root().join("config/regions.toml");

@@ -189,6 +189,67 @@ async fn the_apex_has_soa_and_ns_and_negative_answers_carry_the_soa() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn in_zone_nameservers_have_glue_answered_and_sent_with_ns() {
+    let dns = Dns::start_with(
+        &basic_regions(),
+        "glue = { \"ns1.edgepop.test\" = [\"192.0.2.53\", \"2001:db8::53\"], \"ns2.edgepop.test.\" = [\"192.0.2.54\"] }",
+    )
+    .await;
+    // The nameservers' own names answer with their addresses.
+    assert_eq!(
+        dns.short(&["ns1.edgepop.test", "A"]).await,
+        vec!["192.0.2.53"]
+    );
+    assert_eq!(
+        dns.short(&["NS1.edgepop.test", "AAAA"]).await,
+        vec!["2001:db8::53"]
+    );
+    assert_eq!(
+        dns.short(&["ns2.edgepop.test", "A"]).await,
+        vec!["192.0.2.54"]
+    );
+    // ns2 has no IPv6 address, and no name has TXT: NODATA with the SOA.
+    for (name, t) in [("ns2.edgepop.test", "AAAA"), ("ns1.edgepop.test", "TXT")] {
+        let out = dns.dig(&[name, t]).await;
+        assert!(
+            out.contains("status: NOERROR") && out.contains("ANSWER: 0") && out.contains("IN\tSOA"),
+            "{name} {t}: {out}"
+        );
+    }
+    // NS at the apex carries the glue in the additional section (dig and kdig parse it).
+    let ns = dns.dig(&[ZONE, "NS"]).await;
+    assert!(
+        ns.contains("ANSWER: 2, AUTHORITY: 0, ADDITIONAL: 4"),
+        "{ns}"
+    );
+    let additional = ns
+        .split("ADDITIONAL SECTION:")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    for rr in [
+        "ns1.edgepop.test.\t60\tIN\tA\t192.0.2.53",
+        "ns1.edgepop.test.\t60\tIN\tAAAA\t2001:db8::53",
+        "ns2.edgepop.test.\t60\tIN\tA\t192.0.2.54",
+    ] {
+        assert!(additional.contains(rr), "{rr} in {ns}");
+    }
+    let k = dns.kdig(&[ZONE, "NS"]).await;
+    assert!(
+        k.contains("ADDITIONAL SECTION:") && k.contains("192.0.2.54"),
+        "{k}"
+    );
+    // Without EDNS the glue still fits in 512 bytes; over TCP too.
+    let plain = dns.dig(&["+noedns", ZONE, "NS"]).await;
+    assert!(
+        plain.contains("ADDITIONAL: 3") && !plain.contains(" tc"),
+        "{plain}"
+    );
+    let tcp = dns.dig(&["+tcp", ZONE, "NS"]).await;
+    assert!(tcp.contains("ADDITIONAL: 4"), "{tcp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tcp_answers_and_a_truncated_udp_answer_is_retried_over_tcp() {
     // A PoP with 120 addresses: 120 * 16 bytes does not fit in 1232.
     let many: Vec<String> = (1..=120).map(|i| format!("\"192.0.2.{i}\"")).collect();
