@@ -1,13 +1,18 @@
 //! Micro-benchmarks of the per-request work in the proxy that does not touch the network:
-//! Host normalisation, route lookup (exact and wildcard), header rewriting.
+//! Host normalisation, route lookup (exact and wildcard), header rewriting, and the request
+//! side of an access-log entry (build it, hand it to the writer thread, which writes to
+//! /dev/null here).
 //!
 //! `cargo bench --bench proxy_path`
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use edgepop::access_log::{AccessLog, PendingLog};
+use edgepop::config::AccessLogTarget;
 use edgepop::config::RouteConfig;
 use edgepop::proxy::headers;
 use edgepop::proxy::router::{normalize_host, Router};
 use hyper::header::{HeaderMap, HeaderValue};
+use std::time::Duration;
 
 fn router() -> Router {
     let mut routes: Vec<RouteConfig> = (0..1000)
@@ -66,6 +71,30 @@ fn bench(c: &mut Criterion) {
             },
             criterion::BatchSize::SmallInput,
         )
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let log = AccessLog::start(&AccessLogTarget::File("/dev/null".into())).expect("access log");
+    let req = hyper::Request::builder()
+        .uri("https://www.example.com/images/logo.png?v=3")
+        .body(())
+        .expect("request");
+    let client = "192.0.2.1:51234".parse().expect("addr");
+    c.bench_function("access_log_entry", |b| {
+        b.iter(|| {
+            let mut l = PendingLog::new(&log, black_box(&req), client);
+            l.upstream(
+                "origin-a",
+                200,
+                Duration::from_micros(20),
+                Duration::from_micros(900),
+                "warm",
+            );
+            l.finish(1234, "ok");
+        })
     });
 }
 

@@ -68,6 +68,7 @@ impl EdgeStatus {
             &self.counters,
             &pools,
             self.draining.load(Ordering::Acquire),
+            rt.access_log.as_ref().map(|l| l.dropped()),
         )
     }
 }

@@ -5,6 +5,7 @@
 //! to the origin) -> origin. Beside it: `dns` (the geo-steering sidecar), `probe`
 //! (latency-probe), `wan` (the delay relay), `admin` (/healthz, /pools, /metrics), `demo`.
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const REQUESTS: &str = "edgepop_requests";
 pub const DRAINING: &str = "edgepop_draining";
+pub const ACCESS_LOG_DROPPED: &str = "edgepop_access_log_dropped";
 pub const UPSTREAM_OPEN: &str = "edgepop_upstream_open_connections";
 pub const UPSTREAM_IDLE: &str = "edgepop_upstream_idle_connections";
 pub const UPSTREAM_BUSY: &str = "edgepop_upstream_busy_connections";
@@ -59,7 +60,12 @@ fn gauge(v: usize) -> i64 {
 }
 
 /// Renders the edge's metrics in the Prometheus text format.
-pub fn render_edge(counters: &EdgeCounters, pools: &[PoolSnapshot], draining: bool) -> String {
+pub fn render_edge(
+    counters: &EdgeCounters,
+    pools: &[PoolSnapshot],
+    draining: bool,
+    access_log_dropped: Option<u64>,
+) -> String {
     let mut reg = Registry::default();
     let requests = Family::<ClassLabel, Counter>::default();
     for (i, c) in counters.by_class.iter().enumerate().skip(1) {
@@ -77,6 +83,15 @@ pub fn render_edge(counters: &EdgeCounters, pools: &[PoolSnapshot], draining: bo
     let d = Gauge::<i64>::default();
     d.set(i64::from(draining));
     reg.register(DRAINING, "1 while the edge drains", d);
+    if let Some(n) = access_log_dropped {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        reg.register(
+            ACCESS_LOG_DROPPED,
+            "Access-log entries dropped because the writer fell behind",
+            c,
+        );
+    }
 
     let gauges: [SnapshotMetric<i64>; 5] = [
         (UPSTREAM_OPEN, "Open upstream connections", |p| {

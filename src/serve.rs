@@ -1,6 +1,7 @@
 //! `serve` and `check`: load the config, open the warm pools (before reporting ready), start
 //! admin and listeners; SIGHUP reloads routes, certificates and origins; SIGTERM drains.
 
+use crate::access_log::AccessLog;
 use crate::admin::{self, EdgeStatus};
 use crate::config::{self, Config, EdgeConfig};
 use crate::edge;
@@ -191,11 +192,16 @@ impl EdgeServer {
             }
         }
         let counters = Arc::new(EdgeCounters::default());
+        let access_log = match &cfg.pop.access_log {
+            Some(t) => Some(AccessLog::start(t).context("opening the access log")?),
+            None => None,
+        };
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
             &cfg.pop,
             edge_cfg,
             pools,
             counters.clone(),
+            access_log,
         )));
         let tls = Arc::new(ArcSwap::from_pointee(
             crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())
@@ -255,6 +261,15 @@ impl EdgeServer {
         let tls =
             crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())?;
         let old = self.status.runtime.load_full();
+        // SIGHUP reopens the access log (log rotation) or switches it to a new target.
+        let access_log = match (&old.access_log, &cfg.pop.access_log) {
+            (Some(log), Some(t)) => {
+                log.reopen(t);
+                Some(log.clone())
+            }
+            (None, Some(t)) => Some(AccessLog::start(t).context("opening the access log")?),
+            (_, None) => None,
+        };
         let mut pools = Vec::with_capacity(edge_cfg.origins.len());
         let mut fresh = Vec::new();
         for (i, o) in edge_cfg.origins.iter().enumerate() {
@@ -288,7 +303,7 @@ impl EdgeServer {
             .filter(|p| !pools.iter().any(|n| Arc::ptr_eq(n.origin(), p.origin())))
             .cloned()
             .collect();
-        let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone());
+        let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone(), access_log);
         self.tls.store(Arc::new(tls));
         self.status.runtime.store(Arc::new(new_rt));
         for p in retired {

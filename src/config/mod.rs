@@ -9,8 +9,8 @@ mod validate;
 
 pub use error::{ConfigError, Location};
 pub use validate::{
-    AdminConfig, CertificateConfig, Config, DnsConfig, EdgeConfig, Glue, ListenerConfig,
-    OriginConfig, PopConfig, Protocol, RouteConfig,
+    AccessLogTarget, AdminConfig, CertificateConfig, Config, DnsConfig, EdgeConfig, Glue,
+    ListenerConfig, OriginConfig, PopConfig, Protocol, RouteConfig,
 };
 
 use std::path::Path;

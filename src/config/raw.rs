@@ -29,6 +29,8 @@ pub struct RawPop {
     pub server_timing: Option<bool>,
     /// Session-ticket key file shared by the instances of a PoP (see `tls::tickets`).
     pub ticket_keys: Option<Spanned<String>>,
+    /// One JSON line per request: "stdout" or a file path; absent: no access log.
+    pub access_log: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,6 +29,14 @@ pub struct PopConfig {
     pub server_timing: bool,
     /// Shared session-ticket keys; `None`: each process makes its own.
     pub ticket_keys: Option<Arc<crate::tls::tickets::FileTicketer>>,
+    /// Where the access log goes; `None`: no access log.
+    pub access_log: Option<AccessLogTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -303,10 +311,32 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
         )),
         None => None,
     };
+    let access_log = match &p.access_log {
+        None => None,
+        Some(t) if t.get_ref() == "stdout" => Some(AccessLogTarget::Stdout),
+        Some(t) => {
+            let path = PathBuf::from(t.get_ref());
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if t.get_ref().is_empty() || path.is_dir() || !dir.is_dir() {
+                return Err(cx.err(
+                    t,
+                    format!(
+                        "access_log {:?}: not \"stdout\" nor a file in an existing directory",
+                        t.get_ref()
+                    ),
+                ));
+            }
+            Some(AccessLogTarget::File(path))
+        }
+    };
     Ok(PopConfig {
         name: p.name.get_ref().clone(),
         server_timing: p.server_timing.unwrap_or(true),
         ticket_keys,
+        access_log,
     })
 }
 

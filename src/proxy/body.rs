@@ -1,6 +1,7 @@
 //! Response bodies: the origin's body streamed to the client frame by frame (never buffered
 //! whole), with an idle timeout between frames, holding the pool lease until it ends.
 
+use crate::access_log::PendingLog;
 use crate::pool::ResponseBody;
 use crate::pool::StreamGuard;
 use bytes::Bytes;
@@ -35,16 +36,38 @@ pin_project_lite::pin_project! {
         idle: Duration,
         #[pin]
         timer: Sleep,
+        // The access-log entry, written when the body ends, fails or is dropped.
+        log: Option<PendingLog>,
+        bytes: u64,
+    }
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(log) = this.log.take() {
+                // Dropped without being read to the end: normal for HEAD, 204, 304 and
+                // bodies already at their end; a client gone away otherwise.
+                let done = log.bodiless() || this.inner.is_end_stream();
+                let outcome = if done { "ok" } else { "aborted" };
+                log.finish(*this.bytes, outcome);
+            }
+        }
     }
 }
 
 impl UpstreamBody {
-    pub fn new(inner: ResponseBody, guard: StreamGuard, idle: Duration) -> Self {
+    pub fn new(
+        inner: ResponseBody,
+        guard: StreamGuard,
+        idle: Duration,
+        log: Option<PendingLog>,
+    ) -> Self {
         UpstreamBody {
             inner,
             guard: Some(guard),
             idle,
             timer: tokio::time::sleep(idle),
+            log,
+            bytes: 0,
         }
     }
 
@@ -65,21 +88,33 @@ impl Body for UpstreamBody {
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.as_mut().reset(Instant::now() + *this.idle);
+                if let Some(d) = frame.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 // Ended cleanly: give the connection (or stream slot) back now, not when the
                 // client connection gets around to dropping the body.
                 this.guard.take();
+                if let Some(log) = this.log.take() {
+                    log.finish(*this.bytes, "ok");
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 this.guard.take();
+                if let Some(log) = this.log.take() {
+                    log.finish(*this.bytes, "aborted");
+                }
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => match this.timer.poll(cx) {
                 Poll::Ready(()) => {
                     this.guard.take();
+                    if let Some(log) = this.log.take() {
+                        log.finish(*this.bytes, "aborted");
+                    }
                     Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle)))))
                 }
                 Poll::Pending => Poll::Pending,

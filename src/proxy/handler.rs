@@ -12,6 +12,7 @@ use super::error::ProxyError;
 use super::headers;
 use super::router::normalize_host;
 use super::Runtime;
+use crate::access_log::PendingLog;
 use crate::config::Protocol;
 use crate::pool::{CheckoutError, Pool, SendError, StreamGuard, UpstreamBody as UpBody, Warmth};
 use http_body_util::BodyExt;
@@ -24,9 +25,20 @@ use tokio::time::Instant;
 
 /// Answers one client request; never fails (errors become 4xx/5xx responses).
 pub async fn handle(rt: &Runtime, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-    let resp = match forward(rt, req, peer).await {
+    let mut log = rt
+        .access_log
+        .as_ref()
+        .map(|l| PendingLog::new(l, &req, peer));
+    let resp = match forward(rt, req, peer, &mut log).await {
         Ok(resp) => resp,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            let resp = error_response(&e);
+            if let Some(mut l) = log {
+                l.status(resp.status().as_u16());
+                l.finish(e.public_reason().len() as u64 + 1, e.public_reason());
+            }
+            resp
+        }
     };
     rt.counters.record(resp.status().as_u16());
     resp
@@ -79,6 +91,7 @@ async fn forward(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,
+    log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectMethod);
@@ -101,7 +114,17 @@ async fn forward(
         add_server_timing(&mut parts.headers, sent.waited, upstream_ttfb, sent.warmth);
     }
     parts.version = client_version;
-    let body = UpstreamBody::new(body, sent.guard, sent.pool.origin().idle_timeout).boxed();
+    let log = log.take().map(|mut l| {
+        l.upstream(
+            &sent.pool.origin().name,
+            parts.status.as_u16(),
+            sent.waited,
+            upstream_ttfb,
+            sent.warmth.as_str(),
+        );
+        l
+    });
+    let body = UpstreamBody::new(body, sent.guard, sent.pool.origin().idle_timeout, log).boxed();
     Ok(Response::from_parts(parts, body))
 }
 

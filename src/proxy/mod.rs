@@ -23,6 +23,7 @@ pub struct Runtime {
     pub via: HeaderValue,
     /// Carried from one runtime to the next on reload, so counters never reset.
     pub counters: Arc<EdgeCounters>,
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl Runtime {
@@ -31,6 +32,7 @@ impl Runtime {
         edge: &EdgeConfig,
         pools: Vec<Pool>,
         counters: Arc<EdgeCounters>,
+        access_log: Option<crate::access_log::AccessLog>,
     ) -> Self {
         let via = HeaderValue::from_str(&format!("edgepop-{}", pop.name))
             .unwrap_or_else(|_| HeaderValue::from_static("edgepop"));
@@ -40,6 +42,7 @@ impl Runtime {
             server_timing: pop.server_timing,
             via,
             counters,
+            access_log,
         }
     }
 

@@ -148,6 +148,15 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         missing.starts_with("e.toml:7:8: certificate file /nonexistent/x.crt"),
         "{missing}"
     );
+    let log = check_text(&edge_text("", &crt, &key).replacen(
+        "name = \"p\"\n",
+        "name = \"p\"\naccess_log = \"/nonexistent/dir/access.log\"\n",
+        1,
+    ));
+    assert_eq!(
+        log.trim(),
+        "e.toml:3:14: access_log \"/nonexistent/dir/access.log\": not \"stdout\" nor a file in an existing directory"
+    );
     let proto = check_text(&edge_text("protocol = \"h3\"", &crt, &key));
     assert_eq!(
         proto.trim(),

@@ -677,3 +677,143 @@ async fn malformed_requests_get_4xx_and_nothing_is_smuggled_past_the_edge() {
     let mut c = Client::connect(edge.addr, "localhost", false).await;
     assert_eq!(c.get("localhost", "/").await.0, 200);
 }
+
+fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
+    let origin = origin().start().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let text = edge_config(
+        &[("o1", origin.addr(), "warm_connections = 2")],
+        &["localhost", "www.edgepop.test"],
+    )
+    .replacen(
+        "name = \"test1\"\n",
+        &format!(
+            "name = \"test1\"\naccess_log = {:?}\n",
+            path.display().to_string()
+        ),
+        1,
+    );
+    let edge = start_edge(&text).await;
+    let ok = curl(
+        edge.addr,
+        "www.edgepop.test",
+        "/bytes/1000?x=1",
+        &["--http2", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(ok.status.success());
+    let head = curl(edge.addr, "www.edgepop.test", "/", &["--http1.1", "-I"]).await;
+    assert!(head.status.success());
+    let misdirected = curl(
+        edge.addr,
+        "api.edgepop.test",
+        "/",
+        &["--http1.1", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(misdirected.status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&path).len() == 3
+        })
+        .await,
+        "{:?}",
+        std::fs::read_to_string(&path)
+    );
+    let lines = log_lines(&path);
+    let get = &lines[0];
+    let port = edge.addr.port();
+    assert_eq!(get["method"], "GET");
+    assert_eq!(get["host"], format!("www.edgepop.test:{port}"));
+    assert_eq!(get["path"], "/bytes/1000?x=1");
+    assert_eq!(get["protocol"], "HTTP/2");
+    assert_eq!(get["status"], 200);
+    assert_eq!(get["bytes"], 1000);
+    assert_eq!(get["origin"], "o1");
+    assert_eq!(get["upstream_connection"], "warm");
+    assert_eq!(get["outcome"], "ok");
+    assert_eq!(
+        get["client"].as_str().map(|c| c.starts_with("127.0.0.1:")),
+        Some(true)
+    );
+    let total = get["duration_ms"].as_f64().expect("duration_ms");
+    let upstream = get["upstream_ms"].as_f64().expect("upstream_ms");
+    let wait = get["pool_wait_ms"].as_f64().expect("pool_wait_ms");
+    assert!(total >= upstream && upstream >= 0.0 && wait >= 0.0, "{get}");
+    assert!(
+        get["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 24),
+        "{get}"
+    );
+    let head = &lines[1];
+    assert_eq!(
+        (head["method"].as_str(), head["protocol"].as_str()),
+        (Some("HEAD"), Some("HTTP/1.1"))
+    );
+    assert_eq!(
+        (head["status"].as_u64(), head["bytes"].as_u64()),
+        (Some(200), Some(0))
+    );
+    assert_eq!(head["outcome"], "ok", "{head}");
+    let mis = &lines[2];
+    assert_eq!(mis["status"], 421);
+    assert!(mis.get("origin").is_none(), "{mis}");
+    assert_eq!(
+        mis["outcome"],
+        "this server does not serve the requested host"
+    );
+    // Rotation: rename the file, reload (what SIGHUP does); new lines go to a new file.
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    let cfg = edgepop::config::load(&edge.dir.path().join("edgepop.toml")).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    let again = curl(
+        edge.addr,
+        "www.edgepop.test",
+        "/",
+        &["--http1.1", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(again.status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&path).len() == 1
+        })
+        .await
+    );
+    assert_eq!(log_lines(&rotated).len(), 3);
+    // A client that goes away mid-body: logged as aborted, with what was sent so far.
+    let cut = curl(
+        edge.addr,
+        "www.edgepop.test",
+        "/bytes/200000000",
+        &["--http1.1", "--max-filesize", "100000", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(!cut.status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&path).len() == 2
+        })
+        .await
+    );
+    let aborted = &log_lines(&path)[1];
+    assert_eq!(aborted["outcome"], "aborted", "{aborted}");
+    assert!(aborted["bytes"].as_u64() < Some(200_000_000), "{aborted}");
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        metrics.contains("edgepop_access_log_dropped_total 0"),
+        "{metrics}"
+    );
+}
