@@ -1,26 +1,30 @@
 //! The access log: one JSON line per request (`[pop] access_log`), written by a thread of its
-//! own so a slow disk never stalls a request. Requests hand their entry over a bounded
-//! channel without waiting; when the writer falls behind, entries are dropped and counted
-//! (`edgepop_access_log_dropped_total`) rather than queued without bound. SIGHUP reopens the
-//! file (rotate by renaming it, then send SIGHUP).
+//! own so a slow disk never stalls a request. Requests push their entry onto a bounded
+//! lock-free queue (no lock, no system call); the writer drains it every 100 ms. When it
+//! falls behind, entries are dropped and counted (`edgepop_access_log_dropped_total`) rather
+//! than queued without bound. SIGHUP reopens the file (rotate by renaming it, then SIGHUP).
 
 use crate::config::AccessLogTarget;
+use crossbeam_queue::ArrayQueue;
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Entries waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+/// How often the writer comes by (sooner when the queue is half full).
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// One request, as logged.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    /// RFC 3339, milliseconds, UTC: when the request arrived.
-    pub time: String,
+    /// When the request arrived; written as RFC 3339, milliseconds, UTC (by the writer
+    /// thread: formatting is not the request's business).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     pub client: SocketAddr,
     /// "HTTP/1.1", "HTTP/2".
     pub protocol: &'static str,
@@ -59,7 +63,7 @@ impl Entry {
         path: &str,
     ) -> Entry {
         Entry {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: SystemTime::now(),
             client,
             protocol: protocol(version),
             method: method.as_str().to_string(),
@@ -77,6 +81,10 @@ impl Entry {
     }
 }
 
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -92,17 +100,20 @@ fn protocol(v: http::Version) -> &'static str {
     }
 }
 
-enum Msg {
-    Entry(Box<Entry>),
-    Reopen(AccessLogTarget),
+/// What the request threads and the writer share.
+struct Shared {
+    queue: ArrayQueue<Box<Entry>>,
+    dropped: AtomicU64,
+    /// Set by `reopen`, taken by the writer.
+    reopen: Mutex<Option<AccessLogTarget>>,
 }
 
 /// A handle on the writer; cheap to clone. The writer thread ends (after writing what it
 /// has) when the last handle is dropped.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    writer: std::thread::Thread,
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -115,36 +126,54 @@ impl AccessLog {
     /// Opens the target (an error if the file cannot be opened) and starts the writer.
     pub fn start(target: &AccessLogTarget) -> std::io::Result<AccessLog> {
         let out = open(target)?;
-        let (tx, rx) = sync_channel(QUEUE);
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            queue: ArrayQueue::new(QUEUE),
+            dropped: AtomicU64::new(0),
+            reopen: Mutex::new(None),
+        });
+        let for_writer = shared.clone();
+        let handle = std::thread::Builder::new()
             .name("edgepop-access-log".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn(move || write_loop(&for_writer, out))?;
         Ok(AccessLog {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
+            shared,
+            writer: handle.thread().clone(),
         })
     }
 
-    /// Hands an entry to the writer; never waits.
+    /// Hands an entry to the writer: a lock-free push, no system call. The writer is woken
+    /// only when the queue is half full; otherwise it comes by every [`FLUSH_EVERY`].
     pub fn record(&self, entry: Entry) {
-        match self.tx.try_send(Msg::Entry(Box::new(entry))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let q = &self.shared.queue;
+        if q.push(Box::new(entry)).is_err() {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if q.len() == QUEUE / 2 {
+            self.writer.unpark();
         }
     }
 
     /// Reopens (or switches to) `target`: after log rotation, or a changed path on reload.
     pub fn reopen(&self, target: &AccessLogTarget) {
-        if self.tx.try_send(Msg::Reopen(target.clone())).is_err() {
-            tracing::warn!("access log: writer busy, reopen request dropped");
+        if let Ok(mut r) = self.shared.reopen.lock() {
+            *r = Some(target.clone());
         }
+        self.writer.unpark();
     }
 
     /// Entries dropped because the writer fell behind.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // The last handle going (the writer holds the other reference): let the writer
+        // write what is left and end now.
+        if Arc::strong_count(&self.shared) == 2 {
+            self.writer.unpark();
+        }
     }
 }
 
@@ -160,40 +189,41 @@ fn open(target: &AccessLogTarget) -> std::io::Result<Box<dyn Write + Send>> {
     })
 }
 
-/// Writes entries in batches: everything already queued goes out in one buffered write.
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>) {
+/// Every [`FLUSH_EVERY`] (or when woken): write everything queued in one buffered write,
+/// reopen if asked. Ends once every [`AccessLog`] handle is gone and the queue is written.
+fn write_loop(shared: &Arc<Shared>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(512);
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Entry(e) => {
-                    line.clear();
-                    if serde_json::to_writer(&mut line, &e).is_ok() {
-                        line.push(b'\n');
-                        if let Err(err) = out.write_all(&line) {
-                            tracing::warn!(error = %err, "access log write failed");
-                        }
-                    }
-                }
-                Msg::Reopen(target) => {
-                    let _ = out.flush();
-                    match open(&target) {
-                        Ok(o) => out = std::io::BufWriter::with_capacity(64 * 1024, o),
-                        Err(err) => {
-                            tracing::warn!(error = %err, "access log: cannot reopen; keeping the old file")
-                        }
-                    }
+    loop {
+        // Checked before draining, so what the last handle queued is still written.
+        let last = Arc::strong_count(shared) == 1;
+        let reopen = shared.reopen.lock().ok().and_then(|mut r| r.take());
+        if let Some(target) = reopen {
+            let _ = out.flush();
+            match open(&target) {
+                Ok(o) => out = std::io::BufWriter::with_capacity(64 * 1024, o),
+                Err(err) => {
+                    tracing::warn!(error = %err, "access log: cannot reopen; keeping the old file")
                 }
             }
-            next = rx.try_recv().ok();
+        }
+        while let Some(e) = shared.queue.pop() {
+            line.clear();
+            if serde_json::to_writer(&mut line, &e).is_ok() {
+                line.push(b'\n');
+                if let Err(err) = out.write_all(&line) {
+                    tracing::warn!(error = %err, "access log write failed");
+                }
+            }
         }
         if let Err(err) = out.flush() {
             tracing::warn!(error = %err, "access log flush failed");
         }
+        if last {
+            break;
+        }
+        std::thread::park_timeout(FLUSH_EVERY);
     }
-    let _ = out.flush();
 }
 
 /// An entry being filled in while its request runs; written by [`PendingLog::finish`].
