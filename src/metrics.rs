@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const REQUESTS: &str = "edgepop_requests";
 pub const DRAINING: &str = "edgepop_draining";
+pub const CLIENT_CONNECTIONS: &str = "edgepop_client_connections";
 pub const ACCESS_LOG_DROPPED: &str = "edgepop_access_log_dropped";
 pub const UPSTREAM_OPEN: &str = "edgepop_upstream_open_connections";
 pub const UPSTREAM_IDLE: &str = "edgepop_upstream_idle_connections";
@@ -27,6 +28,8 @@ pub const ORIGIN_UP: &str = "edgepop_origin_up";
 #[derive(Debug, Default)]
 pub struct EdgeCounters {
     by_class: [AtomicU64; 6],
+    /// Client connections open now (all listeners), TLS handshakes included.
+    pub client_connections: std::sync::atomic::AtomicUsize,
 }
 
 impl EdgeCounters {
@@ -79,6 +82,13 @@ pub fn render_edge(
         REQUESTS,
         "Responses sent to clients, by status class",
         requests,
+    );
+    let open = Gauge::<i64>::default();
+    open.set(gauge(counters.client_connections.load(Ordering::Relaxed)));
+    reg.register(
+        CLIENT_CONNECTIONS,
+        "Client connections open now (TLS handshakes included)",
+        open,
     );
     let d = Gauge::<i64>::default();
     d.set(i64::from(draining));

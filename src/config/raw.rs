@@ -51,6 +51,8 @@ pub struct RawListener {
     pub idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     pub drain_timeout: Option<Duration>,
+    /// Client connections open at once; above it the listener stops accepting.
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -60,6 +60,9 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Client connections open at once (TLS handshakes included); at the limit the listener
+    /// stops accepting and new connections wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Clone)]
@@ -403,6 +406,9 @@ fn edge(cx: &Ctx, raw: &RawConfig) -> Result<Option<EdgeConfig>, ConfigError> {
     }))
 }
 
+/// Like HAProxy's `maxconn` floor and well under a raised `ulimit -n`.
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 20_000;
+
 fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, ConfigError> {
     let at = cx.at(l);
     let l = l.get_ref();
@@ -424,6 +430,13 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
             at.clone(),
         )?,
         drain_timeout: l.drain_timeout.unwrap_or(Duration::from_secs(30)),
+        max_connections: match &l.max_connections {
+            None => DEFAULT_MAX_CLIENT_CONNECTIONS,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v) if (1..=1 << 24).contains(&v) => v,
+                _ => return Err(cx.err(n, "max_connections must be between 1 and 16777216")),
+            },
+        },
     })
 }
 

@@ -1,13 +1,19 @@
 //! Accept loop: SO_REUSEPORT sockets (many instances per PoP), TLS handshake with a timeout,
-//! then one task per connection. Stops accepting on drain.
+//! then one task per connection. At `max_connections` open connections it stops accepting
+//! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
 
 use super::conn;
 use crate::config::ListenerConfig;
+use crate::metrics::EdgeCounters;
 use crate::proxy::Runtime;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,7 +69,30 @@ impl Listener {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let counters = runtime.load().counters.clone();
+        let mut last_warning: Option<Instant> = None;
         loop {
+            let permit = match limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(
+                            address = %self.config.address,
+                            max_connections = self.config.max_connections,
+                            "connection limit reached; not accepting until a connection closes"
+                        );
+                    }
+                    tokio::select! {
+                        p = limit.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            };
             // select!: stop accepting as soon as drain starts; connections already accepted
             // keep their own shutdown handling.
             let accepted = tokio::select! {
@@ -75,18 +104,45 @@ impl Listener {
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let open = OpenConnection::new(&counters, permit);
             let acceptor = TlsAcceptor::from(tls.load_full());
             let cfg = self.config.clone();
             let runtime = runtime.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(handshake_and_serve(
-                tcp, peer, acceptor, cfg, runtime, shutdown,
-            ));
+            tracker.spawn(async move {
+                handshake_and_serve(tcp, peer, acceptor, cfg, runtime, shutdown).await;
+                drop(open);
+            });
         }
+    }
+}
+
+/// One client connection held open: a slot of the listener's limit and a count in
+/// `edgepop_client_connections`, both given back on drop.
+struct OpenConnection {
+    counters: Arc<EdgeCounters>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(counters: &Arc<EdgeCounters>, slot: OwnedSemaphorePermit) -> Self {
+        counters.client_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection {
+            counters: counters.clone(),
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.counters
+            .client_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -157,6 +157,15 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         log.trim(),
         "e.toml:3:14: access_log \"/nonexistent/dir/access.log\": not \"stdout\" nor a file in an existing directory"
     );
+    let limit = check_text(&edge_text("", &crt, &key).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections = 0\n",
+        1,
+    ));
+    assert_eq!(
+        limit.trim(),
+        "e.toml:5:19: max_connections must be between 1 and 16777216"
+    );
     let proto = check_text(&edge_text("protocol = \"h3\"", &crt, &key));
     assert_eq!(
         proto.trim(),

@@ -817,3 +817,42 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_listener_waits_for_one_to_close() {
+    let origin = origin().start().await.unwrap();
+    let text = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections = 2\n",
+        1,
+    );
+    let edge = start_edge(&text).await;
+    let mut first = Client::connect(edge.addr, "localhost", true).await;
+    let mut second = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(first.get("localhost", "/").await.0, 200);
+    assert_eq!(second.get("localhost", "/").await.0, 200);
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        metrics.contains("edgepop_client_connections 2"),
+        "{metrics}"
+    );
+    // A third waits in the backlog: its TLS handshake gets no answer while two are open.
+    let addr = edge.addr;
+    let mut third = tokio::spawn(async move {
+        let mut c = Client::connect(addr, "localhost", true).await;
+        c.get("localhost", "/").await.0
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut third)
+            .await
+            .is_err(),
+        "a third connection was served beyond max_connections"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a connection closed")
+        .expect("task");
+    assert_eq!(status, 200);
+    assert_eq!(second.get("localhost", "/").await.0, 200);
+}
