@@ -9,7 +9,7 @@ use crossbeam_queue::ArrayQueue;
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -106,6 +106,11 @@ struct Shared {
     dropped: AtomicU64,
     /// Set by `reopen`, taken by the writer.
     reopen: Mutex<Option<AccessLogTarget>>,
+    /// Set when the writer has been woken and not yet come by: one wake-up per fill.
+    woken: AtomicBool,
+    /// Set by `close`: write what is queued and end.
+    closing: AtomicBool,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A handle on the writer; cheap to clone. The writer thread ends (after writing what it
@@ -130,25 +135,44 @@ impl AccessLog {
             queue: ArrayQueue::new(QUEUE),
             dropped: AtomicU64::new(0),
             reopen: Mutex::new(None),
+            woken: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            handle: Mutex::new(None),
         });
         let for_writer = shared.clone();
         let handle = std::thread::Builder::new()
             .name("edgepop-access-log".into())
             .spawn(move || write_loop(&for_writer, out))?;
-        Ok(AccessLog {
-            shared,
-            writer: handle.thread().clone(),
-        })
+        let writer = handle.thread().clone();
+        if let Ok(mut h) = shared.handle.lock() {
+            *h = Some(handle);
+        }
+        Ok(AccessLog { shared, writer })
+    }
+
+    /// Writes what is queued and stops the writer (at exit, after the drain); waits for it
+    /// up to `limit`.
+    pub async fn close(&self, limit: Duration) {
+        self.shared.closing.store(true, Ordering::Release);
+        self.writer.unpark();
+        let handle = self.shared.handle.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let join = tokio::task::spawn_blocking(move || h.join());
+            if tokio::time::timeout(limit, join).await.is_err() {
+                tracing::warn!("access log: writer did not finish in {limit:?}");
+            }
+        }
     }
 
     /// Hands an entry to the writer: a lock-free push, no system call. The writer is woken
     /// only when the queue is half full; otherwise it comes by every [`FLUSH_EVERY`].
-    pub fn record(&self, entry: Entry) {
+    pub fn record(&self, entry: Box<Entry>) {
         let q = &self.shared.queue;
-        if q.push(Box::new(entry)).is_err() {
+        let full = q.push(entry).is_err();
+        if full {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        if q.len() == QUEUE / 2 {
+        if (full || q.len() >= QUEUE / 2) && !self.shared.woken.swap(true, Ordering::AcqRel) {
             self.writer.unpark();
         }
     }
@@ -196,7 +220,8 @@ fn write_loop(shared: &Arc<Shared>, out: Box<dyn Write + Send>) {
     let mut line = Vec::with_capacity(512);
     loop {
         // Checked before draining, so what the last handle queued is still written.
-        let last = Arc::strong_count(shared) == 1;
+        let last = Arc::strong_count(shared) == 1 || shared.closing.load(Ordering::Acquire);
+        shared.woken.store(false, Ordering::Release);
         let reopen = shared.reopen.lock().ok().and_then(|mut r| r.take());
         if let Some(target) = reopen {
             let _ = out.flush();
@@ -230,7 +255,8 @@ fn write_loop(shared: &Arc<Shared>, out: Box<dyn Write + Send>) {
 #[derive(Debug)]
 pub struct PendingLog {
     log: AccessLog,
-    entry: Entry,
+    /// `None` once written.
+    entry: Option<Box<Entry>>,
     started: tokio::time::Instant,
 }
 
@@ -250,7 +276,13 @@ impl PendingLog {
         let path = req.uri().path_and_query().map_or("", |p| p.as_str());
         PendingLog {
             log: log.clone(),
-            entry: Entry::start(client, req.version(), req.method(), host, path),
+            entry: Some(Box::new(Entry::start(
+                client,
+                req.version(),
+                req.method(),
+                host,
+                path,
+            ))),
             started: tokio::time::Instant::now(),
         }
     }
@@ -265,28 +297,54 @@ impl PendingLog {
         ttfb: Duration,
         connection: &'static str,
     ) {
-        self.entry.origin = Some(origin.to_string());
-        self.entry.status = status;
-        self.entry.pool_wait_ms = Some(ms(waited));
-        self.entry.upstream_ms = Some(ms(ttfb.saturating_sub(waited)));
-        self.entry.upstream_connection = Some(connection);
+        if let Some(e) = self.entry.as_mut() {
+            e.origin = Some(origin.to_string());
+            e.status = status;
+            e.pool_wait_ms = Some(ms(waited));
+            e.upstream_ms = Some(ms(ttfb.saturating_sub(waited)));
+            e.upstream_connection = Some(connection);
+        }
     }
 
     /// A response that has no body to send (HEAD, 1xx, 204, 304): the client's side never
     /// reads it, so dropping it unread is its normal end.
     pub fn bodiless(&self) -> bool {
-        self.entry.method == "HEAD" || matches!(self.entry.status, 100..=199 | 204 | 304)
+        self.entry
+            .as_ref()
+            .is_some_and(|e| e.method == "HEAD" || matches!(e.status, 100..=199 | 204 | 304))
     }
 
     pub fn status(&mut self, status: u16) {
-        self.entry.status = status;
+        if let Some(e) = self.entry.as_mut() {
+            e.status = status;
+        }
     }
 
     /// Completes the entry and hands it to the writer.
     pub fn finish(mut self, bytes: u64, outcome: &'static str) {
-        self.entry.bytes = bytes;
-        self.entry.outcome = outcome;
-        self.entry.duration_ms = ms(self.started.elapsed());
-        self.log.record(self.entry);
+        self.write(bytes, outcome);
+    }
+
+    fn write(&mut self, bytes: u64, outcome: &'static str) {
+        if let Some(mut e) = self.entry.take() {
+            e.bytes = bytes;
+            e.outcome = outcome;
+            e.duration_ms = ms(self.started.elapsed());
+            self.log.record(e);
+        }
+    }
+}
+
+impl Drop for PendingLog {
+    /// The request went away before a response head was sent (the client reset the stream
+    /// or closed the connection while edgepop waited for the origin): logged with nginx's
+    /// 499, "client closed request".
+    fn drop(&mut self) {
+        if let Some(e) = self.entry.as_mut() {
+            if e.status == 0 {
+                e.status = 499;
+            }
+        }
+        self.write(0, "aborted");
     }
 }

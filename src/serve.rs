@@ -54,6 +54,9 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
             d.names.join(","),
             d.ttl
         );
+        if let Some(a) = d.admin_listen {
+            println!("  dns admin {a}");
+        }
         println!(
             "  nameservers {}",
             d.nameservers
@@ -261,12 +264,10 @@ impl EdgeServer {
         let tls =
             crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())?;
         let old = self.status.runtime.load_full();
-        // SIGHUP reopens the access log (log rotation) or switches it to a new target.
+        // SIGHUP reopens the access log (log rotation) or switches it to a new target, once
+        // the rest of the reload has succeeded.
         let access_log = match (&old.access_log, &cfg.pop.access_log) {
-            (Some(log), Some(t)) => {
-                log.reopen(t);
-                Some(log.clone())
-            }
+            (Some(log), Some(_)) => Some(log.clone()),
             (None, Some(t)) => Some(AccessLog::start(t).context("opening the access log")?),
             (_, None) => None,
         };
@@ -304,6 +305,9 @@ impl EdgeServer {
             .cloned()
             .collect();
         let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone(), access_log);
+        if let (Some(log), Some(t)) = (&old.access_log, &cfg.pop.access_log) {
+            log.reopen(t);
+        }
         self.tls.store(Arc::new(tls));
         self.status.runtime.store(Arc::new(new_rt));
         for p in retired {
@@ -323,8 +327,12 @@ impl EdgeServer {
         {
             tracing::warn!(after = ?self.drain_timeout, "drain timeout: closing remaining connections");
         }
-        for p in self.status.runtime.load().pools.iter() {
+        let rt = self.status.runtime.load_full();
+        for p in rt.pools.iter() {
             p.shutdown();
+        }
+        if let Some(log) = &rt.access_log {
+            log.close(Duration::from_secs(2)).await;
         }
     }
 }

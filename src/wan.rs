@@ -95,8 +95,9 @@ struct Generation {
     accept: Option<JoinHandle<()>>,
     conns: CancellationToken,
     /// While stopped: the aborted accept loop (its listener closes when it ends) and the
-    /// port, bound but not listening, so connects are refused and no other socket (a
-    /// parallel test's listener or an outgoing connection) can take it before `restart`.
+    /// port, bound but not listening, so connects are refused and no ephemeral bind or
+    /// outgoing connection (a parallel test's) can take it before `restart`. (A socket that
+    /// binds this exact port with SO_REUSEPORT as the same user still could.)
     stopped: Option<JoinHandle<()>>,
     parked: Option<TcpSocket>,
 }

@@ -166,6 +166,8 @@ pub struct DnsConfig {
     pub health_ca: Option<PathBuf>,
     /// UDP worker threads; at least 1.
     pub udp_workers: usize,
+    /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// One in-zone nameserver and its addresses.
@@ -182,7 +184,11 @@ impl DnsConfig {
     pub fn unreachable_nameservers(&self) -> Vec<&str> {
         self.nameservers
             .iter()
-            .filter(|n| in_zone(n, &self.zone) && !self.glue.iter().any(|g| &g.name == *n))
+            .filter(|n| {
+                in_zone(n, &self.zone)
+                    && !self.names.contains(n)
+                    && !self.glue.iter().any(|g| &g.name == *n)
+            })
             .map(String::as_str)
             .collect()
     }
@@ -734,6 +740,10 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         glue,
         hostmaster,
         health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        admin_listen: match &d.admin_listen {
+            Some(a) => Some(cx.socket_addr(a, "dns admin_listen")?),
+            None => None,
+        },
         udp_workers: match &d.udp_workers {
             Some(n) if *n.get_ref() < 1 || *n.get_ref() > 256 => {
                 return Err(cx.err(n, "udp_workers must be between 1 and 256"));
@@ -754,9 +764,15 @@ fn glue(
     let Some(table) = &d.glue else {
         return Ok(Vec::new());
     };
-    let mut out = Vec::new();
+    if table.get_ref().len() > usize::from(u8::MAX) {
+        return Err(cx.err(table, "glue: at most 255 nameservers"));
+    }
+    let mut out: Vec<Glue> = Vec::new();
     for (key, list) in table.get_ref() {
         let name = key.trim_end_matches('.').to_ascii_lowercase();
+        if out.iter().any(|g| g.name == name) {
+            return Err(cx.err(list, format!("glue for {name:?} is given twice")));
+        }
         if !nameservers.contains(&name) {
             return Err(cx.err(
                 list,

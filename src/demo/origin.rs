@@ -161,7 +161,8 @@ struct Shared {
     /// Cancelled by stop(); replaced by restart().
     run: Mutex<CancellationToken>,
     /// While stopped, the port stays bound (not listening): connects are refused, and no
-    /// other socket of a parallel test can take the port before restart() listens on it.
+    /// ephemeral bind or outgoing connection of a parallel test can take the port before
+    /// restart() listens on it (only an explicit SO_REUSEPORT bind of this port could).
     parked: Mutex<Option<socket2::Socket>>,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     goaway: Notify,
@@ -208,8 +209,11 @@ impl Origin {
         self.shared.token().cancel();
     }
 
-    /// Listens again on the same address after [`Origin::stop`].
+    /// Listens again on the same address after [`Origin::stop`] (no-op if running).
     pub async fn restart(&self) -> Result<(), OriginError> {
+        if !self.shared.token().is_cancelled() {
+            return Ok(());
+        }
         let previous = lock(&self.shared.accept_task).take();
         if let Some(task) = previous {
             // The old listener must be closed before the parked socket listens.
@@ -231,7 +235,8 @@ impl Origin {
 
 impl Drop for Origin {
     fn drop(&mut self) {
-        self.stop();
+        // Like stop(), without keeping the port.
+        self.shared.token().cancel();
     }
 }
 

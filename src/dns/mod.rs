@@ -393,9 +393,8 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
             config.display()
         );
     };
-    let sidecar = Sidecar::start(dns, cfg.admin.as_ref().map(|a| a.listen))
-        .await
-        .context("dns sidecar")?;
+    let admin = dns.admin_listen.or(cfg.admin.as_ref().map(|a| a.listen));
+    let sidecar = Sidecar::start(dns, admin).await.context("dns sidecar")?;
     let m = sidecar.state().map();
     tracing::info!(
         addr = %sidecar.dns_addr(),

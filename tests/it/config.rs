@@ -202,6 +202,14 @@ fn glue_is_checked_and_an_in_zone_nameserver_without_it_is_warned_about() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ns1.edgepop.test (192.0.2.53)"), "{stdout}");
     assert!(!stdout.contains("warning"), "{stdout}");
+    let twice = check_text(&dns(
+        "glue = { \"ns1.edgepop.test\" = [\"192.0.2.53\"], \"NS1.edgepop.test.\" = [\"192.0.2.54\"] }",
+    ));
+    assert!(
+        twice.starts_with("e.toml:9:")
+            && twice.contains("glue for \"ns1.edgepop.test\" is given twice"),
+        "{twice}"
+    );
     for (extra, want) in [
         (
             "glue = { \"ns9.edgepop.test\" = [\"192.0.2.53\"] }",

@@ -702,3 +702,58 @@ async fn the_binary_serves_reloads_on_sighup_and_check_reports_a_broken_region_f
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
 }
+
+/// `serve` and `dns` from one file: the edge holds `[admin] listen`, the sidecar takes
+/// `[dns] admin_listen` instead of failing to bind the same port.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecar_uses_its_own_admin_address_beside_the_edges() {
+    let edge_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = edge_admin.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(&regions, basic_regions()).expect("write");
+    let cfg = dir.path().join("edgepop.toml");
+    let text = format!(
+        "[admin]\nlisten = \"{held}\"\n{}",
+        config_text(&regions, "admin_listen = \"127.0.0.1:0\"")
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["dns", "--config"])
+        .arg(&cfg)
+        .env("EDGEPOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Child)
+        .expect("spawn");
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let admin: std::net::SocketAddr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the sidecar starts and logs its admin address");
+        if let Some(rest) = line.split("admin=Some(").nth(1) {
+            break rest
+                .split(')')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("admin address");
+        }
+    };
+    assert_ne!(admin, held);
+    let (status, map) = http_get(admin, "/map").await;
+    assert_eq!(status, 200, "{map}");
+    assert!(map.contains("\"regions\""), "{map}");
+    drop(edge_admin);
+}

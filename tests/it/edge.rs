@@ -811,6 +811,28 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     let aborted = &log_lines(&path)[1];
     assert_eq!(aborted["outcome"], "aborted", "{aborted}");
     assert!(aborted["bytes"].as_u64() < Some(200_000_000), "{aborted}");
+    // A client that resets its stream while edgepop waits for the origin: 499, aborted.
+    let gone = curl(
+        edge.addr,
+        "www.edgepop.test",
+        "/delay/5000",
+        &["--http2", "--max-time", "0.3", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(!gone.status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&path).len() == 3
+        })
+        .await
+    );
+    let gone = &log_lines(&path)[2];
+    assert_eq!(
+        (gone["status"].as_u64(), gone["outcome"].as_str()),
+        (Some(499), Some("aborted")),
+        "{gone}"
+    );
+    assert_eq!(gone["path"], "/delay/5000");
     let (_, metrics) = admin_get(edge.admin, "/metrics").await;
     assert!(
         metrics.contains("edgepop_access_log_dropped_total 0"),
