@@ -4,7 +4,8 @@
 //!
 //! Paths: `/healthz`; `/bytes/N` streams N bytes; `/echo` streams the request body back;
 //! `/headers` returns the request headers as text; `/delay/MS` answers after MS
-//! milliseconds; `/status/N` answers with status N; anything else answers "hello".
+//! milliseconds; `/status/N` answers with status N; `/upgrade` (with `Upgrade`) switches
+//! protocols and echoes bytes; anything else answers "hello".
 
 use crate::tls::certs;
 use bytes::Bytes;
@@ -323,7 +324,7 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new());
     b.http2().timer(TokioTimer::new());
-    let conn = b.serve_connection(TokioIo::new(tls), svc);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let idle = shared.builder.idle_close;
     let mut closing = false;
@@ -345,6 +346,30 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
         }
     }
     shared.stats.open.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// `/upgrade` with `Connection: upgrade` + `Upgrade: X`: 101, then every byte echoed back
+/// (a stand-in for a WebSocket server). Without the headers: 426.
+fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
+    let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() else {
+        return full(StatusCode::UPGRADE_REQUIRED, "upgrade required\n");
+    };
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            }
+        }
+    });
+    let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    resp.headers_mut().insert(hyper::header::UPGRADE, protocol);
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    resp
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -372,7 +397,10 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Body> {
+async fn route(shared: &Shared, mut req: Request<Incoming>, path: &str) -> Response<Body> {
+    if path == "/upgrade" {
+        return upgrade_echo(&mut req);
+    }
     if path == "/healthz" {
         return if shared.healthy.load(Ordering::SeqCst) {
             full(StatusCode::OK, "ok\n")

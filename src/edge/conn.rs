@@ -73,7 +73,7 @@ pub async fn serve(
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
     let mut draining = false;

@@ -256,7 +256,7 @@ where
 }
 
 /// Tries each resolved address in turn; the whole thing runs under the connect timeout.
-async fn connect_tcp(address: &str) -> Result<TcpStream, ConnectError> {
+pub(super) async fn connect_tcp(address: &str) -> Result<TcpStream, ConnectError> {
     let addrs = tokio::net::lookup_host(address)
         .await
         .map_err(|source| ConnectError::Resolve {

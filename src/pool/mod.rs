@@ -15,6 +15,7 @@ mod lease;
 mod maintain;
 mod rtt;
 mod stats;
+mod tunnel;
 
 pub use conn::{UpstreamBody, Warmth};
 pub use error::{CheckoutError, ConnectError, UpstreamError};
@@ -48,6 +49,8 @@ pub struct Pool {
 pub(crate) struct Inner {
     pub origin: Arc<OriginConfig>,
     tls: tokio_rustls::TlsConnector,
+    /// http/1.1 only (ALPN), for the dedicated connections of upgraded requests.
+    tunnel_tls: tokio_rustls::TlsConnector,
     /// Connections kept open at all times.
     floor: usize,
     /// Guards only this origin's bookkeeping, held for a few instructions and never across an
@@ -102,11 +105,18 @@ impl Pool {
             origin.ca.as_deref(),
             origin.protocol,
         )?;
+        let tunnel_tls = crate::tls::client::shared_client_config(
+            &origin.address,
+            &origin.server_name.to_str(),
+            origin.ca.as_deref(),
+            crate::config::Protocol::Http1,
+        )?;
         Ok(Pool {
             inner: Arc::new(Inner {
                 floor: floor.min(origin.max_connections),
                 origin,
                 tls: tokio_rustls::TlsConnector::from(tls),
+                tunnel_tls: tokio_rustls::TlsConnector::from(tunnel_tls),
                 state: Mutex::new(State::default()),
                 available: Notify::new(),
                 maintain: Notify::new(),

@@ -55,15 +55,16 @@ pin_project_lite::pin_project! {
 }
 
 impl UpstreamBody {
+    /// `guard`: the pool lease held until the body ends (none for a dedicated connection).
     pub fn new(
         inner: ResponseBody,
-        guard: StreamGuard,
+        guard: Option<StreamGuard>,
         idle: Duration,
         log: Option<PendingLog>,
     ) -> Self {
         UpstreamBody {
             inner,
-            guard: Some(guard),
+            guard,
             idle,
             timer: tokio::time::sleep(idle),
             log,

@@ -102,6 +102,9 @@ async fn forward(
         .origins_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
     let candidates = rt.candidates(origins);
+    if is_upgrade(&req) {
+        return super::upgrade::tunnel(rt, req, peer, &authority, &candidates, log).await;
+    }
     let client_version = req.version();
     let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
@@ -124,8 +127,23 @@ async fn forward(
         );
         l
     });
-    let body = UpstreamBody::new(body, sent.guard, sent.pool.origin().idle_timeout, log).boxed();
+    let body =
+        UpstreamBody::new(body, Some(sent.guard), sent.pool.origin().idle_timeout, log).boxed();
     Ok(Response::from_parts(parts, body))
+}
+
+/// An HTTP/1.1 `Upgrade` request (WebSocket and friends): an `Upgrade` header and the
+/// `upgrade` token in `Connection`.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// `Server-Timing: pool;dur=<ms>, upstream;dur=<ms>;desc="warm|fresh|resumed"`: time to get
@@ -144,7 +162,7 @@ fn add_server_timing(h: &mut header::HeaderMap, waited: Duration, total: Duratio
 
 /// The request as it leaves the edge, in origin form with a Host header; [`for_protocol`]
 /// turns it into what the chosen origin's protocol needs.
-fn upstream_request(
+pub(super) fn upstream_request(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,

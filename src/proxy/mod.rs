@@ -6,6 +6,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod router;
+pub mod upgrade;
 
 use crate::config::{EdgeConfig, PopConfig};
 use crate::metrics::EdgeCounters;

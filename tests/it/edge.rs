@@ -878,3 +878,89 @@ async fn at_max_connections_the_listener_waits_for_one_to_close() {
     assert_eq!(status, 200);
     assert_eq!(second.get("localhost", "/").await.0, 200);
 }
+
+/// Reads a response head (through the blank line) from a raw stream.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).await.expect("read head");
+        assert_eq!(n, 1, "closed before the end of the head: {head:?}");
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for protocol in ["h2", "http1"] {
+        let origin = origin().start().await.unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let path = logs.path().join("access.log");
+        let text = edge_config(
+            &[("o1", origin.addr(), &format!("protocol = \"{protocol}\""))],
+            &["localhost"],
+        )
+        .replacen(
+            "name = \"test1\"\n",
+            &format!(
+                "name = \"test1\"\naccess_log = {:?}\n",
+                path.display().to_string()
+            ),
+            1,
+        );
+        let edge = start_edge(&text).await;
+        let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+            .await
+            .expect("tls");
+        s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo-test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("http/1.1 101"), "{protocol}: {head}");
+        assert!(
+            head.contains("upgrade: echo-test\r\n"),
+            "{protocol}: {head}"
+        );
+        assert!(
+            head.contains("connection: upgrade\r\n"),
+            "{protocol}: {head}"
+        );
+        for msg in [&b"ping over the tunnel"[..], &[0u8, 1, 2, 255][..]] {
+            s.write_all(msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg, "{protocol}");
+        }
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{protocol}: {rest:?}");
+        // Logged when the tunnel closes, with the bytes sent to the client.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                log_lines(&path).first().is_some_and(|l| l["status"] == 101)
+            })
+            .await,
+            "{protocol}: {:?}",
+            std::fs::read_to_string(&path)
+        );
+        let line = &log_lines(&path)[0];
+        assert_eq!(
+            (line["bytes"].as_u64(), line["outcome"].as_str()),
+            (Some(24), Some("ok")),
+            "{line}"
+        );
+        // An origin that does not switch: its answer is passed on as is.
+        let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+            .await
+            .expect("tls");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo-test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{protocol}: {head}");
+    }
+}

@@ -1,0 +1,51 @@
+//! Dedicated upstream connections for upgraded requests (WebSocket and other HTTP/1.1
+//! `Upgrade`s). After `101 Switching Protocols` the connection carries one client's bytes,
+//! so such a request gets an http/1.1 connection of its own, outside the pool, whatever the
+//! pool's protocol; it pays a TCP+TLS handshake (resumed when the session cache allows),
+//! which a long-lived tunnel amortises.
+
+use super::conn::{connect_tcp, UpstreamBody};
+use super::{ConnectError, Pool};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+impl Pool {
+    /// Opens an http/1.1 connection to the origin whose driver supports upgrades.
+    pub async fn open_tunnel(&self) -> Result<http1::SendRequest<UpstreamBody>, ConnectError> {
+        let cfg = &self.inner.origin;
+        let deadline = cfg.connect_timeout;
+        let open = async {
+            let tcp = connect_tcp(&cfg.address).await?;
+            let tls = self
+                .inner
+                .tunnel_tls
+                .connect(cfg.server_name.clone(), tcp)
+                .await
+                .map_err(|source| ConnectError::Tls {
+                    address: cfg.address.clone(),
+                    server_name: cfg.server_name.to_str().into_owned(),
+                    source,
+                })?;
+            let (send, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    address: cfg.address.clone(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upgrade connection to origin ended");
+                }
+            });
+            Ok(send)
+        };
+        match tokio::time::timeout(deadline, open).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout {
+                address: cfg.address.clone(),
+                after: deadline,
+            }),
+        }
+    }
+}

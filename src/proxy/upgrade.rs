@@ -1,0 +1,187 @@
+//! Upgraded requests (WebSocket and other HTTP/1.1 `Upgrade`s from http/1.1 clients): the
+//! request goes to the first origin of the route that accepts a connection, over a dedicated
+//! http/1.1 connection (`Pool::open_tunnel`); on `101 Switching Protocols` both sides are
+//! upgraded and their bytes copied both ways until either closes. Any other answer is passed
+//! on like a normal response. Tunnels have no idle timeout (WebSockets idle by design) and are
+//! not waited for by drain.
+
+use super::body::{full, ProxyBody, UpstreamBody};
+use super::error::ProxyError;
+use super::handler::upstream_request;
+use super::headers;
+use super::Runtime;
+use crate::access_log::PendingLog;
+use crate::pool::{CheckoutError, Pool, UpstreamError};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+pub async fn tunnel(
+    rt: &Runtime,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    authority: &str,
+    candidates: &[&Pool],
+    log: &mut Option<PendingLog>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Some(protocol) = req.headers().get(header::UPGRADE).cloned() else {
+        return Err(ProxyError::BadRequest("Upgrade without a protocol"));
+    };
+    let client_side = hyper::upgrade::on(&mut req);
+    let mut up = upstream_request(rt, req, peer, authority)?;
+    up.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    up.headers_mut().insert(header::UPGRADE, protocol);
+    let started = Instant::now();
+    let (pool, mut send) = open(candidates).await?;
+    let origin = pool.origin();
+    let sent = tokio::time::timeout(origin.first_byte_timeout, send.send_request(up)).await;
+    let mut resp = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            pool.record_failure();
+            return Err(ProxyError::Upstream {
+                origin: origin.name.clone(),
+                source: UpstreamError::Http1(e),
+            });
+        }
+        Err(_) => {
+            pool.record_failure();
+            return Err(ProxyError::FirstByteTimeout {
+                origin: origin.name.clone(),
+                after: origin.first_byte_timeout,
+            });
+        }
+    };
+    pool.record_success();
+    let ttfb = started.elapsed();
+    let mut log = log.take();
+    if let Some(l) = log.as_mut() {
+        l.upstream(
+            &origin.name,
+            resp.status().as_u16(),
+            std::time::Duration::ZERO,
+            ttfb,
+            "fresh",
+        );
+    }
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
+    let (mut parts, body) = resp.into_parts();
+    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    let Some(upstream_side) = upstream_side else {
+        // The origin declined the upgrade: an ordinary response.
+        let body = body
+            .map_err(|e| Box::new(e) as super::body::BoxError)
+            .boxed_unsync();
+        let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
+        return Ok(Response::from_parts(parts, body));
+    };
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = upgrade_to {
+        parts.headers.insert(header::UPGRADE, p);
+    }
+    let name = origin.name.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::join!(client_side, upstream_side) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                tracing::debug!(origin = %name, client_ok = c.is_ok(), origin_ok = u.is_ok(), "upgrade did not complete");
+                if let Some(l) = log {
+                    l.finish(0, "aborted");
+                }
+                return;
+            }
+        };
+        let mut client = Counted {
+            inner: TokioIo::new(client),
+            written: 0,
+        };
+        let copied = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
+        if let Some(l) = log {
+            // An error here is one side closing without a clean shutdown.
+            l.finish(
+                client.written,
+                if copied.is_ok() { "ok" } else { "aborted" },
+            );
+        }
+    });
+    Ok(Response::from_parts(parts, full("")))
+}
+
+/// The client side of a tunnel, counting the bytes written to it (kept even when the copy
+/// ends in an error).
+struct Counted<T> {
+    inner: T,
+    written: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A dedicated connection to the first candidate that accepts one.
+async fn open<'a>(
+    candidates: &[&'a Pool],
+) -> Result<
+    (
+        &'a Pool,
+        hyper::client::conn::http1::SendRequest<crate::pool::UpstreamBody>,
+    ),
+    ProxyError,
+> {
+    let mut last = None;
+    for &pool in candidates {
+        match pool.open_tunnel().await {
+            Ok(send) => return Ok((pool, send)),
+            Err(e) => {
+                tracing::debug!(origin = %pool.origin().name, error = %e, "upgrade: connect failed");
+                pool.record_failure();
+                last = Some(e);
+            }
+        }
+    }
+    match last {
+        Some(e) => Err(CheckoutError::Connect(e).into()),
+        None => Err(ProxyError::BadRequest("no origin for this route")),
+    }
+}
