@@ -87,6 +87,7 @@ names = ["www.edgepop.test"]
 ttl = "60s"
 regions = "$WORK/map/regions.toml"
 udp_workers = 1
+glue = { "ns1.edgepop.test" = ["192.0.2.53"] }
 EOF
 EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
 EP=$!; PIDS+=("$EP")
