@@ -2,6 +2,7 @@
 //! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown.
 
 use crate::config::ListenerConfig;
+use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, Runtime};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -41,6 +42,7 @@ pub async fn serve(
     cfg: &ListenerConfig,
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
+    hold: Hold,
 ) {
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -63,7 +65,10 @@ pub async fn serve(
     };
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(hold.clone());
+        }
         let rt = runtime.load_full();
         act.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(act.clone());

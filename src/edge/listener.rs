@@ -108,21 +108,25 @@ impl Listener {
                     continue;
                 }
             };
-            let open = OpenConnection::new(&counters, permit);
+            let open = Arc::new(OpenConnection::new(&counters, permit));
             let acceptor = TlsAcceptor::from(tls.load_full());
             let cfg = self.config.clone();
             let runtime = runtime.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                handshake_and_serve(tcp, peer, acceptor, cfg, runtime, shutdown).await;
-                drop(open);
-            });
+            let hold = crate::proxy::upgrade::Hold {
+                slot: open,
+                tracker: tracker.clone(),
+            };
+            tracker.spawn(handshake_and_serve(
+                tcp, peer, acceptor, cfg, runtime, shutdown, hold,
+            ));
         }
     }
 }
 
 /// One client connection held open: a slot of the listener's limit and a count in
-/// `edgepop_client_connections`, both given back on drop.
+/// `edgepop_client_connections`, both given back on drop (after the connection and any
+/// tunnel made from it have ended).
 struct OpenConnection {
     counters: Arc<EdgeCounters>,
     _slot: OwnedSemaphorePermit,
@@ -153,6 +157,7 @@ async fn handshake_and_serve(
     cfg: ListenerConfig,
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
+    hold: crate::proxy::upgrade::Hold,
 ) {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
@@ -166,5 +171,5 @@ async fn handshake_and_serve(
             return;
         }
     };
-    conn::serve(tls, peer, &cfg, runtime, shutdown).await;
+    conn::serve(tls, peer, &cfg, runtime, shutdown, hold).await;
 }

@@ -2,8 +2,9 @@
 //! request goes to the first origin of the route that accepts a connection, over a dedicated
 //! http/1.1 connection (`Pool::open_tunnel`); on `101 Switching Protocols` both sides are
 //! upgraded and their bytes copied both ways until either closes. Any other answer is passed
-//! on like a normal response. Tunnels have no idle timeout (WebSockets idle by design) and are
-//! not waited for by drain.
+//! on like a normal response. Tunnels have no idle timeout (WebSockets idle by design); a
+//! tunnel keeps its client connection's slot of `max_connections` and is waited for by drain
+//! like the connection it came from (see [`Hold`]).
 
 use super::body::{full, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
@@ -19,9 +20,20 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+/// Put in an upgrade request's extensions by the connection that carries it: what a tunnel
+/// must hold to outlive that connection (its slot of the listener's limit) and where to
+/// spawn so that drain waits for it.
+#[derive(Clone)]
+pub struct Hold {
+    pub slot: Arc<dyn std::any::Any + Send + Sync>,
+    pub tracker: TaskTracker,
+}
 
 pub async fn tunnel(
     rt: &Runtime,
@@ -34,6 +46,7 @@ pub async fn tunnel(
     let Some(protocol) = req.headers().get(header::UPGRADE).cloned() else {
         return Err(ProxyError::BadRequest("Upgrade without a protocol"));
     };
+    let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
     let mut up = upstream_request(rt, req, peer, authority)?;
     up.headers_mut()
@@ -93,7 +106,12 @@ pub async fn tunnel(
         parts.headers.insert(header::UPGRADE, p);
     }
     let name = origin.name.clone();
-    tokio::spawn(async move {
+    let (slot, tracker) = match hold {
+        Some(h) => (Some(h.slot), h.tracker),
+        None => (None, TaskTracker::new()),
+    };
+    tracker.spawn(async move {
+        let _slot = slot;
         let (client, upstream) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {

@@ -934,6 +934,12 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
             s.read_exact(&mut back).await.unwrap();
             assert_eq!(back, msg, "{protocol}");
         }
+        // The tunnel keeps its connection's slot of max_connections.
+        let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+        assert!(
+            metrics.contains("edgepop_client_connections 1"),
+            "{protocol}: {metrics}"
+        );
         s.shutdown().await.unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap();
@@ -952,6 +958,16 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
             (line["bytes"].as_u64(), line["outcome"].as_str()),
             (Some(24), Some("ok")),
             "{line}"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                admin_get(edge.admin, "/metrics")
+                    .await
+                    .1
+                    .contains("edgepop_client_connections 0")
+            })
+            .await,
+            "{protocol}: the slot is given back when the tunnel ends"
         );
         // An origin that does not switch: its answer is passed on as is.
         let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
