@@ -1,6 +1,7 @@
 //! Fuzzes the DNS query path: any bytes from any source address must give either no answer
 //! or a well-formed one, never a panic. The map has nested IPv4/IPv6 regions, a truncating
-//! PoP and the default, so every branch of the answer code is reachable.
+//! PoP, the default and in-zone nameservers with glue, so every branch of the answer code is
+//! reachable.
 
 #![no_main]
 
@@ -19,6 +20,8 @@ listen = "127.0.0.1:0"
 zone = "edgepop.test"
 names = ["www.edgepop.test", "edgepop.test", "a.b.edgepop.test"]
 regions = "unused.toml"
+nameservers = ["ns1.edgepop.test", "ns2.sub.edgepop.test", "ns.example.net"]
+glue = { "ns1.edgepop.test" = ["192.0.2.53", "2001:db8::53"], "ns2.sub.edgepop.test" = ["192.0.2.54"] }
 "#;
 
 const REGIONS: &str = r#"
