@@ -1,18 +1,22 @@
 //! Upgraded requests (WebSocket and other HTTP/1.1 `Upgrade`s from http/1.1 clients): the
-//! request goes to the first origin of the route that accepts a connection, over a dedicated
-//! http/1.1 connection (`Pool::open_tunnel`); on `101 Switching Protocols` both sides are
-//! upgraded and their bytes copied both ways until either closes. Any other answer is passed
+//! request goes to the first origin of the route that gives a connection: a warm pooled one
+//! for http/1.1 origins (it leaves the pool once upgraded and the pool refills), a dedicated
+//! http/1.1 one for h2 origins (`Pool::open_tunnel`). On `101 Switching Protocols` both
+//! sides are upgraded and their bytes copied both ways until either closes. Any other answer is passed
 //! on like a normal response. Tunnels have no idle timeout (WebSockets idle by design); a
 //! tunnel keeps its client connection's slot of `max_connections` and is waited for by drain
 //! like the connection it came from (see [`Hold`]).
 
-use super::body::{full, ProxyBody, UpstreamBody};
+use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::handler::upstream_request;
 use super::headers;
 use super::Runtime;
 use crate::access_log::PendingLog;
-use crate::pool::{CheckoutError, Pool, UpstreamError};
+use crate::config::Protocol;
+use crate::pool::{
+    CheckoutError, Pool, ResponseBody, StreamGuard, UpstreamBody as UpBody, UpstreamError,
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -22,6 +26,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -53,37 +58,18 @@ pub async fn tunnel(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up.headers_mut().insert(header::UPGRADE, protocol);
     let started = Instant::now();
-    let (pool, mut send) = open(candidates).await?;
+    let Exchange {
+        pool,
+        mut resp,
+        guard,
+        waited,
+        warmth,
+    } = exchange(candidates, up).await?;
     let origin = pool.origin();
-    let sent = tokio::time::timeout(origin.first_byte_timeout, send.send_request(up)).await;
-    let mut resp = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            pool.record_failure();
-            return Err(ProxyError::Upstream {
-                origin: origin.name.clone(),
-                source: UpstreamError::Http1(e),
-            });
-        }
-        Err(_) => {
-            pool.record_failure();
-            return Err(ProxyError::FirstByteTimeout {
-                origin: origin.name.clone(),
-                after: origin.first_byte_timeout,
-            });
-        }
-    };
-    pool.record_success();
     let ttfb = started.elapsed();
     let mut log = log.take();
     if let Some(l) = log.as_mut() {
-        l.upstream(
-            &origin.name,
-            resp.status().as_u16(),
-            std::time::Duration::ZERO,
-            ttfb,
-            "fresh",
-        );
+        l.upstream(&origin.name, resp.status().as_u16(), waited, ttfb, warmth);
     }
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
@@ -93,10 +79,7 @@ pub async fn tunnel(
     headers::append_via(&mut parts.headers, parts.version, &rt.via);
     let Some(upstream_side) = upstream_side else {
         // The origin declined the upgrade: an ordinary response.
-        let body = body
-            .map_err(|e| Box::new(e) as super::body::BoxError)
-            .boxed_unsync();
-        let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
+        let body = UpstreamBody::new(body, guard, origin.idle_timeout, log).boxed();
         return Ok(Response::from_parts(parts, body));
     };
     parts
@@ -112,7 +95,10 @@ pub async fn tunnel(
     };
     tracker.spawn(async move {
         let _slot = slot;
-        let (client, upstream) = match tokio::join!(client_side, upstream_side) {
+        let upgraded = tokio::join!(client_side, upstream_side);
+        // A pooled connection leaves the pool here (its sender is done); the pool refills.
+        drop(guard);
+        let (client, upstream) = match upgraded {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
                 tracing::debug!(origin = %name, client_ok = c.is_ok(), origin_ok = u.is_ok(), "upgrade did not complete");
@@ -126,16 +112,104 @@ pub async fn tunnel(
             inner: TokioIo::new(client),
             written: 0,
         };
-        let copied = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
+        let copied =
+            tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
         if let Some(l) = log {
             // An error here is one side closing without a clean shutdown.
-            l.finish(
-                client.written,
-                if copied.is_ok() { "ok" } else { "aborted" },
-            );
+            l.finish(client.written, if copied.is_ok() { "ok" } else { "aborted" });
         }
     });
     Ok(Response::from_parts(parts, full("")))
+}
+
+/// The upgrade request's round trip: which origin answered, its response, and the pool lease
+/// to hold (pooled connections) until the upgrade is done.
+struct Exchange<'a> {
+    pool: &'a Pool,
+    resp: Response<ResponseBody>,
+    guard: Option<StreamGuard>,
+    waited: Duration,
+    warmth: &'static str,
+}
+
+/// Sends the upgrade request to the first candidate that gives a connection: a warm pooled
+/// connection for http/1.1 origins (it leaves the pool once upgraded), a dedicated one for
+/// h2 origins.
+async fn exchange<'a>(
+    candidates: &[&'a Pool],
+    up: Request<UpBody>,
+) -> Result<Exchange<'a>, ProxyError> {
+    let mut last = None;
+    for (i, &pool) in candidates.iter().enumerate() {
+        let origin = pool.origin();
+        let timeout = origin.first_byte_timeout;
+        if origin.protocol == Protocol::Http1 {
+            let lease = match pool.checkout(i + 1 == candidates.len()).await {
+                Ok(l) => l,
+                Err(e @ CheckoutError::Connect(_)) => {
+                    tracing::debug!(origin = %origin.name, error = %e, "upgrade: no connection");
+                    last = Some(ProxyError::from(e));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let (waited, warmth) = (lease.waited(), lease.warmth().as_str());
+            return match tokio::time::timeout(timeout, lease.send(up)).await {
+                Ok(Ok((resp, guard))) => {
+                    pool.record_success();
+                    Ok(Exchange {
+                        pool,
+                        resp,
+                        guard: Some(guard),
+                        waited,
+                        warmth,
+                    })
+                }
+                Ok(Err(e)) => Err(failed(pool, e.source)),
+                Err(_) => Err(timed_out(pool)),
+            };
+        }
+        let mut send = match pool.open_tunnel().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(origin = %origin.name, error = %e, "upgrade: connect failed");
+                pool.record_failure();
+                last = Some(CheckoutError::Connect(e).into());
+                continue;
+            }
+        };
+        return match tokio::time::timeout(timeout, send.send_request(up)).await {
+            Ok(Ok(resp)) => {
+                pool.record_success();
+                Ok(Exchange {
+                    pool,
+                    resp: resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+                    guard: None,
+                    waited: Duration::ZERO,
+                    warmth: "fresh",
+                })
+            }
+            Ok(Err(e)) => Err(failed(pool, UpstreamError::Http1(e))),
+            Err(_) => Err(timed_out(pool)),
+        };
+    }
+    Err(last.unwrap_or(ProxyError::BadRequest("no origin for this route")))
+}
+
+fn failed(pool: &Pool, source: UpstreamError) -> ProxyError {
+    pool.record_failure();
+    ProxyError::Upstream {
+        origin: pool.origin().name.clone(),
+        source,
+    }
+}
+
+fn timed_out(pool: &Pool) -> ProxyError {
+    pool.record_failure();
+    ProxyError::FirstByteTimeout {
+        origin: pool.origin().name.clone(),
+        after: pool.origin().first_byte_timeout,
+    }
 }
 
 /// The client side of a tunnel, counting the bytes written to it (kept even when the copy
@@ -174,32 +248,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A dedicated connection to the first candidate that accepts one.
-async fn open<'a>(
-    candidates: &[&'a Pool],
-) -> Result<
-    (
-        &'a Pool,
-        hyper::client::conn::http1::SendRequest<crate::pool::UpstreamBody>,
-    ),
-    ProxyError,
-> {
-    let mut last = None;
-    for &pool in candidates {
-        match pool.open_tunnel().await {
-            Ok(send) => return Ok((pool, send)),
-            Err(e) => {
-                tracing::debug!(origin = %pool.origin().name, error = %e, "upgrade: connect failed");
-                pool.record_failure();
-                last = Some(e);
-            }
-        }
-    }
-    match last {
-        Some(e) => Err(CheckoutError::Connect(e).into()),
-        None => Err(ProxyError::BadRequest("no origin for this route")),
     }
 }

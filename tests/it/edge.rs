@@ -959,6 +959,24 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
             (Some(24), Some("ok")),
             "{line}"
         );
+        // http/1.1 origins: a warm pooled connection (then replaced); h2 origins: a fresh one.
+        let expected = if protocol == "http1" { "warm" } else { "fresh" };
+        assert_eq!(line["upstream_connection"], expected, "{line}");
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                let p = &pools_json(edge.admin).await["pools"][0];
+                p["open"].as_u64().is_some() && p["open"] == p["target"]
+            })
+            .await,
+            "{protocol}: the pool is back to its target: {}",
+            pools_json(edge.admin).await
+        );
+        // The upgraded connection was not handed back to ordinary requests.
+        let mut c = Client::connect(edge.addr, "localhost", false).await;
+        for _ in 0..6 {
+            assert_eq!(c.get("localhost", "/").await.0, 200, "{protocol}");
+        }
+        drop(c);
         assert!(
             eventually(Duration::from_secs(5), || async {
                 admin_get(edge.admin, "/metrics")
