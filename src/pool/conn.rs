@@ -188,10 +188,8 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                 tokio_util::sync::CancellationToken::new(),
                 Arc::new(super::h2conn::PingStats::default()),
             ));
-            // with_upgrades: a WebSocket tunnel may take this connection out of the pool
-            // (proxy::upgrade); otherwise it behaves exactly like the plain driver.
             spawn_driver(inner, &conn, async move {
-                driver.with_upgrades().await.map_err(|e| e.to_string())
+                driver.await.map_err(|e| e.to_string())
             });
             Ok(Opened {
                 conn,

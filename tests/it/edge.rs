@@ -959,9 +959,8 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
             (Some(24), Some("ok")),
             "{line}"
         );
-        // http/1.1 origins: a warm pooled connection (then replaced); h2 origins: a fresh one.
-        let expected = if protocol == "http1" { "warm" } else { "fresh" };
-        assert_eq!(line["upstream_connection"], expected, "{line}");
+        // A dedicated connection, outside the pool, which is left as it was.
+        assert_eq!(line["upstream_connection"], "fresh", "{line}");
         assert!(
             eventually(Duration::from_secs(5), || async {
                 let p = &pools_json(edge.admin).await["pools"][0];
