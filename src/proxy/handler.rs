@@ -1,5 +1,6 @@
 //! One request: validate the target, route by Host, check out a pooled connection on the
-//! first healthy origin of the route, forward, and stream the answer back.
+//! first healthy origin of the route, forward, and stream the answer back. (`Upgrade`
+//! requests leave here for [`super::upgrade`].)
 //!
 //! Retries: a request that provably never reached the origin (never written, REFUSED_STREAM,
 //! GOAWAY below its stream) is retried on another connection whatever its method (each failed

@@ -1,8 +1,8 @@
 //! Upgraded requests (WebSocket and other HTTP/1.1 `Upgrade`s from http/1.1 clients): the
 //! request goes to the first origin of the route that accepts a connection, over a dedicated
 //! http/1.1 connection whatever the pool's protocol (`Pool::open_tunnel`). On `101 Switching
-//! Protocols` both sides are upgraded and their bytes copied both ways until either closes. Any other answer is passed
-//! on like a normal response. Tunnels have no idle timeout (WebSockets idle by design); a
+//! Protocols` both sides are upgraded and their bytes copied both ways until either closes.
+//! Any other answer is passed on like a normal response. Tunnels have no idle timeout (WebSockets idle by design); a
 //! tunnel keeps its client connection's slot of `max_connections` and is waited for by drain
 //! like the connection it came from (see [`Hold`]).
 
@@ -36,6 +36,8 @@ pub struct Hold {
     pub tracker: TaskTracker,
 }
 
+/// Forwards an upgrade request; on 101 answers the client with the origin's head and splices
+/// the two connections in a task of their own.
 pub async fn tunnel(
     rt: &Runtime,
     mut req: Request<Incoming>,
@@ -85,35 +87,54 @@ pub async fn tunnel(
         parts.headers.insert(header::UPGRADE, p);
     }
     let name = origin.name.clone();
-    let (slot, tracker) = match hold {
-        Some(h) => (Some(h.slot), h.tracker),
-        None => (None, TaskTracker::new()),
-    };
-    tracker.spawn(async move {
-        let _slot = slot;
-        let upgraded = tokio::join!(client_side, upstream_side);
-        let (client, upstream) = match upgraded {
-            (Ok(c), Ok(u)) => (c, u),
-            (c, u) => {
-                tracing::debug!(origin = %name, client_ok = c.is_ok(), origin_ok = u.is_ok(), "upgrade did not complete");
-                if let Some(l) = log {
-                    l.finish(0, "aborted");
-                }
-                return;
-            }
-        };
-        let mut client = Counted {
-            inner: TokioIo::new(client),
-            written: 0,
-        };
-        let copied =
-            tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
-        if let Some(l) = log {
-            // An error here is one side closing without a clean shutdown.
-            l.finish(client.written, if copied.is_ok() { "ok" } else { "aborted" });
+    match hold {
+        Some(h) => {
+            let slot = h.slot;
+            h.tracker.spawn(async move {
+                splice(client_side, upstream_side, log, &name).await;
+                drop(slot);
+            })
         }
-    });
+        None => tokio::spawn(async move { splice(client_side, upstream_side, log, &name).await }),
+    };
     Ok(Response::from_parts(parts, full("")))
+}
+
+/// Waits for both sides to be upgraded, then copies bytes both ways until either closes;
+/// logs the tunnel when it ends.
+async fn splice(
+    client_side: hyper::upgrade::OnUpgrade,
+    upstream_side: hyper::upgrade::OnUpgrade,
+    log: Option<PendingLog>,
+    origin: &str,
+) {
+    let (client, upstream) = match tokio::join!(client_side, upstream_side) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::debug!(
+                origin,
+                client_ok = c.is_ok(),
+                origin_ok = u.is_ok(),
+                "upgrade did not complete"
+            );
+            if let Some(l) = log {
+                l.finish(0, "aborted");
+            }
+            return;
+        }
+    };
+    let mut client = Counted {
+        inner: TokioIo::new(client),
+        written: 0,
+    };
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
+    if let Some(l) = log {
+        // An error here is one side closing without a clean shutdown.
+        l.finish(
+            client.written,
+            if copied.is_ok() { "ok" } else { "aborted" },
+        );
+    }
 }
 
 /// Sends the upgrade request over a dedicated connection to the first candidate that accepts
