@@ -165,7 +165,7 @@ impl AccessLog {
     }
 
     /// Hands an entry to the writer: a lock-free push, no system call. The writer is woken
-    /// only when the queue is half full; otherwise it comes by every [`FLUSH_EVERY`].
+    /// only when the queue is half full; otherwise it comes by every 100 ms.
     pub fn record(&self, entry: Box<Entry>) {
         let q = &self.shared.queue;
         let full = q.push(entry).is_err();
