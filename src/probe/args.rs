@@ -8,7 +8,7 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// URLs to measure (`https://host[:port]/path`), interleaved.
+    /// URLs to measure (https://host/path, with an optional :port), interleaved.
     #[arg(required = true)]
     pub urls: Vec<String>,
     /// Samples per URL.
