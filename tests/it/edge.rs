@@ -997,3 +997,34 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
         assert!(head.starts_with("http/1.1 200"), "{protocol}: {head}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_an_open_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&edge_config(&[("o1", origin.addr(), "")], &["localhost"])).await;
+    let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .expect("tls");
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo-test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("http/1.1 101"));
+    let mut drain = tokio::spawn(edge.server.drain());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drain)
+            .await
+            .is_err(),
+        "drain finished while a tunnel was open"
+    );
+    // The tunnel still works while the edge drains, and drain ends once it closes.
+    s.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    s.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .expect("drain ends when the tunnel closes")
+        .expect("task");
+}
