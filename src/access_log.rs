@@ -258,6 +258,8 @@ pub struct PendingLog {
     /// `None` once written.
     entry: Option<Box<Entry>>,
     started: tokio::time::Instant,
+    /// The response's Content-Length, when it has one.
+    expected: Option<u64>,
 }
 
 impl PendingLog {
@@ -284,7 +286,13 @@ impl PendingLog {
                 path,
             ))),
             started: tokio::time::Instant::now(),
+            expected: None,
         }
+    }
+
+    /// The response body's announced length (`Content-Length`).
+    pub fn expect_bytes(&mut self, n: Option<u64>) {
+        self.expected = n;
     }
 
     /// The upstream part: which origin, how long the pool and the origin took, and whether
@@ -306,12 +314,15 @@ impl PendingLog {
         }
     }
 
-    /// A response that has no body to send (HEAD, 1xx, 204, 304): the client's side never
-    /// reads it, so dropping it unread is its normal end.
-    pub fn bodiless(&self) -> bool {
-        self.entry
-            .as_ref()
-            .is_some_and(|e| e.method == "HEAD" || matches!(e.status, 100..=199 | 204 | 304))
+    /// Whether a body dropped after `sent` bytes was complete: all of its announced length
+    /// went out (a client may close before the end-of-stream marker arrives), or there is no
+    /// body to send (HEAD, 1xx, 204, 304: the client's side never reads it).
+    pub fn complete(&self, sent: u64) -> bool {
+        self.expected == Some(sent)
+            || self
+                .entry
+                .as_ref()
+                .is_some_and(|e| e.method == "HEAD" || matches!(e.status, 100..=199 | 204 | 304))
     }
 
     pub fn status(&mut self, status: u16) {

@@ -39,6 +39,9 @@ pin_project_lite::pin_project! {
         // The access-log entry, written when the body ends, fails or is dropped.
         log: Option<PendingLog>,
         bytes: u64,
+        // Set once `is_end_stream` said so: the client's side may stop polling then and drop
+        // the body without seeing the final `None`.
+        saw_end: std::cell::Cell<bool>,
     }
     impl PinnedDrop for UpstreamBody {
         fn drop(this: Pin<&mut Self>) {
@@ -46,7 +49,8 @@ pin_project_lite::pin_project! {
             if let Some(log) = this.log.take() {
                 // Dropped without being read to the end: normal for HEAD, 204, 304 and
                 // bodies already at their end; a client gone away otherwise.
-                let done = log.bodiless() || this.inner.is_end_stream();
+                let done =
+                    log.complete(*this.bytes) || this.saw_end.get() || this.inner.is_end_stream();
                 let outcome = if done { "ok" } else { "aborted" };
                 log.finish(*this.bytes, outcome);
             }
@@ -69,6 +73,7 @@ impl UpstreamBody {
             timer: tokio::time::sleep(idle),
             log,
             bytes: 0,
+            saw_end: std::cell::Cell::new(false),
         }
     }
 
@@ -124,7 +129,11 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.saw_end.set(true);
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

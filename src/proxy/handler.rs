@@ -119,6 +119,13 @@ async fn forward(
     }
     parts.version = client_version;
     let log = log.take().map(|mut l| {
+        l.expect_bytes(
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        );
         l.upstream(
             &sent.pool.origin().name,
             parts.status.as_u16(),

@@ -741,7 +741,7 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     assert_eq!(get["bytes"], 1000);
     assert_eq!(get["origin"], "o1");
     assert_eq!(get["upstream_connection"], "warm");
-    assert_eq!(get["outcome"], "ok");
+    assert_eq!(get["outcome"], "ok", "{get}");
     assert_eq!(
         get["client"].as_str().map(|c| c.starts_with("127.0.0.1:")),
         Some(true)
