@@ -85,7 +85,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
-pub fn ms(d: Duration) -> f64 {
+fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

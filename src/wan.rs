@@ -248,20 +248,24 @@ impl Drop for Relay {
     }
 }
 
-/// A bound socket with SO_REUSEADDR (`restart` binds the same port while old connections
-/// are in TIME_WAIT) and SO_REUSEPORT (`stop` parks the port beside the listener).
 fn bound_socket(addr: SocketAddr) -> Result<TcpSocket, WanError> {
-    let err = |source| WanError::Listen { addr, source };
+    reservable_socket(addr).map_err(|source| WanError::Listen { addr, source })
+}
+
+/// A bound, not yet listening socket for the fault-injection fixtures (this relay and the
+/// test origin) that stop and restart on the same port: SO_REUSEADDR (restart binds while
+/// old connections are in TIME_WAIT) and SO_REUSEPORT (stop parks the port beside the
+/// listener before closing it).
+pub(crate) fn reservable_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
+    }?;
+    socket.set_reuseaddr(true)?;
     #[cfg(unix)]
-    socket.set_reuseport(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
     Ok(socket)
 }
 

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -164,7 +164,7 @@ struct Shared {
     /// While stopped, the port stays bound (not listening): connects are refused, and no
     /// ephemeral bind or outgoing connection of a parallel test can take the port before
     /// restart() listens on it (only an explicit SO_REUSEPORT bind of this port could).
-    parked: Mutex<Option<socket2::Socket>>,
+    parked: Mutex<Option<TcpSocket>>,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     goaway: Notify,
 }
@@ -245,32 +245,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A bound, not yet listening socket with SO_REUSEADDR and SO_REUSEPORT.
-fn bound_socket(address: SocketAddr) -> Result<socket2::Socket, OriginError> {
-    let bind = |source| OriginError::Bind { address, source };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(address),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .map_err(bind)?;
-    s.set_reuse_address(true).map_err(bind)?;
-    #[cfg(unix)]
-    s.set_reuse_port(true).map_err(bind)?;
-    s.set_nonblocking(true).map_err(bind)?;
-    s.bind(&address.into()).map_err(bind)?;
-    Ok(s)
+fn bound_socket(address: SocketAddr) -> Result<TcpSocket, OriginError> {
+    crate::wan::reservable_socket(address).map_err(|source| OriginError::Bind { address, source })
 }
 
 /// Listens on `socket` and serves until the run token is cancelled; returns the local address.
 fn serve(
     shared: &Arc<Shared>,
-    socket: socket2::Socket,
+    socket: TcpSocket,
     address: SocketAddr,
 ) -> Result<SocketAddr, OriginError> {
     let bind = |source| OriginError::Bind { address, source };
-    socket.listen(1024).map_err(bind)?;
-    let listener = TcpListener::from_std(std::net::TcpListener::from(socket)).map_err(bind)?;
+    let listener = socket.listen(1024).map_err(bind)?;
     let local = listener.local_addr().map_err(bind)?;
     let token = shared.token();
     let task_shared = shared.clone();

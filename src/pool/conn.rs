@@ -4,7 +4,7 @@
 
 use super::error::ConnectError;
 use super::Inner;
-use crate::config::Protocol;
+use crate::config::{OriginConfig, Protocol};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::client::conn::http1;
@@ -98,15 +98,37 @@ pub(super) struct Opened {
 
 /// Opens a connection and spawns its driver; the driver tells the pool when it ends.
 pub(super) async fn open(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
-    let cfg = &inner.origin;
-    let deadline = cfg.connect_timeout;
-    match tokio::time::timeout(deadline, open_inner(inner)).await {
+    within_connect_timeout(&inner.origin, open_inner(inner)).await
+}
+
+/// Runs `open` (TCP, TLS, protocol handshake) under the origin's `connect_timeout`.
+pub(super) async fn within_connect_timeout<T>(
+    cfg: &OriginConfig,
+    open: impl std::future::Future<Output = Result<T, ConnectError>>,
+) -> Result<T, ConnectError> {
+    match tokio::time::timeout(cfg.connect_timeout, open).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout {
             address: cfg.address.clone(),
-            after: deadline,
+            after: cfg.connect_timeout,
         }),
     }
+}
+
+/// The TLS handshake with the origin over `tcp`, certificate checked against `server_name`.
+pub(super) async fn connect_tls(
+    cfg: &OriginConfig,
+    connector: &tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    connector
+        .connect(cfg.server_name.clone(), tcp)
+        .await
+        .map_err(|source| ConnectError::Tls {
+            address: cfg.address.clone(),
+            server_name: cfg.server_name.to_str().into_owned(),
+            source,
+        })
 }
 
 async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
@@ -115,15 +137,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
     let tcp = connect_tcp(&cfg.address).await?;
     let t1 = Instant::now();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    let tls = inner
-        .tls
-        .connect(cfg.server_name.clone(), tcp)
-        .await
-        .map_err(|source| ConnectError::Tls {
-            address: cfg.address.clone(),
-            server_name: cfg.server_name.to_str().into_owned(),
-            source,
-        })?;
+    let tls = connect_tls(cfg, &inner.tls, tcp).await?;
     let (_, session) = tls.get_ref();
     let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let negotiated_h2 = session.alpn_protocol() == Some(b"h2");

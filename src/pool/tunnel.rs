@@ -4,7 +4,7 @@
 //! pool's protocol; it pays a TCP+TLS handshake (resumed when the session cache allows),
 //! which a long-lived tunnel amortises.
 
-use super::conn::{connect_tcp, UpstreamBody};
+use super::conn::{connect_tcp, connect_tls, within_connect_timeout, UpstreamBody};
 use super::{ConnectError, Pool};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -13,19 +13,9 @@ impl Pool {
     /// Opens an http/1.1 connection to the origin whose driver supports upgrades.
     pub async fn open_tunnel(&self) -> Result<http1::SendRequest<UpstreamBody>, ConnectError> {
         let cfg = &self.inner.origin;
-        let deadline = cfg.connect_timeout;
-        let open = async {
+        within_connect_timeout(cfg, async {
             let tcp = connect_tcp(&cfg.address).await?;
-            let tls = self
-                .inner
-                .tunnel_tls
-                .connect(cfg.server_name.clone(), tcp)
-                .await
-                .map_err(|source| ConnectError::Tls {
-                    address: cfg.address.clone(),
-                    server_name: cfg.server_name.to_str().into_owned(),
-                    source,
-                })?;
+            let tls = connect_tls(cfg, &self.inner.tunnel_tls, tcp).await?;
             let (send, conn) = http1::Builder::new()
                 .handshake(TokioIo::new(tls))
                 .await
@@ -39,13 +29,7 @@ impl Pool {
                 }
             });
             Ok(send)
-        };
-        match tokio::time::timeout(deadline, open).await {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::Timeout {
-                address: cfg.address.clone(),
-                after: deadline,
-            }),
-        }
+        })
+        .await
     }
 }

@@ -593,6 +593,44 @@ async fn the_admin_listener_serves_healthz_map_and_metrics() {
 /// Kills the child on drop, so a failing test leaves nothing running.
 struct Child(std::process::Child);
 
+/// `edgepop dns --config cfg` (killed on drop), its log lines (stderr) on a channel.
+fn spawn_dns_binary(cfg: &std::path::Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["dns", "--config"])
+        .arg(cfg)
+        .env("EDGEPOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Child)
+        .expect("spawn");
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// The text after `marker` in the first log line that has it (20 s at most).
+fn log_after(log: &std::sync::mpsc::Receiver<String>, marker: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = log
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
+        if let Some(rest) = line.split(marker).nth(1) {
+            return rest.to_string();
+        }
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -615,35 +653,12 @@ async fn the_binary_serves_reloads_on_sighup_and_check_reports_a_broken_region_f
         .expect("check");
     assert!(check.status.success(), "{check:?}");
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
-        .args(["dns", "--config"])
-        .arg(&cfg)
-        .env("EDGEPOP_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map(Child)
-        .expect("spawn");
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let port = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("the sidecar logs its address");
-        if let Some(rest) = line.split("dns listening on 127.0.0.1:").nth(1) {
-            break rest.split_whitespace().next().expect("port").to_string();
-        }
-    };
+    let (mut child, log) = spawn_dns_binary(&cfg);
+    let port = log_after(&log, "dns listening on 127.0.0.1:")
+        .split_whitespace()
+        .next()
+        .expect("port")
+        .to_string();
     let dig = |extra: &'static str| {
         let port = port.clone();
         async move {
@@ -718,39 +733,12 @@ async fn the_sidecar_uses_its_own_admin_address_beside_the_edges() {
         config_text(&regions, "admin_listen = \"127.0.0.1:0\"")
     );
     std::fs::write(&cfg, text).expect("write");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
-        .args(["dns", "--config"])
-        .arg(&cfg)
-        .env("EDGEPOP_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map(Child)
-        .expect("spawn");
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let admin: std::net::SocketAddr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("the sidecar starts and logs its admin address");
-        if let Some(rest) = line.split("admin=Some(").nth(1) {
-            break rest
-                .split(')')
-                .next()
-                .and_then(|a| a.parse().ok())
-                .expect("admin address");
-        }
-    };
+    let (_child, log) = spawn_dns_binary(&cfg);
+    let admin: std::net::SocketAddr = log_after(&log, "admin=Some(")
+        .split(')')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("admin address");
     assert_ne!(admin, held);
     let (status, map) = http_get(admin, "/map").await;
     assert_eq!(status, 200, "{map}");

@@ -678,6 +678,30 @@ async fn malformed_requests_get_4xx_and_nothing_is_smuggled_past_the_edge() {
     assert_eq!(c.get("localhost", "/").await.0, 200);
 }
 
+/// The config with `[pop] access_log` set to `path`.
+fn with_access_log(config: &str, path: &std::path::Path) -> String {
+    config.replacen(
+        "name = \"test1\"\n",
+        &format!(
+            "name = \"test1\"\naccess_log = {:?}\n",
+            path.display().to_string()
+        ),
+        1,
+    )
+}
+
+/// Waits (5 s at most) until the access log at `path` has `n` lines.
+async fn wait_log_lines(path: &std::path::Path, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(path).len() == n
+        })
+        .await,
+        "wanted {n} access-log lines: {:?}",
+        std::fs::read_to_string(path)
+    );
+}
+
 fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -691,17 +715,12 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     let origin = origin().start().await.unwrap();
     let logs = tempfile::tempdir().unwrap();
     let path = logs.path().join("access.log");
-    let text = edge_config(
-        &[("o1", origin.addr(), "warm_connections = 2")],
-        &["localhost", "www.edgepop.test"],
-    )
-    .replacen(
-        "name = \"test1\"\n",
-        &format!(
-            "name = \"test1\"\naccess_log = {:?}\n",
-            path.display().to_string()
+    let text = with_access_log(
+        &edge_config(
+            &[("o1", origin.addr(), "warm_connections = 2")],
+            &["localhost", "www.edgepop.test"],
         ),
-        1,
+        &path,
     );
     let edge = start_edge(&text).await;
     let ok = curl(
@@ -722,14 +741,7 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     )
     .await;
     assert!(misdirected.status.success());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            log_lines(&path).len() == 3
-        })
-        .await,
-        "{:?}",
-        std::fs::read_to_string(&path)
-    );
+    wait_log_lines(&path, 3).await;
     let lines = log_lines(&path);
     let get = &lines[0];
     let port = edge.addr.port();
@@ -786,12 +798,7 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     )
     .await;
     assert!(again.status.success());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            log_lines(&path).len() == 1
-        })
-        .await
-    );
+    wait_log_lines(&path, 1).await;
     assert_eq!(log_lines(&rotated).len(), 3);
     // A client that goes away mid-body: logged as aborted, with what was sent so far.
     let cut = curl(
@@ -802,12 +809,7 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     )
     .await;
     assert!(!cut.status.success());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            log_lines(&path).len() == 2
-        })
-        .await
-    );
+    wait_log_lines(&path, 2).await;
     let aborted = &log_lines(&path)[1];
     assert_eq!(aborted["outcome"], "aborted", "{aborted}");
     assert!(aborted["bytes"].as_u64() < Some(200_000_000), "{aborted}");
@@ -820,12 +822,7 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     )
     .await;
     assert!(!gone.status.success());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            log_lines(&path).len() == 3
-        })
-        .await
-    );
+    wait_log_lines(&path, 3).await;
     let gone = &log_lines(&path)[2];
     assert_eq!(
         (gone["status"].as_u64(), gone["outcome"].as_str()),
@@ -899,17 +896,12 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
         let origin = origin().start().await.unwrap();
         let logs = tempfile::tempdir().unwrap();
         let path = logs.path().join("access.log");
-        let text = edge_config(
-            &[("o1", origin.addr(), &format!("protocol = \"{protocol}\""))],
-            &["localhost"],
-        )
-        .replacen(
-            "name = \"test1\"\n",
-            &format!(
-                "name = \"test1\"\naccess_log = {:?}\n",
-                path.display().to_string()
+        let text = with_access_log(
+            &edge_config(
+                &[("o1", origin.addr(), &format!("protocol = \"{protocol}\""))],
+                &["localhost"],
             ),
-            1,
+            &path,
         );
         let edge = start_edge(&text).await;
         let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
