@@ -327,10 +327,7 @@ async fn http1_pool_connections_are_reused_one_request_at_a_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_origin_gets_502_within_the_connect_timeout() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, closed) = refusing_addr();
     let edge = start_edge(&edge_config(
         &[(
             "dead",

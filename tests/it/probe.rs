@@ -614,11 +614,8 @@ async fn json_output_parses_and_has_every_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_and_bad_certificate_count_as_failures_with_their_reason() {
     let o = origin(None).await;
-    // A port that was just free: connecting to it is refused.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // A port bound but not listening: connecting to it is refused.
+    let (_held, closed) = support::refusing_addr();
     let ca = support::certs().join("dev-ca.crt");
     let wrong_name = format!("https://wrong.example:{}/", o.addr.port());
     let resolve = format!("wrong.example:{}:127.0.0.1", o.addr.port());

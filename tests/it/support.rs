@@ -354,3 +354,12 @@ pub async fn served_by(addr: SocketAddr) -> String {
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default()
 }
+
+/// An address whose connects are refused for as long as the returned socket lives: bound,
+/// not listening, so no parallel test can start listening on that port meanwhile.
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = s.local_addr().expect("addr");
+    (s, addr)
+}
