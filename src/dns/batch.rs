@@ -19,6 +19,7 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
     let batch = batch.clamp(1, 256);
     let fd = sock.as_raw_fd();
     let stats = state.stats();
+    let mut map_cache = state.map_cache();
     let mut bufs = vec![[0u8; QUERY_MAX]; batch];
     let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1232)).collect();
     // SAFETY: all-zero is a valid value for these plain C structs.
@@ -51,13 +52,16 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
         // SAFETY: `msgs` holds batch headers whose name and iovec pointers point into
         // `addrs`, `iov` and `bufs`, which outlive the call and are not otherwise borrowed.
         // MSG_WAITFORONE: block for the first datagram, then take only what is already queued.
+        // The raw system call: glibc's wrapper adds a cancellation point (two calls into
+        // libpthread per receive) that this thread never uses.
         let n = unsafe {
-            libc::recvmmsg(
+            libc::syscall(
+                libc::SYS_recvmmsg,
                 fd,
                 msgs.as_mut_ptr(),
-                batch as u32,
+                batch as libc::c_uint,
                 libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
+                std::ptr::null_mut::<libc::timespec>(),
             )
         };
         if stop.load(Ordering::Relaxed) {
@@ -75,20 +79,16 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
         dirty = n;
         let mut answers = 0usize;
         {
-            let map = state.map_guard();
+            let map = map_cache.load();
             for i in 0..n {
                 let len = (msgs[i].msg_len as usize).min(QUERY_MAX);
                 // SAFETY: the kernel filled `addrs[i]` with `msg_namelen` bytes of address.
                 let src = unsafe { socket2::SockAddr::new(addrs[i], msgs[i].msg_hdr.msg_namelen) }
                     .as_socket();
                 let Some(src) = src else { continue };
-                let Some(o) = query::handle(
-                    &bufs[i][..len],
-                    src.ip(),
-                    Transport::Udp,
-                    &map,
-                    &mut outs[i],
-                ) else {
+                let Some(o) =
+                    query::handle(&bufs[i][..len], src.ip(), Transport::Udp, map, &mut outs[i])
+                else {
                     continue;
                 };
                 stats.record(o);
@@ -109,10 +109,11 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
             // SAFETY: headers `sent..answers` point at live `addrs`, `send_iov` and `outs`
             // entries that are not touched until the call returns.
             let r = unsafe {
-                libc::sendmmsg(
+                libc::syscall(
+                    libc::SYS_sendmmsg,
                     fd,
                     send_msgs[sent..].as_mut_ptr(),
-                    (answers - sent) as u32,
+                    (answers - sent) as libc::c_uint,
                     0,
                 )
             };

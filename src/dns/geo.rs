@@ -93,7 +93,12 @@ pub trait Bits: Copy + Ord + std::fmt::Debug {
     fn leading_zeros_(self) -> u32;
     /// The last address of the prefix `self/len`.
     fn last(self, len: u8) -> Self;
+    /// The top [`BUCKET_BITS`] bits, as a bucket number.
+    fn bucket(self) -> usize;
 }
+
+/// Bits of the address that pick a bucket of the lookup index (65,536 buckets).
+const BUCKET_BITS: u32 = 16;
 
 /// The same bit operations on both address widths.
 macro_rules! impl_bits {
@@ -111,6 +116,9 @@ macro_rules! impl_bits {
             }
             fn xor(self, o: Self) -> Self {
                 self ^ o
+            }
+            fn bucket(self) -> usize {
+                (self >> (u32::from($width) - BUCKET_BITS)) as usize
             }
             fn leading_zeros_(self) -> u32 {
                 self.leading_zeros()
@@ -135,11 +143,17 @@ struct Block<R> {
 /// The flattened blocks of one family, in address order, as parallel arrays so the binary
 /// search touches only the `firsts` array. Being disjoint, the block containing an address
 /// is its longest (and only) match.
+///
+/// `buckets[b]` is the number of blocks that start before bucket `b` (the top 16 address
+/// bits), so a lookup searches only the blocks starting in its own bucket: one or two cache
+/// lines instead of a dozen on a cold cache (the UDP worker sleeps between queries at
+/// moderate load). 256 KiB per family that has blocks.
 #[derive(Debug)]
 struct Family<R> {
     firsts: Vec<R>,
     lasts: Vec<R>,
     hits: Vec<Hit>,
+    buckets: Vec<u32>,
 }
 
 impl<R: Bits> Default for Family<R> {
@@ -148,8 +162,27 @@ impl<R: Bits> Default for Family<R> {
             firsts: Vec::new(),
             lasts: Vec::new(),
             hits: Vec::new(),
+            buckets: Vec::new(),
         }
     }
+}
+
+/// `out[b]` = how many of `firsts` (sorted) fall in buckets before `b`, for every bucket
+/// and one past the last.
+fn bucket_starts<R: Bits>(firsts: &[R]) -> Vec<u32> {
+    if firsts.is_empty() {
+        return Vec::new();
+    }
+    let n = 1usize << BUCKET_BITS;
+    let mut out = Vec::with_capacity(n + 1);
+    let mut i = 0usize;
+    for b in 0..=n {
+        while i < firsts.len() && firsts[i].bucket() < b {
+            i += 1;
+        }
+        out.push(u32::try_from(i).unwrap_or(u32::MAX));
+    }
+    out
 }
 
 impl<R: Bits> Family<R> {
@@ -161,8 +194,10 @@ impl<R: Bits> Family<R> {
         nets.dedup_by_key(|&mut (a, l, _)| (a, l));
         let mut blocks = Vec::new();
         flatten(R::zero(), 0, DEFAULT_CLASS, &nets, &mut blocks);
+        let firsts: Vec<R> = blocks.iter().map(|b| b.addr).collect();
         Family {
-            firsts: blocks.iter().map(|b| b.addr).collect(),
+            buckets: bucket_starts(&firsts),
+            firsts,
             lasts: blocks.iter().map(|b| b.addr.last(b.len)).collect(),
             hits: blocks
                 .iter()
@@ -183,7 +218,19 @@ impl<R: Bits> Family<R> {
             };
         }
         // Index of the first block starting after `addr`; the one before may contain it.
-        let i = self.firsts.partition_point(|&first| first <= addr);
+        // Blocks starting in earlier buckets start before `addr`, those in later ones after.
+        let b = addr.bucket();
+        let lo = self.buckets.get(b).map_or(0, |&x| x as usize);
+        let hi = self
+            .buckets
+            .get(b + 1)
+            .map_or(self.firsts.len(), |&x| x as usize);
+        let i = lo
+            + self
+                .firsts
+                .get(lo..hi)
+                .unwrap_or_default()
+                .partition_point(|&first| first <= addr);
         let mut common = 0u32;
         if let Some(j) = i.checked_sub(1) {
             if let (Some(&last), Some(&hit)) = (self.lasts.get(j), self.hits.get(j)) {
@@ -308,6 +355,28 @@ mod tests {
     fn sibling_networks_of_one_class_aggregate() {
         let i = idx(&[("192.0.2.0/25", 1), ("192.0.2.128/25", 1)]);
         assert_eq!(hit(&i, "192.0.2.200"), (1, 24));
+    }
+
+    #[test]
+    fn the_bucket_index_holds_at_both_ends_of_the_address_space() {
+        let i = idx(&[
+            ("0.0.0.0/24", 1),
+            ("0.0.1.0/24", 2),
+            ("255.254.0.0/15", 3),
+            ("255.255.255.0/24", 1),
+        ]);
+        assert_eq!(hit(&i, "0.0.0.0"), (1, 24));
+        assert_eq!(hit(&i, "0.0.1.255"), (2, 24));
+        assert_eq!(hit(&i, "0.0.2.0").0, DEFAULT_CLASS);
+        assert_eq!(hit(&i, "255.254.0.1"), (3, 16));
+        assert_eq!(hit(&i, "255.255.254.255"), (3, 24));
+        assert_eq!(hit(&i, "255.255.255.255"), (1, 24));
+        let v6 = GeoIndex::build(&[("ffff:ffff::/32".parse().expect("net"), 2)]);
+        assert_eq!(v6.lookup("ffff:ffff::1".parse().expect("ip")).class, 2);
+        assert_eq!(
+            v6.lookup("ffff:fffe::1".parse().expect("ip")).class,
+            DEFAULT_CLASS
+        );
     }
 
     #[test]

@@ -97,6 +97,13 @@ impl DnsState {
         self.0.map.load()
     }
 
+    /// A per-thread handle on the map in service for a long-lived worker: a query checks one
+    /// shared counter instead of taking a guard. It holds the previous map until its next
+    /// load after a swap.
+    pub fn map_cache(&self) -> arc_swap::Cache<&ArcSwap<Map>, Arc<Map>> {
+        arc_swap::Cache::new(&self.0.map)
+    }
+
     pub fn map(&self) -> Arc<Map> {
         self.0.map.load_full()
     }

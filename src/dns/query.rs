@@ -5,7 +5,8 @@
 
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet};
-use hickory_proto::op::Query;
+use domain::base::name::{ParsedName, ToLabelIter};
+use domain::dep::octseq::Parser;
 use hickory_proto::rr::Name;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -156,12 +157,11 @@ pub fn handle(
 ) -> Option<Outcome> {
     out.clear();
     let mut d = BinDecoder::new(query);
-    let id = d.read_u16().ok()?.unverified();
-    let flags = d.read_u16().ok()?.unverified();
-    let mut counts = [0u16; 4];
-    for c in &mut counts {
-        *c = d.read_u16().ok()?.unverified();
-    }
+    // The fixed 12-octet header in one bounds-checked read: ID, flags, four counts.
+    let h = d.read_slice(12).ok()?.unverified();
+    let field = |i: usize| u16::from_be_bytes([h[2 * i], h[2 * i + 1]]);
+    let (id, flags) = (field(0), field(1));
+    let counts = [field(2), field(3), field(4), field(5)];
     if flags & 0x8000 != 0 {
         return None; // a response: never answer it (reflection loops)
     }
@@ -181,7 +181,7 @@ pub fn handle(
         scope: 0,
     };
     let mut qwire = [0u8; 256];
-    let parsed = parse(&mut d, counts, &mut qwire);
+    let parsed = parse(query, &mut d, counts, &mut qwire);
     let qtype_of = |p: &Parsed| {
         p.question
             .as_ref()
@@ -322,23 +322,24 @@ fn canonical(a: IpAddr) -> IpAddr {
     }
 }
 
-/// Lower-case wire form of `name` into `buf`; `None` if it does not fit (cannot happen for a
-/// name hickory accepted, which is at most 255 octets).
-fn lower_wire(name: &Name, buf: &mut [u8; 256]) -> Option<usize> {
-    let mut n = 0usize;
-    for label in name.iter() {
-        let end = n.checked_add(label.len() + 1)?;
-        if end >= buf.len() {
-            return None;
-        }
-        buf[n] = label.len() as u8;
-        for (dst, src) in buf[n + 1..end].iter_mut().zip(label) {
-            *dst = src.to_ascii_lowercase();
-        }
-        n = end;
+/// Reads the question name: validated by `domain`'s zero-copy parser (label types and
+/// lengths, at most 255 octets, no pointer loops) without building a name, then copied in
+/// lower case into `buf`. Returns its wire length. A compressed question name is an error: it
+/// would point into our header once echoed. Lower-casing the whole wire form is safe because
+/// label length octets (0..=63) are never ASCII letters.
+fn question_name(query: &[u8], d: &mut BinDecoder<'_>, buf: &mut [u8; 256]) -> Result<usize, ()> {
+    let rest = query.get(d.index()..).ok_or(())?;
+    let mut p = Parser::from_ref(rest);
+    let name = ParsedName::parse_ref(&mut p).map_err(|_| ())?;
+    let len = p.pos();
+    if len != usize::from(name.compose_len()) {
+        return Err(());
     }
-    *buf.get_mut(n)? = 0;
-    Some(n + 1)
+    let wire = d.read_slice(len).map_err(|_| ())?.unverified();
+    let dst = buf.get_mut(..len).ok_or(())?;
+    dst.copy_from_slice(wire);
+    dst.make_ascii_lowercase();
+    Ok(len)
 }
 
 /// Whether wire name `q` is `apex` or below it (on a label boundary).
@@ -359,6 +360,7 @@ fn in_zone(q: &[u8], apex: &[u8]) -> bool {
 /// Reads the question and the OPT record (for every opcode, so that even NOTIMP echoes
 /// EDNS and ECS). `Err`: FORMERR, or for an unknown opcode a bare NOTIMP.
 fn parse<'a>(
+    query: &'a [u8],
     d: &mut BinDecoder<'a>,
     [qd, an, ns, ar]: [u16; 4],
     qwire: &mut [u8; 256],
@@ -372,17 +374,14 @@ fn parse<'a>(
     }
     if qd == 1 {
         let start = d.index();
-        let q = Query::read(d).map_err(|_| ())?;
+        let wire_len = question_name(query, d, qwire)?;
+        let qtype = read_u16(d)?;
+        let qclass = read_u16(d)?;
         let raw = d.slice_from(start).map_err(|_| ())?;
-        let wire_len = lower_wire(q.name(), qwire).ok_or(())?;
-        // A compressed question name would point into our header once echoed.
-        if raw.len() != wire_len + 4 {
-            return Err(());
-        }
         parsed.question = Some(Question {
             raw,
-            qtype: u16::from(q.query_type()),
-            qclass: u16::from(q.query_class()),
+            qtype,
+            qclass,
             wire_len,
         });
     }
@@ -391,7 +390,11 @@ fn parse<'a>(
     }
     for _ in 0..ar {
         let owner_root = d.peek().map(|b| b.unverified()) == Some(0);
-        Name::read(d).map_err(|_| ())?;
+        if owner_root {
+            d.read_u8().map_err(|_| ())?; // the root name: one zero octet
+        } else {
+            Name::read(d).map_err(|_| ())?;
+        }
         let rtype = read_u16(d)?;
         let class = read_u16(d)?;
         let ttl = d.read_u32().map_err(|_| ())?.unverified();
