@@ -76,5 +76,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(resp.len() <= 1232, "UDP answers fit in 1232 bytes");
         assert_eq!(resp[..2], query[..2], "the id is echoed");
         assert!(resp[2] & 0x80 != 0, "QR is set");
+        // Every answer to a QUERY is a well-formed message for an independent parser
+        // (hickory-proto's; the query path validates the question with `domain`'s). Other
+        // opcodes are echoed in NOTIMP answers, and hickory rejects the ones it does not know.
+        if resp[2] & 0x78 == 0 {
+            if let Err(e) = hickory_proto::op::Message::from_vec(&resp) {
+                panic!("unparseable answer: {e}");
+            }
+        }
     }
 });

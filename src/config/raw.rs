@@ -84,6 +84,8 @@ pub struct RawOrigin {
     #[serde(default, with = "humantime_serde::option")]
     pub queue_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
+    pub tunnel_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
     pub keepalive_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     pub keepalive_timeout: Option<Duration>,

@@ -124,6 +124,8 @@ pub struct OriginConfig {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub queue_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub max_connection_age: Duration,
@@ -630,6 +632,7 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         first_byte_timeout: d(o.first_byte_timeout, 60_000, "first_byte_timeout")?,
         idle_timeout: d(o.idle_timeout, 60_000, "idle_timeout")?,
         queue_timeout: d(o.queue_timeout, 5_000, "queue_timeout")?,
+        tunnel_idle_timeout: d(o.tunnel_idle_timeout, 3_600_000, "tunnel_idle_timeout")?,
         keepalive_interval: d(o.keepalive_interval, 10_000, "keepalive_interval")?,
         keepalive_timeout: d(o.keepalive_timeout, 5_000, "keepalive_timeout")?,
         max_connection_age: d(o.max_connection_age, 600_000, "max_connection_age")?,

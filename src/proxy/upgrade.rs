@@ -2,7 +2,9 @@
 //! request goes to the first origin of the route that accepts a connection, over a dedicated
 //! http/1.1 connection whatever the pool's protocol (`Pool::open_tunnel`). On `101 Switching
 //! Protocols` both sides are upgraded and their bytes copied both ways until either closes.
-//! Any other answer is passed on like a normal response. Tunnels have no idle timeout (WebSockets idle by design); a
+//! Any other answer is passed on like a normal response. A tunnel with no bytes either way
+//! for the origin's `tunnel_idle_timeout` (default 1h, like HAProxy's usual `timeout tunnel`:
+//! WebSockets idle by design, so the body `idle_timeout` would be too short) is closed. A
 //! tunnel keeps its client connection's slot of `max_connections` and is waited for by drain
 //! like the connection it came from (see [`Hold`]).
 
@@ -20,6 +22,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -87,26 +90,30 @@ pub async fn tunnel(
         parts.headers.insert(header::UPGRADE, p);
     }
     let name = origin.name.clone();
+    let idle = origin.tunnel_idle_timeout;
     match hold {
         Some(h) => {
             let slot = h.slot;
             h.tracker.spawn(async move {
-                splice(client_side, upstream_side, log, &name).await;
+                splice(client_side, upstream_side, log, &name, idle).await;
                 drop(slot);
             })
         }
-        None => tokio::spawn(async move { splice(client_side, upstream_side, log, &name).await }),
+        None => {
+            tokio::spawn(async move { splice(client_side, upstream_side, log, &name, idle).await })
+        }
     };
     Ok(Response::from_parts(parts, full("")))
 }
 
-/// Waits for both sides to be upgraded, then copies bytes both ways until either closes;
-/// logs the tunnel when it ends.
+/// Waits for both sides to be upgraded, then copies bytes both ways until either closes or
+/// nothing moves for `idle`; logs the tunnel when it ends.
 async fn splice(
     client_side: hyper::upgrade::OnUpgrade,
     upstream_side: hyper::upgrade::OnUpgrade,
     log: Option<PendingLog>,
     origin: &str,
+    idle: Duration,
 ) {
     let (client, upstream) = match tokio::join!(client_side, upstream_side) {
         (Ok(c), Ok(u)) => (c, u),
@@ -123,17 +130,27 @@ async fn splice(
             return;
         }
     };
-    let mut client = Counted {
-        inner: TokioIo::new(client),
-        written: 0,
+    let activity = Arc::new(Activity::new());
+    let mut client = Tracked::new(TokioIo::new(client), activity.clone());
+    let mut upstream = Tracked::new(TokioIo::new(upstream), activity.clone());
+    let outcome = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                // An error here is one side closing without a clean shutdown.
+                r = &mut copy => break if r.is_ok() { "ok" } else { "aborted" },
+                _ = tokio::time::sleep_until(activity.last() + idle) => {
+                    if activity.last() + idle <= Instant::now() {
+                        tracing::debug!(origin, ?idle, "tunnel idle, closing");
+                        break "tunnel idle timeout";
+                    }
+                }
+            }
+        }
     };
-    let copied = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
     if let Some(l) = log {
-        // An error here is one side closing without a clean shutdown.
-        l.finish(
-            client.written,
-            if copied.is_ok() { "ok" } else { "aborted" },
-        );
+        l.finish(client.written, outcome);
     }
 }
 
@@ -186,24 +203,65 @@ fn timed_out(pool: &Pool) -> ProxyError {
     }
 }
 
-/// The client side of a tunnel, counting the bytes written to it (kept even when the copy
-/// ends in an error).
-struct Counted<T> {
+/// When bytes last moved through a tunnel, either way.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// One side of a tunnel: records activity, and counts the bytes written to it (kept even
+/// when the copy ends in an error).
+struct Tracked<T> {
     inner: T,
+    activity: Arc<Activity>,
     written: u64,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl<T> Tracked<T> {
+    fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Tracked {
+            inner,
+            activity,
+            written: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -212,6 +270,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.written += n as u64;
+            if n > 0 {
+                self.activity.touch();
+            }
         }
         r
     }

@@ -1017,3 +1017,57 @@ async fn drain_waits_for_an_open_tunnel() {
         .expect("drain ends when the tunnel closes")
         .expect("task");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_the_origins_tunnel_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin().start().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let text = with_access_log(
+        &edge_config(
+            &[("o1", origin.addr(), "tunnel_idle_timeout = \"1500ms\"")],
+            &["localhost"],
+        ),
+        &path,
+    );
+    let edge = start_edge(&text).await;
+    let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .expect("tls");
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo-test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("http/1.1 101"));
+    // Traffic keeps it open past the timeout: 8 round trips 250 ms apart (2 s in all).
+    for i in 0..8u8 {
+        s.write_all(&[i]).await.unwrap();
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back)
+            .await
+            .expect("the tunnel is still open");
+        assert_eq!(back, [i]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Then silence: the edge closes both sides.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle tunnel was not closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&path).first().is_some_and(|l| l["status"] == 101)
+        })
+        .await,
+        "{:?}",
+        std::fs::read_to_string(&path)
+    );
+    let line = &log_lines(&path)[0];
+    assert_eq!(line["outcome"], "tunnel idle timeout", "{line}");
+    assert_eq!(line["bytes"], 8, "{line}");
+}
