@@ -335,12 +335,13 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
 }
 
 /// `/upgrade` with `Connection: upgrade` + `Upgrade: X`: 101, then every byte echoed back
-/// (a stand-in for a WebSocket server). Without the headers: 426.
+/// (a stand-in for a WebSocket server; it answers a `Sec-WebSocket-Key` with the RFC 6455
+/// `Sec-WebSocket-Accept`, or a wrong one for `/upgrade?bad-accept`). Without the headers: 426.
 fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
     let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() else {
         return full(StatusCode::UPGRADE_REQUIRED, "upgrade required\n");
     };
-    let on = hyper::upgrade::on(req);
+    let on = hyper::upgrade::on(&mut *req);
     tokio::spawn(async move {
         if let Ok(upgraded) = on.await {
             let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
@@ -349,8 +350,19 @@ fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
             }
         }
     });
+    let accept = req
+        .headers()
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .map(|k| match req.uri().query() {
+            Some("bad-accept") => "not-the-accept-value".to_string(),
+            _ => crate::proxy::upgrade::websocket_accept(k.as_bytes()),
+        });
     let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     resp.headers_mut().insert(hyper::header::UPGRADE, protocol);
+    if let Some(a) = accept.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok()) {
+        resp.headers_mut()
+            .insert(hyper::header::SEC_WEBSOCKET_ACCEPT, a);
+    }
     resp.headers_mut().insert(
         hyper::header::CONNECTION,
         hyper::header::HeaderValue::from_static("upgrade"),

@@ -56,6 +56,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_pending_accept_reset_streams(Some(64))
+        // RFC 8441: WebSockets over h2 (extended CONNECT), bridged to the origin's RFC 6455.
+        .enable_connect_protocol()
         .keep_alive_interval(Some(cfg.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = if is_h2 {
@@ -66,7 +68,9 @@ pub async fn serve(
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        if req.headers().contains_key(hyper::header::UPGRADE) {
+        if req.headers().contains_key(hyper::header::UPGRADE)
+            || req.method() == hyper::Method::CONNECT
+        {
             req.extensions_mut().insert(hold.clone());
         }
         let rt = runtime.load_full();

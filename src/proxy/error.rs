@@ -17,8 +17,13 @@ pub enum ErrorSource {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("CONNECT is not supported: edgepop is not a forward proxy")]
+    #[error("CONNECT is not supported: edgepop is not a forward proxy (only RFC 8441 WebSocket)")]
     ConnectMethod,
+    #[error("origin {origin}: WebSocket handshake failed: {reason}")]
+    BadWebSocketHandshake {
+        origin: String,
+        reason: &'static str,
+    },
     #[error("no route serves host {0:?}")]
     MisdirectedHost(String),
     #[error(transparent)]
@@ -59,6 +64,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_)
             | ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
+            | ProxyError::BadWebSocketHandshake { .. }
             | ProxyError::FirstByteTimeout { .. } => ErrorSource::Origin,
         }
     }
@@ -69,7 +75,9 @@ impl ProxyError {
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(_)
+            | ProxyError::Upstream { .. }
+            | ProxyError::BadWebSocketHandshake { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout(_) | ProxyError::FirstByteTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -86,6 +94,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) => "upstream connect timed out",
             ProxyError::Connect(_) => "upstream connect failed",
             ProxyError::Upstream { .. } => "upstream request failed",
+            ProxyError::BadWebSocketHandshake { .. } => "upstream WebSocket handshake failed",
             ProxyError::FirstByteTimeout { .. } => "upstream response timed out",
         }
     }

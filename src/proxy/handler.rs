@@ -94,7 +94,8 @@ async fn forward(
     peer: SocketAddr,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if req.method() == Method::CONNECT {
+    let h2_websocket = super::upgrade::is_h2_websocket(&req);
+    if req.method() == Method::CONNECT && !h2_websocket {
         return Err(ProxyError::ConnectMethod);
     }
     let (host, authority) = target_host(&req)?;
@@ -103,6 +104,10 @@ async fn forward(
         .origins_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
     let candidates = rt.candidates(origins);
+    if h2_websocket {
+        return super::upgrade::websocket_over_h2(rt, req, peer, &authority, &candidates, log)
+            .await;
+    }
     if is_upgrade(&req) {
         return super::upgrade::tunnel(rt, req, peer, &authority, &candidates, log).await;
     }

@@ -1,8 +1,10 @@
-//! Upgraded requests (WebSocket and other HTTP/1.1 `Upgrade`s from http/1.1 clients): the
-//! request goes to the first origin of the route that accepts a connection, over a dedicated
+//! Upgraded requests: WebSocket and other HTTP/1.1 `Upgrade`s from http/1.1 clients, and
+//! WebSockets from h2 clients (RFC 8441 extended CONNECT, bridged to RFC 6455). The request
+//! goes to the first origin of the route that accepts a connection, over a dedicated
 //! http/1.1 connection whatever the pool's protocol (`Pool::open_tunnel`). On `101 Switching
 //! Protocols` both sides are upgraded and their bytes copied both ways until either closes.
-//! Any other answer is passed on like a normal response. A tunnel with no bytes either way
+//! Any other answer is passed on like a normal response (see [`websocket_over_h2`] for the
+//! exceptions on h2). A tunnel with no bytes either way
 //! for the origin's `tunnel_idle_timeout` (default 1h, like HAProxy's usual `timeout tunnel`:
 //! WebSockets idle by design, so the body `idle_timeout` would be too short) is closed. A
 //! tunnel keeps its client connection's slot of `max_connections` and is waited for by drain
@@ -15,10 +17,12 @@ use super::headers;
 use super::Runtime;
 use crate::access_log::PendingLog;
 use crate::pool::{CheckoutError, Pool, ResponseBody, UpstreamBody as UpBody, UpstreamError};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -89,8 +93,123 @@ pub async fn tunnel(
     if let Some(p) = upgrade_to {
         parts.headers.insert(header::UPGRADE, p);
     }
-    let name = origin.name.clone();
-    let idle = origin.tunnel_idle_timeout;
+    spawn_splice(hold, client_side, upstream_side, log, pool);
+    Ok(Response::from_parts(parts, full("")))
+}
+
+/// RFC 6455 4.2.2: what a server answers to a `Sec-WebSocket-Key`.
+pub fn websocket_accept(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    sha1.update(key);
+    sha1.update(GUID);
+    STANDARD.encode(sha1.finish())
+}
+
+/// Whether `req` is an h2 client's WebSocket: RFC 8441 extended CONNECT with
+/// `:protocol = websocket`.
+pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// An h2 client's WebSocket (RFC 8441), bridged to an RFC 6455 upgrade toward the origin over
+/// a dedicated http/1.1 connection. The h2 side has no `Sec-WebSocket-Key`, so edgepop makes
+/// one and checks the origin's `Sec-WebSocket-Accept` (a mismatch is a 502); on 101 the
+/// client gets 200 and its stream then carries the WebSocket frames both ways. An origin's
+/// 2xx other than 101 is a 502 too; its 3xx, 4xx and 5xx are passed on like normal responses.
+pub async fn websocket_over_h2(
+    rt: &Runtime,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    authority: &str,
+    candidates: &[&Pool],
+    log: &mut Option<PendingLog>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let hold = req.extensions_mut().remove::<Hold>();
+    let client_side = hyper::upgrade::on(&mut req);
+    req.extensions_mut().remove::<hyper::ext::Protocol>();
+    *req.method_mut() = Method::GET;
+    let mut up = upstream_request(rt, req, peer, authority)?;
+    let key = STANDARD.encode(rand::random::<[u8; 16]>());
+    let h = up.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_str(&key).map_err(|_| ProxyError::BadRequest("invalid key"))?,
+    );
+    h.entry(header::SEC_WEBSOCKET_VERSION)
+        .or_insert(HeaderValue::from_static("13"));
+    let started = Instant::now();
+    let (pool, mut resp) = exchange(candidates, up).await?;
+    let origin = pool.origin();
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let accepted = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes() == websocket_accept(key.as_bytes()).as_bytes());
+    // Not the WebSocket the client asked for: a 502 (the caller logs it). A 2xx other than
+    // 101 cannot be passed on: to an extended CONNECT, 2xx means the tunnel is open.
+    let refused = match (switched, accepted) {
+        (true, false) => Some("missing or wrong Sec-WebSocket-Accept"),
+        (false, _) if resp.status().is_success() => Some("the origin did not switch protocols"),
+        _ => None,
+    };
+    if let Some(reason) = refused {
+        return Err(ProxyError::BadWebSocketHandshake {
+            origin: origin.name.clone(),
+            reason,
+        });
+    }
+    let mut log = log.take();
+    if let Some(l) = log.as_mut() {
+        let status = if switched {
+            200
+        } else {
+            resp.status().as_u16()
+        };
+        l.upstream(
+            &origin.name,
+            status,
+            Duration::ZERO,
+            started.elapsed(),
+            "fresh",
+        );
+    }
+    if !switched {
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::append_via(&mut parts.headers, parts.version, &rt.via);
+        parts.version = Version::HTTP_2;
+        let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
+        return Ok(Response::from_parts(parts, body));
+    }
+    let upstream_side = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    parts.status = StatusCode::OK;
+    parts.version = Version::HTTP_2;
+    spawn_splice(hold, client_side, upstream_side, log, pool);
+    Ok(Response::from_parts(parts, full("")))
+}
+
+/// Splices the two upgraded sides in a task of its own: under the client connection's
+/// [`Hold`] when it has one, so the tunnel keeps its slot and drain waits for it.
+fn spawn_splice(
+    hold: Option<Hold>,
+    client_side: hyper::upgrade::OnUpgrade,
+    upstream_side: hyper::upgrade::OnUpgrade,
+    log: Option<PendingLog>,
+    pool: &Pool,
+) {
+    let name = pool.origin().name.clone();
+    let idle = pool.origin().tunnel_idle_timeout;
     match hold {
         Some(h) => {
             let slot = h.slot;
@@ -103,7 +222,6 @@ pub async fn tunnel(
             tokio::spawn(async move { splice(client_side, upstream_side, log, &name, idle).await })
         }
     };
-    Ok(Response::from_parts(parts, full("")))
 }
 
 /// Waits for both sides to be upgraded, then copies bytes both ways until either closes or

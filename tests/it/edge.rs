@@ -675,6 +675,19 @@ async fn malformed_requests_get_4xx_and_nothing_is_smuggled_past_the_edge() {
     assert_eq!(c.get("localhost", "/").await.0, 200);
 }
 
+/// An edge routing `hosts` to one origin "o1" (with `extra` lines) that writes its access
+/// log to the returned path, in a directory that lives as long as the returned guard.
+async fn start_logged_edge(
+    origin: std::net::SocketAddr,
+    extra: &str,
+    hosts: &[&str],
+) -> (TestEdge, tempfile::TempDir, std::path::PathBuf) {
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let text = with_access_log(&edge_config(&[("o1", origin, extra)], hosts), &path);
+    (start_edge(&text).await, logs, path)
+}
+
 /// The config with `[pop] access_log` set to `path`.
 fn with_access_log(config: &str, path: &std::path::Path) -> String {
     config.replacen(
@@ -710,16 +723,12 @@ fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     let origin = origin().start().await.unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let path = logs.path().join("access.log");
-    let text = with_access_log(
-        &edge_config(
-            &[("o1", origin.addr(), "warm_connections = 2")],
-            &["localhost", "www.edgepop.test"],
-        ),
-        &path,
-    );
-    let edge = start_edge(&text).await;
+    let (edge, logs, path) = start_logged_edge(
+        origin.addr(),
+        "warm_connections = 2",
+        &["localhost", "www.edgepop.test"],
+    )
+    .await;
     let ok = curl(
         edge.addr,
         "www.edgepop.test",
@@ -891,16 +900,12 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for protocol in ["h2", "http1"] {
         let origin = origin().start().await.unwrap();
-        let logs = tempfile::tempdir().unwrap();
-        let path = logs.path().join("access.log");
-        let text = with_access_log(
-            &edge_config(
-                &[("o1", origin.addr(), &format!("protocol = \"{protocol}\""))],
-                &["localhost"],
-            ),
-            &path,
-        );
-        let edge = start_edge(&text).await;
+        let (edge, _logs, path) = start_logged_edge(
+            origin.addr(),
+            &format!("protocol = \"{protocol}\""),
+            &["localhost"],
+        )
+        .await;
         let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
             .await
             .expect("tls");
@@ -1022,16 +1027,12 @@ async fn drain_waits_for_an_open_tunnel() {
 async fn an_idle_tunnel_is_closed_after_the_origins_tunnel_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = origin().start().await.unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let path = logs.path().join("access.log");
-    let text = with_access_log(
-        &edge_config(
-            &[("o1", origin.addr(), "tunnel_idle_timeout = \"1500ms\"")],
-            &["localhost"],
-        ),
-        &path,
-    );
-    let edge = start_edge(&text).await;
+    let (edge, _logs, path) = start_logged_edge(
+        origin.addr(),
+        "tunnel_idle_timeout = \"1500ms\"",
+        &["localhost"],
+    )
+    .await;
     let mut s = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
         .await
         .expect("tls");
@@ -1070,4 +1071,134 @@ async fn an_idle_tunnel_is_closed_after_the_origins_tunnel_idle_timeout() {
     let line = &log_lines(&path)[0];
     assert_eq!(line["outcome"], "tunnel idle timeout", "{line}");
     assert_eq!(line["bytes"], 8, "{line}");
+}
+
+/// An h2 connection to the edge on which extended CONNECT is enabled (checked after one
+/// ordinary request, by when the server's SETTINGS have arrived).
+async fn h2_websocket_client(edge: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tls = tls_connect(edge, "localhost", &[b"h2"]).await.expect("tls");
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let get = http::Request::get("https://localhost/").body(()).unwrap();
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (resp, _) = ready.send_request(get, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+    assert!(
+        send.is_extended_connect_protocol_enabled(),
+        "the edge advertises SETTINGS_ENABLE_CONNECT_PROTOCOL"
+    );
+    send
+}
+
+fn extended_connect(path: &str, protocol: &'static str) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://localhost{path}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static(protocol));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_clients_get_websockets_over_extended_connect() {
+    use bytes::Bytes;
+    for protocol in ["h2", "http1"] {
+        let origin = origin().start().await.unwrap();
+        let (edge, _logs, path) = start_logged_edge(
+            origin.addr(),
+            &format!("protocol = \"{protocol}\""),
+            &["localhost"],
+        )
+        .await;
+        let send = h2_websocket_client(edge.addr).await;
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, mut stream) = ready
+            .send_request(extended_connect("/upgrade", "websocket"), false)
+            .expect("send CONNECT");
+        let resp = resp.await.expect("response");
+        assert_eq!(resp.status(), 200, "{protocol}: {resp:?}");
+        for h in ["sec-websocket-accept", "upgrade", "connection"] {
+            assert!(
+                resp.headers().get(h).is_none(),
+                "{protocol}: {h} in {resp:?}"
+            );
+        }
+        let mut body = resp.into_body();
+        for msg in [&b"ping over h2"[..], &[0u8, 1, 2, 255][..]] {
+            stream
+                .send_data(Bytes::copy_from_slice(msg), false)
+                .expect("send data");
+            let mut got = Vec::new();
+            while got.len() < msg.len() {
+                let chunk = body.data().await.expect("data").expect("chunk");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, msg, "{protocol}");
+        }
+        // Ending our side closes the tunnel: the origin's echo ends, then our stream.
+        stream.send_data(Bytes::new(), true).expect("end stream");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(chunk) = body.data().await {
+                rest.extend_from_slice(&chunk.expect("a clean end"));
+            }
+        })
+        .await
+        .expect("the tunnel ends");
+        assert!(rest.is_empty(), "{protocol}: {rest:?}");
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                log_lines(&path)
+                    .iter()
+                    .any(|l| l["method"] == "CONNECT" && l["status"] == 200)
+            })
+            .await,
+            "{protocol}: {:?}",
+            std::fs::read_to_string(&path)
+        );
+        let lines = log_lines(&path);
+        let line = lines
+            .iter()
+            .find(|l| l["method"] == "CONNECT")
+            .expect("logged");
+        assert_eq!(
+            (line["outcome"].as_str(), line["bytes"].as_u64()),
+            (Some("ok"), Some(16)),
+            "{line}"
+        );
+        assert_eq!(line["origin"], "o1", "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_fails_cleanly_when_the_origin_does_not_do_websocket() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&edge_config(&[("o1", origin.addr(), "")], &["localhost"])).await;
+    let send = h2_websocket_client(edge.addr).await;
+    for (path, protocol, want) in [
+        // A wrong Sec-WebSocket-Accept is not the WebSocket the client asked for.
+        ("/upgrade?bad-accept", "websocket", 502),
+        // 200 without switching cannot be passed on: to a CONNECT it would mean success.
+        ("/", "websocket", 502),
+        // The origin's refusals are passed on.
+        ("/status/403", "websocket", 403),
+        // Only WebSocket is bridged; edgepop is not a forward proxy.
+        ("/upgrade", "connect-udp", 405),
+    ] {
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, _stream) = ready
+            .send_request(extended_connect(path, protocol), false)
+            .expect("send CONNECT");
+        let resp = resp.await.expect("response");
+        assert_eq!(resp.status(), want, "{path} {protocol}");
+    }
+    // The connection still serves ordinary requests.
+    let mut ready = send.ready().await.expect("ready");
+    let get = http::Request::get("https://localhost/").body(()).unwrap();
+    let (resp, _) = ready.send_request(get, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
 }
