@@ -286,7 +286,7 @@ impl Sidecar {
         }
         let prober = Prober::new(&cfg).map_err(|e| DnsError::Health(Box::new(e)))?;
         let state = DnsState::new(cfg.clone()).await?;
-        let (udp, tcp) = server::bind(cfg.listen)?;
+        let (udp, tcp) = server::bind(cfg.listen, cfg.udp_workers)?;
         let dns_addr = tcp
             .local_addr()
             .map_err(|source| server::ServerError::Bind {
@@ -294,9 +294,8 @@ impl Sidecar {
                 addr: cfg.listen,
                 source,
             })?;
-        let workers = cfg.udp_workers;
         release_free_memory();
-        let udp = server::UdpWorkers::start(udp, state.clone(), workers)?;
+        let udp = server::UdpWorkers::start(udp, state.clone())?;
         let cancel = CancellationToken::new();
         tokio::spawn(server::tcp_accept(tcp, state.clone(), cancel.clone()));
         for h in state.0.health.reconcile(&current_health(&state.map())) {

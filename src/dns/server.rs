@@ -31,19 +31,25 @@ pub enum ServerError {
     Thread(#[source] std::io::Error),
 }
 
-/// Binds UDP and TCP on the same address. With port 0 the TCP socket takes the port the
-/// kernel gave UDP; if that TCP port is taken, it tries again with a fresh UDP port.
-pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+/// Binds `udp` UDP sockets (one per worker, SO_REUSEPORT, so the kernel spreads clients over
+/// them by address hash and workers never contend for one receive queue) and a TCP listener,
+/// all on the same address. With port 0 the others take the port the kernel gave the first
+/// UDP socket; if that TCP port is taken, it tries again with a fresh port.
+pub fn bind(addr: SocketAddr, udp: usize) -> Result<(Vec<UdpSocket>, TcpListener), ServerError> {
     let mut attempt = 0;
     loop {
-        let udp = udp_socket(addr)?;
-        let local = udp.local_addr().map_err(|source| ServerError::Bind {
+        let first = udp_socket(addr)?;
+        let local = first.local_addr().map_err(|source| ServerError::Bind {
             proto: "UDP",
             addr,
             source,
         })?;
+        let mut socks = vec![first];
+        for _ in 1..udp.max(1) {
+            socks.push(udp_socket(local)?);
+        }
         match tcp_listener(local) {
-            Ok(tcp) => return Ok((udp, tcp)),
+            Ok(tcp) => return Ok((socks, tcp)),
             Err(e) if addr.port() == 0 && attempt < 16 => {
                 attempt += 1;
                 tracing::debug!(error = %e, "TCP port taken, retrying");
@@ -70,6 +76,8 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     // Large buffers absorb bursts while a worker is busy; failure here is not fatal.
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
+    #[cfg(target_os = "linux")]
+    s.set_reuse_port(true).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
     dont_fragment(&s, addr.is_ipv4());
     Ok(s.into())
@@ -121,66 +129,49 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Running UDP workers; dropping it stops them.
+/// Running UDP workers, one per socket; dropping it stops them.
 pub struct UdpWorkers {
     stop: Arc<AtomicBool>,
-    wake: SocketAddr,
+    socks: Vec<Arc<UdpSocket>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl UdpWorkers {
-    pub fn start(sock: UdpSocket, state: DnsState, n: usize) -> Result<Self, ServerError> {
-        let local = sock.local_addr().map_err(ServerError::Thread)?;
-        let wake = match local {
-            SocketAddr::V4(a) if a.ip().is_unspecified() => {
-                SocketAddr::from(([127, 0, 0, 1], a.port()))
-            }
-            SocketAddr::V6(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-            }
-            other => other,
-        };
-        let sock = Arc::new(sock);
+    pub fn start(socks: Vec<UdpSocket>, state: DnsState) -> Result<Self, ServerError> {
+        let socks: Vec<Arc<UdpSocket>> = socks.into_iter().map(Arc::new).collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
-            let (sock, state, stop) = (sock.clone(), state.clone(), stop.clone());
+        let mut workers = UdpWorkers {
+            stop: stop.clone(),
+            socks: socks.clone(),
+            threads: Vec::with_capacity(socks.len()),
+        };
+        for (i, sock) in socks.into_iter().enumerate() {
+            let (state, stop) = (state.clone(), stop.clone());
             let t = std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || worker(&sock, &state, &stop))
                 .map_err(ServerError::Thread)?;
-            threads.push(t);
+            workers.threads.push(t);
         }
-        Ok(UdpWorkers {
-            stop,
-            wake,
-            threads,
-        })
+        Ok(workers)
     }
 }
 
 impl Drop for UdpWorkers {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Each worker sits in a blocking receive: one empty datagram per worker wakes it to
-        // see the flag (an empty datagram is not a query and gets no answer).
-        let bind: SocketAddr = if self.wake.is_ipv4() {
-            ([127, 0, 0, 1], 0).into()
-        } else {
-            (std::net::Ipv6Addr::LOCALHOST, 0).into()
-        };
-        // A worker may take several queued datagrams in one batched receive, so keep
-        // sending until every worker has seen the flag (bounded, in case the socket is gone).
-        let waker = UdpSocket::bind(bind).ok();
+        // Each worker sits in a blocking receive on its own socket. Shutting the socket's
+        // receive side wakes it (Linux does this even for unconnected UDP sockets, and the
+        // receive then returns at once), and it sees the flag.
+        for s in &self.socks {
+            wake(s);
+        }
         for _ in 0..5000 {
             if self.threads.iter().all(|t| t.is_finished()) {
                 break;
             }
-            if let Some(s) = &waker {
-                let _ = s.send_to(&[], self.wake);
-            }
-            // Shutdown only, never on a query path: pace the wake-up datagrams while the
-            // worker OS threads notice the stop flag.
+            // Shutdown only, never on a query path: wait for the worker OS threads to notice
+            // the stop flag.
             #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -189,6 +180,23 @@ impl Drop for UdpWorkers {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(unix)]
+fn wake(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) on a socket this struct keeps open; ENOTCONN is expected for an
+    // unconnected UDP socket and the wake-up happens anyway.
+    unsafe {
+        libc::shutdown(s.as_raw_fd(), libc::SHUT_RD);
+    }
+}
+
+#[cfg(not(unix))]
+fn wake(s: &UdpSocket) {
+    if let Ok(local) = s.local_addr() {
+        let _ = s.send_to(&[], local);
     }
 }
 

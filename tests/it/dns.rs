@@ -745,3 +745,32 @@ async fn the_sidecar_uses_its_own_admin_address_beside_the_edges() {
     assert!(map.contains("\"regions\""), "{map}");
     drop(edge_admin);
 }
+
+/// How many UDP sockets are bound to `port` on 127.0.0.1 (from /proc/net/udp).
+fn udp_sockets_on(port: u16) -> usize {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .expect("/proc/net/udp")
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
+    let dns = Dns::start_with(&basic_regions(), "udp_workers = 3").await;
+    let addr = dns.addr();
+    assert_eq!(udp_sockets_on(addr.port()), 3, "one socket per worker");
+    // The kernel spreads clients over the sockets by address hash: queries from 48 source
+    // ports reach every worker, and each gets its answer.
+    for i in 0..48u16 {
+        let mut q = query(WWW, RecordType::A, None);
+        q.set_id(i);
+        let m = dns.ask(&q).await;
+        assert_eq!((m.id(), m.answers().len()), (i, 1));
+    }
+    drop(dns);
+    // Stopping wakes every worker and closes every socket: the port is free again.
+    assert_eq!(udp_sockets_on(addr.port()), 0, "sockets left after stop");
+    std::net::UdpSocket::bind(addr).expect("the port is free after stop");
+}
