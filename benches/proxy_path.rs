@@ -77,7 +77,11 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let _guard = rt.enter();
-    let log = AccessLog::start(&AccessLogTarget::File("/dev/null".into())).expect("access log");
+    let log = AccessLog::start(
+        &AccessLogTarget::File("/dev/null".into()),
+        Default::default(),
+    )
+    .expect("access log");
     let req = hyper::Request::builder()
         .uri("https://www.example.com/images/logo.png?v=3")
         .body(())

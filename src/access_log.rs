@@ -103,7 +103,7 @@ fn protocol(v: http::Version) -> &'static str {
 /// What the request threads and the writer share.
 struct Shared {
     queue: ArrayQueue<Box<Entry>>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
     /// Set by `reopen`, taken by the writer.
     reopen: Mutex<Option<AccessLogTarget>>,
     /// Set when the writer has been woken and not yet come by: one wake-up per fill.
@@ -128,12 +128,13 @@ impl std::fmt::Debug for AccessLog {
 }
 
 impl AccessLog {
-    /// Opens the target (an error if the file cannot be opened) and starts the writer.
-    pub fn start(target: &AccessLogTarget) -> std::io::Result<AccessLog> {
+    /// Opens the target (an error if the file cannot be opened) and starts the writer, which
+    /// counts the entries it has to drop in `dropped`.
+    pub fn start(target: &AccessLogTarget, dropped: Arc<AtomicU64>) -> std::io::Result<AccessLog> {
         let out = open(target)?;
         let shared = Arc::new(Shared {
             queue: ArrayQueue::new(QUEUE),
-            dropped: AtomicU64::new(0),
+            dropped,
             reopen: Mutex::new(None),
             woken: AtomicBool::new(false),
             closing: AtomicBool::new(false),

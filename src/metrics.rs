@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 pub const REQUESTS: &str = "edgepop_requests";
 pub const DRAINING: &str = "edgepop_draining";
@@ -30,6 +31,9 @@ pub struct EdgeCounters {
     by_class: [AtomicU64; 6],
     /// Client connections open now (all listeners), TLS handshakes included.
     pub client_connections: std::sync::atomic::AtomicUsize,
+    /// Access-log entries dropped, shared with every access-log writer of the process so the
+    /// counter survives a reload that turns the log off and on again.
+    pub access_log_dropped: Arc<AtomicU64>,
 }
 
 impl EdgeCounters {

@@ -196,7 +196,10 @@ impl EdgeServer {
         }
         let counters = Arc::new(EdgeCounters::default());
         let access_log = match &cfg.pop.access_log {
-            Some(t) => Some(AccessLog::start(t).context("opening the access log")?),
+            Some(t) => Some(
+                AccessLog::start(t, counters.access_log_dropped.clone())
+                    .context("opening the access log")?,
+            ),
             None => None,
         };
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
@@ -268,7 +271,10 @@ impl EdgeServer {
         // the rest of the reload has succeeded.
         let access_log = match (&old.access_log, &cfg.pop.access_log) {
             (Some(log), Some(_)) => Some(log.clone()),
-            (None, Some(t)) => Some(AccessLog::start(t).context("opening the access log")?),
+            (None, Some(t)) => Some(
+                AccessLog::start(t, old.counters.access_log_dropped.clone())
+                    .context("opening the access log")?,
+            ),
             (_, None) => None,
         };
         let mut pools = Vec::with_capacity(edge_cfg.origins.len());
