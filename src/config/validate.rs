@@ -260,11 +260,20 @@ impl Ctx<'_> {
     }
 }
 
+/// Longest duration any setting takes: a year. Far beyond any sensible timeout, and small
+/// enough that adding it to a clock reading can never overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn non_zero(d: Duration, key: &str, at: Location) -> Result<Duration, ConfigError> {
     if d.is_zero() {
         Err(ConfigError::invalid(
             at,
             format!("{key} must be greater than zero"),
+        ))
+    } else if d > MAX_DURATION {
+        Err(ConfigError::invalid(
+            at,
+            format!("{key} must be at most a year"),
         ))
     } else {
         Ok(d)
@@ -437,7 +446,15 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
             "idle_timeout",
             at.clone(),
         )?,
-        drain_timeout: l.drain_timeout.unwrap_or(Duration::from_secs(30)),
+        drain_timeout: match l.drain_timeout.unwrap_or(Duration::from_secs(30)) {
+            d if d > MAX_DURATION => {
+                return Err(ConfigError::invalid(
+                    at,
+                    "drain_timeout must be at most a year",
+                ))
+            }
+            d => d,
+        },
         max_connections: match &l.max_connections {
             None => DEFAULT_MAX_CLIENT_CONNECTIONS,
             Some(n) => match usize::try_from(*n.get_ref()) {

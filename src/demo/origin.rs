@@ -336,7 +336,9 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
 
 /// `/upgrade` with `Connection: upgrade` + `Upgrade: X`: 101, then every byte echoed back
 /// (a stand-in for a WebSocket server; it answers a `Sec-WebSocket-Key` with the RFC 6455
-/// `Sec-WebSocket-Accept`, or a wrong one for `/upgrade?bad-accept`). Without the headers: 426.
+/// `Sec-WebSocket-Accept`, or a wrong one for `/upgrade?bad-accept`, and says in
+/// `x-upgrade-request` the method, version and `Sec-WebSocket-Version` it got). Without the
+/// headers: 426.
 fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
     let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() else {
         return full(StatusCode::UPGRADE_REQUIRED, "upgrade required\n");
@@ -357,7 +359,17 @@ fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
             Some("bad-accept") => "not-the-accept-value".to_string(),
             _ => crate::proxy::upgrade::websocket_accept(k.as_bytes()),
         });
+    // What the request looked like, for tests of the edge's RFC 8441 bridge.
+    let version = req
+        .headers()
+        .get(hyper::header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let saw = format!("{} {:?} {version}", req.method(), req.version());
     let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&saw) {
+        resp.headers_mut().insert("x-upgrade-request", v);
+    }
     resp.headers_mut().insert(hyper::header::UPGRADE, protocol);
     if let Some(a) = accept.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok()) {
         resp.headers_mut()

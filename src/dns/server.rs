@@ -38,15 +38,28 @@ pub enum ServerError {
 pub fn bind(addr: SocketAddr, udp: usize) -> Result<(Vec<UdpSocket>, TcpListener), ServerError> {
     let mut attempt = 0;
     loop {
-        let first = udp_socket(addr)?;
+        // An automatic port is taken without SO_REUSEPORT (set right after): Linux may give a
+        // SO_REUSEPORT socket binding port 0 a port already in another group of the same
+        // user, which would split that server's queries with this one.
+        let first = udp_socket(addr, addr.port() != 0)?;
+        #[cfg(target_os = "linux")]
+        socket2::SockRef::from(&first)
+            .set_reuse_port(true)
+            .map_err(|source| ServerError::Bind {
+                proto: "UDP",
+                addr,
+                source,
+            })?;
         let local = first.local_addr().map_err(|source| ServerError::Bind {
             proto: "UDP",
             addr,
             source,
         })?;
         let mut socks = vec![first];
-        for _ in 1..udp.max(1) {
-            socks.push(udp_socket(local)?);
+        // Elsewhere than Linux: one socket and one worker (no SO_REUSEPORT groups there).
+        let count = if cfg!(target_os = "linux") { udp } else { 1 };
+        for _ in 1..count.max(1) {
+            socks.push(udp_socket(local, true)?);
         }
         match tcp_listener(local) {
             Ok(tcp) => return Ok((socks, tcp)),
@@ -65,7 +78,7 @@ pub fn bind(addr: SocketAddr, udp: usize) -> Result<(Vec<UdpSocket>, TcpListener
     }
 }
 
-fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, ServerError> {
     let err = |source| ServerError::Bind {
         proto: "UDP",
         addr,
@@ -77,7 +90,7 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
     #[cfg(target_os = "linux")]
-    s.set_reuse_port(true).map_err(err)?;
+    s.set_reuse_port(reuse_port).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
     dont_fragment(&s, addr.is_ipv4());
     Ok(s.into())
@@ -183,7 +196,7 @@ impl Drop for UdpWorkers {
     }
 }
 
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 fn wake(s: &UdpSocket) {
     use std::os::fd::AsRawFd;
     // SAFETY: shutdown(2) on a socket this struct keeps open; ENOTCONN is expected for an
@@ -193,7 +206,7 @@ fn wake(s: &UdpSocket) {
     }
 }
 
-#[cfg(not(unix))]
+#[cfg(not(target_os = "linux"))]
 fn wake(s: &UdpSocket) {
     if let Ok(local) = s.local_addr() {
         let _ = s.send_to(&[], local);

@@ -29,6 +29,12 @@ struct Activity {
 }
 
 struct InFlight(Arc<Activity>);
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -71,11 +77,12 @@ pub async fn serve(
         if req.headers().contains_key(hyper::header::UPGRADE)
             || req.method() == hyper::Method::CONNECT
         {
-            req.extensions_mut().insert(hold.clone());
+            // A tunnel counts as a request in flight until it ends.
+            req.extensions_mut()
+                .insert(hold.clone().with(InFlight::new(&act)));
         }
         let rt = runtime.load_full();
-        act.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(act.clone());
+        let guard = InFlight::new(&act);
         async move {
             let resp = handler::handle(&rt, req, peer).await;
             drop(guard);

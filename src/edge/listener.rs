@@ -116,6 +116,7 @@ impl Listener {
             let hold = crate::proxy::upgrade::Hold {
                 slot: open,
                 tracker: tracker.clone(),
+                limit: limit.clone(),
             };
             tracker.spawn(handshake_and_serve(
                 tcp, peer, acceptor, cfg, runtime, shutdown, hold,

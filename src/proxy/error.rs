@@ -19,6 +19,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("CONNECT is not supported: edgepop is not a forward proxy (only RFC 8441 WebSocket)")]
     ConnectMethod,
+    #[error("no connection slot left for another WebSocket tunnel")]
+    TunnelLimit,
     #[error("origin {origin}: WebSocket handshake failed: {reason}")]
     BadWebSocketHandshake {
         origin: String,
@@ -60,7 +62,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_) => ErrorSource::Client,
-            ProxyError::NoCapacity(_) => ErrorSource::Internal,
+            ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => ErrorSource::Internal,
             ProxyError::ConnectTimeout(_)
             | ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
@@ -74,7 +76,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
-            ProxyError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
             | ProxyError::BadWebSocketHandshake { .. } => StatusCode::BAD_GATEWAY,
@@ -91,6 +93,7 @@ impl ProxyError {
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
             ProxyError::NoCapacity(_) => "no upstream capacity",
+            ProxyError::TunnelLimit => "too many open connections",
             ProxyError::ConnectTimeout(_) => "upstream connect timed out",
             ProxyError::Connect(_) => "upstream connect failed",
             ProxyError::Upstream { .. } => "upstream request failed",

@@ -35,12 +35,26 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 /// Put in an upgrade request's extensions by the connection that carries it: what a tunnel
-/// must hold to outlive that connection (its slot of the listener's limit) and where to
-/// spawn so that drain waits for it.
+/// must hold to outlive that connection (its slot of the listener's limit, and its mark as a
+/// request in flight so an h2 connection carrying a tunnel is not closed as idle) and where
+/// to spawn so that drain waits for it.
 #[derive(Clone)]
 pub struct Hold {
     pub slot: Arc<dyn std::any::Any + Send + Sync>,
     pub tracker: TaskTracker,
+    /// The listener's connection limit. An h2 WebSocket takes a slot of its own: it opens
+    /// its own origin connection while sharing its client connection with other streams.
+    pub limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl Hold {
+    /// The same hold, also keeping `extra` until the tunnel ends.
+    pub fn with(self, extra: impl std::any::Any + Send + Sync) -> Hold {
+        Hold {
+            slot: Arc::new((self.slot, extra)),
+            ..self
+        }
+    }
 }
 
 /// Forwards an upgrade request; on 101 answers the client with the origin's head and splices
@@ -84,6 +98,7 @@ pub async fn tunnel(
     headers::append_via(&mut parts.headers, parts.version, &rt.via);
     let Some(upstream_side) = upstream_side else {
         // The origin declined the upgrade: an ordinary response.
+        expect_length(&mut log, &parts.headers);
         let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
         return Ok(Response::from_parts(parts, body));
     };
@@ -129,7 +144,13 @@ pub async fn websocket_over_h2(
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let hold = req.extensions_mut().remove::<Hold>();
+    let hold = match req.extensions_mut().remove::<Hold>() {
+        Some(h) => {
+            let own = h.limit.clone().try_acquire_owned();
+            Some(h.with(own.map_err(|_| ProxyError::TunnelLimit)?))
+        }
+        None => None,
+    };
     let client_side = hyper::upgrade::on(&mut req);
     req.extensions_mut().remove::<hyper::ext::Protocol>();
     *req.method_mut() = Method::GET;
@@ -148,14 +169,18 @@ pub async fn websocket_over_h2(
     let (pool, mut resp) = exchange(candidates, up).await?;
     let origin = pool.origin();
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let accepted = resp
-        .headers()
+    // RFC 6455 4.1: the 101 must say websocket, upgrade, and the accept value for our key.
+    let h = resp.headers();
+    let accepted = h
         .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == websocket_accept(key.as_bytes()).as_bytes());
+        .is_some_and(|v| v.as_bytes() == websocket_accept(key.as_bytes()).as_bytes())
+        && h.get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && has_token(h, header::CONNECTION, "upgrade");
     // Not the WebSocket the client asked for: a 502 (the caller logs it). A 2xx other than
     // 101 cannot be passed on: to an extended CONNECT, 2xx means the tunnel is open.
     let refused = match (switched, accepted) {
-        (true, false) => Some("missing or wrong Sec-WebSocket-Accept"),
+        (true, false) => Some("101 without Upgrade: websocket or the right Sec-WebSocket-Accept"),
         (false, _) if resp.status().is_success() => Some("the origin did not switch protocols"),
         _ => None,
     };
@@ -185,6 +210,7 @@ pub async fn websocket_over_h2(
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::append_via(&mut parts.headers, parts.version, &rt.via);
         parts.version = Version::HTTP_2;
+        expect_length(&mut log, &parts.headers);
         let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
         return Ok(Response::from_parts(parts, body));
     }
@@ -197,6 +223,27 @@ pub async fn websocket_over_h2(
     parts.version = Version::HTTP_2;
     spawn_splice(hold, client_side, upstream_side, log, pool);
     Ok(Response::from_parts(parts, full("")))
+}
+
+/// Tells the access log how long the body of a passed-on response is, so a complete one is
+/// logged "ok" even if the client stops polling at its end.
+fn expect_length(log: &mut Option<PendingLog>, h: &header::HeaderMap) {
+    if let Some(l) = log.as_mut() {
+        l.expect_bytes(
+            h.get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        );
+    }
+}
+
+/// Whether the comma-separated header `name` holds `token` (case-insensitive).
+fn has_token(h: &header::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Splices the two upgraded sides in a task of its own: under the client connection's

@@ -166,6 +166,14 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         limit.trim(),
         "e.toml:5:19: max_connections must be between 1 and 16777216"
     );
+    // Durations are bounded, so no timer deadline can overflow the clock.
+    let long = check_text(&edge_text("tunnel_idle_timeout = \"500years\"", &crt, &key));
+    assert!(
+        long.trim()
+            .ends_with("tunnel_idle_timeout must be at most a year"),
+        "{long}"
+    );
+    assert!(long.starts_with("e.toml:"), "{long}");
     let proto = check_text(&edge_text("protocol = \"h3\"", &crt, &key));
     assert_eq!(
         proto.trim(),

@@ -762,7 +762,8 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
     let addr = dns.addr();
     assert_eq!(udp_sockets_on(addr.port()), 3, "one socket per worker");
     // The kernel spreads clients over the sockets by address hash: queries from 48 source
-    // ports reach every worker, and each gets its answer.
+    // ports land on all of them (with 3 sockets, all 48 on one has odds of 3^-47), and each
+    // gets its answer.
     for i in 0..48u16 {
         let mut q = query(WWW, RecordType::A, None);
         q.set_id(i);

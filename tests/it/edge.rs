@@ -1126,6 +1126,12 @@ async fn h2_clients_get_websockets_over_extended_connect() {
                 "{protocol}: {h} in {resp:?}"
             );
         }
+        // The origin got an RFC 6455 upgrade: GET over http/1.1, the client's version.
+        assert_eq!(
+            resp.headers()["x-upgrade-request"],
+            "GET HTTP/1.1 13",
+            "{protocol}"
+        );
         let mut body = resp.into_body();
         for msg in [&b"ping over h2"[..], &[0u8, 1, 2, 255][..]] {
             stream
@@ -1201,4 +1207,66 @@ async fn extended_connect_fails_cleanly_when_the_origin_does_not_do_websocket() 
     let get = http::Request::get("https://localhost/").body(()).unwrap();
     let (resp, _) = ready.send_request(get, true).expect("send");
     assert_eq!(resp.await.expect("response").status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_websockets_take_connection_slots_and_keep_their_connection_from_idling() {
+    use bytes::Bytes;
+    let origin = origin().start().await.unwrap();
+    let text = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections = 3\nidle_timeout = \"300ms\"\n",
+        1,
+    );
+    let edge = start_edge(&text).await;
+    // Of the 3 slots the listener holds one for its next accept, the client connection one,
+    // and its first WebSocket the last.
+    let send = h2_websocket_client(edge.addr).await;
+    let open = |send: h2::client::SendRequest<Bytes>| async move {
+        let mut ready = send.ready().await.expect("ready");
+        let (resp, stream) = ready
+            .send_request(extended_connect("/upgrade", "websocket"), false)
+            .expect("send CONNECT");
+        (resp.await.expect("response"), stream)
+    };
+    let (first, mut first_stream) = open(send.clone()).await;
+    assert_eq!(first.status(), 200);
+    let (second, _) = open(send.clone()).await;
+    assert_eq!(
+        second.status(),
+        503,
+        "a third origin connection is over the limit"
+    );
+    // Well past the listener's idle timeout, the connection still takes requests: the open
+    // tunnel counts as a request in flight (three echoes 300 ms apart).
+    let mut body = first.into_body();
+    for i in 0..3u8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first_stream
+            .send_data(Bytes::copy_from_slice(&[i]), false)
+            .expect("send");
+        let chunk = body.data().await.expect("echo").expect("chunk");
+        assert_eq!(&chunk[..], &[i]);
+    }
+    let mut ready = send
+        .clone()
+        .ready()
+        .await
+        .expect("the connection is still open");
+    let get = http::Request::get("https://localhost/").body(()).unwrap();
+    let (resp, _) = ready.send_request(get, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+    // Closing the tunnel gives its slot back.
+    first_stream.send_data(Bytes::new(), true).expect("end");
+    while let Some(c) = body.data().await {
+        c.expect("a clean end");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let send = send.clone();
+            async move { open(send).await.0.status() == 200 }
+        })
+        .await,
+        "a WebSocket opens again once the first has closed"
+    );
 }
