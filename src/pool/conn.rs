@@ -83,10 +83,11 @@ impl Conn {
         }
     }
 
+    /// Two atomic loads: this runs for every pooled connection on every request. A connection
+    /// killed for an unanswered PING is marked closed by its driver right after; a request that
+    /// takes it in between finds the sender gone and is retried as never sent.
     pub fn is_usable(&self) -> bool {
-        !self.flags.kill.is_cancelled()
-            && !self.flags.closed.load(Ordering::Acquire)
-            && !self.flags.draining.load(Ordering::Acquire)
+        !self.flags.closed.load(Ordering::Acquire) && !self.flags.draining.load(Ordering::Acquire)
     }
 }
 

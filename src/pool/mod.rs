@@ -178,11 +178,22 @@ impl Pool {
     /// `retry_refused`: keep retrying refused connects until the connect timeout (for the
     /// last origin a request can use; others fail fast so the request can fail over).
     pub async fn checkout(&self, retry_refused: bool) -> Result<Lease, CheckoutError> {
-        let inner = &self.inner;
         let started = Instant::now();
-        if let Some(lease) = inner.try_take(started) {
+        if let Some(lease) = self.inner.try_take(started) {
             return Ok(lease);
         }
+        // Boxed: the slow path's future holds a whole TLS handshake (~10 KiB); inline, it
+        // would make every request's future that large, and hyper moves it once per request.
+        Box::pin(self.wait_or_connect(retry_refused, started)).await
+    }
+
+    /// No connection free right now: wait in the bounded queue, or open one if the pool may.
+    async fn wait_or_connect(
+        &self,
+        retry_refused: bool,
+        started: Instant,
+    ) -> Result<Lease, CheckoutError> {
+        let inner = &self.inner;
         let queued = inner.waiting.fetch_add(1, Ordering::AcqRel);
         let _unqueue = Unqueue(&inner.waiting);
         if queued >= inner.origin.queue_size + inner.origin.max_connections {
@@ -311,13 +322,19 @@ impl Inner {
         let mut st = self.lock();
         match self.origin.protocol {
             Protocol::H2 => {
-                let conn = st
-                    .h2
-                    .iter()
-                    .filter(|c| c.is_usable())
-                    .filter(|c| c.in_flight.load(Ordering::Acquire) < c.stream_capacity())
-                    .min_by_key(|c| c.in_flight.load(Ordering::Acquire))?
-                    .clone();
+                // The least busy connection, if it has a stream free. Its capacity takes h2's
+                // lock, so only when it is full are the others (whose peers may allow more
+                // streams) checked one by one.
+                let busy = |c: &&Arc<Conn>| c.in_flight.load(Ordering::Acquire);
+                let has_room = |c: &&Arc<Conn>| busy(c) < c.stream_capacity();
+                let usable = || st.h2.iter().filter(|c| c.is_usable());
+                let least = usable().min_by_key(busy)?;
+                let conn = if has_room(&least) {
+                    least
+                } else {
+                    usable().filter(has_room).min_by_key(busy)?
+                }
+                .clone();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
                 drop(st);
                 self.enter();

@@ -104,12 +104,29 @@ async fn forward(
         .origins_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
     let candidates = rt.candidates(origins);
+    // Tunnels are boxed: their futures hold a TLS handshake, and inline they would make every
+    // request's future that large.
     if h2_websocket {
-        return super::upgrade::websocket_over_h2(rt, req, peer, &authority, &candidates, log)
-            .await;
+        return Box::pin(super::upgrade::websocket_over_h2(
+            rt,
+            req,
+            peer,
+            &authority,
+            &candidates,
+            log,
+        ))
+        .await;
     }
     if is_upgrade(&req) {
-        return super::upgrade::tunnel(rt, req, peer, &authority, &candidates, log).await;
+        return Box::pin(super::upgrade::tunnel(
+            rt,
+            req,
+            peer,
+            &authority,
+            &candidates,
+            log,
+        ))
+        .await;
     }
     let client_version = req.version();
     let upstream = upstream_request(rt, req, peer, &authority)?;
