@@ -2,9 +2,10 @@
 //! the pool needs what hyper keeps private: PING round trips (liveness *and* the measured
 //! PoP-origin RTT) and the origin's SETTINGS_MAX_CONCURRENT_STREAMS.
 //!
-//! `open` does the h2 handshake and spawns the driver and the pinger; `send` sends one
-//! request, pumping its body with h2 flow control, and returns the response with a body that
-//! releases flow-control capacity as the client side consumes it.
+//! `open` does the h2 handshake and spawns the driver and the pinger (liveness, RTT, and the
+//! bandwidth-delay samples that grow the receive windows); `send` sends one request, pumping
+//! its body with h2 flow control, and returns the response with a body that releases
+//! flow-control capacity as the client side consumes it.
 
 use super::conn::UpstreamBody;
 use bytes::{Buf, Bytes};
@@ -12,11 +13,12 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -24,16 +26,60 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Response bodies from either protocol, as the proxy streams them.
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
-/// Per-stream and per-connection receive windows: large enough for a PoP-origin path
-/// (2 MiB per stream at 80 ms is ~200 Mbit/s per stream), small enough to bound memory.
+/// Starting per-stream and per-connection receive windows. One stream can have at most its
+/// window in flight per round trip (2 MiB at 80 ms is ~25 MiB/s), so while responses flow the
+/// pinger measures the bandwidth-delay product and grows the windows to fit it (as hyper's
+/// adaptive window does), up to the maxima, which bound what a slow client can make the
+/// edge buffer.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
-/// What the pinger learns; shared with the pool's stats.
-#[derive(Debug, Default)]
+/// What the pinger learns, and what it needs from the response bodies; shared with the
+/// pool's stats.
+#[derive(Debug)]
 pub struct PingStats {
     /// Last PING round trip in microseconds; 0 = none yet.
     pub last_rtt_us: AtomicU64,
+    /// The connection's current per-stream receive window.
+    pub stream_window: AtomicU64,
+    /// DATA bytes the client side has read from this connection's streams.
+    received: AtomicU64,
+    /// Set by the pinger when it wants the next DATA frame to start a bandwidth sample.
+    want_sample: AtomicBool,
+    data: Notify,
+}
+
+impl Default for PingStats {
+    fn default() -> Self {
+        PingStats {
+            last_rtt_us: AtomicU64::new(0),
+            stream_window: AtomicU64::new(u64::from(STREAM_WINDOW)),
+            received: AtomicU64::new(0),
+            want_sample: AtomicBool::new(false),
+            data: Notify::new(),
+        }
+    }
+}
+
+impl PingStats {
+    /// Counts `n` bytes read; wakes the pinger if it waits for data to sample.
+    fn read(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        if self.want_sample.load(Ordering::Relaxed)
+            && self.want_sample.swap(false, Ordering::AcqRel)
+        {
+            self.data.notify_one();
+        }
+    }
+}
+
+/// The connection window that goes with a stream window.
+fn connection_window(stream: u32) -> u32 {
+    stream
+        .saturating_mul(4)
+        .clamp(CONNECTION_WINDOW, MAX_CONNECTION_WINDOW)
 }
 
 /// Handshakes h2 over `io` and spawns the driver (until the connection ends or `kill`) and the
@@ -62,16 +108,25 @@ where
         .await?;
     let pong = connection.ping_pong();
     let k = kill.clone();
+    let (windows, mut new_window) = tokio::sync::mpsc::unbounded_channel::<u32>();
     let driver = tokio::spawn(async move {
-        // select!: the connection ending on its own, or the pinger / pool killing it (dropping
-        // the connection closes the socket).
-        tokio::select! {
-            r = connection => r,
-            _ = k.cancelled() => Ok(()),
+        // select!: the connection ending on its own, the pinger / pool killing it (dropping
+        // the connection closes the socket), or the pinger growing the receive windows.
+        loop {
+            tokio::select! {
+                r = &mut connection => return r,
+                _ = k.cancelled() => return Ok(()),
+                Some(w) = new_window.recv() => {
+                    connection.set_target_window_size(connection_window(w));
+                    if let Err(e) = connection.set_initial_window_size(w) {
+                        tracing::debug!(error = %e, "cannot grow the h2 stream window");
+                    }
+                }
+            }
         }
     });
     if let Some(pong) = pong {
-        tokio::spawn(pinger(pong, interval, timeout, kill, ping));
+        tokio::spawn(pinger(pong, interval, timeout, kill, ping, windows));
     }
     Ok((send, driver))
 }
@@ -82,20 +137,40 @@ async fn pinger(
     timeout: Duration,
     kill: CancellationToken,
     stats: Arc<PingStats>,
+    windows: tokio::sync::mpsc::UnboundedSender<u32>,
 ) {
     // The first PING right away: it measures the RTT before any request needs it.
     let mut wait = Duration::ZERO;
+    let mut window = STREAM_WINDOW;
     loop {
+        // While the windows can still grow, the next DATA read starts a bandwidth sample:
+        // the bytes read during one PING round trip are the bandwidth-delay product.
+        let sampling = window < MAX_STREAM_WINDOW;
+        stats.want_sample.store(sampling, Ordering::Release);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = stats.data.notified(), if sampling => {}
             _ = kill.cancelled() => return,
         }
         wait = interval;
         let sent = tokio::time::Instant::now();
+        let before = stats.received.load(Ordering::Acquire);
         match tokio::time::timeout(timeout, pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {
                 let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.last_rtt_us.store(us.max(1), Ordering::Relaxed);
+                let bdp = stats
+                    .received
+                    .load(Ordering::Acquire)
+                    .saturating_sub(before);
+                if let Some(w) = grown(window, bdp) {
+                    window = w;
+                    stats.stream_window.store(u64::from(w), Ordering::Relaxed);
+                    tracing::debug!(window = w, bdp, rtt_us = us, "growing h2 receive windows");
+                    if windows.send(w).is_err() {
+                        return; // the driver is gone
+                    }
+                }
             }
             Ok(Err(_)) => return, // the connection is gone; the driver reports it
             Err(_) => {
@@ -107,6 +182,18 @@ async fn pinger(
     }
 }
 
+/// The stream window after a bandwidth sample of `bdp` bytes in one round trip: doubled past
+/// the sample when the sample filled two thirds of it (the window was the limit), else
+/// unchanged (`None`).
+fn grown(window: u32, bdp: u64) -> Option<u32> {
+    if bdp.saturating_mul(3) < u64::from(window) * 2 {
+        return None;
+    }
+    let target = bdp.saturating_mul(2).min(u64::from(MAX_STREAM_WINDOW));
+    let w = u32::try_from(target).unwrap_or(MAX_STREAM_WINDOW);
+    (w > window).then_some(w)
+}
+
 /// Why an h2 send failed, and whether the request is known not to have left.
 pub struct H2SendError {
     pub error: h2::Error,
@@ -116,6 +203,7 @@ pub struct H2SendError {
 /// Sends one request; the body (if any) is pumped by its own task.
 pub async fn send(
     send: &h2::client::SendRequest<Bytes>,
+    stats: &Arc<PingStats>,
     req: Request<UpstreamBody>,
 ) -> Result<Response<ResponseBody>, H2SendError> {
     let mut ready = match send.clone().ready().await {
@@ -149,6 +237,7 @@ pub async fn send(
     let body = RecvBody {
         recv,
         data_done: false,
+        stats: stats.clone(),
     };
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
@@ -192,6 +281,7 @@ async fn pump(mut body: UpstreamBody, mut stream: h2::SendStream<Bytes>) {
 struct RecvBody {
     recv: h2::RecvStream,
     data_done: bool,
+    stats: Arc<PingStats>,
 }
 
 impl Body for RecvBody {
@@ -207,6 +297,7 @@ impl Body for RecvBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.stats.read(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
@@ -227,5 +318,22 @@ impl Body for RecvBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_grow_only_when_a_sample_fills_two_thirds_of_them() {
+        let w = STREAM_WINDOW;
+        assert_eq!(grown(w, u64::from(w) / 2), None);
+        assert_eq!(grown(w, u64::from(w)), Some(2 * w));
+        assert_eq!(grown(w, 3 * u64::from(w)), Some(6 * w));
+        assert_eq!(grown(w, u64::MAX), Some(MAX_STREAM_WINDOW));
+        assert_eq!(grown(MAX_STREAM_WINDOW, u64::MAX), None);
+        assert_eq!(connection_window(STREAM_WINDOW), CONNECTION_WINDOW);
+        assert_eq!(connection_window(MAX_STREAM_WINDOW), MAX_CONNECTION_WINDOW);
     }
 }

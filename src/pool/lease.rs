@@ -83,7 +83,7 @@ impl Lease {
         req: Request<UpstreamBody>,
     ) -> Result<(Response<ResponseBody>, StreamGuard), SendError> {
         let result = match (&self.slot.conn.sender, self.slot.h1.as_mut()) {
-            (Sender::H2(send), _) => super::h2conn::send(send, req)
+            (Sender::H2(send), _) => super::h2conn::send(send, &self.slot.conn.ping, req)
                 .await
                 .map_err(|e| (UpstreamError::H2(e.error), e.request)),
             (Sender::H1, Some(send)) => {

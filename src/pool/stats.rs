@@ -115,6 +115,10 @@ pub struct PoolSnapshot {
     /// The PoP-origin round trip measured by h2 PING on the pooled connections (lowest of
     /// the latest PING per connection, every `keepalive_interval`); h2 origins only.
     pub ping_rtt_ms: Option<f64>,
+    /// Largest per-stream h2 receive window over the open connections, in bytes: it starts
+    /// at 2 MiB and grows (to 16 MiB) with the bandwidth-delay product measured while
+    /// responses flow; h2 origins only.
+    pub stream_window_max: Option<u64>,
     pub rotated_total: u64,
     pub retried_total: u64,
     /// The origin's idle timeout, announced or observed; idle connections rotate before it.
@@ -197,6 +201,11 @@ impl Inner {
             last_tcp_connect_ms: ms(&self.stats.tcp_connect_us),
             last_tls_handshake_ms: ms(&self.stats.tls_handshake_us),
             ping_rtt_ms: opt_ms(&self.stats.ping_rtt_us),
+            stream_window_max: st
+                .h2
+                .iter()
+                .map(|c| c.ping.stream_window.load(Ordering::Relaxed))
+                .max(),
             rtt_ms: opt_ms(&self.stats.tcp_rtt_us),
             health_rtt_ms: opt_ms(&self.stats.health_rtt_us),
             rotated_total: self.stats.rotated.load(Ordering::Relaxed),

@@ -350,3 +350,39 @@ async fn the_pop_origin_rtt_is_measured_by_h2_ping_and_exported() {
     assert!((39.0..1000.0).contains(&rtt), "ping_rtt_ms {rtt}");
     eprintln!("PING RTT through a 40 ms relay: {rtt:.2} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_receive_windows_grow_with_the_bandwidth_delay_product() {
+    // 100 ms round trip to the origin: a 2 MiB stream window is the limit of one response.
+    let origin = origin().start().await.unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        origin.addr(),
+        Duration::from_millis(50),
+    )
+    .await
+    .unwrap();
+    let edge = single_origin_edge(relay.local_addr(), "warm_connections = 1").await;
+    let initial = pool_field(edge.admin, 0, "stream_window_max").await;
+    assert_eq!(initial.as_u64(), Some(2 << 20), "starts at 2 MiB");
+    let size = 32u64 << 20;
+    let out = curl(
+        edge.addr,
+        "localhost",
+        &format!("/bytes/{size}"),
+        &["-o", "/dev/null", "-w", "%{size_download} %{http_code}"],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{size} 200"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grown = pool_field(edge.admin, 0, "stream_window_max").await;
+    assert!(
+        grown.as_u64().is_some_and(|w| w > 2 << 20 && w <= 16 << 20),
+        "the window grew, within its 16 MiB bound: {}",
+        pools_json(edge.admin).await
+    );
+}
