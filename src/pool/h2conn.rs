@@ -139,21 +139,31 @@ async fn pinger(
     stats: Arc<PingStats>,
     windows: tokio::sync::mpsc::UnboundedSender<u32>,
 ) {
+    use tokio::time::{sleep_until, Instant};
     // The first PING right away: it measures the RTT before any request needs it.
-    let mut wait = Duration::ZERO;
+    let mut keepalive_at = Instant::now();
     let mut window = STREAM_WINDOW;
+    // Bandwidth samples: the next DATA read after `sample_at` starts one; the bytes read
+    // during that PING's round trip are the bandwidth-delay product. A sample that does not
+    // grow the window doubles the pause before the next (100 ms to 10 s, as hyper does), so
+    // a connection busy with small responses is not flooded with PINGs.
+    let mut sample_at = Instant::now();
+    let mut calm = Duration::ZERO;
+    let mut armed = false;
     loop {
-        // While the windows can still grow, the next DATA read starts a bandwidth sample:
-        // the bytes read during one PING round trip are the bandwidth-delay product.
-        let sampling = window < MAX_STREAM_WINDOW;
-        stats.want_sample.store(sampling, Ordering::Release);
+        let growable = window < MAX_STREAM_WINDOW;
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stats.data.notified(), if sampling => {}
+            _ = sleep_until(keepalive_at) => {}
+            _ = sleep_until(sample_at), if growable && !armed => {
+                armed = true;
+                stats.want_sample.store(true, Ordering::Release);
+                continue;
+            }
+            _ = stats.data.notified(), if armed => armed = false,
             _ = kill.cancelled() => return,
         }
-        wait = interval;
-        let sent = tokio::time::Instant::now();
+        let sent = Instant::now();
+        keepalive_at = sent + interval;
         let before = stats.received.load(Ordering::Acquire);
         match tokio::time::timeout(timeout, pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {
@@ -163,14 +173,19 @@ async fn pinger(
                     .received
                     .load(Ordering::Acquire)
                     .saturating_sub(before);
-                if let Some(w) = grown(window, bdp) {
-                    window = w;
-                    stats.stream_window.store(u64::from(w), Ordering::Relaxed);
-                    tracing::debug!(window = w, bdp, rtt_us = us, "growing h2 receive windows");
-                    if windows.send(w).is_err() {
-                        return; // the driver is gone
+                match grown(window, bdp) {
+                    Some(w) => {
+                        window = w;
+                        calm = Duration::ZERO;
+                        stats.stream_window.store(u64::from(w), Ordering::Relaxed);
+                        tracing::debug!(window = w, bdp, rtt_us = us, "growing h2 receive windows");
+                        if windows.send(w).is_err() {
+                            return; // the driver is gone
+                        }
                     }
+                    None => calm = (calm * 2).clamp(MIN_SAMPLE_PAUSE, MAX_SAMPLE_PAUSE),
                 }
+                sample_at = Instant::now() + calm;
             }
             Ok(Err(_)) => return, // the connection is gone; the driver reports it
             Err(_) => {
@@ -181,6 +196,9 @@ async fn pinger(
         }
     }
 }
+
+const MIN_SAMPLE_PAUSE: Duration = Duration::from_millis(100);
+const MAX_SAMPLE_PAUSE: Duration = Duration::from_secs(10);
 
 /// The stream window after a bandwidth sample of `bdp` bytes in one round trip: doubled past
 /// the sample when the sample filled two thirds of it (the window was the limit), else
