@@ -9,6 +9,7 @@
 
 use super::conn::UpstreamBody;
 use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
@@ -34,7 +35,7 @@ pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_STREAM_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+const MAX_CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
 
 /// What the pinger learns, and what it needs from the response bodies; shared with the
 /// pool's stats.
@@ -75,10 +76,11 @@ impl PingStats {
     }
 }
 
-/// The connection window that goes with a stream window.
+/// The connection window that goes with a stream window: eight streams' worth, so a few
+/// streams stalled behind slow clients cannot take all of it.
 fn connection_window(stream: u32) -> u32 {
     stream
-        .saturating_mul(4)
+        .saturating_mul(8)
         .clamp(CONNECTION_WINDOW, MAX_CONNECTION_WINDOW)
 }
 
@@ -109,18 +111,29 @@ where
     let pong = connection.ping_pong();
     let k = kill.clone();
     let (windows, mut new_window) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let stats = ping.clone();
     let driver = tokio::spawn(async move {
+        // A window whose SETTINGS h2 could not send yet (one SETTINGS at a time: the previous
+        // one is not acknowledged yet): retried shortly.
+        let mut pending: Option<u32> = None;
         // select!: the connection ending on its own, the pinger / pool killing it (dropping
-        // the connection closes the socket), or the pinger growing the receive windows.
+        // the connection closes the socket), the pinger growing the receive windows, or the
+        // retry of a pending window.
         loop {
             tokio::select! {
                 r = &mut connection => return r,
                 _ = k.cancelled() => return Ok(()),
-                Some(w) = new_window.recv() => {
-                    connection.set_target_window_size(connection_window(w));
-                    if let Err(e) = connection.set_initial_window_size(w) {
-                        tracing::debug!(error = %e, "cannot grow the h2 stream window");
+                Some(w) = new_window.recv() => pending = Some(w),
+                _ = tokio::time::sleep(SETTINGS_RETRY), if pending.is_some() => {}
+            }
+            if let Some(w) = pending {
+                connection.set_target_window_size(connection_window(w));
+                match connection.set_initial_window_size(w) {
+                    Ok(()) => {
+                        stats.stream_window.store(u64::from(w), Ordering::Relaxed);
+                        pending = None;
                     }
+                    Err(e) => tracing::debug!(error = %e, "h2 stream window: retrying"),
                 }
             }
         }
@@ -152,16 +165,19 @@ async fn pinger(
     let mut armed = false;
     loop {
         let growable = window < MAX_STREAM_WINDOW;
-        tokio::select! {
-            _ = sleep_until(keepalive_at) => {}
+        let sample = tokio::select! {
+            _ = sleep_until(keepalive_at) => false,
             _ = sleep_until(sample_at), if growable && !armed => {
                 armed = true;
                 stats.want_sample.store(true, Ordering::Release);
                 continue;
             }
-            _ = stats.data.notified(), if armed => armed = false,
+            _ = stats.data.notified(), if armed => {
+                armed = false;
+                true
+            }
             _ = kill.cancelled() => return,
-        }
+        };
         let sent = Instant::now();
         keepalive_at = sent + interval;
         let before = stats.received.load(Ordering::Acquire);
@@ -173,19 +189,29 @@ async fn pinger(
                     .received
                     .load(Ordering::Acquire)
                     .saturating_sub(before);
+                if armed && !stats.want_sample.load(Ordering::Acquire) {
+                    // A read during this PING took the arming: the stored wake-up is stale.
+                    armed = false;
+                    let _ = stats.data.notified().now_or_never();
+                }
                 match grown(window, bdp) {
                     Some(w) => {
                         window = w;
                         calm = Duration::ZERO;
-                        stats.stream_window.store(u64::from(w), Ordering::Relaxed);
                         tracing::debug!(window = w, bdp, rtt_us = us, "growing h2 receive windows");
                         if windows.send(w).is_err() {
                             return; // the driver is gone
                         }
+                        // The next sample once the new SETTINGS is in force.
+                        sample_at = Instant::now() + sent.elapsed() * 2;
                     }
-                    None => calm = (calm * 2).clamp(MIN_SAMPLE_PAUSE, MAX_SAMPLE_PAUSE),
+                    // Keepalive PINGs on an idle connection say nothing about bandwidth.
+                    None if sample => {
+                        calm = (calm * 2).clamp(MIN_SAMPLE_PAUSE, MAX_SAMPLE_PAUSE);
+                        sample_at = Instant::now() + calm;
+                    }
+                    None => {}
                 }
-                sample_at = Instant::now() + calm;
             }
             Ok(Err(_)) => return, // the connection is gone; the driver reports it
             Err(_) => {
@@ -198,6 +224,7 @@ async fn pinger(
 }
 
 const MIN_SAMPLE_PAUSE: Duration = Duration::from_millis(100);
+const SETTINGS_RETRY: Duration = Duration::from_millis(20);
 const MAX_SAMPLE_PAUSE: Duration = Duration::from_secs(10);
 
 /// The stream window after a bandwidth sample of `bdp` bytes in one round trip: doubled past
@@ -353,5 +380,6 @@ mod tests {
         assert_eq!(grown(MAX_STREAM_WINDOW, u64::MAX), None);
         assert_eq!(connection_window(STREAM_WINDOW), CONNECTION_WINDOW);
         assert_eq!(connection_window(MAX_STREAM_WINDOW), MAX_CONNECTION_WINDOW);
+        assert_eq!(connection_window(4 * STREAM_WINDOW), 64 << 20);
     }
 }

@@ -117,7 +117,7 @@ pub struct PoolSnapshot {
     pub ping_rtt_ms: Option<f64>,
     /// Largest per-stream h2 receive window over the open connections, in bytes: it starts
     /// at 2 MiB and grows (to 16 MiB) with the bandwidth-delay product measured while
-    /// responses flow; h2 origins only.
+    /// responses flow (shown once its SETTINGS is sent); h2 origins only.
     pub stream_window_max: Option<u64>,
     pub rotated_total: u64,
     pub retried_total: u64,
