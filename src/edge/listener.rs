@@ -73,26 +73,26 @@ impl Listener {
         let counters = runtime.load().counters.clone();
         let mut last_warning: Option<Instant> = None;
         loop {
-            let permit = match limit.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(
-                            address = %self.config.address,
-                            max_connections = self.config.max_connections,
-                            "connection limit reached; not accepting until a connection closes"
-                        );
-                    }
-                    tokio::select! {
-                        p = limit.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        },
-                        _ = shutdown.cancelled() => return,
-                    }
-                }
-            };
+            // Wait for a free slot without holding it while accept waits: h2 WebSockets take
+            // slots of the same limit, and a slot held in reserve here would make them fail
+            // one early.
+            if limit.available_permits() == 0
+                && last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+            {
+                last_warning = Some(Instant::now());
+                tracing::warn!(
+                    address = %self.config.address,
+                    max_connections = self.config.max_connections,
+                    "connection limit reached; not accepting until a connection closes"
+                );
+            }
+            tokio::select! {
+                p = limit.acquire() => match p {
+                    Ok(p) => drop(p),
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
             // select!: stop accepting as soon as drain starts; connections already accepted
             // keep their own shutdown handling.
             let accepted = tokio::select! {
@@ -107,6 +107,15 @@ impl Listener {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            // The slot seen free may have gone to a WebSocket meanwhile: then this
+            // connection waits, unserved, for the next one.
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
             };
             let open = Arc::new(OpenConnection::new(&counters, permit));
             let acceptor = TlsAcceptor::from(tls.load_full());

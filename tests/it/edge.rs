@@ -1215,12 +1215,11 @@ async fn h2_websockets_take_connection_slots_and_keep_their_connection_from_idli
     let origin = origin().start().await.unwrap();
     let text = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
         "address = \"127.0.0.1:0\"\n",
-        "address = \"127.0.0.1:0\"\nmax_connections = 3\nidle_timeout = \"300ms\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections = 2\nidle_timeout = \"300ms\"\n",
         1,
     );
     let edge = start_edge(&text).await;
-    // Of the 3 slots the listener holds one for its next accept, the client connection one,
-    // and its first WebSocket the last.
+    // Of the 2 slots the client connection takes one and its first WebSocket the other.
     let send = h2_websocket_client(edge.addr).await;
     let open = |send: h2::client::SendRequest<Bytes>| async move {
         let mut ready = send.ready().await.expect("ready");
