@@ -93,7 +93,7 @@ pub trait Bits: Copy + Ord + std::fmt::Debug {
     fn leading_zeros_(self) -> u32;
     /// The last address of the prefix `self/len`.
     fn last(self, len: u8) -> Self;
-    /// The top [`BUCKET_BITS`] bits, as a bucket number.
+    /// The top 16 bits (`BUCKET_BITS`), as a bucket number.
     fn bucket(self) -> usize;
 }
 
