@@ -116,6 +116,26 @@ pub(super) async fn within_connect_timeout<T>(
     }
 }
 
+/// The http/1.1 handshake over an established TLS connection to the origin.
+pub(super) async fn h1_handshake(
+    cfg: &OriginConfig,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<
+    (
+        http1::SendRequest<UpstreamBody>,
+        http1::Connection<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, UpstreamBody>,
+    ),
+    ConnectError,
+> {
+    http1::Builder::new()
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            address: cfg.address.clone(),
+            source,
+        })
+}
+
 /// The TLS handshake with the origin over `tcp`, certificate checked against `server_name`.
 pub(super) async fn connect_tls(
     cfg: &OriginConfig,
@@ -186,13 +206,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
             Ok(Opened { conn, h1: None })
         }
         Protocol::Http1 => {
-            let (send, driver) = http1::Builder::new()
-                .handshake(TokioIo::new(tls))
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    address: cfg.address.clone(),
-                    source,
-                })?;
+            let (send, driver) = h1_handshake(cfg, tls).await?;
             let conn = Arc::new(Conn::new(
                 inner,
                 id,

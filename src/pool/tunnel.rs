@@ -4,10 +4,9 @@
 //! pool's protocol; it pays a TCP+TLS handshake (resumed when the session cache allows),
 //! which a long-lived tunnel amortises.
 
-use super::conn::{connect_tcp, connect_tls, within_connect_timeout, UpstreamBody};
+use super::conn::{connect_tcp, connect_tls, h1_handshake, within_connect_timeout, UpstreamBody};
 use super::{ConnectError, Pool};
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 
 impl Pool {
     /// Opens an http/1.1 connection to the origin whose driver supports upgrades.
@@ -16,13 +15,7 @@ impl Pool {
         within_connect_timeout(cfg, async {
             let tcp = connect_tcp(&cfg.address).await?;
             let tls = connect_tls(cfg, &self.inner.tunnel_tls, tcp).await?;
-            let (send, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(tls))
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    address: cfg.address.clone(),
-                    source,
-                })?;
+            let (send, conn) = h1_handshake(cfg, tls).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upgrade connection to origin ended");

@@ -104,21 +104,10 @@ async fn forward(
         .origins_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
     let candidates = rt.candidates(origins);
-    // Tunnels are boxed: their futures hold a TLS handshake, and inline they would make every
-    // request's future that large.
-    if h2_websocket {
-        return Box::pin(super::upgrade::websocket_over_h2(
-            rt,
-            req,
-            peer,
-            &authority,
-            &candidates,
-            log,
-        ))
-        .await;
-    }
-    if is_upgrade(&req) {
-        return Box::pin(super::upgrade::tunnel(
+    if h2_websocket || is_upgrade(&req) {
+        // Boxed: a tunnel's future holds a TLS handshake, and inline it would make every
+        // request's future that large.
+        return Box::pin(super::upgrade::forward(
             rt,
             req,
             peer,

@@ -3,7 +3,7 @@
 //! goes to the first origin of the route that accepts a connection, over a dedicated
 //! http/1.1 connection whatever the pool's protocol (`Pool::open_tunnel`). On `101 Switching
 //! Protocols` both sides are upgraded and their bytes copied both ways until either closes.
-//! Any other answer is passed on like a normal response (see [`websocket_over_h2`] for the
+//! Any other answer is passed on like a normal response (see `websocket_over_h2` for the
 //! exceptions on h2). A tunnel with no bytes either way
 //! for the origin's `tunnel_idle_timeout` (default 1h, like HAProxy's usual `timeout tunnel`:
 //! WebSockets idle by design, so the body `idle_timeout` would be too short) is closed. A
@@ -57,9 +57,26 @@ impl Hold {
     }
 }
 
+/// Forwards an upgrade of either kind: an h2 client's WebSocket (`websocket_over_h2`) or an
+/// http/1.1 `Upgrade` (`tunnel`).
+pub async fn forward(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    authority: &str,
+    candidates: &[&Pool],
+    log: &mut Option<PendingLog>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if is_h2_websocket(&req) {
+        websocket_over_h2(rt, req, peer, authority, candidates, log).await
+    } else {
+        tunnel(rt, req, peer, authority, candidates, log).await
+    }
+}
+
 /// Forwards an upgrade request; on 101 answers the client with the origin's head and splices
 /// the two connections in a task of their own.
-pub async fn tunnel(
+async fn tunnel(
     rt: &Runtime,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -136,7 +153,7 @@ pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
 /// one and checks the origin's `Sec-WebSocket-Accept` (a mismatch is a 502); on 101 the
 /// client gets 200 and its stream then carries the WebSocket frames both ways. An origin's
 /// 2xx other than 101 is a 502 too; its 3xx, 4xx and 5xx are passed on like normal responses.
-pub async fn websocket_over_h2(
+async fn websocket_over_h2(
     rt: &Runtime,
     mut req: Request<Incoming>,
     peer: SocketAddr,
