@@ -4,6 +4,9 @@ use clap::Parser;
 use edgepop::cli::{Cli, Command};
 use std::process::ExitCode;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
