@@ -50,6 +50,10 @@ pub struct RawListener {
     #[serde(default, with = "humantime_serde::option")]
     pub idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
+    pub body_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub send_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
     pub drain_timeout: Option<Duration>,
     /// Client connections open at once; above it the listener stops accepting.
     pub max_connections: Option<Spanned<i64>>,

@@ -59,6 +59,10 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Longest pause while a client sends a request body (then 408).
+    pub body_timeout: Duration,
+    /// Longest a client may leave the connection unwritable (then it is closed).
+    pub send_timeout: Duration,
     pub drain_timeout: Duration,
     /// Client connections open at once (TLS handshakes included); at the limit the listener
     /// stops accepting and new connections wait in the kernel's backlog.
@@ -444,6 +448,16 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
         idle_timeout: non_zero(
             l.idle_timeout.unwrap_or(Duration::from_secs(75)),
             "idle_timeout",
+            at.clone(),
+        )?,
+        body_timeout: non_zero(
+            l.body_timeout.unwrap_or(Duration::from_secs(60)),
+            "body_timeout",
+            at.clone(),
+        )?,
+        send_timeout: non_zero(
+            l.send_timeout.unwrap_or(Duration::from_secs(60)),
+            "send_timeout",
             at.clone(),
         )?,
         drain_timeout: match l.drain_timeout.unwrap_or(Duration::from_secs(30)) {

@@ -1,7 +1,9 @@
 //! One client connection after TLS: h2 or http/1.1 by ALPN, served by hyper-util's auto
 //! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown.
 
+use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
+use crate::proxy::body::Holding;
 use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, Runtime};
 use arc_swap::ArcSwap;
@@ -71,6 +73,7 @@ pub async fn serve(
     } else {
         builder.http1_only()
     };
+    let body_timeout = cfg.body_timeout;
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -84,12 +87,13 @@ pub async fn serve(
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);
         async move {
-            let resp = handler::handle(&rt, req, peer).await;
-            drop(guard);
-            Ok::<_, Infallible>(resp)
+            let resp = handler::handle(&rt, req, peer, body_timeout).await;
+            // In flight until the response body ends: a long download is not idle time.
+            Ok::<_, Infallible>(resp.map(|body| Holding::wrap(body, guard)))
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    let io = TokioIo::new(WriteDeadline::new(tls, cfg.send_timeout));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
     let mut draining = false;

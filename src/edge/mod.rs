@@ -1,8 +1,9 @@
 //! The client side of the edge: `listener` accepts TCP and runs the TLS handshake under a
 //! timeout; `conn` serves h1 and h2 on the result with hyper-util's auto builder, idle timeout
-//! and graceful drain.
+//! and graceful drain; `write_deadline` closes connections a client stops reading.
 
 pub mod conn;
 pub mod listener;
+mod write_deadline;
 
 pub use listener::{bind, Listener};

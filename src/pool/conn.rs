@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The body type sent upstream: the client's streaming body, or an empty one.
-pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type UpstreamBody = UnsyncBoxBody<Bytes, super::h2conn::BoxError>;
 
 /// How the connection that carried a request came to be; reported in Server-Timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,6 +42,8 @@ pub enum ProxyError {
     },
     #[error("origin {origin}: no response head within {after:?}")]
     FirstByteTimeout { origin: String, after: Duration },
+    #[error(transparent)]
+    ClientBody(super::body::ClientBodyError),
 }
 
 impl From<CheckoutError> for ProxyError {
@@ -61,7 +63,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::ConnectMethod
-            | ProxyError::MisdirectedHost(_) => ErrorSource::Client,
+            | ProxyError::MisdirectedHost(_)
+            | ProxyError::ClientBody(_) => ErrorSource::Client,
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => ErrorSource::Internal,
             ProxyError::ConnectTimeout(_)
             | ProxyError::Connect(_)
@@ -76,6 +79,12 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::ClientBody(super::body::ClientBodyError::Timeout(_)) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
+            ProxyError::ClientBody(super::body::ClientBodyError::Aborted) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
@@ -99,6 +108,12 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream request failed",
             ProxyError::BadWebSocketHandshake { .. } => "upstream WebSocket handshake failed",
             ProxyError::FirstByteTimeout { .. } => "upstream response timed out",
+            ProxyError::ClientBody(super::body::ClientBodyError::Timeout(_)) => {
+                "request body timed out"
+            }
+            ProxyError::ClientBody(super::body::ClientBodyError::Aborted) => {
+                "request body incomplete"
+            }
         }
     }
 }

@@ -8,7 +8,9 @@
 //! idempotent request that may have reached the origin is retried too (at most 2); nothing
 //! else is. A connect failure moves on to the route's next healthy origin.
 
-use super::body::{full, ProxyBody, UpstreamBody};
+use super::body::{
+    full, BodyProgress, BoxError, ClientBody, ClientBodyError, ProxyBody, UpstreamBody,
+};
 use super::error::ProxyError;
 use super::headers;
 use super::router::normalize_host;
@@ -21,16 +23,23 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, Uri, Version};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// Answers one client request; never fails (errors become 4xx/5xx responses).
-pub async fn handle(rt: &Runtime, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+/// `body_timeout`: the longest the client may pause while sending a request body.
+pub async fn handle(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    body_timeout: Duration,
+) -> Response<ProxyBody> {
     let mut log = rt
         .access_log
         .as_ref()
         .map(|l| PendingLog::new(l, &req, peer));
-    let resp = match forward(rt, req, peer, &mut log).await {
+    let resp = match forward(rt, req, peer, body_timeout, &mut log).await {
         Ok(resp) => resp,
         Err(e) => {
             let resp = error_response(&e);
@@ -92,6 +101,7 @@ async fn forward(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,
+    body_timeout: Duration,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let h2_websocket = super::upgrade::is_h2_websocket(&req);
@@ -118,9 +128,10 @@ async fn forward(
         .await;
     }
     let client_version = req.version();
+    let (req, progress) = client_body(req, body_timeout);
     let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
-    let sent = send(&candidates, upstream, &authority).await?;
+    let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
     let (mut parts, body) = sent.response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -179,11 +190,34 @@ fn add_server_timing(h: &mut header::HeaderMap, waited: Duration, total: Duratio
     }
 }
 
+/// The client's body as it is sent upstream, unchanged.
+pub(super) fn plain_body(req: Request<Incoming>) -> Request<UpBody> {
+    req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+}
+
+/// The client's body as it is sent upstream, watched for pauses longer than `idle` and for
+/// its end (see [`BodyProgress`]); an empty body needs neither.
+fn client_body(
+    req: Request<Incoming>,
+    idle: Duration,
+) -> (Request<UpBody>, Option<Arc<BodyProgress>>) {
+    use http_body::Body;
+    if req.body().is_end_stream() {
+        return (plain_body(req), None);
+    }
+    let (parts, body) = req.into_parts();
+    let (body, progress) = ClientBody::new(body, idle);
+    (
+        Request::from_parts(parts, body.boxed_unsync()),
+        Some(progress),
+    )
+}
+
 /// The request as it leaves the edge, in origin form with a Host header; [`for_protocol`]
 /// turns it into what the chosen origin's protocol needs.
 pub(super) fn upstream_request(
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<UpBody>,
     peer: SocketAddr,
     authority: &str,
 ) -> Result<Request<UpBody>, ProxyError> {
@@ -209,7 +243,7 @@ pub(super) fn upstream_request(
         HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;
     parts.headers.insert(header::HOST, host);
     parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, body.boxed_unsync()))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// h2 upstream: absolute URI (becomes :scheme/:authority), no Host header; http/1.1: origin
@@ -290,11 +324,31 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     Some(copy)
 }
 
+/// Waits for the response head; the first-byte clock starts once the request body (if any)
+/// has been handed over whole, so a long upload is not an origin timeout.
+async fn first_byte<F: std::future::Future>(
+    send: F,
+    limit: Duration,
+    body: Option<&BodyProgress>,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let Some(body) = body else {
+        return tokio::time::timeout(limit, send).await;
+    };
+    tokio::pin!(send);
+    tokio::select! {
+        biased;
+        out = &mut send => return Ok(out),
+        () = body.ended() => {}
+    }
+    tokio::time::timeout(limit, send).await
+}
+
 /// Sends on the first candidate that gives a connection; see the module doc for retries.
 async fn send<'a>(
     candidates: &[&'a Pool],
     req: Request<UpBody>,
     authority: &str,
+    body: Option<&BodyProgress>,
 ) -> Result<Sent<'a>, ProxyError> {
     let mut req = req;
     let mut retries = 0;
@@ -324,8 +378,8 @@ async fn send<'a>(
             None
         };
         let method = out.method().clone();
-        let first_byte = pool.origin().first_byte_timeout;
-        match tokio::time::timeout(first_byte, lease.send(out)).await {
+        let limit = pool.origin().first_byte_timeout;
+        match first_byte(lease.send(out), limit, body).await {
             Ok(Ok((response, guard))) => {
                 pool.record_success();
                 return Ok(Sent {
@@ -335,6 +389,13 @@ async fn send<'a>(
                     waited,
                     warmth,
                 });
+            }
+            Ok(Err(_)) if body.is_some_and(|b| b.failed()) => {
+                // The client stopped sending (or broke) its body: not the origin's fault.
+                let e = body.and_then(BodyProgress::client_error);
+                return Err(ProxyError::ClientBody(
+                    e.unwrap_or(ClientBodyError::Aborted),
+                ));
             }
             Ok(Err(SendError { source, request })) => {
                 let proven = proven_retries < MAX_PROVEN_RETRIES;
@@ -377,7 +438,7 @@ async fn send<'a>(
                 pool.record_failure();
                 return Err(ProxyError::FirstByteTimeout {
                     origin: pool.origin().name.clone(),
-                    after: first_byte,
+                    after: limit,
                 });
             }
         }

@@ -12,7 +12,7 @@
 
 use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
-use super::handler::upstream_request;
+use super::handler::{plain_body, upstream_request};
 use super::headers;
 use super::Runtime;
 use crate::access_log::PendingLog;
@@ -89,7 +89,7 @@ async fn tunnel(
     };
     let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
-    let mut up = upstream_request(rt, req, peer, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), peer, authority)?;
     up.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up.headers_mut().insert(header::UPGRADE, protocol);
@@ -171,7 +171,7 @@ async fn websocket_over_h2(
     let client_side = hyper::upgrade::on(&mut req);
     req.extensions_mut().remove::<hyper::ext::Protocol>();
     *req.method_mut() = Method::GET;
-    let mut up = upstream_request(rt, req, peer, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), peer, authority)?;
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let h = up.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

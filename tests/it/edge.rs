@@ -1269,3 +1269,162 @@ async fn h2_websockets_take_connection_slots_and_keep_their_connection_from_idli
         "a WebSocket opens again once the first has closed"
     );
 }
+
+/// `n` small chunks, `gap` apart, then (if `stall`) nothing more, ever.
+fn trickled_body(n: usize, gap: Duration, stall: bool) -> Body {
+    let frames = futures_util::stream::unfold(0, move |i| async move {
+        if i == n {
+            return None;
+        }
+        tokio::time::sleep(gap).await;
+        Some((
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"chunk",
+            ))),
+            i + 1,
+        ))
+    });
+    let tail = futures_util::stream::unfold(stall, |stall| async move {
+        if stall {
+            std::future::pending::<()>().await;
+        }
+        None
+    });
+    let frames = futures_util::StreamExt::chain(frames, tail);
+    BodyExt::boxed(http_body_util::StreamBody::new(frames))
+}
+
+fn post(h2: bool, path: &str, body: Body) -> hyper::Request<Body> {
+    let b = hyper::Request::builder().method("POST");
+    let b = if h2 {
+        b.uri(format!("https://localhost{path}"))
+    } else {
+        b.uri(path).header("host", "localhost")
+    };
+    b.body(body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_starts_after_the_upload_and_a_stalled_upload_gets_408() {
+    for (proto, h2) in [("h2", true), ("http1", false)] {
+        let origin = origin().start().await.unwrap();
+        let config = edge_config(
+            &[(
+                "o1",
+                origin.addr(),
+                &format!(
+                    "protocol = \"{proto}\"\nwarm_connections = 1\nfirst_byte_timeout = \"500ms\"\nunhealthy_after = 1"
+                ),
+            )],
+            &["localhost"],
+        )
+        .replace(
+            "address = \"127.0.0.1:0\"\n",
+            "address = \"127.0.0.1:0\"\nbody_timeout = \"400ms\"\n",
+        );
+        let edge = start_edge(&config).await;
+        let mut c = Client::connect(edge.addr, "localhost", h2).await;
+        // 1.2 s of upload, each pause well under body_timeout: the origin answers once it
+        // has read it all, and the 500 ms first-byte clock starts only then.
+        let body = trickled_body(6, Duration::from_millis(200), false);
+        let resp = c.send(post(h2, "/", body)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{proto}: slow upload");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&text[..], b"hello\n");
+        // One chunk, then silence: 408 from the edge, and the origin is not blamed (one
+        // failure would mark it down here).
+        let mut c = Client::connect(edge.addr, "localhost", h2).await;
+        let body = trickled_body(1, Duration::ZERO, true);
+        let resp = c.send(post(h2, "/", body)).await.unwrap();
+        assert_eq!(resp.status(), 408, "{proto}: stalled upload");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&text[..], b"request body timed out\n");
+        let snap = pools_json(edge.admin).await;
+        assert_eq!(snap["pools"][0]["healthy"], true, "{proto}: {snap}");
+        let mut c = Client::connect(edge.addr, "localhost", h2).await;
+        assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its_upstream() {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"200ms\"",
+        )],
+        &["localhost"],
+    )
+    .replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nsend_timeout = \"300ms\"\n",
+    );
+    let edge = start_edge(&config).await;
+    // Asks for 256 MiB and never reads: the socket buffers fill and the edge cannot write.
+    let mut stuck = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    stuck
+        .write_all(b"GET /bytes/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools_json(edge.admin).await["pools"][0]["busy"] == 1
+        })
+        .await
+    );
+    // The one upstream connection comes back once the edge gives up on the client.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pools_json(edge.admin).await["pools"][0]["busy"] == 0
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+    drop(stuck);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_download_is_not_idle_time_for_the_client_connection() {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(
+        &[("o1", origin.addr(), "warm_connections = 1")],
+        &["localhost"],
+    )
+    .replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n",
+    );
+    let edge = start_edge(&config).await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    // 64 MiB: the first half read at 32 MiB/s, about a second (three idle timeouts) during
+    // which the edge is still writing, since the socket buffers hold far less than 32 MiB;
+    // the rest read at full speed.
+    let resp = c
+        .send(request(false, "localhost", &format!("/bytes/{}", 64 * MIB)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len();
+            if n < 32 * MIB {
+                tokio::time::sleep(Duration::from_secs_f64(
+                    data.len() as f64 / (32 * MIB) as f64,
+                ))
+                .await;
+            }
+        }
+    }
+    assert_eq!(n, 64 * MIB);
+    // Still the same keep-alive connection: the idle timer did not end it mid-download.
+    assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+}
