@@ -29,25 +29,21 @@ pub struct EdgeStatus {
 }
 
 impl EdgeStatus {
-    /// Ready to serve fast: not draining and each route has an origin with a warm connection.
+    /// Ready to serve fast: not draining, and each route has a healthy origin whose pool is
+    /// at work (a warm connection open, or no floor to keep: `warm_connections = 0` opens on
+    /// demand, and an idle PoP is not a broken one).
     pub fn health(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining".into());
         }
         let rt = self.runtime.load();
+        let ready = |p: &Pool| p.is_healthy() && (p.floor() == 0 || p.warm_count() > 0);
         for route in rt.router.routes() {
-            let warm = route
-                .iter()
-                .filter_map(|&i| rt.pools.get(i))
-                .any(|p: &Pool| p.warm_count() > 0);
-            if !warm {
-                let names: Vec<&str> = route
-                    .iter()
-                    .filter_map(|&i| rt.pools.get(i))
-                    .map(|p| p.origin().name.as_str())
-                    .collect();
+            let pools = || route.iter().filter_map(|&i| rt.pools.get(i));
+            if !pools().any(ready) {
+                let names: Vec<&str> = pools().map(|p| p.origin().name.as_str()).collect();
                 return Err(format!(
-                    "no warm upstream connection for origins {}",
+                    "no healthy origin with a warm connection for origins {}",
                     names.join(", ")
                 ));
             }

@@ -138,6 +138,12 @@ pub struct EdgeServer {
     status: EdgeStatus,
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
     shutdown: CancellationToken,
+    /// The admin listener outlives `shutdown`: it answers (503 "draining") until the drain ends.
+    admin_stop: CancellationToken,
+    /// The configured admin address (as written, so port 0 compares equal across reloads).
+    admin_listen: Option<SocketAddr>,
+    /// Each running listener's settings, which a reload swaps where it can.
+    listeners: Vec<edge::Settings>,
     tracker: TaskTracker,
     drain_timeout: Duration,
 }
@@ -219,16 +225,19 @@ impl EdgeServer {
             counters,
         };
         let shutdown = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let admin_addr = match &cfg.admin {
-            Some(a) => Some(admin::start(a.listen, status.clone(), shutdown.clone()).await?),
+            Some(a) => Some(admin::start(a.listen, status.clone(), admin_stop.clone()).await?),
             None => None,
         };
         let mut listen_addrs = Vec::new();
+        let mut listeners = Vec::new();
         let mut drain_timeout = Duration::ZERO;
         for l in &edge_cfg.listeners {
             let bound = edge::bind(l)?;
             listen_addrs.push(bound.local_addr()?);
+            listeners.push(bound.settings());
             drain_timeout = drain_timeout.max(l.drain_timeout);
             tokio::spawn(bound.run(
                 tls.clone(),
@@ -243,6 +252,9 @@ impl EdgeServer {
             status,
             tls,
             shutdown,
+            admin_stop,
+            admin_listen: cfg.admin.as_ref().map(|a| a.listen),
+            listeners,
             tracker,
             drain_timeout,
         })
@@ -257,8 +269,9 @@ impl EdgeServer {
     }
 
     /// Applies a new configuration: certificates and routes swap atomically; origins whose
-    /// settings did not change keep their warm pools. Listener and admin addresses are not
-    /// rebound (a restart is needed for those). On error, the running state is untouched.
+    /// settings did not change keep their warm pools; listener timeouts apply to new
+    /// connections. Listener and admin addresses and `max_connections` are not rebound (a
+    /// restart is needed; a warning says so). On error, the running state is untouched.
     pub async fn reload(&self, cfg: &Config) -> anyhow::Result<()> {
         let edge_cfg = cfg
             .edge
@@ -316,10 +329,42 @@ impl EdgeServer {
         }
         self.tls.store(Arc::new(tls));
         self.status.runtime.store(Arc::new(new_rt));
-        for p in retired {
-            p.shutdown();
+        self.apply_listener_settings(&edge_cfg.listeners);
+        if cfg.admin.as_ref().map(|a| a.listen) != self.admin_listen {
+            tracing::warn!("[admin] listen changed: a restart is needed to rebind it");
+        }
+        if !retired.is_empty() {
+            tokio::spawn(retire(Arc::downgrade(&old), retired));
         }
         Ok(())
+    }
+
+    /// Timeouts of a listener whose address did not change apply to its next connections;
+    /// anything that needs a rebind (an address added or removed, `max_connections`) is
+    /// reported and waits for a restart.
+    fn apply_listener_settings(&self, new: &[config::ListenerConfig]) {
+        for running in &self.listeners {
+            let old = running.load_full();
+            match new.iter().find(|l| l.address == old.address) {
+                Some(l) => {
+                    if l.max_connections != old.max_connections {
+                        tracing::warn!(address = %l.address, running = old.max_connections, configured = l.max_connections,
+                            "max_connections changed: a restart is needed to apply it");
+                    }
+                    running.store(Arc::new(config::ListenerConfig {
+                        max_connections: old.max_connections,
+                        ..l.clone()
+                    }));
+                }
+                None => tracing::warn!(address = %old.address,
+                    "listener removed from the config: still listening until a restart"),
+            }
+        }
+        for l in new {
+            if !self.listeners.iter().any(|r| r.load().address == l.address) {
+                tracing::warn!(address = %l.address, "new listener: a restart is needed to bind it");
+            }
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), closes pools.
@@ -340,6 +385,24 @@ impl EdgeServer {
         if let Some(log) = &rt.access_log {
             log.close(Duration::from_secs(2)).await;
         }
+        self.admin_stop.cancel();
+    }
+}
+
+/// Longest a pool dropped by a reload stays open for requests that started before it.
+const RETIRE_GRACE: Duration = Duration::from_secs(60);
+
+/// Shuts the pools a reload dropped once no request can still use them. Every request holds
+/// the runtime it started with (and may check out, queue or retry on its pools until it has
+/// its response head), so the old runtime going away is that moment; a request stuck longer
+/// than [`RETIRE_GRACE`] loses its pool.
+async fn retire(old: std::sync::Weak<Runtime>, pools: Vec<Pool>) {
+    let deadline = tokio::time::Instant::now() + RETIRE_GRACE;
+    while old.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in pools {
+        p.shutdown();
     }
 }
 

@@ -116,6 +116,9 @@ pub struct OriginConfig {
     pub address: String,
     pub server_name: ServerName<'static>,
     pub ca: Option<PathBuf>,
+    /// SHA-256 of the CA file's bytes: a reload with a changed CA is a changed origin, so its
+    /// pool is rebuilt with the new trust store.
+    pub ca_digest: Option<[u8; 32]>,
     pub protocol: Protocol,
     /// Connections kept open at all times when this origin is a route's first choice.
     pub warm_connections: usize,
@@ -562,16 +565,26 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
             e,
         )
     })?;
-    let ca = match &o.ca {
+    let (ca, ca_digest) = match &o.ca {
         Some(ca) => {
             let p = PathBuf::from(ca.get_ref());
-            certs::load_roots(&p).map_err(|e| {
+            let invalid = |e: certs::CertError| {
                 let reason = e.to_string();
                 ConfigError::invalid_because(cx.at(ca), reason, e)
+            };
+            certs::load_roots(&p).map_err(invalid)?;
+            let bytes = std::fs::read(&p).map_err(|e| {
+                invalid(certs::CertError::Ca {
+                    path: p.clone(),
+                    source: rustls::pki_types::pem::Error::Io(e),
+                })
             })?;
-            Some(p)
+            let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(d.as_ref());
+            (Some(p), Some(digest))
         }
-        None => None,
+        None => (None, None),
     };
     let protocol = match o.protocol.as_ref().map(|p| p.get_ref().as_str()) {
         None | Some("h2") => Protocol::H2,
@@ -654,6 +667,7 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         address,
         server_name,
         ca,
+        ca_digest,
         protocol,
         warm_connections: warm,
         standby_connections: standby,

@@ -28,9 +28,12 @@ pub enum ListenError {
     },
 }
 
+/// A listener's settings, swapped by a reload: new connections use the current ones.
+pub type Settings = Arc<ArcSwap<ListenerConfig>>;
+
 /// A bound listener, not yet accepting.
 pub struct Listener {
-    pub config: ListenerConfig,
+    config: Settings,
     socket: TcpListener,
 }
 
@@ -51,7 +54,7 @@ pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenError> {
     s.listen(4096).map_err(err)?;
     let socket = TcpListener::from_std(s.into()).map_err(err)?;
     Ok(Listener {
-        config: config.clone(),
+        config: Arc::new(ArcSwap::from_pointee(config.clone())),
         socket,
     })
 }
@@ -59,6 +62,11 @@ pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenError> {
 impl Listener {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The handle a reload uses to change this listener's timeouts.
+    pub fn settings(&self) -> Settings {
+        self.config.clone()
     }
 
     /// Accepts until `shutdown`; each connection is tracked so drain can wait for it.
@@ -69,7 +77,10 @@ impl Listener {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        // Fixed for the listener's life: a reload cannot resize it (a restart can).
+        let max_connections = self.config.load().max_connections;
+        let address = self.config.load().address;
+        let limit = Arc::new(Semaphore::new(max_connections));
         let counters = runtime.load().counters.clone();
         let mut last_warning: Option<Instant> = None;
         loop {
@@ -81,8 +92,8 @@ impl Listener {
             {
                 last_warning = Some(Instant::now());
                 tracing::warn!(
-                    address = %self.config.address,
-                    max_connections = self.config.max_connections,
+                    %address,
+                    max_connections,
                     "connection limit reached; not accepting until a connection closes"
                 );
             }
@@ -119,7 +130,7 @@ impl Listener {
             };
             let open = Arc::new(OpenConnection::new(&counters, permit));
             let acceptor = TlsAcceptor::from(tls.load_full());
-            let cfg = self.config.clone();
+            let cfg = ListenerConfig::clone(&self.config.load());
             let runtime = runtime.clone();
             let shutdown = shutdown.clone();
             let hold = crate::proxy::upgrade::Hold {

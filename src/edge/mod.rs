@@ -6,4 +6,4 @@ pub mod conn;
 pub mod listener;
 mod write_deadline;
 
-pub use listener::{bind, Listener};
+pub use listener::{bind, Listener, Settings};

@@ -404,6 +404,13 @@ async fn healthz_reports_ok_when_every_route_has_a_warm_connection() {
         metrics.contains("edgepop_upstream_open_connections{origin=\"o1\"} 1"),
         "{metrics}"
     );
+    // Connections on demand only: nothing warm to keep, and an idle PoP is healthy.
+    let (_origin, cold) = one_origin_edge("warm_connections = 0").await;
+    assert_eq!(pools_json(cold.admin).await["pools"][0]["open"], 0);
+    assert_eq!(
+        admin_get(cold.admin, "/healthz").await,
+        (200, "ok\n".into())
+    );
 }
 
 const MIB: usize = 1024 * 1024;
@@ -533,9 +540,18 @@ async fn sighup_applies_a_good_config_keeps_serving_on_a_bad_one_and_sigterm_dra
     let mut slow = Client::H2(send.clone());
     let seen = || b.stats().requests.load(std::sync::atomic::Ordering::SeqCst);
     let before = seen();
-    let in_flight = tokio::spawn(async move { slow.get("localhost", "/delay/700").await });
+    let in_flight = tokio::spawn(async move { slow.get("localhost", "/delay/1500").await });
     assert!(eventually(Duration::from_secs(5), || async { seen() > before }).await);
     signal(pid, "TERM");
+    // While it drains, new admin connections are still answered, so checkers see why.
+    let admin = edge.admin;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            admin_get(admin, "/healthz").await.0 == 503
+        })
+        .await
+    );
+    assert!(admin_get(admin, "/healthz").await.1.contains("draining"));
     assert_eq!(in_flight.await.unwrap(), (200, "delayed\n".into()));
     let status = tokio::time::timeout(Duration::from_secs(10), edge.child.wait())
         .await
@@ -1427,4 +1443,103 @@ async fn a_slow_download_is_not_idle_time_for_the_client_connection() {
     assert_eq!(n, 64 * MIB);
     // Still the same keep-alive connection: the idle timer did not end it mid-download.
     assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_changed_ca_file_rebuilds_the_pool_with_the_new_trust() {
+    let origin = origin().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // First a CA that did not sign the origin's certificate: nothing can connect.
+    let other = rcgen::generate_simple_self_signed(vec!["other-ca".to_string()]).unwrap();
+    let ca_path = dir.path().join("origin-ca.pem");
+    std::fs::write(&ca_path, other.cert.pem()).unwrap();
+    let config = edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            "warm_connections = 1\nconnect_timeout = \"500ms\"",
+        )],
+        &["localhost"],
+    )
+    .replace(
+        &format!("ca = \"{}\"", ca().display()),
+        &format!("ca = \"{}\"", ca_path.display()),
+    );
+    let edge = start_edge(&config).await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    assert_eq!(c.get("localhost", "/").await.0, 502);
+    // The right CA, same path, same config text: the reload must notice the new bytes.
+    std::fs::copy(ca(), &ca_path).unwrap();
+    let cfg = edgepop::config::load(&edge.dir.path().join("edgepop.toml")).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lets_requests_queued_on_a_dropped_origin_finish_there() {
+    let a = origin().name("a").start().await.unwrap();
+    let b = origin().name("b").start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[(
+            "a",
+            a.addr(),
+            "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"10s\"",
+        )],
+        &["localhost"],
+    ))
+    .await;
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    let (mut slow, mut queued) = (Client::H2(send.clone()), Client::H2(send.clone()));
+    let slow = tokio::spawn(async move { slow.get("localhost", "/delay/500").await });
+    let pools = || async { pools_json(edge.admin).await["pools"][0].clone() };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools().await["busy"] == 1
+        })
+        .await
+    );
+    let queued = tokio::spawn(async move { queued.get("localhost", "/headers").await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools().await["waiting"] == 1
+        })
+        .await
+    );
+    // The route moves to origin b while one request runs on a and one waits for a's
+    // connection: both finish on a, and new requests go to b.
+    std::fs::write(
+        edge.dir.path().join("edgepop.toml"),
+        edge_config(&[("b", b.addr(), "warm_connections = 1")], &["localhost"]),
+    )
+    .unwrap();
+    let cfg = edgepop::config::load(&edge.dir.path().join("edgepop.toml")).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    assert_eq!(served_by(edge.addr).await, "b");
+    assert_eq!(slow.await.unwrap(), (200, "delayed\n".into()));
+    let (status, _) = queued.await.unwrap();
+    assert_eq!(status, 200, "the queued request was served by its origin");
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_listener_timeouts_to_new_connections() {
+    let (origin, edge) = one_origin_edge("warm_connections = 1").await;
+    let path = edge.dir.path().join("edgepop.toml");
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nidle_timeout = \"200ms\"\n",
+    );
+    std::fs::write(&path, config).unwrap();
+    let cfg = edgepop::config::load(&path).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    // A new connection, one request, then nothing: the edge closes it after 200 ms.
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+    let Client::H1(send) = &c else { unreachable!() };
+    assert!(
+        eventually(Duration::from_secs(5), || async { send.is_closed() }).await,
+        "the idle connection was not closed"
+    );
+    drop(origin);
 }
