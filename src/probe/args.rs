@@ -29,7 +29,7 @@ pub struct ProbeArgs {
     /// Connect to ADDR for HOST:PORT instead of resolving HOST (curl syntax). Repeatable.
     #[arg(long, value_name = "HOST:PORT:ADDR")]
     pub resolve: Vec<ResolveOverride>,
-    /// Trust these CA certificates (PEM) instead of the webpki roots.
+    /// Trust these CA certificates (PEM) instead of the system roots.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub cacert: Option<PathBuf>,
     /// Accept any server certificate (handshake signatures are still checked).
@@ -59,7 +59,7 @@ impl ProbeArgs {
         let trust = match (&self.cacert, self.insecure) {
             (_, true) => Trust::Insecure,
             (Some(path), false) => Trust::Roots(crate::tls::certs::load_roots(path)?),
-            (None, false) => Trust::WebPki,
+            (None, false) => Trust::System,
         };
         let http = match (self.http1, self.http2) {
             (true, _) => HttpVersion::Http1,

@@ -43,12 +43,9 @@ pub fn tls_config(trust: &Trust, http: HttpVersion, resumption: bool) -> rustls:
     };
     let mut cfg = match trust {
         Trust::Roots(roots) => crate::tls::client::client_config_with_roots(roots.clone(), alpn),
-        Trust::WebPki => crate::tls::client::client_config_with_roots(
-            rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
-            alpn,
-        ),
+        Trust::System => {
+            crate::tls::client::client_config_with_roots(crate::tls::certs::default_roots(), alpn)
+        }
         Trust::Insecure => {
             let provider = crate::tls::provider_arc();
             let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())

@@ -108,15 +108,15 @@ impl HttpVersion {
 /// Which server certificates are accepted.
 #[derive(Debug, Clone)]
 pub enum Trust {
-    /// The webpki (Mozilla) roots.
-    WebPki,
+    /// The system trust store (the webpki roots where it has none).
+    System,
     /// `--cacert FILE`.
     Roots(rustls::RootCertStore),
     /// `--insecure`: any certificate (signatures still checked).
     Insecure,
 }
 
-/// What `measure` does; `Options::default()` is 10 cold samples, no interval, webpki roots.
+/// What `measure` does; `Options::default()` is 10 cold samples, no interval, system roots.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub count: usize,
@@ -141,7 +141,7 @@ impl Default for Options {
             mode: Mode::Cold,
             http: HttpVersion::Auto,
             resolve: Vec::new(),
-            trust: Trust::WebPki,
+            trust: Trust::System,
             dns: None,
             timeout: DEFAULT_TIMEOUT,
             progress: false,

@@ -47,9 +47,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 
 /// Appends the client address to X-Forwarded-For and sets X-Forwarded-Proto: https.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+    // Several X-Forwarded-For lines are one list (RFC 9110 5.3): keep every hop, in order.
+    let prev: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let value = if prev.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prev.join(", "))
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(&X_FORWARDED_FOR, v);
@@ -105,5 +114,19 @@ mod tests {
         set_forwarded(&mut h, "127.0.0.1".parse().unwrap());
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1, 127.0.0.1");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
+    }
+
+    #[test]
+    fn forwarded_for_keeps_every_line_of_a_split_chain() {
+        let mut h = HeaderMap::new();
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("192.0.2.1, 192.0.2.2"),
+        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" "));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.3"));
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap());
+        let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["192.0.2.1, 192.0.2.2, 192.0.2.3, 127.0.0.1"]);
     }
 }

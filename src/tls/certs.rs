@@ -77,6 +77,25 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertE
     })
 }
 
+/// The trust used when no CA file is configured: the system's store (as curl and nginx
+/// builds against the system OpenSSL use), or the bundled webpki roots where the system has
+/// none. Read once per process.
+pub fn default_roots() -> RootCertStore {
+    static ROOTS: std::sync::OnceLock<RootCertStore> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::debug!(errors = ?found.errors, "no system CA certificates; using the webpki roots");
+                roots.roots = webpki_roots::TLS_SERVER_ROOTS.to_vec();
+            }
+            roots
+        })
+        .clone()
+}
+
 /// Loads a CA bundle into a root store; fails if no certificate in it is usable.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
     let certs = CertificateDer::pem_file_iter(path)

@@ -1,4 +1,4 @@
-//! Upstream TLS: certificates verified against the origin's `ca` (or the webpki roots) and
+//! Upstream TLS: certificates verified against the origin's `ca` (or the system's roots) and
 //! `server_name`; one session cache per config so reconnects resume.
 
 use super::certs::{self, CertError};
@@ -15,9 +15,7 @@ pub fn client_config(
 ) -> Result<rustls::ClientConfig, CertError> {
     let roots = match ca {
         Some(p) => certs::load_roots(p)?,
-        None => RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        },
+        None => certs::default_roots(),
     };
     let mut cfg = client_config_with_roots(roots, &[protocol.alpn()]);
     cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);

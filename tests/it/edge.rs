@@ -1543,3 +1543,17 @@ async fn a_reload_applies_listener_timeouts_to_new_connections() {
     );
     drop(origin);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_without_a_ca_file_is_checked_against_the_system_trust_store() {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(
+        &[("o1", origin.addr(), "warm_connections = 1")],
+        &["localhost"],
+    )
+    .replace(&format!("ca = \"{}\"\n", ca().display()), "");
+    assert!(!config.contains("ca = "), "{config}");
+    // SSL_CERT_FILE is how OpenSSL (and so the system store loader) is pointed at a bundle.
+    let edge = spawn_edge_with_env(&config, &[("SSL_CERT_FILE", &ca())]).await;
+    assert_eq!(served_by(edge.addr).await, "origin");
+}

@@ -306,6 +306,11 @@ impl EdgeProcess {
 
 /// Starts `edgepop serve` on `config` and waits for its "listening"/"admin" lines.
 pub async fn spawn_edge(config: &str) -> EdgeProcess {
+    spawn_edge_with_env(config, &[]).await
+}
+
+/// [`spawn_edge`] with extra environment variables.
+pub async fn spawn_edge_with_env(config: &str, env: &[(&str, &Path)]) -> EdgeProcess {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_file(dir.path(), "edgepop.toml", config);
@@ -314,6 +319,7 @@ pub async fn spawn_edge(config: &str) -> EdgeProcess {
         .arg("--config")
         .arg(&path)
         .env("EDGEPOP_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
