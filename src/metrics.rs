@@ -3,13 +3,15 @@
 //! time from them and from the pool snapshots.
 
 use crate::pool::PoolSnapshot;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub const REQUESTS: &str = "edgepop_requests";
 pub const DRAINING: &str = "edgepop_draining";
@@ -24,11 +26,102 @@ pub const UPSTREAM_FAILED: &str = "edgepop_upstream_connect_failures";
 pub const UPSTREAM_REUSED: &str = "edgepop_upstream_reused";
 pub const UPSTREAM_HANDSHAKES: &str = "edgepop_upstream_tls_handshakes";
 pub const ORIGIN_UP: &str = "edgepop_origin_up";
+pub const REQUEST_DURATION: &str = "edgepop_request_duration_seconds";
+pub const UPSTREAM_RESPONSES: &str = "edgepop_upstream_responses";
+pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
 
-/// Responses by status class, counted on the request path.
+/// Upper bounds of the latency histograms, in seconds: from a warm nearby origin (1 ms) to a
+/// slow answer across an ocean (10 s).
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram on plain atomics: observed on the request path without a lock (the
+/// crate's own histogram locks), rendered at scrape time.
+#[derive(Debug, Default)]
+pub struct Latency {
+    counts: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS.partition_point(|&b| b < secs);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The counts per bucket (not cumulative; the last is above every bound) and the sum.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LatencySnapshot {
+    counts: Vec<u64>,
+    sum_us: u64,
+}
+
+/// A histogram's value set at scrape time, in the shape the text encoder wants.
+#[derive(Debug, Default)]
+struct HistogramValue(Mutex<LatencySnapshot>);
+
+impl HistogramValue {
+    fn set(&self, v: LatencySnapshot) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}
+
+impl TypedMetric for HistogramValue {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for HistogramValue {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let v = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // f64::MAX is the encoder's +Inf bucket.
+        let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(v.counts.iter().copied()).collect();
+        let count = v.counts.iter().sum();
+        encoder.encode_histogram::<()>(v.sum_us as f64 / 1e6, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Counts by status class (index = first digit; 0 unused).
+#[derive(Debug, Default)]
+pub struct StatusClasses([AtomicU64; 6]);
+
+impl StatusClasses {
+    pub fn record(&self, status: u16) {
+        let i = usize::from(status / 100).min(5);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Responses by status class and their latency, counted on the request path.
 #[derive(Debug, Default)]
 pub struct EdgeCounters {
-    by_class: [AtomicU64; 6],
+    by_class: StatusClasses,
+    /// Request received to response head returned, every request.
+    latency: Latency,
     /// Client connections open now (all listeners), TLS handshakes included.
     pub client_connections: std::sync::atomic::AtomicUsize,
     /// Access-log entries dropped, shared with every access-log writer of the process so the
@@ -37,9 +130,9 @@ pub struct EdgeCounters {
 }
 
 impl EdgeCounters {
-    pub fn record(&self, status: u16) {
-        let i = usize::from(status / 100).min(5);
-        self.by_class[i].fetch_add(1, Ordering::Relaxed);
+    pub fn record(&self, status: u16, took: Duration) {
+        self.by_class.record(status);
+        self.latency.observe(took);
     }
 }
 
@@ -51,6 +144,12 @@ struct ClassLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OriginLabel {
     origin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OriginClassLabel {
+    origin: String,
+    code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,17 +174,24 @@ pub fn render_edge(
 ) -> String {
     let mut reg = Registry::default();
     let requests = Family::<ClassLabel, Counter>::default();
-    for (i, c) in counters.by_class.iter().enumerate().skip(1) {
+    for (i, n) in counters.by_class.snapshot().iter().enumerate().skip(1) {
         requests
             .get_or_create(&ClassLabel {
                 code: format!("{i}xx"),
             })
-            .inc_by(c.load(Ordering::Relaxed));
+            .inc_by(*n);
     }
     reg.register(
         REQUESTS,
         "Responses sent to clients, by status class",
         requests,
+    );
+    let latency = HistogramValue::default();
+    latency.set(counters.latency.snapshot());
+    reg.register(
+        REQUEST_DURATION,
+        "Time from a client request to its response head, every request",
+        latency,
     );
     let open = Gauge::<i64>::default();
     open.set(gauge(counters.client_connections.load(Ordering::Relaxed)));
@@ -173,6 +279,33 @@ pub fn render_edge(
         }
     }
     reg.register(UPSTREAM_HANDSHAKES, "Upstream TLS handshakes by kind", hs);
+    let responses = Family::<OriginClassLabel, Counter>::default();
+    let times = Family::<OriginLabel, HistogramValue>::default();
+    for p in pools {
+        for (i, n) in p.responses_by_class.iter().enumerate().skip(1) {
+            responses
+                .get_or_create(&OriginClassLabel {
+                    origin: p.origin.clone(),
+                    code: format!("{i}xx"),
+                })
+                .inc_by(*n);
+        }
+        times
+            .get_or_create(&OriginLabel {
+                origin: p.origin.clone(),
+            })
+            .set(p.response_time.clone());
+    }
+    reg.register(
+        UPSTREAM_RESPONSES,
+        "Responses from each origin, by status class",
+        responses,
+    );
+    reg.register(
+        UPSTREAM_RESPONSE_TIME,
+        "Time from sending a request to an origin to its response head (the request body included)",
+        times,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);

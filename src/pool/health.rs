@@ -71,6 +71,12 @@ impl Pool {
         self.inner.note_success();
     }
 
+    /// An origin's response head arrived `took` after the request was handed to it.
+    pub fn record_response(&self, status: u16, took: std::time::Duration) {
+        self.inner.stats.responses.record(status);
+        self.inner.stats.response_time.observe(took);
+    }
+
     /// A request was sent again on another connection.
     pub fn record_retry(&self) {
         self.inner

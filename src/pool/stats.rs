@@ -32,6 +32,9 @@ pub struct Stats {
     last_error: Mutex<Option<String>>,
     /// Unix milliseconds until which refills back off; 0 when not backing off.
     pub backoff_until_ms: AtomicU64,
+    /// The origin's responses by status class, and their time to the response head.
+    pub responses: crate::metrics::StatusClasses,
+    pub response_time: crate::metrics::Latency,
 }
 
 impl Stats {
@@ -131,6 +134,11 @@ pub struct PoolSnapshot {
     pub queue_timeouts_total: u64,
     pub backoff_until_unix_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// For /metrics only.
+    #[serde(skip)]
+    pub responses_by_class: [u64; 6],
+    #[serde(skip)]
+    pub response_time: crate::metrics::LatencySnapshot,
 }
 
 fn store_us(gauge: &AtomicU64, d: Duration) {
@@ -224,6 +232,8 @@ impl Inner {
                 t => Some(t),
             },
             last_error,
+            responses_by_class: self.stats.responses.snapshot(),
+            response_time: self.stats.response_time.snapshot(),
         }
     }
 }

@@ -35,6 +35,7 @@ pub async fn handle(
     peer: SocketAddr,
     body_timeout: Duration,
 ) -> Response<ProxyBody> {
+    let received = Instant::now();
     let mut log = rt
         .access_log
         .as_ref()
@@ -50,7 +51,8 @@ pub async fn handle(
             resp
         }
     };
-    rt.counters.record(resp.status().as_u16());
+    rt.counters
+        .record(resp.status().as_u16(), received.elapsed());
     resp
 }
 
@@ -134,6 +136,10 @@ async fn forward(
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
     let (mut parts, body) = sent.response.into_parts();
+    sent.pool.record_response(
+        parts.status.as_u16(),
+        upstream_ttfb.saturating_sub(sent.waited),
+    );
     headers::strip_hop_by_hop(&mut parts.headers, false);
     headers::append_via(&mut parts.headers, parts.version, &rt.via);
     if rt.server_timing {

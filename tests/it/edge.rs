@@ -1557,3 +1557,42 @@ async fn an_origin_without_a_ca_file_is_checked_against_the_system_trust_store()
     let edge = spawn_edge_with_env(&config, &[("SSL_CERT_FILE", &ca())]).await;
     assert_eq!(served_by(edge.addr).await, "origin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_request_latency_and_per_origin_responses() {
+    let (_origin, edge) = one_origin_edge("warm_connections = 1").await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    for path in ["/", "/", "/delay/30", "/status/503"] {
+        c.get("localhost", path).await;
+    }
+    let (status, m) = admin_get(edge.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "# TYPE edgepop_request_duration_seconds histogram",
+        "edgepop_request_duration_seconds_count 4",
+        "edgepop_request_duration_seconds_bucket{le=\"+Inf\"} 4",
+        "edgepop_requests_total{code=\"2xx\"} 3",
+        "edgepop_upstream_responses_total{origin=\"o1\",code=\"2xx\"} 3",
+        "edgepop_upstream_responses_total{origin=\"o1\",code=\"5xx\"} 1",
+        "edgepop_upstream_response_seconds_count{origin=\"o1\"} 4",
+        "edgepop_upstream_response_seconds_bucket{le=\"+Inf\",origin=\"o1\"} 4",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+    }
+    // The 30 ms request is above the 25 ms bound, whatever the others took.
+    let bucket = |le: &str| -> u64 {
+        let prefix =
+            format!("edgepop_upstream_response_seconds_bucket{{le=\"{le}\",origin=\"o1\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no bucket {le} in\n{m}"))
+    };
+    assert!(bucket("0.025") <= 3, "{m}");
+    let sum = m
+        .lines()
+        .find_map(|l| l.strip_prefix("edgepop_upstream_response_seconds_sum{origin=\"o1\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("sum");
+    assert!(sum >= 0.03, "{m}");
+}
