@@ -78,9 +78,14 @@ pub struct AdminError {
 }
 
 /// Binds the admin listener and serves it until `shutdown`; returns the bound address.
+///
+/// With `tls` (the edge's certificates) the same port also speaks HTTPS, told apart by the
+/// first byte of the connection, so a DNS sidecar can check `https://<pop>:<admin>/healthz`
+/// as DESIGN's region file does.
 pub async fn start(
     address: SocketAddr,
     status: EdgeStatus,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, AdminError> {
     let listener = TcpListener::bind(address)
@@ -99,20 +104,59 @@ pub async fn start(
                 _ = shutdown.cancelled() => return,
             };
             let status = status.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let status = status.clone();
-                    async move { Ok::<_, Infallible>(route(&status, &req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let serve = async {
+                    match &tls {
+                        Some(t) if is_tls(&tcp).await => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(admin_tls(&t.load()));
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_admin(stream, status).await;
+                            }
+                        }
+                        _ => serve_admin(tcp, status).await,
+                    }
+                };
+                // The whole admin exchange is bounded: a stuck client cannot pile up tasks.
+                let _ = tokio::time::timeout(ADMIN_CONNECTION_LIMIT, serve).await;
             });
         }
     });
     Ok(local)
+}
+
+/// Longest an admin connection lives (scrapes and health checks take milliseconds).
+const ADMIN_CONNECTION_LIMIT: Duration = Duration::from_secs(60);
+
+/// A TLS ClientHello starts with the handshake record type, 0x16; no HTTP request does.
+async fn is_tls(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), tcp.peek(&mut first)).await,
+        Ok(Ok(1))
+    ) && first[0] == 0x16
+}
+
+/// The edge's certificates, offering http/1.1 only (the admin server speaks nothing else).
+fn admin_tls(edge: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut cfg = edge.clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+async fn serve_admin<IO>(io: IO, status: EdgeStatus)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let status = status.clone();
+        async move { Ok::<_, Infallible>(route(&status, &req)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn route<B>(status: &EdgeStatus, req: &Request<B>) -> Response<Full<Bytes>> {

@@ -228,7 +228,15 @@ impl EdgeServer {
         let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let admin_addr = match &cfg.admin {
-            Some(a) => Some(admin::start(a.listen, status.clone(), admin_stop.clone()).await?),
+            Some(a) => Some(
+                admin::start(
+                    a.listen,
+                    status.clone(),
+                    Some(tls.clone()),
+                    admin_stop.clone(),
+                )
+                .await?,
+            ),
             None => None,
         };
         let mut listen_addrs = Vec::new();

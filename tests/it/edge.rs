@@ -1596,3 +1596,20 @@ async fn metrics_have_request_latency_and_per_origin_responses() {
         .expect("sum");
     assert!(sum >= 0.03, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_also_answers_https_with_the_edge_certificates() {
+    let (_origin, edge) = one_origin_edge("warm_connections = 1").await;
+    // What DESIGN's region file does: https://<PoP address>:<admin port>/healthz.
+    let out = curl(edge.admin, "127.0.0.1", "/healthz", &[]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    let out = curl(edge.admin, "localhost", "/pools", &["--http2"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"pools\""));
+    // Plain HTTP on the same port, as before.
+    assert_eq!(
+        admin_get(edge.admin, "/healthz").await,
+        (200, "ok\n".into())
+    );
+}
