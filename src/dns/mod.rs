@@ -13,7 +13,7 @@ pub mod query;
 pub mod server;
 pub mod stats;
 
-use crate::config::{regions, ConfigError, DnsConfig};
+use crate::config::{regions, Config, ConfigError, DnsConfig, Role};
 use arc_swap::ArcSwap;
 use health::{HealthBook, Prober};
 use map::{HitBook, Map, MapError};
@@ -226,6 +226,21 @@ impl DnsState {
     }
 }
 
+/// The `[dns]` section of a file loaded for the DNS role.
+fn dns_section(file: &Config, path: &Path) -> Result<DnsConfig, ConfigError> {
+    file.dns.clone().ok_or_else(|| {
+        ConfigError::invalid(
+            crate::config::Location::file(path),
+            "no [dns] section: nothing for `edgepop dns` to run",
+        )
+    })
+}
+
+/// The sidecar's admin address: `[dns] admin_listen`, else `[admin] listen`.
+fn admin_address(file: &Config, dns: &DnsConfig) -> Option<SocketAddr> {
+    dns.admin_listen.or(file.admin.as_ref().map(|a| a.listen))
+}
+
 fn build_map(
     cfg: DnsConfig,
     old: Option<&Map>,
@@ -389,17 +404,18 @@ async fn regenerate_loop(
     }
 }
 
-/// `edgepop dns`: runs until SIGTERM or SIGINT; SIGHUP regenerates the map at once.
+/// `edgepop dns`: runs until SIGTERM or SIGINT; SIGHUP regenerates the map at once. Only
+/// `[dns]` and `[admin]` are validated: the edge's sections (and the certificate files they
+/// name) belong to `edgepop serve`.
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let cfg = crate::config::load(config)?;
-    let Some(dns) = cfg.dns.clone() else {
-        anyhow::bail!(
-            "{}: no [dns] section: nothing for `edgepop dns` to run",
-            config.display()
-        );
-    };
-    let admin = dns.admin_listen.or(cfg.admin.as_ref().map(|a| a.listen));
+    let cfg = crate::config::load_role(config, Role::Dns)?;
+    let dns = dns_section(&cfg, config)?;
+    let admin = admin_address(&cfg, &dns);
+    // Handlers first: a SIGHUP right after the "listening" line must reload, not kill.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let sidecar = Sidecar::start(dns, admin).await.context("dns sidecar")?;
     let m = sidecar.state().map();
     tracing::info!(
@@ -410,9 +426,6 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
         "dns listening on {} (udp+tcp)",
         sidecar.dns_addr()
     );
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     loop {
         tokio::select! {
             _ = hup.recv() => sidecar.reload(),
