@@ -9,7 +9,7 @@ mod validate;
 
 pub use error::{ConfigError, Location};
 pub use validate::{
-    AccessLogTarget, AdminConfig, CertificateConfig, Config, DnsConfig, EdgeConfig, Glue,
+    AccessLogTarget, AdminConfig, CertificateConfig, Config, DnsConfig, EdgeConfig, Glue, HealthCa,
     ListenerConfig, OriginConfig, PopConfig, Protocol, Role, RouteConfig,
 };
 

@@ -176,11 +176,28 @@ pub struct DnsConfig {
     /// Addresses of in-zone nameservers: answered for A/AAAA and sent as glue with NS.
     pub glue: Vec<Glue>,
     pub hostmaster: String,
-    pub health_ca: Option<PathBuf>,
+    /// Roots for the HTTPS health checks of PoPs, loaded at validation; `None`: webpki roots.
+    pub health_ca: Option<HealthCa>,
     /// UDP worker threads; at least 1.
     pub udp_workers: usize,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
+}
+
+/// `[dns] health_ca`, loaded.
+#[derive(Clone)]
+pub struct HealthCa {
+    pub path: PathBuf,
+    pub roots: Arc<rustls::RootCertStore>,
+}
+
+impl std::fmt::Debug for HealthCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthCa")
+            .field("path", &self.path)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
 }
 
 /// One in-zone nameserver and its addresses.
@@ -810,6 +827,20 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         (Some(t), _) => t,
         (None, _) => Duration::from_secs(60),
     };
+    let health_ca = match &d.health_ca {
+        Some(s) => {
+            let path = PathBuf::from(s.get_ref());
+            let roots = certs::load_roots(&path).map_err(|e| {
+                let reason = e.to_string();
+                ConfigError::invalid_because(cx.at(s), reason, e)
+            })?;
+            Some(HealthCa {
+                path,
+                roots: Arc::new(roots),
+            })
+        }
+        None => None,
+    };
     Ok(DnsConfig {
         listen: cx.socket_addr(&d.listen, "dns listen")?,
         zone,
@@ -824,7 +855,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         nameservers,
         glue,
         hostmaster,
-        health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        health_ca,
         admin_listen: match &d.admin_listen {
             Some(a) => Some(cx.socket_addr(a, "dns admin_listen")?),
             None => None,

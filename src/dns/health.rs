@@ -55,12 +55,6 @@ pub enum HealthError {
     },
     #[error("{url} did not answer within {timeout:?}")]
     Timeout { url: http::Uri, timeout: Duration },
-    #[error("cannot load health_ca {}", path.display())]
-    Ca {
-        path: std::path::PathBuf,
-        #[source]
-        source: Box<crate::tls::certs::CertError>,
-    },
 }
 
 /// The health of one PoP (by name and URL), shared by every map that lists it.
@@ -153,24 +147,22 @@ pub struct Prober {
 }
 
 impl Prober {
-    pub fn new(cfg: &DnsConfig) -> Result<Self, HealthError> {
+    pub fn new(cfg: &DnsConfig) -> Self {
         let roots = match &cfg.health_ca {
-            Some(p) => crate::tls::certs::load_roots(p).map_err(|source| HealthError::Ca {
-                path: p.clone(),
-                source: Box::new(source),
-            })?,
+            // Loaded (and checked) when the configuration was validated.
+            Some(ca) => (*ca.roots).clone(),
             None => rustls::RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             },
         };
         let tls = crate::tls::client::client_config_with_roots(roots, &[b"http/1.1"]);
-        Ok(Prober {
+        Prober {
             interval: cfg.health_interval,
             timeout: cfg.health_timeout,
             unhealthy_after: cfg.unhealthy_after,
             healthy_after: cfg.healthy_after,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        })
+        }
     }
 
     /// Starts the probe task of one PoP; it runs until the entry is retired.

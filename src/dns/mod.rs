@@ -35,8 +35,6 @@ pub enum DnsError {
     Join(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
-    #[error(transparent)]
-    Health(Box<health::HealthError>),
     #[error("cannot bind admin listener on {addr}")]
     AdminBind {
         addr: SocketAddr,
@@ -299,7 +297,7 @@ impl Sidecar {
         for n in cfg.unreachable_nameservers() {
             tracing::warn!(nameserver = n, zone = %cfg.zone, "in-zone nameserver without [dns] glue addresses: resolvers cannot reach it");
         }
-        let prober = Prober::new(&cfg).map_err(|e| DnsError::Health(Box::new(e)))?;
+        let prober = Prober::new(&cfg);
         let state = DnsState::new(cfg.clone()).await?;
         let (udp, tcp) = server::bind(cfg.listen, cfg.udp_workers)?;
         let dns_addr = tcp

@@ -355,6 +355,31 @@ fn a_dns_only_file_needs_no_pop_section() {
     }
 }
 
+#[test]
+fn a_bad_health_ca_fails_check_at_its_key() {
+    let missing = check_text(&dns_text("health_ca = \"/nonexistent/ca.crt\""));
+    let (line, col) = position(&dns_text(""), "regions =");
+    // health_ca is the line after regions, its value after "health_ca = ".
+    assert_eq!(col, 1);
+    assert!(
+        missing.starts_with(&format!(
+            "e.toml:{}:13: CA file /nonexistent/ca.crt: ",
+            line + 1
+        )),
+        "{missing}"
+    );
+    let key = certs().join("edge.key");
+    let not_a_ca = check_text(&dns_text(&format!("health_ca = \"{}\"", key.display())));
+    assert_eq!(
+        not_a_ca.trim(),
+        format!(
+            "e.toml:{}:13: CA file {} holds no usable certificate",
+            line + 1,
+            key.display()
+        )
+    );
+}
+
 /// Runs the binary to completion (it must exit within 30 s).
 async fn run_to_exit(args: &[&str], config: &std::path::Path) -> std::process::Output {
     let out = tokio::process::Command::new(bin())
