@@ -9,7 +9,7 @@ use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::{Name, RecordType};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,8 @@ pub struct Dns {
     pub sidecar: Sidecar,
     pub dir: tempfile::TempDir,
     pub regions: PathBuf,
+    /// The configuration file it was started from.
+    pub config: PathBuf,
 }
 
 impl Dns {
@@ -33,11 +35,16 @@ impl Dns {
 
     /// `extra`: more `[dns]` keys, e.g. `regenerate_every = "100ms"`.
     pub async fn start_with(regions: &str, extra: &str) -> Dns {
+        Self::start_config(regions, |r| config_text(r, extra)).await
+    }
+
+    /// `config`: the configuration text, given the region file's path.
+    pub async fn start_config(regions: &str, config: impl Fn(&Path) -> String) -> Dns {
         let dir = tempfile::tempdir().expect("tempdir");
         let regions_path = dir.path().join("regions.toml");
         std::fs::write(&regions_path, regions).expect("write regions");
         let cfg_path = dir.path().join("edgepop.toml");
-        let text = config_text(&regions_path, extra);
+        let text = config(&regions_path);
         std::fs::write(&cfg_path, &text).expect("write config");
         let cfg = edgepop::config::parse(&cfg_path, &text).expect("config");
         let dns = cfg.dns.expect("[dns]");
@@ -48,7 +55,17 @@ impl Dns {
             sidecar,
             dir,
             regions: regions_path,
+            config: cfg_path,
         }
+    }
+
+    /// Replaces the configuration file (write, then rename) and asks the sidecar to apply it,
+    /// as SIGHUP does.
+    pub fn reload_config(&self, text: &str) {
+        let tmp = self.dir.path().join("edgepop.toml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+        self.sidecar.reload_config(&self.config);
     }
 
     pub fn addr(&self) -> SocketAddr {
