@@ -37,7 +37,11 @@ pub enum DnsError {
     Join(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
-    #[error("cannot bind admin listener on {addr}")]
+    /// Says what to do in the common case: `serve` from the same file holds `[admin] listen`.
+    #[error(
+        "cannot bind admin listener on {addr}: {source} (when `edgepop serve` runs from the same \
+         file it holds [admin] listen: set [dns] admin_listen to give the sidecar its own address)"
+    )]
     AdminBind {
         addr: SocketAddr,
         #[source]
@@ -460,6 +464,9 @@ impl Sidecar {
         warn_unreachable_nameservers(&cfg);
         let prober = Prober::new(&cfg);
         let state = DnsState::new(cfg.clone()).await?;
+        let cancel = CancellationToken::new();
+        // Whatever fails below (the admin bind, say) stops the tasks already started.
+        let guard = cancel.clone().drop_guard();
         let (udp, tcp) = server::bind(cfg.listen, cfg.udp_workers)?;
         let dns_addr = tcp
             .local_addr()
@@ -470,7 +477,6 @@ impl Sidecar {
             })?;
         release_free_memory();
         let udp = server::UdpWorkers::start(udp, state.clone())?;
-        let cancel = CancellationToken::new();
         tokio::spawn(server::tcp_accept(tcp, state.clone(), cancel.clone()));
         for h in state.0.health.reconcile(&current_health(&state.map())) {
             prober.spawn(h);
@@ -487,6 +493,7 @@ impl Sidecar {
             Some(addr) => Some(admin::start(addr, state.clone(), cancel.clone()).await?),
             None => None,
         };
+        guard.disarm();
         Ok(Sidecar {
             state,
             dns_addr,

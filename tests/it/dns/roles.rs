@@ -1,5 +1,6 @@
 //! `edgepop dns` reads only its own role's sections: a file without `[pop]` or the edge's
-//! sections runs, and the edge's missing certificate files do not stop it.
+//! sections runs, the edge's missing certificate files do not stop it, and a taken admin port
+//! says how to give the sidecar its own.
 
 use super::basic_regions;
 use super::harness::*;
@@ -71,4 +72,31 @@ async fn the_sidecar_runs_although_the_edges_certificate_and_ticket_files_are_mi
     assert!(err.contains("/nonexistent/ticket.keys"), "{err}");
     // The sidecar is unaffected.
     assert!(child.0.try_wait().expect("try_wait").is_none());
+}
+
+/// `serve` and `dns` from one file without `[dns] admin_listen`: the second to bind
+/// `[admin] listen` fails, and says what to set.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_admin_port_makes_the_sidecar_say_to_set_dns_admin_listen() {
+    let edge_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = edge_admin.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(&regions, basic_regions()).expect("write");
+    let cfg = dir.path().join("edgepop.toml");
+    let text = format!(
+        "[admin]\nlisten = \"{held}\"\n{}",
+        config_text(&regions, "")
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let (mut child, log) = spawn_dns_binary(&cfg);
+    let err = log_after(&log, "error: ");
+    assert!(
+        err.contains(&format!("cannot bind admin listener on {held}")),
+        "{err}"
+    );
+    assert!(err.contains("set [dns] admin_listen"), "{err}");
+    let status = child.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{err}");
+    drop(edge_admin);
 }
