@@ -3,7 +3,7 @@
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, EdgeStatus};
-use crate::config::{self, Config, EdgeConfig};
+use crate::config::{self, Config, EdgeConfig, Role};
 use crate::edge;
 use crate::metrics::EdgeCounters;
 use crate::pool::Pool;
@@ -19,7 +19,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// `edgepop check`: exit 1 with `file:line:column: reason` on the first error.
+/// `edgepop check`: validates every role whose sections the file has (the DNS role with its
+/// region file); exit 1 with `file:line:column: reason` on the first error.
 pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let cfg = match config::load(path) {
         Ok(c) => c,
@@ -39,7 +40,9 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         None => None,
     };
     println!("{}: ok", path.display());
-    println!("  pop {}", cfg.pop.name);
+    if let Some(e) = &cfg.edge {
+        println!("  pop {}", e.pop.name);
+    }
     if let Some(a) = &cfg.admin {
         println!("  admin {}", a.listen);
     }
@@ -201,7 +204,7 @@ impl EdgeServer {
             }
         }
         let counters = Arc::new(EdgeCounters::default());
-        let access_log = match &cfg.pop.access_log {
+        let access_log = match &edge_cfg.pop.access_log {
             Some(t) => Some(
                 AccessLog::start(t, counters.access_log_dropped.clone())
                     .context("opening the access log")?,
@@ -209,15 +212,18 @@ impl EdgeServer {
             None => None,
         };
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
-            &cfg.pop,
+            &edge_cfg.pop,
             edge_cfg,
             pools,
             counters.clone(),
             access_log,
         )));
         let tls = Arc::new(ArcSwap::from_pointee(
-            crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())
-                .context("building the TLS server config")?,
+            crate::tls::sni::server_config(
+                &edge_cfg.certificates,
+                edge_cfg.pop.ticket_keys.clone(),
+            )
+            .context("building the TLS server config")?,
         ));
         let status = EdgeStatus {
             runtime: runtime.clone(),
@@ -285,12 +291,12 @@ impl EdgeServer {
             .edge
             .as_ref()
             .context("reloaded config has no edge sections")?;
-        let tls =
-            crate::tls::sni::server_config(&edge_cfg.certificates, cfg.pop.ticket_keys.clone())?;
+        let pop = &edge_cfg.pop;
+        let tls = crate::tls::sni::server_config(&edge_cfg.certificates, pop.ticket_keys.clone())?;
         let old = self.status.runtime.load_full();
         // SIGHUP reopens the access log (log rotation) or switches it to a new target, once
         // the rest of the reload has succeeded.
-        let access_log = match (&old.access_log, &cfg.pop.access_log) {
+        let access_log = match (&old.access_log, &pop.access_log) {
             (Some(log), Some(_)) => Some(log.clone()),
             (None, Some(t)) => Some(
                 AccessLog::start(t, old.counters.access_log_dropped.clone())
@@ -331,8 +337,8 @@ impl EdgeServer {
             .filter(|p| !pools.iter().any(|n| Arc::ptr_eq(n.origin(), p.origin())))
             .cloned()
             .collect();
-        let new_rt = Runtime::new(&cfg.pop, edge_cfg, pools, old.counters.clone(), access_log);
-        if let (Some(log), Some(t)) = (&old.access_log, &cfg.pop.access_log) {
+        let new_rt = Runtime::new(pop, edge_cfg, pools, old.counters.clone(), access_log);
+        if let (Some(log), Some(t)) = (&old.access_log, &pop.access_log) {
             log.reopen(t);
         }
         self.tls.store(Arc::new(tls));
@@ -414,23 +420,26 @@ async fn retire(old: std::sync::Weak<Runtime>, pools: Vec<Pool>) {
     }
 }
 
-/// `edgepop serve`: runs until SIGTERM/SIGINT, reloading on SIGHUP.
+/// `edgepop serve`: runs until SIGTERM/SIGINT, reloading on SIGHUP. Only the edge sections
+/// are validated (and their files read): `[dns]` belongs to `edgepop dns`.
 pub async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    let cfg = config::load(path)?;
-    let server = EdgeServer::start(&cfg).await?;
-    for a in &server.listen_addrs {
-        println!("edgepop {}: listening on https://{a}", cfg.pop.name);
-    }
-    if let Some(a) = server.admin_addr {
-        println!("edgepop {}: admin on http://{a}", cfg.pop.name);
-    }
+    let cfg = config::load_role(path, Role::Edge)?;
+    // Handlers first: a SIGHUP right after the "listening" line must reload, not kill.
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let server = EdgeServer::start(&cfg).await?;
+    let name = cfg.edge.as_ref().map_or("", |e| e.pop.name.as_str());
+    for a in &server.listen_addrs {
+        println!("edgepop {name}: listening on https://{a}");
+    }
+    if let Some(a) = server.admin_addr {
+        println!("edgepop {name}: admin on http://{a}");
+    }
     loop {
         tokio::select! {
-            _ = hup.recv() => match config::load(path) {
+            _ = hup.recv() => match config::load_role(path, Role::Edge) {
                 Ok(new) => match server.reload(&new).await {
                     Ok(()) => tracing::info!(config = %path.display(), "reloaded"),
                     Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; keeping the running configuration"),

@@ -2,8 +2,11 @@
 //! the span of everything a later check may need to point at.
 
 use serde::Deserialize;
-use std::time::Duration;
 use toml::Spanned;
+
+/// A duration as written ("750ms", "5m"). Parsed during validation, not by serde, so that a
+/// bad value in one role's section does not stop the other role (see `validate`).
+pub type RawDuration = Option<Spanned<String>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,18 +46,12 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub address: Spanned<String>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub header_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub body_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub send_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub drain_timeout: Option<Duration>,
+    pub handshake_timeout: RawDuration,
+    pub header_timeout: RawDuration,
+    pub idle_timeout: RawDuration,
+    pub body_timeout: RawDuration,
+    pub send_timeout: RawDuration,
+    pub drain_timeout: RawDuration,
     /// Client connections open at once; above it the listener stops accepting.
     pub max_connections: Option<Spanned<i64>>,
 }
@@ -79,25 +76,16 @@ pub struct RawOrigin {
     pub max_connections: Option<Spanned<i64>>,
     pub standby_connections: Option<Spanned<i64>>,
     pub queue_size: Option<Spanned<i64>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub first_byte_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub queue_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub tunnel_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub keepalive_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub keepalive_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub max_connection_age: Option<Duration>,
+    pub connect_timeout: RawDuration,
+    pub first_byte_timeout: RawDuration,
+    pub idle_timeout: RawDuration,
+    pub queue_timeout: RawDuration,
+    pub tunnel_idle_timeout: RawDuration,
+    pub keepalive_interval: RawDuration,
+    pub keepalive_timeout: RawDuration,
+    pub max_connection_age: RawDuration,
     pub health_path: Option<Spanned<String>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub health_interval: Option<Duration>,
+    pub health_interval: RawDuration,
     pub unhealthy_after: Option<Spanned<i64>>,
     pub healthy_after: Option<Spanned<i64>>,
     pub warm_ratio: Option<Spanned<f64>>,
@@ -121,14 +109,10 @@ pub struct RawDns {
     pub listen: Spanned<String>,
     pub zone: Spanned<String>,
     pub names: Spanned<Vec<Spanned<String>>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub ttl: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub regenerate_every: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub health_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub health_timeout: Option<Duration>,
+    pub ttl: RawDuration,
+    pub regenerate_every: RawDuration,
+    pub health_interval: RawDuration,
+    pub health_timeout: RawDuration,
     pub unhealthy_after: Option<Spanned<i64>>,
     pub healthy_after: Option<Spanned<i64>>,
     pub regions: Spanned<String>,
@@ -138,7 +122,7 @@ pub struct RawDns {
     pub glue: Option<Spanned<RawGlue>>,
     /// SOA RNAME; default `hostmaster.<zone>`.
     pub hostmaster: Option<Spanned<String>>,
-    /// CA for the HTTPS health checks of PoPs; default: webpki roots.
+    /// CA for the HTTPS health checks of PoPs; default: the system's roots.
     pub health_ca: Option<Spanned<String>>,
     /// UDP worker threads (one socket each, SO_REUSEPORT); default: one per core.
     pub udp_workers: Option<Spanned<i64>>,

@@ -13,11 +13,21 @@ use std::sync::Arc;
 use std::time::Duration;
 use toml::Spanned;
 
-/// A validated configuration. A file may hold the edge role, the DNS role, or both.
+/// The two things a file can configure. A file may hold either role or both; each command
+/// validates only its role's sections (DESIGN.md: "each ignores the other's sections").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: `[pop]`, `[[listeners]]`, `[[certificates]]`, `[[origins]]`, `[[routes]]`.
+    Edge,
+    /// `dns`: `[dns]` and the region file it names.
+    Dns,
+}
+
+/// A validated configuration: `[admin]` if present, and each role that was validated (a
+/// role-scoped load leaves the other `None` even when the file has its sections).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
-    pub pop: PopConfig,
     pub admin: Option<AdminConfig>,
     pub edge: Option<EdgeConfig>,
     pub dns: Option<DnsConfig>,
@@ -44,9 +54,10 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-/// Everything `serve` needs; present only when the file has the edge sections.
+/// Everything `serve` needs; present only when the edge role was validated.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
+    pub pop: PopConfig,
     pub listeners: Vec<ListenerConfig>,
     pub certificates: Vec<CertificateConfig>,
     pub origins: Vec<Arc<OriginConfig>>,
@@ -172,11 +183,28 @@ pub struct DnsConfig {
     /// Addresses of in-zone nameservers: answered for A/AAAA and sent as glue with NS.
     pub glue: Vec<Glue>,
     pub hostmaster: String,
-    pub health_ca: Option<PathBuf>,
+    /// Roots for the HTTPS health checks of PoPs, loaded at validation; `None`: webpki roots.
+    pub health_ca: Option<HealthCa>,
     /// UDP worker threads; at least 1.
     pub udp_workers: usize,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
+}
+
+/// `[dns] health_ca`, loaded.
+#[derive(Clone)]
+pub struct HealthCa {
+    pub path: PathBuf,
+    pub roots: Arc<rustls::RootCertStore>,
+}
+
+impl std::fmt::Debug for HealthCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthCa")
+            .field("path", &self.path)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
 }
 
 /// One in-zone nameserver and its addresses.
@@ -256,6 +284,36 @@ impl Ctx<'_> {
         }
     }
 
+    /// A duration as written, unchecked; `None` when the key is absent.
+    fn raw_duration(&self, v: &RawDuration) -> Result<Option<Duration>, ConfigError> {
+        let Some(s) = v else { return Ok(None) };
+        humantime::parse_duration(s.get_ref())
+            .map(Some)
+            .map_err(|e| {
+                ConfigError::invalid_because(
+                    self.at(s),
+                    format!(
+                        "invalid value: string {:?}, expected a duration",
+                        s.get_ref()
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// A timeout or period: `default` when absent, else above zero and at most a year.
+    fn duration(
+        &self,
+        v: &RawDuration,
+        default: Duration,
+        key: &str,
+    ) -> Result<Duration, ConfigError> {
+        match (self.raw_duration(v)?, v) {
+            (Some(d), Some(s)) => non_zero(d, key, self.at(s)),
+            _ => Ok(default),
+        }
+    }
+
     fn socket_addr(&self, s: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
         s.get_ref().parse().map_err(|e| {
             ConfigError::invalid_because(
@@ -287,37 +345,59 @@ fn non_zero(d: Duration, key: &str, at: Location) -> Result<Duration, ConfigErro
     }
 }
 
-pub(super) fn validate(path: &Path, source: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+const EDGE_SECTIONS: &str = "[[listeners]], [[certificates]], [[origins]], [[routes]]";
+
+/// `only`: the role a command runs (its sections alone are validated, and must be there);
+/// `None` (`check`): every role whose sections the file has, at least one.
+pub(super) fn validate(
+    path: &Path,
+    source: &str,
+    raw: RawConfig,
+    only: Option<Role>,
+) -> Result<Config, ConfigError> {
     let cx = Ctx { path, source };
-    let pop = match &raw.pop {
-        Some(p) => pop(&cx, p)?,
-        None => {
+    let has_edge = !raw.listeners.is_empty()
+        || !raw.certificates.is_empty()
+        || !raw.origins.is_empty()
+        || !raw.routes.is_empty();
+    let has_dns = raw.dns.is_some();
+    let (want_edge, want_dns) = match only {
+        Some(Role::Edge) => (true, false),
+        Some(Role::Dns) => (false, true),
+        None if !has_edge && !has_dns => {
             return Err(ConfigError::invalid(
                 Location::file(path),
-                "missing [pop] section",
+                format!(
+                    "nothing to run: the file has neither the edge sections ({EDGE_SECTIONS}) nor [dns]"
+                ),
             ))
         }
+        None => (has_edge, has_dns),
     };
+    // [admin] serves whichever role runs, so both check it.
     let admin = match &raw.admin {
         Some(a) => Some(AdminConfig {
             listen: cx.socket_addr(&a.get_ref().listen, "admin listen")?,
         }),
         None => None,
     };
-    let edge = edge(&cx, &raw)?;
-    let dns = match &raw.dns {
-        Some(d) => Some(dns(&cx, d)?),
-        None => None,
+    let edge = if want_edge {
+        Some(edge(&cx, &raw, has_edge)?)
+    } else {
+        None
     };
-    if edge.is_none() && dns.is_none() {
-        return Err(ConfigError::invalid(
-            Location::file(path),
-            "nothing to run: the file has neither the edge sections ([[listeners]], [[certificates]], [[origins]], [[routes]]) nor [dns]",
-        ));
-    }
+    let dns = match (&raw.dns, want_dns) {
+        (_, false) => None,
+        (Some(d), true) => Some(dns(&cx, d)?),
+        (None, true) => {
+            return Err(ConfigError::invalid(
+                Location::file(path),
+                "no [dns] section: nothing for `edgepop dns` to run",
+            ))
+        }
+    };
     Ok(Config {
         path: path.to_path_buf(),
-        pop,
         admin,
         edge,
         dns,
@@ -367,14 +447,16 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
     })
 }
 
-/// The edge role is present when any of its sections is; then all four are required.
-fn edge(cx: &Ctx, raw: &RawConfig) -> Result<Option<EdgeConfig>, ConfigError> {
-    let any = !raw.listeners.is_empty()
-        || !raw.certificates.is_empty()
-        || !raw.origins.is_empty()
-        || !raw.routes.is_empty();
-    if !any {
-        return Ok(None);
+/// The edge role is present when any of its sections is; then all four and [pop] are
+/// required.
+fn edge(cx: &Ctx, raw: &RawConfig, present: bool) -> Result<EdgeConfig, ConfigError> {
+    if !present {
+        return Err(ConfigError::invalid(
+            Location::file(cx.path),
+            format!(
+                "nothing for `edgepop serve` to run: the file has none of the edge sections ({EDGE_SECTIONS})"
+            ),
+        ));
     }
     for (missing, name) in [
         (raw.listeners.is_empty(), "[[listeners]]"),
@@ -389,6 +471,15 @@ fn edge(cx: &Ctx, raw: &RawConfig) -> Result<Option<EdgeConfig>, ConfigError> {
             ));
         }
     }
+    let pop = match &raw.pop {
+        Some(p) => pop(cx, p)?,
+        None => {
+            return Err(ConfigError::invalid(
+                Location::file(cx.path),
+                "missing [pop] section (the edge role needs it)",
+            ))
+        }
+    };
     let listeners = raw
         .listeners
         .iter()
@@ -422,55 +513,35 @@ fn edge(cx: &Ctx, raw: &RawConfig) -> Result<Option<EdgeConfig>, ConfigError> {
         }
         routes.push(route);
     }
-    Ok(Some(EdgeConfig {
+    Ok(EdgeConfig {
+        pop,
         listeners,
         certificates,
         origins,
         routes,
-    }))
+    })
 }
 
 /// Like HAProxy's `maxconn` floor and well under a raised `ulimit -n`.
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 20_000;
 
 fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, ConfigError> {
-    let at = cx.at(l);
     let l = l.get_ref();
+    let secs = Duration::from_secs;
     Ok(ListenerConfig {
         address: cx.socket_addr(&l.address, "listener address")?,
-        handshake_timeout: non_zero(
-            l.handshake_timeout.unwrap_or(Duration::from_secs(10)),
-            "handshake_timeout",
-            at.clone(),
-        )?,
-        header_timeout: non_zero(
-            l.header_timeout.unwrap_or(Duration::from_secs(30)),
-            "header_timeout",
-            at.clone(),
-        )?,
-        idle_timeout: non_zero(
-            l.idle_timeout.unwrap_or(Duration::from_secs(75)),
-            "idle_timeout",
-            at.clone(),
-        )?,
-        body_timeout: non_zero(
-            l.body_timeout.unwrap_or(Duration::from_secs(60)),
-            "body_timeout",
-            at.clone(),
-        )?,
-        send_timeout: non_zero(
-            l.send_timeout.unwrap_or(Duration::from_secs(60)),
-            "send_timeout",
-            at.clone(),
-        )?,
-        drain_timeout: match l.drain_timeout.unwrap_or(Duration::from_secs(30)) {
-            d if d > MAX_DURATION => {
-                return Err(ConfigError::invalid(
-                    at,
-                    "drain_timeout must be at most a year",
-                ))
+        handshake_timeout: cx.duration(&l.handshake_timeout, secs(10), "handshake_timeout")?,
+        header_timeout: cx.duration(&l.header_timeout, secs(30), "header_timeout")?,
+        idle_timeout: cx.duration(&l.idle_timeout, secs(75), "idle_timeout")?,
+        body_timeout: cx.duration(&l.body_timeout, secs(60), "body_timeout")?,
+        send_timeout: cx.duration(&l.send_timeout, secs(60), "send_timeout")?,
+        // Zero is allowed: close at once.
+        drain_timeout: match (cx.raw_duration(&l.drain_timeout)?, &l.drain_timeout) {
+            (Some(d), Some(s)) if d > MAX_DURATION => {
+                return Err(cx.err(s, "drain_timeout must be at most a year"))
             }
-            d => d,
+            (Some(d), _) => d,
+            (None, _) => secs(30),
         },
         max_connections: match &l.max_connections {
             None => DEFAULT_MAX_CLIENT_CONNECTIONS,
@@ -659,8 +730,8 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         }
         Some(r) => return Err(cx.err(r, "warm_ratio must be between 0 and 100")),
     };
-    let d = |v: Option<Duration>, default: u64, key: &str| {
-        non_zero(v.unwrap_or(Duration::from_millis(default)), key, at.clone())
+    let d = |v: &RawDuration, default: u64, key: &str| {
+        cx.duration(v, Duration::from_millis(default), key)
     };
     Ok(OriginConfig {
         name,
@@ -673,16 +744,16 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         standby_connections: standby,
         max_connections: max,
         queue_size: cx.count(&o.queue_size, 1024, "queue_size")?,
-        connect_timeout: d(o.connect_timeout, 3_000, "connect_timeout")?,
-        first_byte_timeout: d(o.first_byte_timeout, 60_000, "first_byte_timeout")?,
-        idle_timeout: d(o.idle_timeout, 60_000, "idle_timeout")?,
-        queue_timeout: d(o.queue_timeout, 5_000, "queue_timeout")?,
-        tunnel_idle_timeout: d(o.tunnel_idle_timeout, 3_600_000, "tunnel_idle_timeout")?,
-        keepalive_interval: d(o.keepalive_interval, 10_000, "keepalive_interval")?,
-        keepalive_timeout: d(o.keepalive_timeout, 5_000, "keepalive_timeout")?,
-        max_connection_age: d(o.max_connection_age, 600_000, "max_connection_age")?,
+        connect_timeout: d(&o.connect_timeout, 3_000, "connect_timeout")?,
+        first_byte_timeout: d(&o.first_byte_timeout, 60_000, "first_byte_timeout")?,
+        idle_timeout: d(&o.idle_timeout, 60_000, "idle_timeout")?,
+        queue_timeout: d(&o.queue_timeout, 5_000, "queue_timeout")?,
+        tunnel_idle_timeout: d(&o.tunnel_idle_timeout, 3_600_000, "tunnel_idle_timeout")?,
+        keepalive_interval: d(&o.keepalive_interval, 10_000, "keepalive_interval")?,
+        keepalive_timeout: d(&o.keepalive_timeout, 5_000, "keepalive_timeout")?,
+        max_connection_age: d(&o.max_connection_age, 600_000, "max_connection_age")?,
         health_path,
-        health_interval: d(o.health_interval, 5_000, "health_interval")?,
+        health_interval: d(&o.health_interval, 5_000, "health_interval")?,
         unhealthy_after: cx.threshold(&o.unhealthy_after, 3, "unhealthy_after")?,
         healthy_after: cx.threshold(&o.healthy_after, 2, "healthy_after")?,
         warm_ratio: if pooling { warm_ratio } else { 0.0 },
@@ -731,7 +802,6 @@ fn route(
 }
 
 fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
-    let at = cx.at(d);
     let d = d.get_ref();
     let zone = d.zone.get_ref().trim_end_matches('.').to_ascii_lowercase();
     if zone.is_empty() {
@@ -766,28 +836,46 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         Some(h) => host_name(cx, h)?,
         None => format!("hostmaster.{zone}"),
     };
-    let d_or = |v: Option<Duration>, default: u64, key: &str| {
-        non_zero(v.unwrap_or(Duration::from_millis(default)), key, at.clone())
+    let d_or = |v: &RawDuration, default: u64, key: &str| {
+        cx.duration(v, Duration::from_millis(default), key)
     };
-    let ttl = d.ttl.unwrap_or(Duration::from_secs(60));
-    if ttl.as_secs() > u64::from(u32::MAX >> 1) {
-        return Err(ConfigError::invalid(at, "ttl is too large"));
-    }
+    // Zero is a valid TTL; the wire field is 31 bits (RFC 2181 section 8).
+    let ttl = match (cx.raw_duration(&d.ttl)?, &d.ttl) {
+        (Some(t), Some(s)) if t.as_secs() > u64::from(u32::MAX >> 1) => {
+            return Err(cx.err(s, "ttl is too large"))
+        }
+        (Some(t), _) => t,
+        (None, _) => Duration::from_secs(60),
+    };
+    let health_ca = match &d.health_ca {
+        Some(s) => {
+            let path = PathBuf::from(s.get_ref());
+            let roots = certs::load_roots(&path).map_err(|e| {
+                let reason = e.to_string();
+                ConfigError::invalid_because(cx.at(s), reason, e)
+            })?;
+            Some(HealthCa {
+                path,
+                roots: Arc::new(roots),
+            })
+        }
+        None => None,
+    };
     Ok(DnsConfig {
         listen: cx.socket_addr(&d.listen, "dns listen")?,
         zone,
         names,
         ttl,
-        regenerate_every: d_or(d.regenerate_every, 300_000, "regenerate_every")?,
-        health_interval: d_or(d.health_interval, 1_000, "health_interval")?,
-        health_timeout: d_or(d.health_timeout, 800, "health_timeout")?,
+        regenerate_every: d_or(&d.regenerate_every, 300_000, "regenerate_every")?,
+        health_interval: d_or(&d.health_interval, 1_000, "health_interval")?,
+        health_timeout: d_or(&d.health_timeout, 800, "health_timeout")?,
         unhealthy_after: cx.threshold(&d.unhealthy_after, 2, "unhealthy_after")?,
         healthy_after: cx.threshold(&d.healthy_after, 2, "healthy_after")?,
         regions: PathBuf::from(d.regions.get_ref()),
         nameservers,
         glue,
         hostmaster,
-        health_ca: d.health_ca.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        health_ca,
         admin_listen: match &d.admin_listen {
             Some(a) => Some(cx.socket_addr(a, "dns admin_listen")?),
             None => None,

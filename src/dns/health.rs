@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 /// Why one probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +56,6 @@ pub enum HealthError {
     },
     #[error("{url} did not answer within {timeout:?}")]
     Timeout { url: http::Uri, timeout: Duration },
-    #[error("cannot load health_ca {}", path.display())]
-    Ca {
-        path: std::path::PathBuf,
-        #[source]
-        source: Box<crate::tls::certs::CertError>,
-    },
 }
 
 /// The health of one PoP (by name and URL), shared by every map that lists it.
@@ -142,9 +137,8 @@ impl HealthBook {
     }
 }
 
-/// Probe settings shared by every probe task.
-#[derive(Clone)]
-pub struct Prober {
+/// The `[dns]` health settings, as one immutable value.
+struct ProbeSettings {
     interval: Duration,
     timeout: Duration,
     unhealthy_after: u32,
@@ -152,25 +146,45 @@ pub struct Prober {
     tls: tokio_rustls::TlsConnector,
 }
 
-impl Prober {
-    pub fn new(cfg: &DnsConfig) -> Result<Self, HealthError> {
+impl ProbeSettings {
+    fn new(cfg: &DnsConfig) -> Self {
         let roots = match &cfg.health_ca {
-            Some(p) => crate::tls::certs::load_roots(p).map_err(|source| HealthError::Ca {
-                path: p.clone(),
-                source: Box::new(source),
-            })?,
-            None => rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
+            // Loaded (and checked) when the configuration was validated.
+            Some(ca) => (*ca.roots).clone(),
+            None => crate::tls::certs::default_roots(),
         };
         let tls = crate::tls::client::client_config_with_roots(roots, &[b"http/1.1"]);
-        Ok(Prober {
+        ProbeSettings {
             interval: cfg.health_interval,
             timeout: cfg.health_timeout,
             unhealthy_after: cfg.unhealthy_after,
             healthy_after: cfg.healthy_after,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        })
+        }
+    }
+}
+
+/// Probe settings shared by every probe task. A reload replaces them as a whole; each task
+/// sees the change at once (a new interval starts from then), keeping its PoP's up/down state
+/// and counts.
+#[derive(Clone)]
+pub struct Prober {
+    settings: Arc<watch::Sender<Arc<ProbeSettings>>>,
+}
+
+impl Prober {
+    pub fn new(cfg: &DnsConfig) -> Self {
+        let (tx, _) = watch::channel(Arc::new(ProbeSettings::new(cfg)));
+        Prober {
+            settings: Arc::new(tx),
+        }
+    }
+
+    /// Applies the health settings of `cfg` (interval, timeout, thresholds, `health_ca`) to
+    /// every probe task, running or future.
+    pub fn update(&self, cfg: &DnsConfig) {
+        self.settings
+            .send_replace(Arc::new(ProbeSettings::new(cfg)));
     }
 
     /// Starts the probe task of one PoP; it runs until the entry is retired.
@@ -181,16 +195,35 @@ impl Prober {
 
     async fn run(self, h: Arc<Health>) {
         let Some(url) = h.url.clone() else { return };
-        let mut tick = tokio::time::interval(self.interval);
+        let mut settings = self.settings.subscribe();
+        let mut s = settings.borrow_and_update().clone();
+        let mut tick = tokio::time::interval(s.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut fails, mut oks) = (0u32, 0u32);
         while !h.retired.load(Ordering::Relaxed) {
-            tick.tick().await;
-            let result = match tokio::time::timeout(self.timeout, self.probe(&url)).await {
+            // Either the next probe is due, or new settings arrived: take them and wait
+            // again, so a shorter interval need not wait out the old one. The sender lives
+            // as long as the sidecar; once it is gone the `Ok` pattern disables that branch.
+            tokio::select! {
+                _ = tick.tick() => {}
+                Ok(()) = settings.changed() => {
+                    let new = settings.borrow_and_update().clone();
+                    if new.interval != s.interval {
+                        tick = tokio::time::interval_at(
+                            tokio::time::Instant::now() + new.interval,
+                            new.interval,
+                        );
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    s = new;
+                    continue;
+                }
+            }
+            let result = match tokio::time::timeout(s.timeout, probe(&s.tls, &url)).await {
                 Ok(r) => r,
                 Err(_) => Err(HealthError::Timeout {
                     url: url.clone(),
-                    timeout: self.timeout,
+                    timeout: s.timeout,
                 }),
             };
             h.probes.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +232,7 @@ impl Prober {
                     fails = 0;
                     oks = oks.saturating_add(1);
                     h.set_error(None);
-                    if !h.is_up() && oks >= self.healthy_after {
+                    if !h.is_up() && oks >= s.healthy_after {
                         h.up.store(true, Ordering::Relaxed);
                         tracing::info!(pop = %h.pop, %url, "pop is healthy again");
                     }
@@ -209,7 +242,7 @@ impl Prober {
                     fails = fails.saturating_add(1);
                     h.failures.fetch_add(1, Ordering::Relaxed);
                     let msg = error_chain(&e);
-                    if h.is_up() && fails >= self.unhealthy_after {
+                    if h.is_up() && fails >= s.unhealthy_after {
                         h.up.store(false, Ordering::Relaxed);
                         tracing::warn!(pop = %h.pop, error = %msg, "pop marked down");
                     }
@@ -218,70 +251,69 @@ impl Prober {
             }
         }
     }
+}
 
-    /// One GET; success is a 2xx status.
-    async fn probe(&self, url: &http::Uri) -> Result<(), HealthError> {
-        let host = url
-            .host()
-            .ok_or_else(|| HealthError::NoHost(url.clone()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let https = url.scheme_str() == Some("https");
-        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let addr = tokio::net::lookup_host((host.as_str(), port))
+/// One GET; success is a 2xx status.
+async fn probe(tls: &tokio_rustls::TlsConnector, url: &http::Uri) -> Result<(), HealthError> {
+    let host = url
+        .host()
+        .ok_or_else(|| HealthError::NoHost(url.clone()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let https = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|source| HealthError::Resolve {
+            host: host.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| HealthError::Resolve {
+            host: host.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| HealthError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let authority = url
+        .authority()
+        .map_or(host.clone(), |a| a.as_str().to_string());
+    let path = url.path_and_query().map_or("/", |p| p.as_str());
+    let req = http::Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::USER_AGENT, "edgepop-dns-health")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|source| HealthError::Request {
+            url: url.clone(),
+            source,
+        })?;
+    let status = if https {
+        let name = ServerName::try_from(host.clone())
+            .map_err(|_| HealthError::ServerName { host: host.clone() })?;
+        let tls = tls
+            .connect(name, tcp)
             .await
-            .map_err(|source| HealthError::Resolve {
+            .map_err(|source| HealthError::Tls {
                 host: host.clone(),
                 source,
-            })?
-            .next()
-            .ok_or_else(|| HealthError::Resolve {
-                host: host.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             })?;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| HealthError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let authority = url
-            .authority()
-            .map_or(host.clone(), |a| a.as_str().to_string());
-        let path = url.path_and_query().map_or("/", |p| p.as_str());
-        let req = http::Request::get(path)
-            .header(http::header::HOST, authority)
-            .header(http::header::USER_AGENT, "edgepop-dns-health")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|source| HealthError::Request {
-                url: url.clone(),
-                source,
-            })?;
-        let status = if https {
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| HealthError::ServerName { host: host.clone() })?;
-            let tls = self
-                .tls
-                .connect(name, tcp)
-                .await
-                .map_err(|source| HealthError::Tls {
-                    host: host.clone(),
-                    source,
-                })?;
-            exchange(TokioIo::new(tls), req, url).await?
-        } else {
-            exchange(TokioIo::new(tcp), req, url).await?
-        };
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(HealthError::Status {
-                url: url.clone(),
-                status,
-            })
-        }
+        exchange(TokioIo::new(tls), req, url).await?
+    } else {
+        exchange(TokioIo::new(tcp), req, url).await?
+    };
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(HealthError::Status {
+            url: url.clone(),
+            status,
+        })
     }
 }
 

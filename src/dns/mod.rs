@@ -13,12 +13,12 @@ pub mod query;
 pub mod server;
 pub mod stats;
 
-use crate::config::{regions, ConfigError, DnsConfig};
+use crate::config::{regions, Config, ConfigError, DnsConfig, Role};
 use arc_swap::ArcSwap;
 use health::{HealthBook, Prober};
 use map::{HitBook, Map, MapError};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,15 +29,19 @@ use tokio_util::sync::CancellationToken;
 pub enum DnsError {
     #[error("region file rejected")]
     Regions(#[source] ConfigError),
+    #[error("configuration file rejected")]
+    Config(#[source] ConfigError),
     #[error("cannot build the region map")]
     Map(#[source] MapError),
     #[error("map build task failed")]
     Join(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
-    #[error(transparent)]
-    Health(Box<health::HealthError>),
-    #[error("cannot bind admin listener on {addr}")]
+    /// Says what to do in the common case: `serve` from the same file holds `[admin] listen`.
+    #[error(
+        "cannot bind admin listener on {addr}: {source} (when `edgepop serve` runs from the same \
+         file it holds [admin] listen: set [dns] admin_listen to give the sidecar its own address)"
+    )]
     AdminBind {
         addr: SocketAddr,
         #[source]
@@ -45,12 +49,23 @@ pub enum DnsError {
     },
 }
 
-/// The last rejected region file load.
+/// What a rejected load was reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadKind {
+    /// The region file, at a regeneration (periodic or SIGHUP).
+    Regions,
+    /// The configuration file (and the region file it names), at SIGHUP.
+    Config,
+}
+
+/// The last rejected load of the region file or of the configuration file.
 #[derive(Debug, Clone)]
 pub struct RegenError {
     pub message: String,
     pub at: SystemTime,
-    /// True until a later load succeeds.
+    pub kind: LoadKind,
+    /// True until a later load of the same thing succeeds (a regeneration with the running
+    /// configuration does not clear a rejected configuration file).
     pub current: bool,
 }
 
@@ -59,7 +74,9 @@ pub struct RegenError {
 pub struct DnsState(Arc<Inner>);
 
 struct Inner {
-    cfg: DnsConfig,
+    /// The `[dns]` settings in service. Only the regeneration task replaces them, together
+    /// with the map built from them.
+    cfg: ArcSwap<DnsConfig>,
     map: ArcSwap<Map>,
     health: HealthBook,
     hits: HitBook,
@@ -75,9 +92,9 @@ impl DnsState {
     pub async fn new(cfg: DnsConfig) -> Result<Self, DnsError> {
         let health = HealthBook::default();
         let hits = HitBook::default();
-        let first = build_map(cfg.clone(), None, &health, &hits)?;
+        let first = build_map(&cfg, None, &health, &hits)?;
         Ok(DnsState(Arc::new(Inner {
-            cfg,
+            cfg: ArcSwap::from_pointee(cfg),
             map: ArcSwap::from_pointee(first),
             health,
             hits,
@@ -87,8 +104,9 @@ impl DnsState {
         })))
     }
 
-    pub fn config(&self) -> &DnsConfig {
-        &self.0.cfg
+    /// The `[dns]` settings in service.
+    pub fn config(&self) -> Arc<DnsConfig> {
+        self.0.cfg.load_full()
     }
 
     /// The map in service (a cheap guard for the query path).
@@ -132,7 +150,7 @@ impl DnsState {
         let old = self.map();
         let this = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            build_map(this.0.cfg.clone(), Some(&old), &this.0.health, &this.0.hits)
+            build_map(&this.config(), Some(&old), &this.0.health, &this.0.hits)
         })
         .await
         .map_err(DnsError::Join)
@@ -141,29 +159,105 @@ impl DnsState {
             Ok(m) => {
                 let m = Arc::new(m);
                 self.0.map.store(m.clone());
-                if let Ok(mut g) = self.0.last_error.lock() {
-                    if let Some(e) = g.as_mut() {
-                        e.current = false;
-                    }
-                }
+                self.loaded(LoadKind::Regions);
                 Ok(m)
             }
             Err(e) => {
-                self.0.regen_failures.fetch_add(1, Ordering::Relaxed);
-                let message = error_chain(&e);
-                tracing::error!(
-                    generation = self.map().generation,
-                    "region map not rebuilt, keeping the previous one: {message}"
-                );
-                if let Ok(mut g) = self.0.last_error.lock() {
-                    *g = Some(RegenError {
-                        message,
-                        at: SystemTime::now(),
-                        current: true,
-                    });
-                }
+                self.rejected(LoadKind::Regions, &e);
                 Err(e)
             }
+        }
+    }
+
+    /// Re-reads the configuration file (its `[dns]` and `[admin]` only) and the region file
+    /// it names, and swaps in the new settings and map together; on any error both old ones
+    /// stay. Addresses cannot change without new sockets: they are kept, with a warning.
+    /// `prober` gets the new health settings; `admin` is the admin address asked for at start.
+    pub async fn reconfigure(
+        &self,
+        path: &Path,
+        prober: &Prober,
+        admin: Option<SocketAddr>,
+    ) -> Result<Arc<Map>, DnsError> {
+        let old = self.map();
+        let running = self.config();
+        let this = self.clone();
+        let path_owned = path.to_path_buf();
+        let result = tokio::task::spawn_blocking(move || {
+            let file =
+                crate::config::load_role(&path_owned, Role::Dns).map_err(DnsError::Config)?;
+            let mut cfg = dns_section(&file, &path_owned).map_err(DnsError::Config)?;
+            let kept = restart_only_changes(&running, admin, &cfg, admin_address(&file, &cfg));
+            if !kept.is_empty() {
+                tracing::warn!(
+                    config = %path_owned.display(),
+                    "not applied until restart (they need new sockets): {}",
+                    kept.join(", ")
+                );
+            }
+            warn_unreachable_nameservers(&cfg);
+            cfg.listen = running.listen;
+            cfg.udp_workers = running.udp_workers;
+            cfg.admin_listen = running.admin_listen;
+            let changed = answers_differ(&running, &cfg);
+            let m = build_map_changed(&cfg, Some(&old), changed, &this.0.health, &this.0.hits)?;
+            Ok((cfg, m))
+        })
+        .await
+        .map_err(DnsError::Join)
+        .and_then(|r| r);
+        match result {
+            Ok((cfg, m)) => {
+                let m = Arc::new(m);
+                prober.update(&cfg);
+                self.0.cfg.store(Arc::new(cfg));
+                self.0.map.store(m.clone());
+                self.loaded(LoadKind::Config);
+                tracing::info!(
+                    config = %path.display(),
+                    generation = m.generation,
+                    serial = m.serial,
+                    "configuration reloaded"
+                );
+                Ok(m)
+            }
+            Err(e) => {
+                self.rejected(LoadKind::Config, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A load of `kind` succeeded: the last error is history if it was about the same thing
+    /// (a configuration load re-reads the region file too).
+    fn loaded(&self, kind: LoadKind) {
+        if let Ok(mut g) = self.0.last_error.lock() {
+            if let Some(e) = g.as_mut() {
+                if e.kind == kind || kind == LoadKind::Config {
+                    e.current = false;
+                }
+            }
+        }
+    }
+
+    fn rejected(&self, kind: LoadKind, e: &DnsError) {
+        self.0.regen_failures.fetch_add(1, Ordering::Relaxed);
+        let message = error_chain(e);
+        let what = match kind {
+            LoadKind::Regions => "region map not rebuilt",
+            LoadKind::Config => "configuration not reloaded",
+        };
+        tracing::error!(
+            generation = self.map().generation,
+            "{what}, keeping the previous one: {message}"
+        );
+        if let Ok(mut g) = self.0.last_error.lock() {
+            *g = Some(RegenError {
+                message,
+                at: SystemTime::now(),
+                kind,
+                current: true,
+            });
         }
     }
 
@@ -221,14 +315,91 @@ impl DnsState {
             "regions": regions,
             "pops": pops,
             "errors": failures,
-            "last_error": last.map(|e| serde_json::json!({"message": e.message, "current": e.current})),
+            "last_error": last.map(|e| serde_json::json!({
+                "message": e.message,
+                "current": e.current,
+                "file": match e.kind { LoadKind::Regions => "regions", LoadKind::Config => "config" },
+            })),
         })
     }
 }
 
+fn warn_unreachable_nameservers(cfg: &DnsConfig) {
+    for n in cfg.unreachable_nameservers() {
+        tracing::warn!(nameserver = n, zone = %cfg.zone, "in-zone nameserver without [dns] glue addresses: resolvers cannot reach it");
+    }
+}
+
+/// The `[dns]` section of a file loaded for the DNS role.
+fn dns_section(file: &Config, path: &Path) -> Result<DnsConfig, ConfigError> {
+    file.dns.clone().ok_or_else(|| {
+        ConfigError::invalid(
+            crate::config::Location::file(path),
+            "no [dns] section: nothing for `edgepop dns` to run",
+        )
+    })
+}
+
+/// The sidecar's admin address: `[dns] admin_listen`, else `[admin] listen`.
+fn admin_address(file: &Config, dns: &DnsConfig) -> Option<SocketAddr> {
+    dns.admin_listen.or(file.admin.as_ref().map(|a| a.listen))
+}
+
+/// Settings of `new` that differ from the running ones but need new sockets, as
+/// "[dns] listen 127.0.0.1:53 -> 127.0.0.1:5353"; `*_admin`: the admin addresses.
+fn restart_only_changes(
+    running: &DnsConfig,
+    running_admin: Option<SocketAddr>,
+    new: &DnsConfig,
+    new_admin: Option<SocketAddr>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if new.listen != running.listen {
+        out.push(format!("[dns] listen {} -> {}", running.listen, new.listen));
+    }
+    if new.udp_workers != running.udp_workers {
+        out.push(format!(
+            "[dns] udp_workers {} -> {}",
+            running.udp_workers, new.udp_workers
+        ));
+    }
+    if new_admin != running_admin {
+        let show = |a: Option<SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
+        out.push(format!(
+            "admin address ([dns] admin_listen, else [admin] listen) {} -> {}",
+            show(running_admin),
+            show(new_admin)
+        ));
+    }
+    out
+}
+
+/// Whether the answers built from the two settings differ for the same region file (then the
+/// SOA serial must move). Every `[dns]` key that reaches `map::build` belongs here.
+fn answers_differ(a: &DnsConfig, b: &DnsConfig) -> bool {
+    a.ttl != b.ttl
+        || a.zone != b.zone
+        || a.names != b.names
+        || a.nameservers != b.nameservers
+        || a.glue != b.glue
+        || a.hostmaster != b.hostmaster
+}
+
 fn build_map(
-    cfg: DnsConfig,
+    cfg: &DnsConfig,
     old: Option<&Map>,
+    health: &HealthBook,
+    hits: &HitBook,
+) -> Result<Map, DnsError> {
+    build_map_changed(cfg, old, false, health, hits)
+}
+
+/// `cfg_changed`: the settings differ from those `old` was built with in a way the answers
+/// show ([`answers_differ`]).
+fn build_map_changed(
+    cfg: &DnsConfig,
+    old: Option<&Map>,
+    cfg_changed: bool,
     health: &HealthBook,
     hits: &HitBook,
 ) -> Result<Map, DnsError> {
@@ -238,12 +409,12 @@ fn build_map(
         .map_or(1, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
     // The serial moves only when the content does, and never backwards.
     let serial = match old {
-        Some(o) if o.source == file => o.serial,
+        Some(o) if o.source == file && !cfg_changed => o.serial,
         Some(o) => now.max(o.serial.wrapping_add(1)),
         None => now,
     };
     let cx = map::BuildContext {
-        cfg: &cfg,
+        cfg,
         health,
         hits,
         generation: old.map_or(1, |o| o.generation + 1),
@@ -272,20 +443,30 @@ pub struct Sidecar {
     state: DnsState,
     dns_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    reload: Arc<tokio::sync::Notify>,
+    reload: Arc<Reload>,
     cancel: CancellationToken,
     _udp: server::UdpWorkers,
+}
+
+/// Requests to the regeneration task, which alone replaces the map and the settings.
+#[derive(Default)]
+struct Reload {
+    wake: tokio::sync::Notify,
+    /// A configuration file to re-read at the next wake-up (SIGHUP). Several requests before
+    /// the task gets to them are one: the file is read as it is then.
+    config: Mutex<Option<PathBuf>>,
 }
 
 impl Sidecar {
     /// Starts on `cfg.listen` (port 0 picks one, the same for UDP and TCP) and, if given, an
     /// admin listener.
     pub async fn start(cfg: DnsConfig, admin: Option<SocketAddr>) -> Result<Self, DnsError> {
-        for n in cfg.unreachable_nameservers() {
-            tracing::warn!(nameserver = n, zone = %cfg.zone, "in-zone nameserver without [dns] glue addresses: resolvers cannot reach it");
-        }
-        let prober = Prober::new(&cfg).map_err(|e| DnsError::Health(Box::new(e)))?;
+        warn_unreachable_nameservers(&cfg);
+        let prober = Prober::new(&cfg);
         let state = DnsState::new(cfg.clone()).await?;
+        let cancel = CancellationToken::new();
+        // Whatever fails below (the admin bind, say) stops the tasks already started.
+        let guard = cancel.clone().drop_guard();
         let (udp, tcp) = server::bind(cfg.listen, cfg.udp_workers)?;
         let dns_addr = tcp
             .local_addr()
@@ -296,22 +477,23 @@ impl Sidecar {
             })?;
         release_free_memory();
         let udp = server::UdpWorkers::start(udp, state.clone())?;
-        let cancel = CancellationToken::new();
         tokio::spawn(server::tcp_accept(tcp, state.clone(), cancel.clone()));
         for h in state.0.health.reconcile(&current_health(&state.map())) {
             prober.spawn(h);
         }
-        let reload = Arc::new(tokio::sync::Notify::new());
+        let reload = Arc::new(Reload::default());
         tokio::spawn(regenerate_loop(
             state.clone(),
             prober,
             reload.clone(),
+            admin,
             cancel.clone(),
         ));
         let admin_addr = match admin {
             Some(addr) => Some(admin::start(addr, state.clone(), cancel.clone()).await?),
             None => None,
         };
+        guard.disarm();
         Ok(Sidecar {
             state,
             dns_addr,
@@ -334,9 +516,18 @@ impl Sidecar {
         &self.state
     }
 
-    /// Asks for a regeneration now (what SIGHUP does).
+    /// Asks for a regeneration (region file re-read) now.
     pub fn reload(&self) {
-        self.reload.notify_one();
+        self.reload.wake.notify_one();
+    }
+
+    /// Asks for `path` to be re-read and applied (what SIGHUP does): its `[dns]` settings
+    /// that need no new socket, and the region file; see [`DnsState::reconfigure`].
+    pub fn reload_config(&self, path: &Path) {
+        if let Ok(mut g) = self.reload.config.lock() {
+            *g = Some(path.to_path_buf());
+        }
+        self.reload.wake.notify_one();
     }
 }
 
@@ -361,14 +552,17 @@ fn current_health(m: &Map) -> Vec<Arc<health::Health>> {
     m.pops.iter().map(|p| p.health.clone()).collect()
 }
 
+/// The one writer of the map and the settings: every `regenerate_every`, and on request.
 async fn regenerate_loop(
     state: DnsState,
     prober: Prober,
-    reload: Arc<tokio::sync::Notify>,
+    reload: Arc<Reload>,
+    admin: Option<SocketAddr>,
     cancel: CancellationToken,
 ) {
-    let every = state.config().regenerate_every;
     loop {
+        // Read each time round: a reload may have changed it.
+        let every = state.config().regenerate_every;
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Retire every probe task with the sidecar.
@@ -376,9 +570,17 @@ async fn regenerate_loop(
                 return;
             }
             _ = tokio::time::sleep(every) => {}
-            _ = reload.notified() => tracing::info!("regenerating the region map on request"),
+            _ = reload.wake.notified() => {}
         }
-        if let Ok(m) = state.regenerate().await {
+        let config = reload.config.lock().ok().and_then(|mut g| g.take());
+        let result = match config {
+            Some(path) => {
+                tracing::info!(config = %path.display(), "reloading the configuration on request");
+                state.reconfigure(&path, &prober, admin).await
+            }
+            None => state.regenerate().await,
+        };
+        if let Ok(m) = result {
             for h in state.0.health.reconcile(&current_health(&m)) {
                 prober.spawn(h);
             }
@@ -389,17 +591,18 @@ async fn regenerate_loop(
     }
 }
 
-/// `edgepop dns`: runs until SIGTERM or SIGINT; SIGHUP regenerates the map at once.
+/// `edgepop dns`: runs until SIGTERM or SIGINT; SIGHUP re-reads the configuration file and
+/// the region file at once. Only `[dns]` and `[admin]` are validated: the edge's sections
+/// (and the certificate files they name) belong to `edgepop serve`.
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let cfg = crate::config::load(config)?;
-    let Some(dns) = cfg.dns.clone() else {
-        anyhow::bail!(
-            "{}: no [dns] section: nothing for `edgepop dns` to run",
-            config.display()
-        );
-    };
-    let admin = dns.admin_listen.or(cfg.admin.as_ref().map(|a| a.listen));
+    let cfg = crate::config::load_role(config, Role::Dns)?;
+    let dns = dns_section(&cfg, config)?;
+    let admin = admin_address(&cfg, &dns);
+    // Handlers first: a SIGHUP right after the "listening" line must reload, not kill.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let sidecar = Sidecar::start(dns, admin).await.context("dns sidecar")?;
     let m = sidecar.state().map();
     tracing::info!(
@@ -410,12 +613,9 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
         "dns listening on {} (udp+tcp)",
         sidecar.dns_addr()
     );
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     loop {
         tokio::select! {
-            _ = hup.recv() => sidecar.reload(),
+            _ = hup.recv() => sidecar.reload_config(config),
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -425,4 +625,47 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     // Let in-flight TCP answers finish writing.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `[dns]` section on `listen` for `names`, with `extra` keys.
+    fn dns(listen: &str, names: &str, extra: &str) -> DnsConfig {
+        let text = format!(
+            "[dns]\nlisten = \"{listen}\"\nzone = \"example.com\"\nnames = [{names}]\nregions = \"r.toml\"\n{extra}\n"
+        );
+        crate::config::parse_role(Path::new("t.toml"), &text, Role::Dns)
+            .map(|c| c.dns)
+            .expect("valid")
+            .expect("[dns]")
+    }
+
+    #[test]
+    fn a_reload_names_what_needs_a_restart_and_knows_when_answers_change() {
+        let (addr, www) = ("127.0.0.1:53", "\"www.example.com\"");
+        let running = dns(addr, www, "udp_workers = 2");
+        let admin: SocketAddr = "127.0.0.1:9953".parse().expect("address");
+        assert!(restart_only_changes(&running, Some(admin), &running, Some(admin)).is_empty());
+        let new = dns("127.0.0.1:5353", www, "udp_workers = 3\nttl = \"5s\"");
+        assert_eq!(
+            restart_only_changes(&running, Some(admin), &new, None),
+            vec![
+                "[dns] listen 127.0.0.1:53 -> 127.0.0.1:5353".to_string(),
+                "[dns] udp_workers 2 -> 3".to_string(),
+                "admin address ([dns] admin_listen, else [admin] listen) 127.0.0.1:9953 -> none"
+                    .to_string(),
+            ]
+        );
+        assert!(answers_differ(&running, &new), "ttl is in every answer");
+        let probes_only = dns(
+            addr,
+            www,
+            "health_interval = \"5s\"\nregenerate_every = \"1m\"",
+        );
+        assert!(!answers_differ(&running, &probes_only));
+        let more_names = dns(addr, &format!("{www}, \"api.example.com\""), "");
+        assert!(answers_differ(&running, &more_names));
+    }
 }

@@ -136,11 +136,11 @@ pub fn render(state: &DnsState) -> String {
     let (failures, last) = state.regen_status();
     let _ = writeln!(
         o,
-        "# HELP edgepop_dns_map_errors_total Region file loads rejected (old map kept).\n# TYPE edgepop_dns_map_errors_total counter\nedgepop_dns_map_errors_total {failures}"
+        "# HELP edgepop_dns_map_errors_total Region file and configuration file (SIGHUP) loads rejected (old map and settings kept).\n# TYPE edgepop_dns_map_errors_total counter\nedgepop_dns_map_errors_total {failures}"
     );
     let _ = writeln!(
         o,
-        "# HELP edgepop_dns_map_last_error The last rejected region file load (1 while it is the latest outcome).\n# TYPE edgepop_dns_map_last_error gauge"
+        "# HELP edgepop_dns_map_last_error The last rejected region file or configuration file load (1 until that file loads).\n# TYPE edgepop_dns_map_last_error gauge"
     );
     if let Some(e) = last {
         let _ = writeln!(

@@ -266,3 +266,187 @@ fn a_file_with_only_one_roles_sections_is_valid_for_that_role() {
     assert!(!ok);
     assert!(stderr.contains("nothing to run"), "{stderr}");
 }
+
+/// (line, column) of `needle` in `text`, 1-based.
+fn position(text: &str, needle: &str) -> (usize, usize) {
+    text.lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+        .unwrap_or_else(|| panic!("{needle:?} not in {text}"))
+}
+
+/// A `[dns]` section using the shipped region file, with `extra` keys.
+fn dns_text(extra: &str) -> String {
+    format!(
+        "\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\n{extra}\n",
+        root().join("config/regions.toml").display()
+    )
+}
+
+fn dev_cert_and_key() -> (String, String) {
+    let c = certs();
+    (
+        c.join("edge.crt").display().to_string(),
+        c.join("edge.key").display().to_string(),
+    )
+}
+
+#[test]
+fn check_validates_every_role_in_the_file_and_points_at_the_first_error() {
+    let (crt, key) = dev_cert_and_key();
+    // A valid edge, a [dns] value that is wrong.
+    let text = format!(
+        "{}{}",
+        edge_text("", &crt, &key),
+        dns_text("ttl = \"soon\"")
+    );
+    let (line, col) = position(&text, "\"soon\"");
+    assert_eq!(
+        check_text(&text).trim(),
+        format!("e.toml:{line}:{col}: invalid value: string \"soon\", expected a duration")
+    );
+    // A valid [dns], an edge certificate file that is missing.
+    let text = format!(
+        "{}{}",
+        edge_text("", "/nonexistent/x.crt", &key),
+        dns_text("")
+    );
+    let err = check_text(&text);
+    assert!(
+        err.starts_with("e.toml:7:8: certificate file /nonexistent/x.crt"),
+        "{err}"
+    );
+    // Some edge sections but not all: still an error, whatever [dns] says.
+    let partial = format!(
+        "[pop]\nname = \"p\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n{}",
+        dns_text("")
+    );
+    assert_eq!(
+        check_text(&partial).trim(),
+        "e.toml:1:1: the edge role needs at least one [[certificates]] entry"
+    );
+    // The edge role needs [pop].
+    let no_pop = edge_text("", &crt, &key).replacen("[pop]\nname = \"p\"\n", "", 1);
+    assert_eq!(
+        check_text(&no_pop).trim(),
+        "e.toml:1:1: missing [pop] section (the edge role needs it)"
+    );
+    // Neither role.
+    let none = check_text("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    assert!(none.starts_with("e.toml:1:1: nothing to run: "), "{none}");
+}
+
+#[test]
+fn a_dns_only_file_needs_no_pop_section() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("dns.toml", dns_text("")),
+        (
+            "dns-admin.toml",
+            format!("[admin]\nlisten = \"127.0.0.1:9953\"\n{}", dns_text("")),
+        ),
+    ] {
+        let (ok, stdout, stderr) = check(&write_file(dir.path(), name, &text));
+        assert!(ok, "{name}: {stderr}");
+        assert!(
+            stdout.contains("dns 127.0.0.1:0 zone edgepop.test"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_health_ca_fails_check_at_its_key() {
+    let missing = check_text(&dns_text("health_ca = \"/nonexistent/ca.crt\""));
+    let (line, col) = position(&dns_text(""), "regions =");
+    // health_ca is the line after regions, its value after "health_ca = ".
+    assert_eq!(col, 1);
+    assert!(
+        missing.starts_with(&format!(
+            "e.toml:{}:13: CA file /nonexistent/ca.crt: ",
+            line + 1
+        )),
+        "{missing}"
+    );
+    let key = certs().join("edge.key");
+    let not_a_ca = check_text(&dns_text(&format!("health_ca = \"{}\"", key.display())));
+    assert_eq!(
+        not_a_ca.trim(),
+        format!(
+            "e.toml:{}:13: CA file {} holds no usable certificate",
+            line + 1,
+            key.display()
+        )
+    );
+}
+
+/// Runs the binary to completion (it must exit within 30 s).
+async fn run_to_exit(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    let out = tokio::process::Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("EDGEPOP_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(std::time::Duration::from_secs(30), out)
+        .await
+        .expect("exits")
+        .expect("runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_ignores_the_dns_section_but_not_an_unknown_key_in_it() {
+    let o = origin().start().await.unwrap();
+    let edge = edge_config(&[("o1", o.addr(), "")], &["localhost"]);
+    // Every [dns] value is wrong and every file it names is missing: not serve's business.
+    let bad_dns = "\n[dns]\nlisten = \"not-an-address\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nttl = \"soon\"\nregions = \"/nonexistent/regions.toml\"\nhealth_ca = \"/nonexistent/ca.crt\"\n";
+    let text = format!("{edge}{bad_dns}");
+    let e = spawn_edge(&text).await;
+    let mut client = Client::connect(e.addr, "localhost", false).await;
+    assert_eq!(client.get("localhost", "/").await.0, 200);
+
+    let dir = tempfile::tempdir().unwrap();
+    // check validates both roles and stops at the [dns] error.
+    let (ok, _, stderr) = check(&write_file(dir.path(), "both.toml", &text));
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid value: string \"soon\""),
+        "{stderr}"
+    );
+    // The shape of the whole file is still checked.
+    let junk = write_file(
+        dir.path(),
+        "junk.toml",
+        &format!("{edge}{}", dns_text("junk_key = 1")),
+    );
+    let out = run_to_exit(&["serve"], &junk).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unknown field `junk_key`"), "{err}");
+    // A file without the edge role gives serve nothing to run.
+    let dns_only = write_file(dir.path(), "dns.toml", &dns_text(""));
+    let out = run_to_exit(&["serve"], &dns_only).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:1:1: nothing for `edgepop serve` to run",
+            dns_only.display()
+        )),
+        "{err}"
+    );
+    // And a file without [dns] gives dns nothing to run.
+    let (crt, key) = dev_cert_and_key();
+    let edge_only = write_file(dir.path(), "edge.toml", &edge_text("", &crt, &key));
+    let out = run_to_exit(&["dns"], &edge_only).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:1:1: no [dns] section: nothing for `edgepop dns` to run",
+            edge_only.display()
+        )),
+        "{err}"
+    );
+}

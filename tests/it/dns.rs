@@ -2,7 +2,9 @@
 //! source and by ECS, the ECS scope rule, zone semantics, EDNS, truncation and TCP, health
 //! failover, regeneration of the map, malformed input, admin endpoints and the binary.
 
-mod harness;
+pub mod harness;
+mod reload;
+mod roles;
 mod wire;
 
 use harness::*;
@@ -587,54 +589,6 @@ async fn the_admin_listener_serves_healthz_map_and_metrics() {
         "edgepop_dns_pop_up{pop=\"north1\"} 1",
     ] {
         assert!(m.contains(needle), "{needle} in {m}");
-    }
-}
-
-/// Kills the child on drop, so a failing test leaves nothing running.
-struct Child(std::process::Child);
-
-/// `edgepop dns --config cfg` (killed on drop), its log lines (stderr) on a channel.
-fn spawn_dns_binary(cfg: &std::path::Path) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
-        .args(["dns", "--config"])
-        .arg(cfg)
-        .env("EDGEPOP_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map(Child)
-        .expect("spawn");
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-/// The text after `marker` in the first log line that has it (20 s at most).
-fn log_after(log: &std::sync::mpsc::Receiver<String>, marker: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = log
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
-        if let Some(rest) = line.split(marker).nth(1) {
-            return rest.to_string();
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -9,7 +9,7 @@ use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::{Name, RecordType};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,8 @@ pub struct Dns {
     pub sidecar: Sidecar,
     pub dir: tempfile::TempDir,
     pub regions: PathBuf,
+    /// The configuration file it was started from.
+    pub config: PathBuf,
 }
 
 impl Dns {
@@ -33,11 +35,16 @@ impl Dns {
 
     /// `extra`: more `[dns]` keys, e.g. `regenerate_every = "100ms"`.
     pub async fn start_with(regions: &str, extra: &str) -> Dns {
+        Self::start_config(regions, |r| config_text(r, extra)).await
+    }
+
+    /// `config`: the configuration text, given the region file's path.
+    pub async fn start_config(regions: &str, config: impl Fn(&Path) -> String) -> Dns {
         let dir = tempfile::tempdir().expect("tempdir");
         let regions_path = dir.path().join("regions.toml");
         std::fs::write(&regions_path, regions).expect("write regions");
         let cfg_path = dir.path().join("edgepop.toml");
-        let text = config_text(&regions_path, extra);
+        let text = config(&regions_path);
         std::fs::write(&cfg_path, &text).expect("write config");
         let cfg = edgepop::config::parse(&cfg_path, &text).expect("config");
         let dns = cfg.dns.expect("[dns]");
@@ -48,7 +55,17 @@ impl Dns {
             sidecar,
             dir,
             regions: regions_path,
+            config: cfg_path,
         }
+    }
+
+    /// Replaces the configuration file (write, then rename) and asks the sidecar to apply it,
+    /// as SIGHUP does.
+    pub fn reload_config(&self, text: &str) {
+        let tmp = self.dir.path().join("edgepop.toml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+        self.sidecar.reload_config(&self.config);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -361,4 +378,97 @@ impl Dns {
             _ => None,
         }
     }
+}
+
+/// Kills the child on drop, so a failing test leaves nothing running.
+pub struct Child(pub std::process::Child);
+
+/// `edgepop dns --config cfg` (killed on drop), its log lines (stderr) on a channel.
+pub fn spawn_dns_binary(cfg: &std::path::Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgepop"))
+        .args(["dns", "--config"])
+        .arg(cfg)
+        .env("EDGEPOP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Child)
+        .expect("spawn");
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// The text after `marker` in the first log line that has it (20 s at most).
+pub fn log_after(log: &std::sync::mpsc::Receiver<String>, marker: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = log
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
+        if let Some(rest) = line.split(marker).nth(1) {
+            return rest.to_string();
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `dig @127.0.0.1 -p port <args>` against a sidecar process.
+pub async fn dig_port(port: u16, args: &[&str]) -> String {
+    let p = port.to_string();
+    let mut all = vec!["@127.0.0.1", "-p", p.as_str(), "+time=2", "+tries=1"];
+    all.extend_from_slice(args);
+    run("dig", &all).await
+}
+
+/// (TTL, data) of each answer record in `dig +noall +answer` output.
+pub fn answer_records(dig: &str) -> Vec<(u32, String)> {
+    dig.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(1)?.parse().ok()?, f.get(4)?.to_string()))
+        })
+        .collect()
+}
+
+/// Sends `sig` ("HUP", "TERM") to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// The DNS port and admin address of a sidecar process, from its start-up log line
+/// ("dns listening on 127.0.0.1:PORT (udp+tcp) ... admin=Some(ADDR) ...").
+pub fn dns_addrs(log: &std::sync::mpsc::Receiver<String>) -> (u16, Option<SocketAddr>) {
+    let rest = log_after(log, "dns listening on 127.0.0.1:");
+    let port = rest
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let admin = rest
+        .split("admin=Some(")
+        .nth(1)
+        .and_then(|a| a.split(')').next())
+        .and_then(|a| a.parse().ok());
+    (port, admin)
 }
