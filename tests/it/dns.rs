@@ -739,3 +739,59 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
     // Stopping wakes every worker and closes every socket.
     assert_eq!(udp_sockets_on(addr.port()), 0, "sockets left after stop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pops_are_checked_over_https_on_the_edges_admin_port_as_in_design() {
+    use crate::support;
+    // Edge "up" reaches its origin; edge "down" has none (its /healthz is 503).
+    let origin = support::origin().start().await.unwrap();
+    let up = support::single_origin_edge(origin.addr(), "warm_connections = 1").await;
+    let (_refusing, dead) = support::refusing_addr();
+    let down =
+        support::single_origin_edge(dead, "warm_connections = 1\nconnect_timeout = \"200ms\"")
+            .await;
+    let regions = format!(
+        r#"
+[[pops]]
+name = "down"
+ipv4 = ["192.0.2.1"]
+health = "https://127.0.0.1:{}/healthz"
+
+[[pops]]
+name = "up"
+ipv4 = ["192.0.2.2"]
+health = "https://127.0.0.1:{}/healthz"
+
+[[regions]]
+name = "north"
+networks = ["198.51.100.0/24"]
+pops = ["down", "up"]
+
+[default]
+pops = ["up", "down"]
+"#,
+        down.admin.port(),
+        up.admin.port()
+    );
+    let dns = Dns::start(&regions).await;
+    eventually(
+        Duration::from_secs(10),
+        "the PoP without an origin is marked down",
+        || async {
+            let (_, map) = dns.admin_get("/map").await;
+            let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+            let pops = map["pops"].as_array().cloned().unwrap_or_default();
+            let up_of = |name: &str| {
+                pops.iter()
+                    .find(|p| p["name"] == name)
+                    .map(|p| p["up"].clone())
+            };
+            up_of("down") == Some(false.into()) && up_of("up") == Some(true.into())
+        },
+    )
+    .await;
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.2"]
+    );
+}
