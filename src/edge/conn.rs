@@ -73,7 +73,10 @@ pub async fn serve(
     } else {
         builder.http1_only()
     };
-    let body_timeout = cfg.body_timeout;
+    let limits = crate::proxy::ClientLimits {
+        body_timeout: cfg.body_timeout,
+        send_timeout: cfg.send_timeout,
+    };
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -87,7 +90,7 @@ pub async fn serve(
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);
         async move {
-            let resp = handler::handle(&rt, req, peer, body_timeout).await;
+            let resp = handler::handle(&rt, req, peer, limits).await;
             // In flight until the response body ends: a long download is not idle time.
             Ok::<_, Infallible>(resp.map(|body| Holding::wrap(body, guard)))
         }

@@ -43,7 +43,7 @@ pub enum ProxyError {
     #[error("origin {origin}: no response head within {after:?}")]
     FirstByteTimeout { origin: String, after: Duration },
     #[error(transparent)]
-    ClientBody(super::body::ClientBodyError),
+    ClientBody(super::request_body::ClientBodyError),
 }
 
 impl From<CheckoutError> for ProxyError {
@@ -79,10 +79,10 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
-            ProxyError::ClientBody(super::body::ClientBodyError::Timeout(_)) => {
+            ProxyError::ClientBody(super::request_body::ClientBodyError::Timeout(_)) => {
                 StatusCode::REQUEST_TIMEOUT
             }
-            ProxyError::ClientBody(super::body::ClientBodyError::Aborted) => {
+            ProxyError::ClientBody(super::request_body::ClientBodyError::Aborted) => {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,10 +108,10 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream request failed",
             ProxyError::BadWebSocketHandshake { .. } => "upstream WebSocket handshake failed",
             ProxyError::FirstByteTimeout { .. } => "upstream response timed out",
-            ProxyError::ClientBody(super::body::ClientBodyError::Timeout(_)) => {
+            ProxyError::ClientBody(super::request_body::ClientBodyError::Timeout(_)) => {
                 "request body timed out"
             }
-            ProxyError::ClientBody(super::body::ClientBodyError::Aborted) => {
+            ProxyError::ClientBody(super::request_body::ClientBodyError::Aborted) => {
                 "request body incomplete"
             }
         }

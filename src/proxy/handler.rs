@@ -8,12 +8,12 @@
 //! idempotent request that may have reached the origin is retried too (at most 2); nothing
 //! else is. A connect failure moves on to the route's next healthy origin.
 
-use super::body::{
-    full, BodyProgress, BoxError, ClientBody, ClientBodyError, ProxyBody, UpstreamBody,
-};
+use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers;
+use super::request_body::{BodyProgress, ClientBody, ClientBodyError};
 use super::router::normalize_host;
+use super::ClientLimits;
 use super::Runtime;
 use crate::access_log::PendingLog;
 use crate::config::Protocol;
@@ -28,19 +28,19 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Answers one client request; never fails (errors become 4xx/5xx responses).
-/// `body_timeout`: the longest the client may pause while sending a request body.
+/// `limits`: what the client connection's listener allows the request's bodies.
 pub async fn handle(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,
-    body_timeout: Duration,
+    limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
     let mut log = rt
         .access_log
         .as_ref()
         .map(|l| PendingLog::new(l, &req, peer));
-    let resp = match forward(rt, req, peer, body_timeout, &mut log).await {
+    let resp = match forward(rt, req, peer, limits, &mut log).await {
         Ok(resp) => resp,
         Err(e) => {
             let resp = error_response(&e);
@@ -103,7 +103,7 @@ async fn forward(
     rt: &Runtime,
     req: Request<Incoming>,
     peer: SocketAddr,
-    body_timeout: Duration,
+    limits: ClientLimits,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let h2_websocket = super::upgrade::is_h2_websocket(&req);
@@ -130,7 +130,7 @@ async fn forward(
         .await;
     }
     let client_version = req.version();
-    let (req, progress) = client_body(req, body_timeout);
+    let (req, progress) = client_body(req, limits.body_timeout);
     let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
@@ -163,8 +163,14 @@ async fn forward(
         );
         l
     });
-    let body =
-        UpstreamBody::new(body, Some(sent.guard), sent.pool.origin().idle_timeout, log).boxed();
+    let body = UpstreamBody::new(
+        body,
+        Some(sent.guard),
+        sent.pool.origin().idle_timeout,
+        Some(limits.send_timeout),
+        log,
+    )
+    .boxed();
     Ok(Response::from_parts(parts, body))
 }
 

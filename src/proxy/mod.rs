@@ -5,7 +5,9 @@ pub mod body;
 pub mod error;
 pub mod handler;
 pub mod headers;
+pub mod request_body;
 pub mod router;
+mod stall;
 pub mod upgrade;
 
 use crate::config::{EdgeConfig, PopConfig};
@@ -14,6 +16,16 @@ use crate::pool::Pool;
 use hyper::header::HeaderValue;
 use router::Router;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// What a client connection allows a request's bodies (its listener's settings).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Longest pause while the client sends a request body.
+    pub body_timeout: Duration,
+    /// Longest the client may take no response data.
+    pub send_timeout: Duration,
+}
 
 /// Everything a request needs, immutable: a reload builds a new one and swaps it atomically.
 pub struct Runtime {

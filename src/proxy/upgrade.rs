@@ -116,7 +116,7 @@ async fn tunnel(
     let Some(upstream_side) = upstream_side else {
         // The origin declined the upgrade: an ordinary response.
         expect_length(&mut log, &parts.headers);
-        let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
+        let body = UpstreamBody::new(body, None, origin.idle_timeout, None, log).boxed();
         return Ok(Response::from_parts(parts, body));
     };
     parts
@@ -228,7 +228,7 @@ async fn websocket_over_h2(
         headers::append_via(&mut parts.headers, parts.version, &rt.via);
         parts.version = Version::HTTP_2;
         expect_length(&mut log, &parts.headers);
-        let body = UpstreamBody::new(body, None, origin.idle_timeout, log).boxed();
+        let body = UpstreamBody::new(body, None, origin.idle_timeout, None, log).boxed();
         return Ok(Response::from_parts(parts, body));
     }
     let upstream_side = hyper::upgrade::on(&mut resp);

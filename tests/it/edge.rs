@@ -1613,3 +1613,42 @@ async fn the_admin_port_also_answers_https_with_the_edge_certificates() {
         (200, "ok\n".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_the_client_stops_reading_releases_its_upstream_after_send_timeout() {
+    for proto in ["http1", "h2"] {
+        let origin = origin().start().await.unwrap();
+        let config = edge_config(
+        &[(
+            "o1",
+            origin.addr(),
+            &format!("protocol = \"{proto}\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"5s\""),
+        )],
+        &["localhost"],
+    )
+    .replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nsend_timeout = \"300ms\"\n",
+    );
+        let edge = start_edge(&config).await;
+        let mut c = Client::connect(edge.addr, "localhost", true).await;
+        // The head arrives, the body is never read: the stream's flow-control window fills and
+        // the edge stops being polled for it, while the connection itself stays busy and well.
+        let stalled = c
+            .send(request(true, "localhost", &format!("/bytes/{}", 64 * MIB)))
+            .await
+            .unwrap();
+        assert_eq!(stalled.status(), 200);
+        // The one origin connection comes back, and the same client connection is served on it.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                pools_json(edge.admin).await["pools"][0]["busy"] == 0
+            })
+            .await,
+            "{proto}: {}",
+            pools_json(edge.admin).await
+        );
+        assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+        drop(stalled);
+    }
+}

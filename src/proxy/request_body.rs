@@ -1,0 +1,166 @@
+//! The client's request body on its way to the origin: an idle timeout between frames
+//! (nginx's `client_body_timeout`) and a [`BodyProgress`] that tells the sender when the body
+//! ended and whether the client was at fault.
+
+use super::body::BoxError;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// How far the client's request body got; shared between the body (streamed to the origin
+/// by the pool) and the sender, which starts the first-byte clock only once the whole body
+/// is sent and must not blame the origin for a client that stopped sending.
+pub struct BodyProgress {
+    state: std::sync::atomic::AtomicU8,
+    ended: tokio::sync::Notify,
+    /// The body's idle timeout, for the error that names it.
+    idle: Duration,
+}
+
+/// Why a client's request body did not arrive whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("client sent no request body data for {0:?}")]
+    Timeout(Duration),
+    #[error("client request body ended early or was malformed")]
+    Aborted,
+}
+
+const STREAMING: u8 = 0;
+const COMPLETE: u8 = 1;
+const TIMED_OUT: u8 = 2;
+const ABORTED: u8 = 3;
+
+impl BodyProgress {
+    fn set(&self, state: u8) {
+        use std::sync::atomic::Ordering;
+        if self
+            .state
+            .compare_exchange(STREAMING, state, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// Resolves once the body ended, whole or not.
+    pub async fn ended(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.ended.notified();
+            if self.state.load(Ordering::Acquire) != STREAMING {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the body ended because of the client (a pause too long, an abort).
+    pub fn failed(&self) -> bool {
+        self.client_error().is_some()
+    }
+
+    /// The client's failure, if the body ended because of one.
+    pub fn client_error(&self) -> Option<ClientBodyError> {
+        match self.state.load(std::sync::atomic::Ordering::Acquire) {
+            TIMED_OUT => Some(ClientBodyError::Timeout(self.idle)),
+            ABORTED => Some(ClientBodyError::Aborted),
+            _ => None,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The client's request body on its way to the origin, with an idle timeout between
+    /// frames (nginx's `client_body_timeout`), reporting its end to a [`BodyProgress`].
+    pub struct ClientBody {
+        #[pin]
+        inner: hyper::body::Incoming,
+        idle: Duration,
+        #[pin]
+        timer: Sleep,
+        // The timer is set when the body first waits after progress, not on every frame.
+        armed: bool,
+        progress: std::sync::Arc<BodyProgress>,
+    }
+}
+
+impl ClientBody {
+    pub fn new(
+        inner: hyper::body::Incoming,
+        idle: Duration,
+    ) -> (Self, std::sync::Arc<BodyProgress>) {
+        let progress = std::sync::Arc::new(BodyProgress {
+            state: std::sync::atomic::AtomicU8::new(STREAMING),
+            ended: tokio::sync::Notify::new(),
+            idle,
+        });
+        let body = ClientBody {
+            inner,
+            idle,
+            timer: tokio::time::sleep(idle),
+            armed: false,
+            progress: progress.clone(),
+        };
+        (body, progress)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.armed = false;
+                if this.inner.is_end_stream() {
+                    // The sender may stop polling once the body says it is at its end.
+                    this.progress.set(COMPLETE);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.progress.set(COMPLETE);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.progress.set(ABORTED);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                if !*this.armed {
+                    *this.armed = true;
+                    this.timer.as_mut().reset(Instant::now() + *this.idle);
+                }
+                match this.timer.poll(cx) {
+                    Poll::Ready(()) => {
+                        this.progress.set(TIMED_OUT);
+                        Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout(*this.idle)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.progress.set(COMPLETE);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
