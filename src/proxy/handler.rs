@@ -337,20 +337,19 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
 }
 
 /// Waits for the response head; the first-byte clock starts once the request body (if any)
-/// has been handed over whole, so a long upload is not an origin timeout.
+/// has been handed over whole, so a long upload is not an origin timeout. Takes the send
+/// pinned by the caller: one copy of it in the request's future, not three.
 async fn first_byte<F: std::future::Future>(
-    send: F,
+    mut send: std::pin::Pin<&mut F>,
     limit: Duration,
     body: Option<&BodyProgress>,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let Some(body) = body else {
-        return tokio::time::timeout(limit, send).await;
-    };
-    tokio::pin!(send);
-    tokio::select! {
-        biased;
-        out = &mut send => return Ok(out),
-        () = body.ended() => {}
+    if let Some(body) = body {
+        tokio::select! {
+            biased;
+            out = send.as_mut() => return Ok(out),
+            () = body.ended() => {}
+        }
     }
     tokio::time::timeout(limit, send).await
 }
@@ -391,7 +390,9 @@ async fn send<'a>(
         };
         let method = out.method().clone();
         let limit = pool.origin().first_byte_timeout;
-        match first_byte(lease.send(out), limit, body).await {
+        let sending = lease.send(out);
+        tokio::pin!(sending);
+        match first_byte(sending, limit, body).await {
             Ok(Ok((response, guard))) => {
                 pool.record_success();
                 return Ok(Sent {
