@@ -9,6 +9,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sidecar's map rebuilds free tens of MiB at once; give them back right away.
+    tune_allocator(matches!(cli.command, Command::Dns(_) | Command::Demo(_)));
     init_tracing();
     let result = match cli.command {
         Command::Check(a) => edgepop::serve::check(&a.config),
@@ -23,6 +25,31 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// mimalloc (fast on the request path) commits arena memory eagerly and purges freed pages
+/// lazily, which shows as resident memory: commit only what is used, and with `purge_now`
+/// return freed pages at once. Measured with 100,000 region networks: the sidecar's RSS is
+/// 15 MiB instead of 73 MiB; the edge idles at 12 MiB instead of 27 MiB.
+fn tune_allocator(purge_now: bool) {
+    use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
+    // Ids in mimalloc v3's `mi_option_e`, checked against their documented defaults so that
+    // another mimalloc (or a MIMALLOC_* environment override) is left alone, never mis-set.
+    const ARENA_EAGER_COMMIT: mi_option_t = 4; // default 2
+    const PURGE_DELAY: mi_option_t = 15; // default 10 ms in the docs, 1000 ms in the v3 built
+                                         // SAFETY: plain setters of mimalloc's global options, called before any other thread
+                                         // exists.
+    unsafe {
+        if mi_option_get(ARENA_EAGER_COMMIT) != 2
+            || !matches!(mi_option_get(PURGE_DELAY), 10 | 1000)
+        {
+            return;
+        }
+        mi_option_set(ARENA_EAGER_COMMIT, 0);
+        if purge_now {
+            mi_option_set(PURGE_DELAY, 0);
         }
     }
 }

@@ -147,8 +147,10 @@ pub struct EdgeServer {
     admin_listen: Option<SocketAddr>,
     /// Each running listener's settings, which a reload swaps where it can.
     listeners: Vec<edge::Settings>,
+    /// Runtimes replaced by reloads that requests may still hold (a pool they use stays open
+    /// until none does).
+    replaced: std::sync::Mutex<Vec<std::sync::Weak<Runtime>>>,
     tracker: TaskTracker,
-    drain_timeout: Duration,
 }
 
 /// The floor of origin `i`: `warm_connections` if it is some route's first choice,
@@ -247,12 +249,10 @@ impl EdgeServer {
         };
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
-        let mut drain_timeout = Duration::ZERO;
         for l in &edge_cfg.listeners {
             let bound = edge::bind(l)?;
             listen_addrs.push(bound.local_addr()?);
             listeners.push(bound.settings());
-            drain_timeout = drain_timeout.max(l.drain_timeout);
             tokio::spawn(bound.run(
                 tls.clone(),
                 runtime.clone(),
@@ -269,8 +269,8 @@ impl EdgeServer {
             admin_stop,
             admin_listen: cfg.admin.as_ref().map(|a| a.listen),
             listeners,
+            replaced: std::sync::Mutex::new(Vec::new()),
             tracker,
-            drain_timeout,
         })
     }
 
@@ -347,8 +347,14 @@ impl EdgeServer {
         if cfg.admin.as_ref().map(|a| a.listen) != self.admin_listen {
             tracing::warn!("[admin] listen changed: a restart is needed to rebind it");
         }
+        let holders = {
+            let mut replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+            replaced.retain(|w| w.strong_count() > 0);
+            replaced.push(Arc::downgrade(&old));
+            replaced.clone()
+        };
         if !retired.is_empty() {
-            tokio::spawn(retire(Arc::downgrade(&old), retired));
+            tokio::spawn(retire(holders, retired));
         }
         Ok(())
     }
@@ -386,11 +392,18 @@ impl EdgeServer {
         self.status.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+        // The listeners' current settings: a reload may have changed drain_timeout.
+        let drain_timeout = self
+            .listeners
+            .iter()
+            .map(|l| l.load().drain_timeout)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        if tokio::time::timeout(drain_timeout, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!(after = ?self.drain_timeout, "drain timeout: closing remaining connections");
+            tracing::warn!(after = ?drain_timeout, "drain timeout: closing remaining connections");
         }
         let rt = self.status.runtime.load_full();
         for p in rt.pools.iter() {
@@ -408,11 +421,11 @@ const RETIRE_GRACE: Duration = Duration::from_secs(60);
 
 /// Shuts the pools a reload dropped once no request can still use them. Every request holds
 /// the runtime it started with (and may check out, queue or retry on its pools until it has
-/// its response head), so the old runtime going away is that moment; a request stuck longer
-/// than [`RETIRE_GRACE`] loses its pool.
-async fn retire(old: std::sync::Weak<Runtime>, pools: Vec<Pool>) {
+/// its response head), so every replaced runtime going away is that moment (any of them may
+/// hold the pools); a request stuck longer than [`RETIRE_GRACE`] loses its pool.
+async fn retire(holders: Vec<std::sync::Weak<Runtime>>, pools: Vec<Pool>) {
     let deadline = tokio::time::Instant::now() + RETIRE_GRACE;
-    while old.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+    while holders.iter().any(|w| w.strong_count() > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for p in pools {

@@ -75,7 +75,7 @@ pub async fn serve(
     };
     let limits = crate::proxy::ClientLimits {
         body_timeout: cfg.body_timeout,
-        send_timeout: cfg.send_timeout,
+        stream_send_timeout: is_h2.then_some(cfg.send_timeout),
     };
     let activity = Arc::new(Activity::default());
     let act = activity.clone();

@@ -20,6 +20,7 @@ const PEAK_DECAY_PER_SEC: f64 = 0.99;
 pub(super) async fn run(inner: Arc<Inner>) {
     let mut failures: u32 = 0;
     let mut last_decay = Instant::now();
+    let mut last_probe = Instant::now();
     loop {
         if inner.shutdown.is_cancelled() {
             return;
@@ -54,11 +55,37 @@ pub(super) async fn run(inner: Arc<Inner>) {
         if wanted > 0 {
             continue;
         }
+        if needs_probe(&inner) && last_probe.elapsed() >= inner.origin.health_interval {
+            last_probe = Instant::now();
+            probe(&inner).await;
+        }
         // select!: whichever comes first — a connection closed, the tick, or shutdown.
         tokio::select! {
             _ = inner.maintain.notified() => {}
             _ = tokio::time::sleep(tick(&inner)) => {}
             _ = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// An origin marked down with nothing that would ever check it again: no health path, and
+/// no floor to keep (so no connects). Without a probe it would stay down for good once
+/// clients are steered away, since only requests could bring it back.
+fn needs_probe(inner: &Inner) -> bool {
+    !inner.health.is_up() && inner.origin.health_path.is_none() && inner.target() == 0
+}
+
+/// A connect check: TCP and TLS to the origin, then closed; counts toward `healthy_after`.
+async fn probe(inner: &Arc<Inner>) {
+    let check = async {
+        let tcp = conn::connect_tcp(&inner.origin.address).await?;
+        conn::connect_tls(&inner.origin, &inner.tls, tcp).await
+    };
+    match conn::within_connect_timeout(&inner.origin, check).await {
+        Ok(_) => inner.note_success(),
+        Err(e) => {
+            inner.stats.record_failure(&e);
+            inner.note_failure();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Response bodies: the origin's body streamed to the client frame by frame (never buffered
 //! whole), with an idle timeout between frames, holding the pool lease until it ends.
 
-use super::stall::Feed;
+use super::stall::{Feed, PIECE};
 use crate::access_log::PendingLog;
 use crate::pool::ResponseBody;
 use crate::pool::StreamGuard;
@@ -35,8 +35,10 @@ pin_project_lite::pin_project! {
         idle: Duration,
         #[pin]
         timer: Sleep,
-        // The client connection's send_timeout, for large bodies (see `super::stall`).
+        // The client connection's send_timeout for one h2 stream (see `super::stall`).
         send_timeout: Option<Duration>,
+        // The rest of a frame being handed over in pieces (watched bodies only).
+        pending: Bytes,
         // The access-log entry, written when the body ends, fails or is dropped.
         log: Option<PendingLog>,
         bytes: u64,
@@ -79,6 +81,7 @@ impl UpstreamBody {
             idle,
             timer: tokio::time::sleep(idle),
             send_timeout,
+            pending: Bytes::new(),
             log,
             bytes: 0,
             saw_end: std::cell::Cell::new(false),
@@ -99,12 +102,30 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(PIECE);
+            let piece = this.pending.split_to(n);
+            *this.bytes += n as u64;
+            let more = !this.pending.is_empty() || !this.feed.is_end_stream();
+            this.feed.handed_over(more, *this.send_timeout);
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
         match this.feed.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.as_mut().reset(Instant::now() + *this.idle);
+                let frame = match frame.into_data() {
+                    Ok(mut data) if this.send_timeout.is_some() && data.len() > PIECE => {
+                        let first = data.split_to(PIECE);
+                        *this.pending = data;
+                        Frame::data(first)
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(frame) => frame,
+                };
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
-                    this.feed.handed_over(*this.bytes, *this.send_timeout);
+                    let more = !this.pending.is_empty() || !this.feed.is_end_stream();
+                    this.feed.handed_over(more, *this.send_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -143,7 +164,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.feed.is_end_stream();
+        let end = self.pending.is_empty() && self.feed.is_end_stream();
         if end {
             self.saw_end.set(true);
         }
@@ -151,7 +172,14 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.feed.size_hint()
+        let rest = self.feed.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(pending));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(pending));
+        }
+        hint
     }
 }
 

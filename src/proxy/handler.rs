@@ -167,7 +167,7 @@ async fn forward(
         body,
         Some(sent.guard),
         sent.pool.origin().idle_timeout,
-        Some(limits.send_timeout),
+        limits.stream_send_timeout,
         log,
     )
     .boxed();
@@ -336,22 +336,35 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     Some(copy)
 }
 
-/// Waits for the response head; the first-byte clock starts once the request body (if any)
-/// has been handed over whole, so a long upload is not an origin timeout. Takes the send
-/// pinned by the caller: one copy of it in the request's future, not three.
+/// The origin did not answer (or, during the upload, did not read) within its limit.
+struct FirstByteTimedOut;
+
+/// Waits for the response head. The first-byte clock starts once the request body (if any)
+/// has been handed over whole, so a long upload is not an origin timeout; while it streams,
+/// an origin that takes none of it for the same limit is one. Takes the send pinned by the
+/// caller: one copy of it in the request's future, not three.
 async fn first_byte<F: std::future::Future>(
     mut send: std::pin::Pin<&mut F>,
     limit: Duration,
     body: Option<&BodyProgress>,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
+) -> Result<F::Output, FirstByteTimedOut> {
     if let Some(body) = body {
-        tokio::select! {
-            biased;
-            out = send.as_mut() => return Ok(out),
-            () = body.ended() => {}
+        loop {
+            tokio::select! {
+                biased;
+                out = send.as_mut() => return Ok(out),
+                () = body.ended() => break,
+                () = tokio::time::sleep_until(body.next_check(limit)) => {
+                    if body.origin_stalled(limit) {
+                        return Err(FirstByteTimedOut);
+                    }
+                }
+            }
         }
     }
-    tokio::time::timeout(limit, send).await
+    tokio::time::timeout(limit, send)
+        .await
+        .map_err(|_| FirstByteTimedOut)
 }
 
 /// Sends on the first candidate that gives a connection; see the module doc for retries.

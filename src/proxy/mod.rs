@@ -23,8 +23,9 @@ use std::time::Duration;
 pub struct ClientLimits {
     /// Longest pause while the client sends a request body.
     pub body_timeout: Duration,
-    /// Longest the client may take no response data.
-    pub send_timeout: Duration,
+    /// Longest an h2 client may take no data of one response (none for http/1.1 clients:
+    /// there the connection's own send timeout covers it).
+    pub stream_send_timeout: Option<Duration>,
 }
 
 /// Everything a request needs, immutable: a reload builds a new one and swaps it atomically.

@@ -19,6 +19,12 @@ pub struct BodyProgress {
     ended: tokio::sync::Notify,
     /// The body's idle timeout, for the error that names it.
     idle: Duration,
+    epoch: Instant,
+    /// When the last frame came from the client, in ms since `epoch`.
+    last_frame_ms: std::sync::atomic::AtomicU64,
+    /// Set while the edge waits for the client's next frame; clear while the frame it has
+    /// waits for the origin to take it.
+    waiting_on_client: std::sync::atomic::AtomicBool,
 }
 
 /// Why a client's request body did not arrive whole.
@@ -57,6 +63,40 @@ impl BodyProgress {
             }
             notified.await;
         }
+    }
+
+    /// When the origin will have taken nothing for `limit`, if it keeps not reading.
+    fn origin_deadline(&self, limit: Duration) -> Instant {
+        let last = self
+            .last_frame_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.epoch + Duration::from_millis(last) + limit
+    }
+
+    /// When to look at the origin's side again: at its deadline, or (while the edge waits on
+    /// the client, whose own timeout applies) a limit from now.
+    pub fn next_check(&self, limit: Duration) -> Instant {
+        let now = Instant::now();
+        match self.origin_deadline(limit) {
+            d if d > now => d,
+            _ => now + limit,
+        }
+    }
+
+    /// The origin has taken no body for `limit` while the edge held data for it: an origin
+    /// that stopped reading (a client that stopped sending is `ClientBody`'s timeout).
+    pub fn origin_stalled(&self, limit: Duration) -> bool {
+        !self
+            .waiting_on_client
+            .load(std::sync::atomic::Ordering::Acquire)
+            && Instant::now() >= self.origin_deadline(limit)
+    }
+
+    fn frame_arrived(&self) {
+        use std::sync::atomic::Ordering;
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_frame_ms.store(ms, Ordering::Release);
+        self.waiting_on_client.store(false, Ordering::Release);
     }
 
     /// Whether the body ended because of the client (a pause too long, an abort).
@@ -98,6 +138,9 @@ impl ClientBody {
             state: std::sync::atomic::AtomicU8::new(STREAMING),
             ended: tokio::sync::Notify::new(),
             idle,
+            epoch: Instant::now(),
+            last_frame_ms: std::sync::atomic::AtomicU64::new(0),
+            waiting_on_client: std::sync::atomic::AtomicBool::new(false),
         });
         let body = ClientBody {
             inner,
@@ -122,6 +165,7 @@ impl Body for ClientBody {
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
+                this.progress.frame_arrived();
                 if this.inner.is_end_stream() {
                     // The sender may stop polling once the body says it is at its end.
                     this.progress.set(COMPLETE);
@@ -137,6 +181,9 @@ impl Body for ClientBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Pending => {
+                this.progress
+                    .waiting_on_client
+                    .store(true, std::sync::atomic::Ordering::Release);
                 if !*this.armed {
                     *this.armed = true;
                     this.timer.as_mut().reset(Instant::now() + *this.idle);

@@ -1,10 +1,12 @@
-//! A client that stops taking one response: on h2, flow control makes hyper stop polling that
+//! An h2 client that stops taking one response: flow control makes hyper stop polling that
 //! body, so no timer inside it can fire, and it would hold its origin connection (http/1.1)
-//! or its stream and a share of the connection window (h2) for good. Past the first flow-
-//! control window's worth of data a body moves its upstream side into shared state and a
-//! small task watches it: once the client has taken nothing for the listener's
-//! `send_timeout`, the task drops the upstream side (the origin stream is reset or the
-//! connection closed, and its pool slot returns).
+//! or its stream and a share of the connection window (h2) for good, while the client's other
+//! streams keep the connection itself busy. Once a response to an h2 client has handed over
+//! data and has more to come, its upstream side moves into shared state and a small task
+//! watches it: once the client has taken nothing for the listener's `send_timeout`, the task
+//! drops the upstream side (the origin stream is reset or the connection closed, and its pool
+//! slot returns). http/1.1 clients need none of this: a stuck response there is a stuck
+//! socket write, which the connection's own send timeout sees.
 
 use crate::pool::{ResponseBody, StreamGuard};
 use bytes::Bytes;
@@ -19,9 +21,10 @@ use tokio::time::Instant;
 
 use super::body::BoxError;
 
-/// Below this many bytes a response cannot be stalled by flow control (h2's default initial
-/// stream window is 64 KiB), so small responses never pay for the watch.
-const WATCH_AFTER: u64 = 64 * 1024;
+/// Largest piece of data handed over at once on a watched body. hyper takes the next piece
+/// only once the previous one is sent, so this bounds how much a slow but steady reader
+/// must take per `send_timeout` (h2's own frames are this size).
+pub(super) const PIECE: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("client took no response data for {0:?}; upstream released")]
@@ -97,15 +100,15 @@ impl Feed {
         }
     }
 
-    /// Data was handed to the client side, `total` bytes so far: note it for the watch, or
-    /// start watching once the body is large enough to be stalled by flow control.
-    pub(super) fn handed_over(&mut self, total: u64, send_timeout: Option<Duration>) {
+    /// Data was handed to the client side and `more` is to come: note it for the watch, or
+    /// start watching (once a body has more to give, the client may stop taking it).
+    pub(super) fn handed_over(&mut self, more: bool, send_timeout: Option<Duration>) {
         match self {
             Feed::Watched(Watched(w)) => {
                 w.last_taken_ms.store(w.now_ms(), Ordering::Release);
                 w.awaiting_client.store(true, Ordering::Release);
             }
-            Feed::Direct { .. } if total > WATCH_AFTER => {
+            Feed::Direct { .. } if more => {
                 if let Some(limit) = send_timeout {
                     self.watch(limit);
                 }
@@ -139,9 +142,11 @@ impl Feed {
     pub(super) fn is_end_stream(&self) -> bool {
         match self {
             Feed::Direct { inner, .. } => inner.is_end_stream(),
-            Feed::Watched(Watched(w)) => {
-                w.upstream().as_ref().is_none_or(|(b, _)| b.is_end_stream())
-            }
+            // Cut by the watch: not at its end, whatever was handed over.
+            Feed::Watched(Watched(w)) => w
+                .upstream()
+                .as_ref()
+                .is_some_and(|(b, _)| b.is_end_stream()),
             Feed::Closed => true,
         }
     }
@@ -176,17 +181,19 @@ async fn watchdog(w: Arc<Watch>) {
             _ = tokio::time::sleep_until(due) => {}
             _ = w.done.notified() => return,
         }
+        // Decided under the lock the body polls through, so it cannot take data meanwhile.
+        let mut upstream = w.upstream();
+        if upstream.is_none() {
+            return;
+        }
         let stalled =
             w.awaiting_client.load(Ordering::Acquire) && Instant::now() >= w.stalled_until();
         if stalled {
-            let cut = w.upstream().take();
-            if cut.is_some() {
-                w.cut.store(true, Ordering::Release);
-                tracing::debug!(after = ?w.limit, "client took no response data; upstream released");
-            }
-            return;
-        }
-        if w.upstream().is_none() {
+            let cut = upstream.take();
+            w.cut.store(true, Ordering::Release);
+            drop(upstream);
+            drop(cut);
+            tracing::debug!(after = ?w.limit, "client took no response data; upstream released");
             return;
         }
     }

@@ -781,12 +781,21 @@ pops = ["up", "down"]
             let (_, map) = dns.admin_get("/map").await;
             let map: serde_json::Value = serde_json::from_str(&map).unwrap();
             let pops = map["pops"].as_array().cloned().unwrap_or_default();
-            let up_of = |name: &str| {
+            let pop = |name: &str| {
                 pops.iter()
                     .find(|p| p["name"] == name)
-                    .map(|p| p["up"].clone())
+                    .cloned()
+                    .unwrap_or_default()
             };
-            up_of("down") == Some(false.into()) && up_of("up") == Some(true.into())
+            let (down, up) = (pop("down"), pop("up"));
+            // "up" answered over TLS (probes, no error); "down" answered too, with a 503.
+            down["up"] == false
+                && down["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("503"))
+                && up["up"] == true
+                && up["probes"].as_u64().is_some_and(|n| n >= 2)
+                && up["last_error"].is_null()
         },
     )
     .await;

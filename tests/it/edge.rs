@@ -540,7 +540,7 @@ async fn sighup_applies_a_good_config_keeps_serving_on_a_bad_one_and_sigterm_dra
     let mut slow = Client::H2(send.clone());
     let seen = || b.stats().requests.load(std::sync::atomic::Ordering::SeqCst);
     let before = seen();
-    let in_flight = tokio::spawn(async move { slow.get("localhost", "/delay/1500").await });
+    let in_flight = tokio::spawn(async move { slow.get("localhost", "/delay/3000").await });
     assert!(eventually(Duration::from_secs(5), || async { seen() > before }).await);
     signal(pid, "TERM");
     // While it drains, new admin connections are still answered, so checkers see why.
@@ -1387,13 +1387,24 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
         .write_all(b"GET /bytes/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
+    let seen = || {
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert!(eventually(Duration::from_secs(5), || async { seen() >= 1 }).await);
+    // The edge closes the connection the client stopped reading (no other client is
+    // connected) ...
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            pools_json(edge.admin).await["pools"][0]["busy"] == 1
+        eventually(Duration::from_secs(10), || async {
+            let (_, m) = admin_get(edge.admin, "/metrics").await;
+            m.lines().any(|l| l == "edgepop_client_connections 0")
         })
-        .await
+        .await,
+        "the stuck client connection was not closed"
     );
-    // The one upstream connection comes back once the edge gives up on the client.
+    // ... and the one upstream connection comes back.
     assert!(
         eventually(Duration::from_secs(10), || async {
             pools_json(edge.admin).await["pools"][0]["busy"] == 0
@@ -1491,7 +1502,7 @@ async fn a_reload_lets_requests_queued_on_a_dropped_origin_finish_there() {
     let c = Client::connect(edge.addr, "localhost", true).await;
     let Client::H2(send) = &c else { unreachable!() };
     let (mut slow, mut queued) = (Client::H2(send.clone()), Client::H2(send.clone()));
-    let slow = tokio::spawn(async move { slow.get("localhost", "/delay/500").await });
+    let slow = tokio::spawn(async move { slow.get("localhost", "/delay/3000").await });
     let pools = || async { pools_json(edge.admin).await["pools"][0].clone() };
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -1616,30 +1627,40 @@ async fn the_admin_port_also_answers_https_with_the_edge_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_stream_the_client_stops_reading_releases_its_upstream_after_send_timeout() {
-    for proto in ["http1", "h2"] {
+    // A small response to a client that grants almost no window, and a large one to a
+    // client with default windows: both stall once the window is used up.
+    for (proto, window, size) in [("http1", 1024, 32 * 1024), ("h2", 65_535, 64 * MIB)] {
         let origin = origin().start().await.unwrap();
         let config = edge_config(
-        &[(
-            "o1",
-            origin.addr(),
-            &format!("protocol = \"{proto}\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"5s\""),
-        )],
-        &["localhost"],
-    )
-    .replace(
-        "address = \"127.0.0.1:0\"\n",
-        "address = \"127.0.0.1:0\"\nsend_timeout = \"300ms\"\n",
-    );
+            &[(
+                "o1",
+                origin.addr(),
+                &format!("protocol = \"{proto}\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"5s\""),
+            )],
+            &["localhost"],
+        )
+        .replace(
+            "address = \"127.0.0.1:0\"\n",
+            "address = \"127.0.0.1:0\"\nsend_timeout = \"300ms\"\n",
+        );
         let edge = start_edge(&config).await;
-        let mut c = Client::connect(edge.addr, "localhost", true).await;
-        // The head arrives, the body is never read: the stream's flow-control window fills and
-        // the edge stops being polled for it, while the connection itself stays busy and well.
+        let tls = tls_connect(edge.addr, "localhost", &[b"h2"]).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(window)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut c = Client::H2(send);
+        // The head arrives, the body is never read: the stream's window fills and the edge
+        // stops being polled for it, while the connection itself stays busy and well.
         let stalled = c
-            .send(request(true, "localhost", &format!("/bytes/{}", 64 * MIB)))
+            .send(request(true, "localhost", &format!("/bytes/{size}")))
             .await
             .unwrap();
         assert_eq!(stalled.status(), 200);
-        // The one origin connection comes back, and the same client connection is served on it.
+        // The one origin connection comes back, and the same client connection is served.
         assert!(
             eventually(Duration::from_secs(10), || async {
                 pools_json(edge.admin).await["pools"][0]["busy"] == 0
@@ -1650,5 +1671,64 @@ async fn an_h2_stream_the_client_stops_reading_releases_its_upstream_after_send_
         );
         assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
         drop(stalled);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_origin_marked_down_is_probed_until_it_is_back() {
+    let (origin, edge) = one_origin_edge(
+        "warm_connections = 0\nunhealthy_after = 1\nhealthy_after = 2\nhealth_interval = \"100ms\"\nconnect_timeout = \"300ms\"",
+    )
+    .await;
+    assert_eq!(admin_get(edge.admin, "/healthz").await.0, 200);
+    origin.stop();
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await.0, 502);
+    assert!(admin_get(edge.admin, "/healthz")
+        .await
+        .1
+        .contains("no healthy origin"));
+    // No requests come (DNS steers clients away), no health_path, no floor: only the
+    // pool's own connect probes can see the origin come back.
+    origin.restart().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            admin_get(edge.admin, "/healthz").await.0 == 200
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_stops_reading_an_upload_gets_504_after_first_byte_timeout() {
+    for proto in ["http1", "h2"] {
+        let origin = origin().start().await.unwrap();
+        let edge = start_edge(&edge_config(
+            &[(
+                "o1",
+                origin.addr(),
+                &format!(
+                    "protocol = \"{proto}\"\nwarm_connections = 1\nfirst_byte_timeout = \"500ms\""
+                ),
+            )],
+            &["localhost"],
+        ))
+        .await;
+        let mut c = Client::connect(edge.addr, "localhost", true).await;
+        // /delay answers after 30 s and reads no body: 64 MiB cannot all fit in the buffers
+        // and windows on the way, so the origin stops taking the upload.
+        let t = Instant::now();
+        let resp = c
+            .send(post(true, "/delay/30000", streamed_body(64)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 504, "{proto}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{proto}: {:?}",
+            t.elapsed()
+        );
     }
 }
