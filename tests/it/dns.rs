@@ -725,7 +725,12 @@ fn udp_sockets_on(port: u16) -> usize {
 async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
     let dns = Dns::start_with(&basic_regions(), "udp_workers = 3").await;
     let addr = dns.addr();
-    assert_eq!(udp_sockets_on(addr.port()), 3, "one socket per worker");
+    // /proc/net/udp is read in pages while other tests open and close sockets, so one
+    // reading can miss or repeat a line: look until a reading is exact.
+    eventually(Duration::from_secs(5), "one socket per worker", || async {
+        udp_sockets_on(addr.port()) == 3
+    })
+    .await;
     // The kernel spreads clients over the sockets by address hash: queries from 48 source
     // ports land on all of them (with 3 sockets, all 48 on one has odds of 3^-47), and each
     // gets its answer.
@@ -737,7 +742,12 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
     }
     drop(dns);
     // Stopping wakes every worker and closes every socket.
-    assert_eq!(udp_sockets_on(addr.port()), 0, "sockets left after stop");
+    eventually(
+        Duration::from_secs(5),
+        "no socket left after stop",
+        || async { udp_sockets_on(addr.port()) == 0 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
