@@ -13,7 +13,14 @@ fn main() -> ExitCode {
     tune_allocator(matches!(cli.command, Command::Dns(_) | Command::Demo(_)));
     init_tracing();
     let result = match cli.command {
-        Command::Check(a) => edgepop::serve::check(&a.config),
+        Command::Check(a) => {
+            // A report piped into `head` ends quietly, as other Unix tools do, instead of
+            // panicking on a closed stdout. (`check` writes to no socket, so SIGPIPE's
+            // default action cannot end it anywhere else.)
+            // SAFETY: resetting a signal disposition before any other thread exists.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            edgepop::serve::check(&a.config)
+        }
         Command::Serve(a) => runtime().and_then(|rt| rt.block_on(edgepop::serve::serve(&a.config))),
         Command::Dns(a) => runtime().and_then(|rt| rt.block_on(edgepop::dns::run(&a.config))),
         Command::LatencyProbe(a) => runtime().and_then(|rt| rt.block_on(edgepop::probe::run(a))),
