@@ -19,11 +19,13 @@ fn router() -> Router {
         .map(|i| RouteConfig {
             hosts: vec![format!("www{i}.example.com")],
             origins: vec![0],
+            max_body_size: None,
         })
         .collect();
     routes.push(RouteConfig {
         hosts: vec!["*.cdn.example.net".into()],
         origins: vec![0],
+        max_body_size: None,
     });
     Router::new(&routes)
 }

@@ -98,6 +98,16 @@ pub struct RawOrigin {
 pub struct RawRoute {
     pub hosts: Spanned<Vec<Spanned<String>>>,
     pub origins: Spanned<Vec<Spanned<String>>>,
+    /// Largest request body accepted: bytes, or text with a unit.
+    pub max_body_size: Option<Spanned<RawSize>>,
+}
+
+/// A size as written: a number of bytes or text with a unit, parsed during validation.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 /// `[dns] glue`: nameserver name -> addresses.

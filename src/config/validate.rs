@@ -163,6 +163,8 @@ pub struct RouteConfig {
     pub hosts: Vec<String>,
     /// Indices into [`EdgeConfig::origins`], in failover order; never empty.
     pub origins: Vec<usize>,
+    /// Largest request body accepted, in bytes (413 above it); none: no limit.
+    pub max_body_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -798,7 +800,34 @@ fn route(
         }
         origins.push(i);
     }
-    Ok(RouteConfig { hosts, origins })
+    let max_body_size = match &r.max_body_size {
+        None => None,
+        Some(v) => Some(byte_size(cx, v, "max_body_size")?),
+    };
+    Ok(RouteConfig {
+        hosts,
+        origins,
+        max_body_size,
+    })
+}
+
+/// A size: a number of bytes, or text with a unit ("512KiB", "10 MB", "1GiB").
+fn byte_size(cx: &Ctx, v: &Spanned<RawSize>, key: &str) -> Result<u64, ConfigError> {
+    match v.get_ref() {
+        RawSize::Bytes(n) => {
+            u64::try_from(*n).map_err(|_| cx.err(v, format!("{key} must not be negative")))
+        }
+        RawSize::Text(t) => t
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| {
+                cx.err(
+                    v,
+                    format!("{key}: {e} (a number of bytes, or e.g. \"512KiB\", \"10MB\")"),
+                )
+            }),
+    }
 }
 
 fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {

@@ -85,6 +85,9 @@ impl ProxyError {
             ProxyError::ClientBody(super::request_body::ClientBodyError::Aborted) => {
                 StatusCode::BAD_REQUEST
             }
+            ProxyError::ClientBody(super::request_body::ClientBodyError::TooLarge(_)) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
@@ -113,6 +116,9 @@ impl ProxyError {
             }
             ProxyError::ClientBody(super::request_body::ClientBodyError::Aborted) => {
                 "request body incomplete"
+            }
+            ProxyError::ClientBody(super::request_body::ClientBodyError::TooLarge(_)) => {
+                "request body too large"
             }
         }
     }

@@ -111,11 +111,11 @@ async fn forward(
         return Err(ProxyError::ConnectMethod);
     }
     let (host, authority) = target_host(&req)?;
-    let origins = rt
+    let route = rt
         .router
-        .origins_for(&host)
+        .route_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
-    let candidates = rt.candidates(origins);
+    let candidates = rt.candidates(&route.origins);
     if h2_websocket || is_upgrade(&req) {
         // Boxed: a tunnel's future holds a TLS handshake, and inline it would make every
         // request's future that large.
@@ -130,7 +130,13 @@ async fn forward(
         .await;
     }
     let client_version = req.version();
-    let (req, progress) = client_body(req, limits.body_timeout);
+    if let Some(max) = route.max_body_size {
+        // A declared length over the limit is refused before any origin sees the request.
+        if declared_length(&req).is_some_and(|n| n > max) {
+            return Err(ProxyError::ClientBody(ClientBodyError::TooLarge(max)));
+        }
+    }
+    let (req, progress) = client_body(req, limits.body_timeout, route.max_body_size);
     let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
@@ -212,17 +218,28 @@ pub(super) fn plain_body(req: Request<Incoming>) -> Request<UpBody> {
 fn client_body(
     req: Request<Incoming>,
     idle: Duration,
+    max: Option<u64>,
 ) -> (Request<UpBody>, Option<Arc<BodyProgress>>) {
     use http_body::Body;
     if req.body().is_end_stream() {
         return (plain_body(req), None);
     }
     let (parts, body) = req.into_parts();
-    let (body, progress) = ClientBody::new(body, idle);
+    let (body, progress) = ClientBody::new(body, idle, max);
     (
         Request::from_parts(parts, body.boxed_unsync()),
         Some(progress),
     )
+}
+
+/// The body length the client declared (Content-Length), if any.
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The request as it leaves the edge, in origin form with a Host header; [`for_protocol`]

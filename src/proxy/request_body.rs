@@ -19,6 +19,8 @@ pub struct BodyProgress {
     ended: tokio::sync::Notify,
     /// The body's idle timeout, for the error that names it.
     idle: Duration,
+    /// The route's max_body_size, for the error that names it.
+    max: Option<u64>,
     epoch: Instant,
     /// When the last frame came from the client, in ms since `epoch`.
     last_frame_ms: std::sync::atomic::AtomicU64,
@@ -34,12 +36,15 @@ pub enum ClientBodyError {
     Timeout(Duration),
     #[error("client request body ended early or was malformed")]
     Aborted,
+    #[error("request body larger than the route's max_body_size ({0} bytes)")]
+    TooLarge(u64),
 }
 
 const STREAMING: u8 = 0;
 const COMPLETE: u8 = 1;
 const TIMED_OUT: u8 = 2;
 const ABORTED: u8 = 3;
+const TOO_LARGE: u8 = 4;
 
 impl BodyProgress {
     fn set(&self, state: u8) {
@@ -109,6 +114,7 @@ impl BodyProgress {
         match self.state.load(std::sync::atomic::Ordering::Acquire) {
             TIMED_OUT => Some(ClientBodyError::Timeout(self.idle)),
             ABORTED => Some(ClientBodyError::Aborted),
+            TOO_LARGE => Some(ClientBodyError::TooLarge(self.max.unwrap_or(0))),
             _ => None,
         }
     }
@@ -125,19 +131,25 @@ pin_project_lite::pin_project! {
         timer: Sleep,
         // The timer is set when the body first waits after progress, not on every frame.
         armed: bool,
+        // Bytes received so far, against the route's limit.
+        received: u64,
+        max: Option<u64>,
         progress: std::sync::Arc<BodyProgress>,
     }
 }
 
 impl ClientBody {
+    /// `max`: the route's max_body_size (a larger body fails with `TooLarge`).
     pub fn new(
         inner: hyper::body::Incoming,
         idle: Duration,
+        max: Option<u64>,
     ) -> (Self, std::sync::Arc<BodyProgress>) {
         let progress = std::sync::Arc::new(BodyProgress {
             state: std::sync::atomic::AtomicU8::new(STREAMING),
             ended: tokio::sync::Notify::new(),
             idle,
+            max,
             epoch: Instant::now(),
             last_frame_ms: std::sync::atomic::AtomicU64::new(0),
             waiting_on_client: std::sync::atomic::AtomicBool::new(false),
@@ -147,6 +159,8 @@ impl ClientBody {
             idle,
             timer: tokio::time::sleep(idle),
             armed: false,
+            received: 0,
+            max,
             progress: progress.clone(),
         };
         (body, progress)
@@ -166,6 +180,17 @@ impl Body for ClientBody {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
                 this.progress.frame_arrived();
+                if let Some(d) = frame.data_ref() {
+                    *this.received += d.len() as u64;
+                    if let Some(max) = *this.max {
+                        if *this.received > max {
+                            this.progress.set(TOO_LARGE);
+                            return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
+                                max,
+                            )))));
+                        }
+                    }
+                }
                 if this.inner.is_end_stream() {
                     // The sender may stop polling once the body says it is at its end.
                     this.progress.set(COMPLETE);

@@ -8,8 +8,16 @@ use std::collections::HashMap;
 pub struct Router {
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
-    /// Per route, origin indices in failover order.
-    routes: Vec<Vec<usize>>,
+    routes: Vec<Route>,
+}
+
+/// What a request's Host selects.
+#[derive(Debug)]
+pub struct Route {
+    /// Origin indices in failover order.
+    pub origins: Vec<usize>,
+    /// Largest request body accepted (413 above it); none: no limit.
+    pub max_body_size: Option<u64>,
 }
 
 impl Router {
@@ -22,22 +30,30 @@ impl Router {
                     None => r.exact.insert(host.clone(), i),
                 };
             }
-            r.routes.push(route.origins.clone());
+            r.routes.push(Route {
+                origins: route.origins.clone(),
+                max_body_size: route.max_body_size,
+            });
         }
         r
     }
 
-    /// The origins (failover order) serving `host`, which must be lower-case without port.
-    pub fn origins_for(&self, host: &str) -> Option<&[usize]> {
+    /// The route serving `host`, which must be lower-case without port.
+    pub fn route_for(&self, host: &str) -> Option<&Route> {
         let i = self.exact.get(host).or_else(|| {
             let (_, parent) = host.split_once('.')?;
             self.wildcard.get(parent)
         })?;
-        self.routes.get(*i).map(Vec::as_slice)
+        self.routes.get(*i)
     }
 
-    pub fn routes(&self) -> &[Vec<usize>] {
-        &self.routes
+    /// The origins (failover order) serving `host`.
+    pub fn origins_for(&self, host: &str) -> Option<&[usize]> {
+        self.route_for(host).map(|r| r.origins.as_slice())
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &[usize]> {
+        self.routes.iter().map(|r| r.origins.as_slice())
     }
 }
 
@@ -72,6 +88,7 @@ mod tests {
         RouteConfig {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             origins: origins.to_vec(),
+            max_body_size: None,
         }
     }
 

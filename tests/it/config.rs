@@ -179,6 +179,19 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         proto.trim(),
         "e.toml:13:12: protocol \"h3\" is not one of \"h2\", \"http1\""
     );
+    let size = check_text(&format!(
+        "{}max_body_size = \"lots\"\n",
+        edge_text("", &crt, &key)
+    ));
+    assert!(size.starts_with("e.toml:17:17: max_body_size: "), "{size}");
+    let negative = check_text(&format!(
+        "{}max_body_size = -1\n",
+        edge_text("", &crt, &key)
+    ));
+    assert_eq!(
+        negative.trim(),
+        "e.toml:17:17: max_body_size must not be negative"
+    );
 }
 
 #[test]

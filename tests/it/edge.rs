@@ -1732,3 +1732,60 @@ async fn an_origin_that_stops_reading_an_upload_gets_504_after_first_byte_timeou
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_refuses_request_bodies_over_its_max_body_size_with_413() {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(
+        &[("o1", origin.addr(), "warm_connections = 1")],
+        &["localhost"],
+    )
+    .replace(
+        "origins = [\"o1\"]\n",
+        "origins = [\"o1\"]\nmax_body_size = \"1KiB\"\n",
+    );
+    assert!(config.contains("max_body_size"), "{config}");
+    let edge = start_edge(&config).await;
+    let seen = || {
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    for h2 in [true, false] {
+        let mut c = Client::connect(edge.addr, "localhost", h2).await;
+        let text = |resp: hyper::Response<hyper::body::Incoming>| async move {
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        // A declared length over the limit: refused before any origin sees it.
+        let before = seen();
+        let body = http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 2048]))
+            .map_err(|never| match never {})
+            .boxed();
+        let resp = c.send(post(h2, "/", body)).await.unwrap();
+        assert_eq!(text(resp).await, (413, "request body too large\n".into()));
+        assert_eq!(seen(), before, "the origin saw a refused request");
+        // No declared length: counted as it streams.
+        let mut c = Client::connect(edge.addr, "localhost", h2).await;
+        let body = trickled_body(4, Duration::ZERO, false); // 4 x 5 bytes: fine
+        let resp = c.send(post(h2, "/", body)).await.unwrap();
+        assert_eq!(text(resp).await, (200, "hello\n".into()));
+        let big = futures_util::stream::iter((0..8).map(|_| {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                b'y';
+                512
+            ])))
+        }));
+        let resp = c
+            .send(post(
+                h2,
+                "/",
+                BodyExt::boxed(http_body_util::StreamBody::new(big)),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(text(resp).await.0, 413);
+    }
+}
