@@ -31,6 +31,9 @@ pub struct Entry {
     pub method: String,
     pub host: String,
     pub path: String,
+    /// The `X-Request-Id` the edge gave the request (and the origin received).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
     pub status: u16,
     /// Response body bytes sent to the client.
     pub bytes: u64,
@@ -69,6 +72,7 @@ impl Entry {
             method: method.as_str().to_string(),
             host: host.to_string(),
             path: path.to_string(),
+            request_id: String::new(),
             status: 0,
             bytes: 0,
             duration_ms: 0.0,
@@ -277,15 +281,23 @@ impl PendingLog {
             })
             .unwrap_or("");
         let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+        let mut entry = Box::new(Entry::start(
+            client,
+            req.version(),
+            req.method(),
+            host,
+            path,
+        ));
+        if let Some(id) = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            entry.request_id = id.to_string();
+        }
         PendingLog {
             log: log.clone(),
-            entry: Some(Box::new(Entry::start(
-                client,
-                req.version(),
-                req.method(),
-                host,
-                path,
-            ))),
+            entry: Some(entry),
             started: tokio::time::Instant::now(),
             expected: None,
         }

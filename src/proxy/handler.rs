@@ -36,6 +36,8 @@ pub async fn handle(
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
+    let mut req = req;
+    headers::set_request_id(req.headers_mut());
     let mut log = rt
         .access_log
         .as_ref()

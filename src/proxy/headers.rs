@@ -18,6 +18,17 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Gives the request a fresh `X-Request-Id` (128 random bits, hex), replacing any the client
+/// sent: as Envoy does at an edge, an ID from outside is not trusted to be unique. The origin
+/// receives it and the access log records it, so one request can be followed through both.
+pub fn set_request_id(headers: &mut HeaderMap) {
+    let id = format!("{:032x}", rand::random::<u128>());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(&X_REQUEST_ID, v);
+    }
+}
 
 /// Removes hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers` (meaningful end to end
 /// for gRPC over h2).

@@ -209,6 +209,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
         .header("keep-alive", "timeout=5")
         .header("x-forwarded-for", "192.0.2.7")
         .header("x-app", "kept")
+        .header("x-request-id", "chosen-by-the-client")
         .body(empty())
         .unwrap();
     let resp = c.send(req).await.unwrap();
@@ -247,6 +248,15 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     assert!(body.contains("x-app: kept\n"), "{body}");
     assert!(!body.contains("x-private"), "{body}");
     assert!(!body.contains("keep-alive"), "{body}");
+    // The edge's own request ID replaces the client's.
+    let id = body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_default();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,6 +784,11 @@ async fn the_access_log_has_a_json_line_per_request_and_reopens_on_reload() {
     assert_eq!(get["status"], 200);
     assert_eq!(get["bytes"], 1000);
     assert_eq!(get["origin"], "o1");
+    let id = get["request_id"].as_str().unwrap_or_default();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{get}"
+    );
     assert_eq!(get["upstream_connection"], "warm");
     assert_eq!(get["outcome"], "ok", "{get}");
     assert_eq!(
