@@ -6,7 +6,9 @@
 //! GOAWAY below its stream) is retried on another connection whatever its method (each failed
 //! connection is retired, so retries walk to live or fresh ones; at most 8); a bodiless
 //! idempotent request that may have reached the origin is retried too (at most 2); nothing
-//! else is. A connect failure moves on to the route's next healthy origin.
+//! else is. A connect failure moves on to the route's next healthy origin, and so does a
+//! bodiless idempotent request that got no response head in time (or failed past its
+//! retries).
 
 use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
@@ -386,6 +388,20 @@ async fn first_byte<F: std::future::Future>(
         .map_err(|_| FirstByteTimedOut)
 }
 
+/// The request to send to the route's next origin after this one failed it (no answer in
+/// time, or errors past the retries): only a bodiless idempotent request, as nginx's
+/// `proxy_next_upstream error timeout` does, and only if there is a next origin.
+fn failover(
+    replay: &mut Option<Request<UpBody>>,
+    last_candidate: bool,
+    method: &Method,
+) -> Option<Request<UpBody>> {
+    if last_candidate || !is_idempotent(method) {
+        return None;
+    }
+    replay.take()
+}
+
 /// Sends on the first candidate that gives a connection; see the module doc for retries.
 async fn send<'a>(
     candidates: &[&'a Pool],
@@ -415,11 +431,12 @@ async fn send<'a>(
         let warmth = lease.warmth();
         waited += lease.waited();
         let out = for_protocol(req, pool.origin().protocol, authority);
-        let replay = if retries < MAX_RETRIES || proven_retries < MAX_PROVEN_RETRIES {
-            replayable(&out)
-        } else {
-            None
-        };
+        let mut replay =
+            if retries < MAX_RETRIES || proven_retries < MAX_PROVEN_RETRIES || !last_candidate {
+                replayable(&out)
+            } else {
+                None
+            };
         let method = out.method().clone();
         let limit = pool.origin().first_byte_timeout;
         let sending = lease.send(out);
@@ -449,12 +466,12 @@ async fn send<'a>(
                     Some(r) if proven => Some((r, true)),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method.
-                    None if proven && source.not_processed() => replay.map(|r| (r, true)),
+                    None if proven && source.not_processed() => replay.take().map(|r| (r, true)),
                     // May have reached the origin: only a bodiless idempotent request (its
                     // body, if any, is gone). Fresh connections too: an origin that is going
                     // down may accept a connection and drop it before answering.
                     None if retries < MAX_RETRIES && is_idempotent(&method) => {
-                        replay.map(|r| (r, false))
+                        replay.take().map(|r| (r, false))
                     }
                     _ => None,
                 };
@@ -472,6 +489,11 @@ async fn send<'a>(
                     _ => {
                         tracing::debug!(origin = %pool.origin().name, error = ?source, "upstream send failed");
                         pool.record_failure();
+                        if let Some(r) = failover(&mut replay, last_candidate, &method) {
+                            req = r;
+                            i += 1;
+                            continue;
+                        }
                         return Err(ProxyError::Upstream {
                             origin: pool.origin().name.clone(),
                             source,
@@ -479,8 +501,14 @@ async fn send<'a>(
                     }
                 }
             }
-            Err(_) => {
+            Err(FirstByteTimedOut) => {
                 pool.record_failure();
+                if let Some(r) = failover(&mut replay, last_candidate, &method) {
+                    tracing::debug!(origin = %pool.origin().name, after = ?limit, "no response head in time; failing over to the next origin");
+                    req = r;
+                    i += 1;
+                    continue;
+                }
                 return Err(ProxyError::FirstByteTimeout {
                     origin: pool.origin().name.clone(),
                     after: limit,

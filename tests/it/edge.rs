@@ -1804,3 +1804,34 @@ async fn a_route_refuses_request_bodies_over_its_max_body_size_with_413() {
         assert_eq!(text(resp).await.0, 413);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_without_an_answer_in_time_fails_over_to_the_next_origin() {
+    let a = origin().name("a").start().await.unwrap();
+    let b = origin().name("b").start().await.unwrap();
+    let path = edgepop::wan::Relay::start("127.0.0.1:0".parse().unwrap(), a.addr(), Duration::ZERO)
+        .await
+        .unwrap();
+    let edge = start_edge(&edge_config(
+        &[
+            (
+                "a",
+                path.local_addr(),
+                "warm_connections = 1\nfirst_byte_timeout = \"500ms\"\nunhealthy_after = 100",
+            ),
+            ("b", b.addr(), "warm_connections = 1"),
+        ],
+        &["localhost"],
+    ))
+    .await;
+    assert_eq!(served_by(edge.addr).await, "a");
+    // Datacenter a still holds its connections but answers nothing.
+    path.blackhole(true);
+    let t = Instant::now();
+    assert_eq!(served_by(edge.addr).await, "b");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A POST may have been processed by a: it is not sent again elsewhere.
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let resp = c.send(post(true, "/", empty())).await.unwrap();
+    assert_eq!(resp.status(), 504);
+}
