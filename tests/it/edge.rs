@@ -499,15 +499,6 @@ async fn uploads_and_downloads_of_64_mib_stream_with_bounded_edge_memory() {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("kill runs")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_good_config_keeps_serving_on_a_bad_one_and_sigterm_drains() {
     let a = origin().name("a").start().await.unwrap();

@@ -369,3 +369,13 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     let addr = s.local_addr().expect("addr");
     (s, addr)
 }
+
+/// Sends `sig` ("HUP", "TERM") to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}

@@ -446,15 +446,7 @@ pub fn answer_records(dig: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Sends `sig` ("HUP", "TERM") to a process.
-pub fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("kill runs")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
+pub use crate::support::signal;
 
 /// The DNS port and admin address of a sidecar process, from its start-up log line
 /// ("dns listening on 127.0.0.1:PORT (udp+tcp) ... admin=Some(ADDR) ...").
