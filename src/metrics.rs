@@ -311,3 +311,24 @@ pub fn render_edge(
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let h = Latency::default();
+        h.observe(Duration::from_micros(900)); // <= 1 ms
+        h.observe(Duration::from_millis(1)); // exactly on a bound: that bucket (le)
+        h.observe(Duration::from_millis(30)); // 25 ms < x <= 50 ms
+        h.observe(Duration::from_secs(11)); // above every bound: +Inf
+        let s = h.snapshot();
+        assert_eq!(s.counts.len(), LATENCY_BOUNDS.len() + 1);
+        assert_eq!(s.counts[0], 2);
+        assert_eq!(s.counts[LATENCY_BOUNDS.partition_point(|&b| b < 0.05)], 1);
+        assert_eq!(s.counts[LATENCY_BOUNDS.len()], 1);
+        assert_eq!(s.counts.iter().sum::<u64>(), 4);
+        assert_eq!(s.sum_us, 900 + 1_000 + 30_000 + 11_000_000);
+    }
+}

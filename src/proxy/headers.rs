@@ -24,9 +24,11 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// sent: as Envoy does at an edge, an ID from outside is not trusted to be unique. The origin
 /// receives it and the access log records it, so one request can be followed through both.
 pub fn set_request_id(headers: &mut HeaderMap) {
-    let id = format!("{:032x}", rand::random::<u128>());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(&X_REQUEST_ID, v);
+    let mut hex = [0u8; 32];
+    if hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut hex).is_ok() {
+        if let Ok(v) = HeaderValue::from_bytes(&hex) {
+            headers.insert(&X_REQUEST_ID, v);
+        }
     }
 }
 
@@ -139,5 +141,20 @@ mod tests {
         set_forwarded(&mut h, "127.0.0.1".parse().unwrap());
         let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(all, ["192.0.2.1, 192.0.2.2, 192.0.2.3, 127.0.0.1"]);
+    }
+
+    #[test]
+    fn each_request_gets_its_own_32_hex_digit_id_replacing_the_clients() {
+        let mut a = HeaderMap::new();
+        a.insert(&X_REQUEST_ID, HeaderValue::from_static("from-the-client"));
+        set_request_id(&mut a);
+        let mut b = HeaderMap::new();
+        set_request_id(&mut b);
+        let (a, b) = (a.get(&X_REQUEST_ID).unwrap(), b.get(&X_REQUEST_ID).unwrap());
+        for id in [a, b] {
+            assert_eq!(id.len(), 32);
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
+        }
+        assert_ne!(a, b);
     }
 }
