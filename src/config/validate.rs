@@ -802,7 +802,16 @@ fn route(
     }
     let max_body_size = match &r.max_body_size {
         None => None,
-        Some(v) => Some(byte_size(cx, v, "max_body_size")?),
+        Some(v) => match byte_size(cx, v, "max_body_size")? {
+            // nginx reads 0 as "no limit"; here that is said by leaving the key out.
+            0 => {
+                return Err(cx.err(
+                    v,
+                    "max_body_size must be at least 1 byte (leave it out for no limit)",
+                ))
+            }
+            n => Some(n),
+        },
     };
     Ok(RouteConfig {
         hosts,

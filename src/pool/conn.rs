@@ -207,6 +207,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
         }
         Protocol::Http1 => {
             let (send, driver) = h1_handshake(cfg, tls).await?;
+            let kill = tokio_util::sync::CancellationToken::new();
             let conn = Arc::new(Conn::new(
                 inner,
                 id,
@@ -214,11 +215,16 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
                 opened_at,
                 resumed,
                 fd,
-                tokio_util::sync::CancellationToken::new(),
+                kill.clone(),
                 Arc::new(super::h2conn::PingStats::default()),
             ));
+            // select!: the connection ending, or the edge giving up on its request (see
+            // `Lease::send`): an exchange abandoned halfway leaves the connection unusable.
             spawn_driver(inner, &conn, async move {
-                driver.await.map_err(|e| e.to_string())
+                tokio::select! {
+                    r = driver => r.map_err(|e| e.to_string()),
+                    () = kill.cancelled() => Err("request given up; connection closed".into()),
+                }
             });
             Ok(Opened {
                 conn,

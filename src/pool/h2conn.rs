@@ -271,13 +271,19 @@ pub async fn send(
             })
         }
     };
+    // Dropped with this future (no response head in time, the request given up): the pump
+    // then resets the stream instead of waiting on an origin that may never read again.
+    let given_up = tokio_util::sync::CancellationToken::new();
+    let _cancel_pump = given_up.clone().drop_guard();
     if !end {
-        tokio::spawn(pump(body, stream));
+        tokio::spawn(pump(body, stream, given_up));
     }
     let resp = response.await.map_err(|error| H2SendError {
         error,
         request: None,
     })?;
+    // The head arrived: the pump finishes the body on its own (the origin is reading).
+    _cancel_pump.disarm();
     let (parts, recv) = resp.into_parts();
     let body = RecvBody {
         recv,
@@ -287,15 +293,28 @@ pub async fn send(
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
-/// Streams the client's body upstream, never holding more than the peer's window.
-async fn pump(mut body: UpstreamBody, mut stream: h2::SendStream<Bytes>) {
+/// Streams the client's body upstream, never holding more than the peer's window; resets the
+/// stream if the request is given up first.
+async fn pump(
+    body: UpstreamBody,
+    mut stream: h2::SendStream<Bytes>,
+    given_up: tokio_util::sync::CancellationToken,
+) {
+    let done = tokio::select! {
+        biased;
+        () = given_up.cancelled() => false,
+        done = pump_body(body, &mut stream) => done,
+    };
+    if !done {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+/// Returns false if the stream must be reset (the body failed).
+async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -> bool {
     while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(_) => {
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
+        let Ok(frame) = frame else {
+            return false;
         };
         match frame.into_data() {
             Ok(mut data) => {
@@ -304,22 +323,23 @@ async fn pump(mut body: UpstreamBody, mut stream: h2::SendStream<Bytes>) {
                     let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
                     let n = match granted {
                         Some(Ok(n)) => n.min(data.len()),
-                        _ => return, // stream reset or connection gone
+                        _ => return true, // stream reset or connection gone
                     };
                     if stream.send_data(data.split_to(n), false).is_err() {
-                        return;
+                        return true;
                     }
                 }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let _ = stream.send_trailers(trailers);
-                    return;
+                    return true;
                 }
             }
         }
     }
     let _ = stream.send_data(Bytes::new(), true);
+    true
 }
 
 /// An h2 response body that gives flow-control capacity back as it is read.

@@ -94,7 +94,13 @@ impl Lease {
                         request: Some(req),
                     });
                 }
-                match send.try_send_request(req).await {
+                // Dropped with this future (the request given up before its head came):
+                // the exchange is half done, so the connection is closed, which also lets go
+                // of the client's body hyper holds.
+                let abandoned = self.slot.conn.flags.kill.clone().drop_guard();
+                let sent = send.try_send_request(req).await;
+                abandoned.disarm();
+                match sent {
                     Ok(resp) => Ok(resp.map(|b| {
                         b.map_err(|e| Box::new(e) as super::h2conn::BoxError)
                             .boxed_unsync()

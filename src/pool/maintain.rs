@@ -57,7 +57,10 @@ pub(super) async fn run(inner: Arc<Inner>) {
         }
         if needs_probe(&inner) && last_probe.elapsed() >= inner.origin.health_interval {
             last_probe = Instant::now();
-            probe(&inner).await;
+            tokio::select! {
+                () = probe(&inner) => {}
+                _ = inner.shutdown.cancelled() => return,
+            }
         }
         // select!: whichever comes first — a connection closed, the tick, or shutdown.
         tokio::select! {

@@ -35,6 +35,9 @@ pin_project_lite::pin_project! {
         idle: Duration,
         #[pin]
         timer: Sleep,
+        // Set at the first wait for the origin after progress: time the client side takes
+        // between polls is not the origin's idle time.
+        armed: bool,
         // The client connection's send_timeout for one h2 stream (see `super::stall`).
         send_timeout: Option<Duration>,
         // The rest of a frame being handed over in pieces (watched bodies only).
@@ -52,8 +55,9 @@ pin_project_lite::pin_project! {
             if let Some(log) = this.log.take() {
                 // Dropped without being read to the end: normal for HEAD, 204, 304 and
                 // bodies already at their end; a client gone away otherwise.
-                let done =
-                    log.complete(*this.bytes) || this.saw_end.get() || this.feed.is_end_stream();
+                let done = log.complete(*this.bytes)
+                    || this.saw_end.get()
+                    || (this.pending.is_empty() && this.feed.is_end_stream());
                 let outcome = match (done, this.feed.was_cut()) {
                     (true, _) => "ok",
                     (false, true) => "client stalled",
@@ -80,6 +84,7 @@ impl UpstreamBody {
             feed: Feed::new(inner, guard),
             idle,
             timer: tokio::time::sleep(idle),
+            armed: false,
             send_timeout,
             pending: Bytes::new(),
             log,
@@ -106,13 +111,14 @@ impl Body for UpstreamBody {
             let n = this.pending.len().min(PIECE);
             let piece = this.pending.split_to(n);
             *this.bytes += n as u64;
+            *this.armed = false;
             let more = !this.pending.is_empty() || !this.feed.is_end_stream();
             this.feed.handed_over(more, *this.send_timeout);
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         match this.feed.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.timer.as_mut().reset(Instant::now() + *this.idle);
+                *this.armed = false;
                 let frame = match frame.into_data() {
                     Ok(mut data) if this.send_timeout.is_some() && data.len() > PIECE => {
                         let first = data.split_to(PIECE);
@@ -150,16 +156,22 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Pending => match this.timer.poll(cx) {
-                Poll::Ready(()) => {
-                    this.feed.release();
-                    if let Some(log) = this.log.take() {
-                        log.finish(*this.bytes, "aborted");
-                    }
-                    Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle)))))
+            Poll::Pending => {
+                if !*this.armed {
+                    *this.armed = true;
+                    this.timer.as_mut().reset(Instant::now() + *this.idle);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                match this.timer.poll(cx) {
+                    Poll::Ready(()) => {
+                        this.feed.release();
+                        if let Some(log) = this.log.take() {
+                            log.finish(*this.bytes, "aborted");
+                        }
+                        Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -120,6 +120,19 @@ async fn forward(
         .route_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
     let candidates = rt.candidates(&route.origins);
+    if let Some(max) = route.max_body_size {
+        // A declared length over the limit is refused before any origin sees the request.
+        if declared_length(&req).is_some_and(|n| n > max) {
+            return Err(ProxyError::ClientBody(ClientBodyError::TooLarge(max)));
+        }
+    }
+    if is_upgrade(&req) && !http_body::Body::is_end_stream(req.body()) {
+        // A WebSocket handshake has no body; one with a body would reach the origin
+        // unchecked (no size limit, no body timeout) through the tunnel.
+        return Err(ProxyError::BadRequest(
+            "an Upgrade request must not have a body",
+        ));
+    }
     if h2_websocket || is_upgrade(&req) {
         // Boxed: a tunnel's future holds a TLS handshake, and inline it would make every
         // request's future that large.
@@ -134,12 +147,6 @@ async fn forward(
         .await;
     }
     let client_version = req.version();
-    if let Some(max) = route.max_body_size {
-        // A declared length over the limit is refused before any origin sees the request.
-        if declared_length(&req).is_some_and(|n| n > max) {
-            return Err(ProxyError::ClientBody(ClientBodyError::TooLarge(max)));
-        }
-    }
     let (req, progress) = client_body(req, limits.body_timeout, route.max_body_size);
     let upstream = upstream_request(rt, req, peer, &authority)?;
     let started = Instant::now();
@@ -370,6 +377,7 @@ async fn first_byte<F: std::future::Future>(
     body: Option<&BodyProgress>,
 ) -> Result<F::Output, FirstByteTimedOut> {
     if let Some(body) = body {
+        body.start();
         loop {
             tokio::select! {
                 biased;

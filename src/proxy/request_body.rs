@@ -3,6 +3,7 @@
 //! ended and whether the client was at fault.
 
 use super::body::BoxError;
+use super::stall::PIECE;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -97,6 +98,12 @@ impl BodyProgress {
             && Instant::now() >= self.origin_deadline(limit)
     }
 
+    /// The sender starts on the body now: the origin's clock starts here, not when the body
+    /// was wrapped (checkout and connect come in between).
+    pub fn start(&self) {
+        self.frame_arrived();
+    }
+
     fn frame_arrived(&self) {
         use std::sync::atomic::Ordering;
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -133,6 +140,9 @@ pin_project_lite::pin_project! {
         armed: bool,
         // Bytes received so far, against the route's limit.
         received: u64,
+        // The rest of a large frame, handed over in pieces: the origin's progress through
+        // it is seen piece by piece (see `BodyProgress::origin_stalled`).
+        pending: Bytes,
         max: Option<u64>,
         progress: std::sync::Arc<BodyProgress>,
     }
@@ -160,6 +170,7 @@ impl ClientBody {
             timer: tokio::time::sleep(idle),
             armed: false,
             received: 0,
+            pending: Bytes::new(),
             max,
             progress: progress.clone(),
         };
@@ -176,22 +187,39 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if !this.pending.is_empty() {
+            // The rest of a large frame, in pieces: each piece the origin takes is progress.
+            let n = this.pending.len().min(PIECE);
+            let piece = this.pending.split_to(n);
+            this.progress.frame_arrived();
+            if this.pending.is_empty() && this.inner.is_end_stream() {
+                this.progress.set(COMPLETE);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
                 this.progress.frame_arrived();
-                if let Some(d) = frame.data_ref() {
-                    *this.received += d.len() as u64;
-                    if let Some(max) = *this.max {
-                        if *this.received > max {
-                            this.progress.set(TOO_LARGE);
-                            return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
-                                max,
-                            )))));
+                let frame = match frame.into_data() {
+                    Ok(mut data) => {
+                        *this.received += data.len() as u64;
+                        if let Some(max) = *this.max {
+                            if *this.received > max {
+                                this.progress.set(TOO_LARGE);
+                                return Poll::Ready(Some(Err(Box::new(
+                                    ClientBodyError::TooLarge(max),
+                                ))));
+                            }
                         }
+                        if data.len() > PIECE {
+                            *this.pending = data.split_off(PIECE);
+                        }
+                        Frame::data(data)
                     }
-                }
-                if this.inner.is_end_stream() {
+                    Err(frame) => frame,
+                };
+                if this.pending.is_empty() && this.inner.is_end_stream() {
                     // The sender may stop polling once the body says it is at its end.
                     this.progress.set(COMPLETE);
                 }
@@ -225,7 +253,7 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
+        let end = self.pending.is_empty() && self.inner.is_end_stream();
         if end {
             self.progress.set(COMPLETE);
         }
@@ -233,6 +261,13 @@ impl Body for ClientBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let rest = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(pending));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(pending));
+        }
+        hint
     }
 }

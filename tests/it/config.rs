@@ -192,6 +192,14 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         negative.trim(),
         "e.toml:17:17: max_body_size must not be negative"
     );
+    let zero = check_text(&format!(
+        "{}max_body_size = \"0\"\n",
+        edge_text("", &crt, &key)
+    ));
+    assert_eq!(
+        zero.trim(),
+        "e.toml:17:17: max_body_size must be at least 1 byte (leave it out for no limit)"
+    );
 }
 
 #[test]

@@ -1736,6 +1736,22 @@ async fn an_origin_that_stops_reading_an_upload_gets_504_after_first_byte_timeou
             "{proto}: {:?}",
             t.elapsed()
         );
+        drop(c);
+        // An http/1.1 client: after the 504 the edge lets go of the upload (the upstream
+        // stream is reset or the connection closed, not left waiting on the origin), so the
+        // client connection is either drained for the next request or closed, never hung.
+        let mut c = Client::connect(edge.addr, "localhost", false).await;
+        let resp = c
+            .send(post(false, "/delay/30000", streamed_body(64)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 504, "{proto}");
+        let next = tokio::time::timeout(
+            Duration::from_secs(20),
+            c.send(request(false, "localhost", "/")),
+        )
+        .await;
+        assert!(next.is_ok(), "{proto}: the connection hung after the 504");
     }
 }
 
@@ -1794,6 +1810,20 @@ async fn a_route_refuses_request_bodies_over_its_max_body_size_with_413() {
             .unwrap();
         assert_eq!(text(resp).await.0, 413);
     }
+    // Only the head, declaring too much: 413 at once, not after waiting for the body.
+    let head_only = raw_exchange(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2048\r\n\r\n",
+    )
+    .await;
+    assert!(head_only.starts_with("HTTP/1.1 413"), "{head_only}");
+    // An Upgrade request may not smuggle a body past the limit through a tunnel.
+    let upgrade = raw_exchange(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x\r\ncontent-length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert!(upgrade.starts_with("HTTP/1.1 400"), "{upgrade}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
