@@ -205,10 +205,16 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let json = args.json;
     let (targets, options) = args.into_run()?;
     let report = measure(&targets, &options).await;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    let text = if json {
+        format!("{}\n", serde_json::to_string_pretty(&report.to_json())?)
     } else {
-        print!("{}", report.render_table());
+        report.render_table()
+    };
+    // A report piped into `head` and cut short is not an error (print! would panic).
+    let mut out = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut out, text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
     Ok(if report.all_targets_succeeded() {
         ExitCode::SUCCESS
