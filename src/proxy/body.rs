@@ -1,7 +1,7 @@
 //! Response bodies: the origin's body streamed to the client frame by frame (never buffered
 //! whole), with an idle timeout between frames, holding the pool lease until it ends.
 
-use super::stall::{Feed, PIECE};
+use super::stall::Feed;
 use crate::access_log::PendingLog;
 use crate::pool::ResponseBody;
 use crate::pool::StreamGuard;
@@ -41,7 +41,7 @@ pin_project_lite::pin_project! {
         // The client connection's send_timeout for one h2 stream (see `super::stall`).
         send_timeout: Option<Duration>,
         // The rest of a frame being handed over in pieces (watched bodies only).
-        pending: Bytes,
+        pending: Pieces,
         // The access-log entry, written when the body ends, fails or is dropped.
         log: Option<PendingLog>,
         bytes: u64,
@@ -86,7 +86,7 @@ impl UpstreamBody {
             timer: tokio::time::sleep(idle),
             armed: false,
             send_timeout,
-            pending: Bytes::new(),
+            pending: Pieces::default(),
             log,
             bytes: 0,
             saw_end: std::cell::Cell::new(false),
@@ -107,10 +107,8 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(PIECE);
-            let piece = this.pending.split_to(n);
-            *this.bytes += n as u64;
+        if let Some(piece) = this.pending.next() {
+            *this.bytes += piece.len() as u64;
             *this.armed = false;
             let more = !this.pending.is_empty() || !this.feed.is_end_stream();
             this.feed.handed_over(more, *this.send_timeout);
@@ -120,10 +118,8 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
                 let frame = match frame.into_data() {
-                    Ok(mut data) if this.send_timeout.is_some() && data.len() > PIECE => {
-                        let first = data.split_to(PIECE);
-                        *this.pending = data;
-                        Frame::data(first)
+                    Ok(data) if this.send_timeout.is_some() => {
+                        Frame::data(this.pending.split(data))
                     }
                     Ok(data) => Frame::data(data),
                     Err(frame) => frame,
@@ -184,12 +180,49 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.feed.size_hint();
-        let pending = self.pending.len() as u64;
+        self.pending.added_to(self.feed.size_hint())
+    }
+}
+
+/// Largest piece of data a body hands over at once when the far side's pace must be seen
+/// piece by piece (h2 responses, uploads): the taker asks for the next piece only once the
+/// previous one is sent, so this bounds what a slow but steady peer must take per timeout
+/// (h2's own frames are this size).
+const PIECE: usize = 16 * 1024;
+
+/// The rest of a large frame, handed over [`PIECE`] bytes at a time.
+#[derive(Default)]
+pub(super) struct Pieces(Bytes);
+
+impl Pieces {
+    /// The first piece of `data`; the rest is kept for [`Pieces::next`].
+    pub(super) fn split(&mut self, mut data: Bytes) -> Bytes {
+        if data.len() > PIECE {
+            self.0 = data.split_off(PIECE);
+        }
+        data
+    }
+
+    /// The next piece of the kept rest, if any.
+    pub(super) fn next(&mut self) -> Option<Bytes> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let n = self.0.len().min(PIECE);
+        Some(self.0.split_to(n))
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `rest` (what the source still has) plus what is kept here.
+    pub(super) fn added_to(&self, rest: SizeHint) -> SizeHint {
+        let kept = self.0.len() as u64;
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(pending));
+        hint.set_lower(rest.lower().saturating_add(kept));
         if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(pending));
+            hint.set_upper(upper.saturating_add(kept));
         }
         hint
     }

@@ -126,14 +126,15 @@ async fn forward(
             return Err(ProxyError::ClientBody(ClientBodyError::TooLarge(max)));
         }
     }
-    if is_upgrade(&req) && !http_body::Body::is_end_stream(req.body()) {
+    let upgrade = is_upgrade(&req);
+    if upgrade && !http_body::Body::is_end_stream(req.body()) {
         // A WebSocket handshake has no body; one with a body would reach the origin
         // unchecked (no size limit, no body timeout) through the tunnel.
         return Err(ProxyError::BadRequest(
             "an Upgrade request must not have a body",
         ));
     }
-    if h2_websocket || is_upgrade(&req) {
+    if h2_websocket || upgrade {
         // Boxed: a tunnel's future holds a TLS handshake, and inline it would make every
         // request's future that large.
         return Box::pin(super::upgrade::forward(

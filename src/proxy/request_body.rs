@@ -3,7 +3,7 @@
 //! ended and whether the client was at fault.
 
 use super::body::BoxError;
-use super::stall::PIECE;
+use super::body::Pieces;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -142,7 +142,7 @@ pin_project_lite::pin_project! {
         received: u64,
         // The rest of a large frame, handed over in pieces: the origin's progress through
         // it is seen piece by piece (see `BodyProgress::origin_stalled`).
-        pending: Bytes,
+        pending: Pieces,
         max: Option<u64>,
         progress: std::sync::Arc<BodyProgress>,
     }
@@ -170,7 +170,7 @@ impl ClientBody {
             timer: tokio::time::sleep(idle),
             armed: false,
             received: 0,
-            pending: Bytes::new(),
+            pending: Pieces::default(),
             max,
             progress: progress.clone(),
         };
@@ -187,10 +187,8 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        if !this.pending.is_empty() {
+        if let Some(piece) = this.pending.next() {
             // The rest of a large frame, in pieces: each piece the origin takes is progress.
-            let n = this.pending.len().min(PIECE);
-            let piece = this.pending.split_to(n);
             this.progress.frame_arrived();
             if this.pending.is_empty() && this.inner.is_end_stream() {
                 this.progress.set(COMPLETE);
@@ -202,7 +200,7 @@ impl Body for ClientBody {
                 *this.armed = false;
                 this.progress.frame_arrived();
                 let frame = match frame.into_data() {
-                    Ok(mut data) => {
+                    Ok(data) => {
                         *this.received += data.len() as u64;
                         if let Some(max) = *this.max {
                             if *this.received > max {
@@ -212,10 +210,7 @@ impl Body for ClientBody {
                                 ))));
                             }
                         }
-                        if data.len() > PIECE {
-                            *this.pending = data.split_off(PIECE);
-                        }
-                        Frame::data(data)
+                        Frame::data(this.pending.split(data))
                     }
                     Err(frame) => frame,
                 };
@@ -261,13 +256,6 @@ impl Body for ClientBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.inner.size_hint();
-        let pending = self.pending.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(pending));
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(pending));
-        }
-        hint
+        self.pending.added_to(self.inner.size_hint())
     }
 }

@@ -21,11 +21,6 @@ use tokio::time::Instant;
 
 use super::body::BoxError;
 
-/// Largest piece of data handed over at once on a watched body. hyper takes the next piece
-/// only once the previous one is sent, so this bounds how much a slow but steady reader
-/// must take per `send_timeout` (h2's own frames are this size).
-pub(super) const PIECE: usize = 16 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 #[error("client took no response data for {0:?}; upstream released")]
 pub struct ClientStalled(pub Duration);
