@@ -676,17 +676,7 @@ async fn the_binary_serves_reloads_on_sighup_and_check_reports_a_broken_region_f
 /// `[dns] admin_listen` instead of failing to bind the same port.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sidecar_uses_its_own_admin_address_beside_the_edges() {
-    let edge_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let held = edge_admin.local_addr().expect("addr");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let regions = dir.path().join("regions.toml");
-    std::fs::write(&regions, basic_regions()).expect("write");
-    let cfg = dir.path().join("edgepop.toml");
-    let text = format!(
-        "[admin]\nlisten = \"{held}\"\n{}",
-        config_text(&regions, "admin_listen = \"127.0.0.1:0\"")
-    );
-    std::fs::write(&cfg, text).expect("write");
+    let (edge_admin, held, _dir, cfg) = config_beside_edge_admin("admin_listen = \"127.0.0.1:0\"");
     let (_child, log) = spawn_dns_binary(&cfg);
     let admin: std::net::SocketAddr = log_after(&log, "admin=Some(")
         .split(')')

@@ -464,3 +464,28 @@ pub fn dns_addrs(log: &std::sync::mpsc::Receiver<String>) -> (u16, Option<Socket
         .and_then(|a| a.parse().ok());
     (port, admin)
 }
+
+/// A configuration whose `[admin] listen` is already held (as `edgepop serve` from the same
+/// file holds it), with `extra` `[dns]` keys. Returns the holder (keep it alive), the held
+/// address, the directory and the configuration's path.
+pub fn config_beside_edge_admin(
+    extra: &str,
+) -> (
+    std::net::TcpListener,
+    SocketAddr,
+    tempfile::TempDir,
+    PathBuf,
+) {
+    let edge_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = edge_admin.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(&regions, super::basic_regions()).expect("write");
+    let cfg = dir.path().join("edgepop.toml");
+    let text = format!(
+        "[admin]\nlisten = \"{held}\"\n{}",
+        config_text(&regions, extra)
+    );
+    std::fs::write(&cfg, text).expect("write");
+    (edge_admin, held, dir, cfg)
+}

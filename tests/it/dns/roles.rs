@@ -78,17 +78,7 @@ async fn the_sidecar_runs_although_the_edges_certificate_and_ticket_files_are_mi
 /// `[admin] listen` fails, and says what to set.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_taken_admin_port_makes_the_sidecar_say_to_set_dns_admin_listen() {
-    let edge_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let held = edge_admin.local_addr().expect("addr");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let regions = dir.path().join("regions.toml");
-    std::fs::write(&regions, basic_regions()).expect("write");
-    let cfg = dir.path().join("edgepop.toml");
-    let text = format!(
-        "[admin]\nlisten = \"{held}\"\n{}",
-        config_text(&regions, "")
-    );
-    std::fs::write(&cfg, text).expect("write");
+    let (edge_admin, held, _dir, cfg) = config_beside_edge_admin("");
     let (mut child, log) = spawn_dns_binary(&cfg);
     let err = log_after(&log, "error: ");
     assert!(
