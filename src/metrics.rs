@@ -29,6 +29,7 @@ pub const ORIGIN_UP: &str = "edgepop_origin_up";
 pub const REQUEST_DURATION: &str = "edgepop_request_duration_seconds";
 pub const UPSTREAM_RESPONSES: &str = "edgepop_upstream_responses";
 pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
+pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
 
 /// Upper bounds of the latency histograms, in seconds: from a warm nearby origin (1 ms) to a
 /// slow answer across an ocean (10 s).
@@ -127,6 +128,8 @@ pub struct EdgeCounters {
     /// Access-log entries dropped, shared with every access-log writer of the process so the
     /// counter survives a reload that turns the log off and on again.
     pub access_log_dropped: Arc<AtomicU64>,
+    /// Requests that arrived in TLS early data: forwarded, refused with 425.
+    early_data: [AtomicU64; 2],
 }
 
 impl EdgeCounters {
@@ -134,6 +137,15 @@ impl EdgeCounters {
         self.by_class.record(status);
         self.latency.observe(took);
     }
+
+    pub fn record_early_data(&self, forwarded: bool) {
+        self.early_data[usize::from(!forwarded)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -199,6 +211,17 @@ pub fn render_edge(
         CLIENT_CONNECTIONS,
         "Client connections open now (TLS handshakes included)",
         open,
+    );
+    let early = Family::<OutcomeLabel, Counter>::default();
+    for (outcome, n) in ["forwarded", "too_early"].iter().zip(&counters.early_data) {
+        early
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(n.load(Ordering::Relaxed));
+    }
+    reg.register(
+        EARLY_DATA_REQUESTS,
+        "Requests received in TLS 0-RTT early data: forwarded (safe, marked Early-Data: 1) or answered 425",
+        early,
     );
     let d = Gauge::<i64>::default();
     d.set(i64::from(draining));

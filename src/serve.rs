@@ -140,6 +140,8 @@ pub struct EdgeServer {
     pub admin_addr: Option<SocketAddr>,
     status: EdgeStatus,
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    /// Kept across reloads so sessions keep resuming.
+    resumption: crate::tls::sni::Resumption,
     shutdown: CancellationToken,
     /// The admin listener outlives `shutdown`: it answers (503 "draining") until the drain ends.
     admin_stop: CancellationToken,
@@ -220,12 +222,11 @@ impl EdgeServer {
             counters.clone(),
             access_log,
         )));
+        let resumption =
+            crate::tls::sni::Resumption::new().context("making the session ticket key")?;
         let tls = Arc::new(ArcSwap::from_pointee(
-            crate::tls::sni::server_config(
-                &edge_cfg.certificates,
-                edge_cfg.pop.ticket_keys.clone(),
-            )
-            .context("building the TLS server config")?,
+            crate::tls::sni::server_config(&edge_cfg.certificates, &edge_cfg.pop, &resumption)
+                .context("building the TLS server config")?,
         ));
         let status = EdgeStatus {
             runtime: runtime.clone(),
@@ -265,6 +266,7 @@ impl EdgeServer {
             admin_addr,
             status,
             tls,
+            resumption,
             shutdown,
             admin_stop,
             admin_listen: cfg.admin.as_ref().map(|a| a.listen),
@@ -292,7 +294,7 @@ impl EdgeServer {
             .as_ref()
             .context("reloaded config has no edge sections")?;
         let pop = &edge_cfg.pop;
-        let tls = crate::tls::sni::server_config(&edge_cfg.certificates, pop.ticket_keys.clone())?;
+        let tls = crate::tls::sni::server_config(&edge_cfg.certificates, pop, &self.resumption)?;
         let old = self.status.runtime.load_full();
         // SIGHUP reopens the access log (log rotation) or switches it to a new target, once
         // the rest of the reload has succeeded.

@@ -32,6 +32,8 @@ pub struct RawPop {
     pub server_timing: Option<bool>,
     /// Session-ticket key file shared by the instances of a PoP (see `tls::tickets`).
     pub ticket_keys: Option<Spanned<String>>,
+    /// Accept TLS 1.3 0-RTT early data (safe requests only; see `tls::early`).
+    pub early_data: Option<Spanned<bool>>,
     /// One JSON line per request: "stdout" or a file path; absent: no access log.
     pub access_log: Option<Spanned<String>>,
 }

@@ -39,6 +39,8 @@ pub struct PopConfig {
     pub server_timing: bool,
     /// Shared session-ticket keys; `None`: each process makes its own.
     pub ticket_keys: Option<Arc<crate::tls::tickets::FileTicketer>>,
+    /// Accept TLS 1.3 0-RTT early data from resuming clients (then no `ticket_keys`).
+    pub early_data: bool,
     /// Where the access log goes; `None`: no access log.
     pub access_log: Option<AccessLogTarget>,
 }
@@ -420,6 +422,17 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
         )),
         None => None,
     };
+    let early_data =
+        match &p.early_data {
+            Some(e) if *e.get_ref() && p.ticket_keys.is_some() => return Err(cx.err(
+                e,
+                "early_data cannot be combined with ticket_keys: rustls accepts 0-RTT only for \
+                 sessions each instance keeps itself (single-use, so a replay cannot resume); \
+                 remove one of the two",
+            )),
+            Some(e) => *e.get_ref(),
+            None => false,
+        };
     let access_log = match &p.access_log {
         None => None,
         Some(t) if t.get_ref() == "stdout" => Some(AccessLogTarget::Stdout),
@@ -445,6 +458,7 @@ fn pop(cx: &Ctx, p: &Spanned<RawPop>) -> Result<PopConfig, ConfigError> {
         name: p.name.get_ref().clone(),
         server_timing: p.server_timing.unwrap_or(true),
         ticket_keys,
+        early_data,
         access_log,
     })
 }

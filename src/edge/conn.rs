@@ -6,6 +6,7 @@ use crate::config::ListenerConfig;
 use crate::proxy::body::Holding;
 use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, Runtime};
+use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -15,9 +16,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 /// Concurrent streams a client may open on one h2 connection.
@@ -44,15 +44,31 @@ impl Drop for InFlight {
     }
 }
 
-pub async fn serve(
-    tls: TlsStream<TcpStream>,
-    peer: SocketAddr,
+/// Who is at the other end of a connection, as the handshake left it.
+pub struct Client {
+    pub peer: SocketAddr,
+    /// ALPN chose h2.
+    pub h2: bool,
+    /// Set when the client may send 0-RTT early data: until the handshake completes, its
+    /// requests may be replays.
+    pub handshake: Option<Handshake>,
+}
+
+pub async fn serve<S>(
+    tls: S,
+    client: Client,
     cfg: &ListenerConfig,
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
     hold: Hold,
-) {
-    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Client {
+        peer,
+        h2: is_h2,
+        handshake,
+    } = client;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -86,6 +102,9 @@ pub async fn serve(
             // A tunnel counts as a request in flight until it ends.
             req.extensions_mut()
                 .insert(hold.clone().with(InFlight::new(&act)));
+        }
+        if handshake.as_ref().is_some_and(|h| !h.is_complete()) {
+            req.extensions_mut().insert(crate::proxy::EarlyData);
         }
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);

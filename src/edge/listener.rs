@@ -181,16 +181,48 @@ async fn handshake_and_serve(
     hold: crate::proxy::upgrade::Hold,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
+    // 0-RTT needs a stream that is handed out before the handshake ends; without it
+    // tokio-rustls' (which finishes the handshake first) serves.
+    let early = acceptor.config().max_early_data_size > 0;
+    let accepted = if early {
+        let handshake = crate::tls::early::accept(acceptor.config().clone(), tcp);
+        match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+            Ok(Ok(s)) => Ok(Accepted::Early(s)),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
         }
-        Err(_) => {
-            tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out");
-            return;
+    } else {
+        match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Ok(Accepted::Full(s)),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
         }
     };
-    conn::serve(tls, peer, &cfg, runtime, shutdown, hold).await;
+    match accepted {
+        Ok(Accepted::Full(tls)) => {
+            let client = conn::Client {
+                peer,
+                h2: tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+                handshake: None,
+            };
+            conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
+        }
+        Ok(Accepted::Early(tls)) => {
+            let client = conn::Client {
+                peer,
+                h2: tls.connection().alpn_protocol() == Some(b"h2"),
+                handshake: Some(tls.handshake()),
+            };
+            conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
+        }
+        Err(Some(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(None) => {
+            tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out")
+        }
+    }
+}
+
+enum Accepted {
+    Full(tokio_rustls::server::TlsStream<TcpStream>),
+    Early(crate::tls::early::EarlyStream),
 }

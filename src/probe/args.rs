@@ -17,7 +17,8 @@ pub struct ProbeArgs {
     /// Pause between rounds, e.g. "200ms".
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub interval: Duration,
-    /// cold: new TCP+TLS each sample; resumed: TLS resumption; warm: one kept connection.
+    /// cold: new TCP+TLS each sample; resumed: TLS resumption; warm: one kept connection;
+    /// early: resumption with the request as TLS 1.3 0-RTT early data.
     #[arg(long, value_enum, default_value_t = Mode::Cold)]
     pub mode: Mode,
     /// Offer HTTP/1.1 only.

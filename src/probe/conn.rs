@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
-type Stream = Either<TlsStream<TcpStream>, TcpStream>;
+type Stream = Either<Watched, TcpStream>;
 
 /// What the TLS handshake negotiated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -31,11 +31,97 @@ pub struct TlsInfo {
     pub version: String,
     pub alpn: Option<String>,
     pub resumed: bool,
+    /// The request went as 0-RTT early data and the server took it.
+    pub early_data: bool,
+}
+
+impl TlsInfo {
+    fn of(conn: &rustls::ClientConnection) -> TlsInfo {
+        TlsInfo {
+            version: match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+                Some(v) => format!("{v:?}"),
+                None => "unknown".to_string(),
+            },
+            alpn: conn
+                .alpn_protocol()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            early_data: conn.is_early_data_accepted(),
+        }
+    }
+}
+
+/// The client TLS stream, noting what its handshake negotiated once it completes: a 0-RTT
+/// connection is handed to HTTP before that, with the request as early data.
+pub struct Watched {
+    tls: TlsStream<TcpStream>,
+    info: Arc<std::sync::OnceLock<TlsInfo>>,
+}
+
+impl Watched {
+    fn note(&self) {
+        let (_, conn) = self.tls.get_ref();
+        if self.info.get().is_none() && !conn.is_handshaking() {
+            let _ = self.info.set(TlsInfo::of(conn));
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.tls).poll_read(cx, buf);
+        this.note();
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+/// A TLS connection as the handshake phase hands it over: what was negotiated is known now,
+/// or (0-RTT) once the server has answered.
+pub struct Handshaken {
+    pub stream: Watched,
+    pub info: Arc<std::sync::OnceLock<TlsInfo>>,
 }
 
 /// Builds the client TLS config of one target. `resumption`: keep sessions between samples
-/// (mode `resumed`); off for `cold`, so every handshake is a full one.
-pub fn tls_config(trust: &Trust, http: HttpVersion, resumption: bool) -> rustls::ClientConfig {
+/// (modes `resumed` and `early`); off for `cold`, so every handshake is a full one. `early`:
+/// send the request as TLS 1.3 early data when a session allows it.
+pub fn tls_config(
+    trust: &Trust,
+    http: HttpVersion,
+    resumption: bool,
+    early: bool,
+) -> rustls::ClientConfig {
     let alpn: &[&[u8]] = match http {
         HttpVersion::Http1 => &[b"http/1.1"],
         HttpVersion::Http2 => &[b"h2"],
@@ -63,6 +149,7 @@ pub fn tls_config(trust: &Trust, http: HttpVersion, resumption: bool) -> rustls:
     } else {
         rustls::client::Resumption::disabled()
     };
+    cfg.enable_early_data = early;
     cfg
 }
 
@@ -144,34 +231,33 @@ pub async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
     .await
 }
 
+/// The TLS phase. With early data enabled in `config` and a session that allows it, this
+/// ends as soon as the ClientHello is out: the request then rides along as 0-RTT data.
 pub async fn tls_handshake(
     tcp: TcpStream,
     config: Arc<rustls::ClientConfig>,
     host: &str,
     timeout: Duration,
-) -> Result<(TlsStream<TcpStream>, TlsInfo), SampleError> {
+) -> Result<Handshaken, SampleError> {
     let server_name = ServerName::try_from(host.to_string()).map_err(|_| SampleError::Sni {
         host: host.to_string(),
     })?;
+    let early = config.enable_early_data;
     phase(Phase::Tls, timeout, async {
         let tls = tokio_rustls::TlsConnector::from(config)
+            .early_data(early)
             .connect(server_name, tcp)
             .await
             .map_err(|e| SampleError::from_tls(host, e))?;
-        let (_, conn) = tls.get_ref();
-        let info = TlsInfo {
-            version: match conn.protocol_version() {
-                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-                Some(v) => format!("{v:?}"),
-                None => "unknown".to_string(),
-            },
-            alpn: conn
-                .alpn_protocol()
-                .map(|a| String::from_utf8_lossy(a).into_owned()),
-            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        let stream = Watched {
+            tls,
+            info: Arc::default(),
         };
-        Ok((tls, info))
+        stream.note();
+        Ok(Handshaken {
+            info: stream.info.clone(),
+            stream,
+        })
     })
     .await
 }
@@ -207,7 +293,7 @@ pub struct Response {
 impl HttpConn {
     /// HTTP/2 if ALPN said so (or forced on cleartext), else HTTP/1.1.
     pub async fn handshake(
-        io: Either<TlsStream<TcpStream>, TcpStream>,
+        io: Stream,
         h2: bool,
         timeout: Duration,
     ) -> Result<HttpConn, SampleError> {
@@ -313,7 +399,7 @@ impl HttpConn {
 }
 
 /// Wraps the connected stream for hyper.
-pub fn stream_tls(tls: TlsStream<TcpStream>) -> Stream {
+pub fn stream_tls(tls: Watched) -> Stream {
     Either::Left(tls)
 }
 pub fn stream_plain(tcp: TcpStream) -> Stream {

@@ -74,6 +74,8 @@ pub enum Mode {
     Resumed,
     /// One kept connection: the request round trip alone.
     Warm,
+    /// New TCP, TLS resumed with the request sent as TLS 1.3 0-RTT early data.
+    Early,
 }
 
 impl Mode {
@@ -82,6 +84,7 @@ impl Mode {
             Mode::Cold => "cold",
             Mode::Resumed => "resumed",
             Mode::Warm => "warm",
+            Mode::Early => "early",
         }
     }
 }

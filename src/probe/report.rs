@@ -163,18 +163,24 @@ impl TargetReport {
         by.into_values().collect()
     }
 
-    /// "TLSv1.3 h2, resumed 9/10" from the samples that did a handshake.
+    /// "TLSv1.3 h2 resumed 9/10" from the samples that did a handshake, with "0-RTT 9/10"
+    /// when any request went as early data.
     fn tls_summary(&self) -> Option<String> {
         let infos: Vec<_> = self.ok().filter_map(|s| s.tls_info.as_ref()).collect();
         let first = infos.first()?;
         let resumed = infos.iter().filter(|i| i.resumed).count();
-        Some(format!(
+        let early = infos.iter().filter(|i| i.early_data).count();
+        let mut summary = format!(
             "{} {} resumed {}/{}",
             first.version,
             first.alpn.as_deref().unwrap_or("-"),
             resumed,
             infos.len()
-        ))
+        );
+        if early > 0 {
+            summary.push_str(&format!(" 0-RTT {}/{}", early, infos.len()));
+        }
+        Some(summary)
     }
 
     fn upstream_states(&self) -> BTreeMap<String, usize> {
@@ -355,6 +361,7 @@ impl Report {
                     "failures": t.failures(),
                     "tls": tls,
                     "resumed": t.ok().filter(|s| s.tls_info.as_ref().is_some_and(|i| i.resumed)).count(),
+                    "early_data": t.ok().filter(|s| s.tls_info.as_ref().is_some_and(|i| i.early_data)).count(),
                     "http": t.ok().next().map(|s| s.http),
                     "upstream_states": t.upstream_states(),
                     "phases": phases,

@@ -166,6 +166,8 @@ pub struct Session {
     timeout: Duration,
     /// `warm`: the kept connection, where it goes and what its handshake negotiated.
     kept: Option<Kept>,
+    /// Whether the last fresh connection spoke h2 (what a 0-RTT resumption of it speaks).
+    last_h2: bool,
 }
 
 impl Session {
@@ -174,7 +176,8 @@ impl Session {
         let config = Arc::new(conn::tls_config(
             &options.trust,
             options.http,
-            options.mode == Mode::Resumed,
+            matches!(options.mode, Mode::Resumed | Mode::Early),
+            options.mode == Mode::Early,
         ));
         Session {
             target,
@@ -184,6 +187,7 @@ impl Session {
             mode: options.mode,
             timeout: options.timeout,
             kept: None,
+            last_h2: options.http == HttpVersion::Http2,
         }
     }
 
@@ -196,7 +200,7 @@ impl Session {
     pub async fn prime(&mut self) {
         match self.mode {
             Mode::Cold => {}
-            Mode::Resumed => {
+            Mode::Resumed | Mode::Early => {
                 let _ = self.fresh().await;
             }
             Mode::Warm => {
@@ -207,7 +211,7 @@ impl Session {
 
     pub async fn sample(&mut self) -> Result<Sample, SampleError> {
         let result = match self.mode {
-            Mode::Cold | Mode::Resumed => self.fresh().await,
+            Mode::Cold | Mode::Resumed | Mode::Early => self.fresh().await,
             Mode::Warm => self.kept().await,
         };
         match result {
@@ -224,16 +228,28 @@ impl Session {
         let t_dns = Instant::now();
         let tcp = conn::tcp_connect(addr, timeout).await?;
         let t_conn = Instant::now();
-        let (io, tls_info, tls) = if self.target.is_tls() {
-            let (tls, info) =
+        let (io, negotiated, tls) = if self.target.is_tls() {
+            let hs =
                 conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout).await?;
-            (conn::stream_tls(tls), Some(info), Some(t_conn.elapsed()))
+            (
+                conn::stream_tls(hs.stream),
+                Some(hs.info),
+                Some(t_conn.elapsed()),
+            )
         } else {
             (conn::stream_plain(tcp), None, None)
         };
-        let h2 = self.use_h2(tls_info.as_ref());
+        // A 0-RTT connection does not know its ALPN yet: it is the resumed session's, the one
+        // the previous sample negotiated.
+        let h2 = match negotiated.as_ref().map(|n| n.get()) {
+            Some(Some(info)) => self.use_h2(Some(info)),
+            Some(None) => self.last_h2,
+            None => self.use_h2(None),
+        };
         let mut http = HttpConn::handshake(io, h2, timeout).await?;
         let resp = self.request(&mut http).await?;
+        let tls_info = negotiated.and_then(|n| n.get().cloned());
+        self.last_h2 = http.h2;
         Ok(Sample {
             address: addr,
             dns: dns.then(|| t_dns - start),
@@ -284,9 +300,10 @@ impl Session {
         let (addr, _) = self.resolve().await?;
         let tcp = conn::tcp_connect(addr, timeout).await?;
         let (io, info) = if self.target.is_tls() {
-            let (tls, info) =
+            let hs =
                 conn::tls_handshake(tcp, self.config.clone(), self.target.host(), timeout).await?;
-            (conn::stream_tls(tls), Some(info))
+            let info = hs.info.get().cloned();
+            (conn::stream_tls(hs.stream), info)
         } else {
             (conn::stream_plain(tcp), None)
         };

@@ -26,6 +26,8 @@ pub enum ProxyError {
         origin: String,
         reason: &'static str,
     },
+    #[error("{0} request in TLS early data: not safe to replay, the client must send it after the handshake")]
+    TooEarly(hyper::Method),
     #[error("no route serves host {0:?}")]
     MisdirectedHost(String),
     #[error(transparent)]
@@ -64,6 +66,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_)
+            | ProxyError::TooEarly(_)
             | ProxyError::ClientBody(_) => ErrorSource::Client,
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => ErrorSource::Internal,
             ProxyError::ConnectTimeout(_)
@@ -79,6 +82,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::TooEarly(_) => StatusCode::TOO_EARLY,
             ProxyError::ClientBody(super::request_body::ClientBodyError::Timeout(_)) => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -104,6 +108,7 @@ impl ProxyError {
             ProxyError::BadRequest(r) => r,
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
+            ProxyError::TooEarly(_) => "too early: send this request again after the TLS handshake",
             ProxyError::NoCapacity(_) => "no upstream capacity",
             ProxyError::TunnelLimit => "too many open connections",
             ProxyError::ConnectTimeout(_) => "upstream connect timed out",

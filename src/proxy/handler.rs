@@ -105,7 +105,7 @@ fn target_host(req: &Request<Incoming>) -> Result<(String, String), ProxyError> 
 
 async fn forward(
     rt: &Runtime,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     limits: ClientLimits,
     log: &mut Option<PendingLog>,
@@ -127,6 +127,11 @@ async fn forward(
         }
     }
     let upgrade = is_upgrade(&req);
+    if req.extensions().get::<super::EarlyData>().is_some() {
+        let accepted = accept_early(&mut req, upgrade || h2_websocket);
+        rt.counters.record_early_data(accepted.is_ok());
+        accepted?;
+    }
     if upgrade && !http_body::Body::is_end_stream(req.body()) {
         // A WebSocket handshake has no body; one with a body would reach the origin
         // unchecked (no size limit, no body timeout) through the tunnel.
@@ -190,6 +195,20 @@ async fn forward(
     )
     .boxed();
     Ok(Response::from_parts(parts, body))
+}
+
+/// A request that arrived in TLS early data (RFC 8470): an attacker may have replayed it, so
+/// only a safe method without a body goes on, marked `Early-Data: 1` for the origin (which
+/// may answer 425 itself); anything else gets 425 and the client sends it again after the
+/// handshake.
+fn accept_early(req: &mut Request<Incoming>, tunnel: bool) -> Result<(), ProxyError> {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe || tunnel || !http_body::Body::is_end_stream(req.body()) {
+        return Err(ProxyError::TooEarly(req.method().clone()));
+    }
+    req.headers_mut()
+        .insert("early-data", HeaderValue::from_static("1"));
+    Ok(())
 }
 
 /// An HTTP/1.1 `Upgrade` request (WebSocket and friends): an `Upgrade` header and the

@@ -18,6 +18,11 @@ use router::Router;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Marks a request that arrived before its client's TLS handshake completed (0-RTT early
+/// data): it may be a replay, so only a safe one is forwarded, flagged `Early-Data: 1`.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyData;
+
 /// What a client connection allows a request's bodies (its listener's settings).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {

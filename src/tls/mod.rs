@@ -1,8 +1,10 @@
 //! TLS on both sides: `certs` loads PEM files, `sni` picks the server certificate by name and
-//! builds the listener's config, `client` builds the verified upstream config.
+//! builds the listener's config, `early` serves TLS 1.3 0-RTT, `client` builds the verified
+//! upstream config.
 
 pub mod certs;
 pub mod client;
+pub mod early;
 pub mod sni;
 pub mod tickets;
 

@@ -1,6 +1,7 @@
 //! Server-side TLS: the certificate is chosen by SNI (exact name first, then a `*.` wildcard
 //! for one label, then the first configured certificate for clients without or with an
-//! unknown SNI), ALPN offers h2 and http/1.1, session tickets are on.
+//! unknown SNI), ALPN offers h2 and http/1.1, sessions resume from tickets or, with 0-RTT,
+//! from a single-use session cache.
 
 use crate::config::CertificateConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -63,10 +64,31 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the listener's TLS config; `tickets`: shared ticket keys, else a per-process key.
+/// Session state that outlives reloads, so clients keep resuming across a SIGHUP: the
+/// process's own ticket key (used without shared `ticket_keys`) and the session cache.
+#[derive(Clone)]
+pub struct Resumption {
+    own_tickets: Arc<dyn rustls::server::ProducesTickets>,
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+impl Resumption {
+    pub fn new() -> Result<Self, rustls::Error> {
+        Ok(Resumption {
+            own_tickets: rustls::crypto::ring::Ticketer::new()?,
+            cache: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+        })
+    }
+}
+
+/// Builds the listeners' TLS config. Sessions resume from tickets (`pop.ticket_keys` when
+/// the PoP's instances share them, else a per-process key), except with `pop.early_data`:
+/// rustls accepts 0-RTT only for sessions it keeps itself, where each session resumes once,
+/// so a replayed ClientHello finds nothing to resume and its early data is rejected.
 pub fn server_config(
     certs: &[CertificateConfig],
-    tickets: Option<Arc<super::tickets::FileTicketer>>,
+    pop: &crate::config::PopConfig,
+    resumption: &Resumption,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let resolver = SniResolver::new(certs)
         .ok_or_else(|| rustls::Error::General("no certificate configured".into()))?;
@@ -75,10 +97,16 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ticketer = match tickets {
-        Some(t) => t,
-        None => rustls::crypto::ring::Ticketer::new()?,
-    };
-    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
+    cfg.session_storage = resumption.cache.clone();
+    if pop.early_data {
+        cfg.max_early_data_size = super::early::MAX_EARLY_DATA;
+        // The answer to an early request may go out before the client's Finished arrives.
+        cfg.send_half_rtt_data = true;
+    } else {
+        cfg.ticketer = match &pop.ticket_keys {
+            Some(t) => t.clone(),
+            None => resumption.own_tickets.clone(),
+        };
+    }
     Ok(cfg)
 }

@@ -5,6 +5,7 @@ mod support;
 mod config;
 mod demo;
 mod dns;
+mod early;
 mod edge;
 mod pool;
 mod probe;

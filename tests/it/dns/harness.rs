@@ -290,7 +290,16 @@ impl FakeHealth {
             key_path: key,
             key: Arc::new(ck),
         };
-        let cfg = edgepop::tls::sni::server_config(&[cc], None).expect("server config");
+        let pop = edgepop::config::PopConfig {
+            name: "health".into(),
+            server_timing: false,
+            ticket_keys: None,
+            early_data: false,
+            access_log: None,
+        };
+        let resumption = edgepop::tls::sni::Resumption::new().expect("ticket key");
+        let cfg =
+            edgepop::tls::sni::server_config(&[cc], &pop, &resumption).expect("server config");
         Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
     }
 
