@@ -1,7 +1,8 @@
 //! `edgepop demo`: on loopback, an origin; WAN simulators for the client-PoP (RTT1) and
 //! PoP-origin (RTT2) legs; an edge with a pre-warmed pool and one with pooling off; the DNS
 //! sidecar answering for the edge's name. Then latency-probe against the origin directly, the
-//! cold edge and the warm edge, printed next to the physical limits of DESIGN.md.
+//! cold edge, the warm edge, and the warm edge again with the request sent as TLS 1.3 0-RTT
+//! early data on a resumed session, printed next to the physical limits of DESIGN.md.
 //!
 //! Everything runs from embedded defaults: certificates are generated in memory (`certs`), the
 //! configuration is built here, nothing is read from the working directory.
@@ -131,6 +132,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ..Options::default()
     };
     let report = probe::measure(&targets, &options).await;
+    let early_options = Options {
+        mode: Mode::Early,
+        ..options.clone()
+    };
+    let early = probe::measure(&targets[2..], &early_options).await;
     let (r1, r2) = (ms(args.rtt1), ms(args.rtt2));
     let rows = [
         (
@@ -148,13 +154,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "3 x RTT1 + RTT2",
             3.0 * r1 + r2,
         ),
+        (
+            "  ... resumed, request in 0-RTT",
+            "2 x RTT1 + RTT2",
+            2.0 * r1 + r2,
+        ),
     ];
     println!();
     println!(
         "{:<32} {:>10} {:>10}   {:<22} {:>8}",
         "path", "TTFB p50", "p90", "physical limit", "= ms"
     );
-    for ((label, formula, limit), t) in rows.iter().zip(&report.targets) {
+    let measured = report.targets.iter().chain(&early.targets);
+    for ((label, formula, limit), t) in rows.iter().zip(measured) {
         let (p50, p90) = match t.stats(Row::Ttfb) {
             Some(s) => (format!("{:.1}", ms(s.p50)), format!("{:.1}", ms(s.p90))),
             None => ("failed".into(), "-".into()),
@@ -164,6 +176,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!();
     println!("latency-probe detail (ms; dns = the sidecar's answer; pool/upstream = the edge's Server-Timing):");
     print!("{}", report.render_table());
+    println!("\nthe warm edge again, TLS resumed with the request as 0-RTT early data:");
+    print!("{}", early.render_table());
     let warm_snap = warm.pools().first().map(|p| p.snapshot());
     if let Some(s) = warm_snap {
         println!(
@@ -174,11 +188,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     drop(sidecar);
     warm.drain().await;
     cold.drain().await;
-    Ok(if report.all_targets_succeeded() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if report.all_targets_succeeded() && early.all_targets_succeeded() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn ms(d: Duration) -> f64 {
@@ -207,6 +223,7 @@ async fn start_edge(
     let text = format!(
         r#"[pop]
 name = "demo-{name}"
+early_data = true
 [admin]
 listen = "127.0.0.1:0"
 [[listeners]]
