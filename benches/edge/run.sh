@@ -2,7 +2,9 @@
 # End-to-end throughput: h2load through edgepop vs through nginx (upstream keepalive), both
 # in front of the same nginx origin, one worker each, on loopback, in one run.
 #   bash benches/edge/run.sh            (needs nginx, h2load: apt-get install nginx-light nghttp2-client)
-# Env: N (requests per run, default 200000), C (clients, 16), M (h2 streams per client, 32).
+# Env: N (requests per run, default 200000), C (clients, 16), M (h2 streams per client, 32),
+# EARLY=true (edgepop with [pop] early_data: every client connection then runs on edgepop's
+# own 0-RTT-capable server TLS stream instead of tokio-rustls').
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${N:-200000}; C=${C:-16}; M=${M:-32}
@@ -16,7 +18,7 @@ ORIGIN_PORT=$(free_port); NGINX_EDGE_PORT=$(free_port); EDGE_PORT=$(free_port); 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
 trap cleanup EXIT
-fill() { sed -e "s#@DIR@#$DIR#g; s#@CERTS@#$CERTS#g; s#@ORIGIN_PORT@#$ORIGIN_PORT#g; s#@NGINX_EDGE_PORT@#$NGINX_EDGE_PORT#g; s#@EDGE_PORT@#$EDGE_PORT#g; s#@ADMIN_PORT@#$ADMIN_PORT#g; s#@PROTOCOL@#$2#g; s#@WARM@#$3#g" "$1"; }
+fill() { sed -e "s#@DIR@#$DIR#g; s#@CERTS@#$CERTS#g; s#@ORIGIN_PORT@#$ORIGIN_PORT#g; s#@NGINX_EDGE_PORT@#$NGINX_EDGE_PORT#g; s#@EDGE_PORT@#$EDGE_PORT#g; s#@ADMIN_PORT@#$ADMIN_PORT#g; s#@PROTOCOL@#$2#g; s#@WARM@#$3#g; s#@EARLY@#${EARLY:-false}#g" "$1"; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up"; exit 1; }
 
 fill benches/edge/nginx-origin.conf.in x x > "$DIR/origin.conf"
@@ -56,7 +58,7 @@ edge() { # protocol
 }
 stop_edge() { kill "$EDGE_PID"; wait "$EDGE_PID" 2>/dev/null || true; }
 
-echo "h2load -n $N -c $C (-m $M for h2), one worker per proxy, origin: nginx (1 worker), $(nproc) cores"
+echo "h2load -n $N -c $C (-m $M for h2), one worker per proxy, origin: nginx (1 worker), $(nproc) cores, edgepop early_data=${EARLY:-false}"
 for proto in h2 http1; do
   edge "$proto"
   run "edgepop (upstream $proto), client h2" "$EDGE_PORT" h2 "$EDGE_PID"

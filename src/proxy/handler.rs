@@ -6,9 +6,9 @@
 //! GOAWAY below its stream) is retried on another connection whatever its method (each failed
 //! connection is retired, so retries walk to live or fresh ones; at most 8); a bodiless
 //! idempotent request that may have reached the origin is retried too (at most 2); nothing
-//! else is. A connect failure moves on to the route's next healthy origin, and so does a
-//! bodiless idempotent request that got no response head in time (or failed past its
-//! retries).
+//! else is. A connect failure or a full pool (queue full or timed out) moves any request on
+//! to the route's next healthy origin, and so does a bodiless idempotent request that got no
+//! response head in time (or failed past its retries).
 
 use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
@@ -449,7 +449,14 @@ async fn send<'a>(
         let last_candidate = i + 1 == candidates.len();
         let lease = match pool.checkout(last_candidate).await {
             Ok(l) => l,
-            Err(e @ CheckoutError::Connect(_)) if !last_candidate => {
+            // Nothing was sent: any request may move on (HAProxy's `option redispatch`, nginx
+            // moving past a server at `max_conns`), a farther origin being better than a 503.
+            Err(
+                e @ (CheckoutError::Connect(_)
+                | CheckoutError::QueueFull { .. }
+                | CheckoutError::QueueTimeout { .. }
+                | CheckoutError::Closed { .. }),
+            ) if !last_candidate => {
                 tracing::debug!(origin = %pool.origin().name, error = %e, "failing over to the next origin");
                 i += 1;
                 continue;

@@ -1856,3 +1856,47 @@ async fn an_idempotent_request_without_an_answer_in_time_fails_over_to_the_next_
     let resp = c.send(post(true, "/", empty())).await.unwrap();
     assert_eq!(resp.status(), 504);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_its_origins_pool_full_moves_on_to_the_next_origin() {
+    let a = origin().name("a").start().await.unwrap();
+    let b = origin().name("b").start().await.unwrap();
+    let edge = start_edge(&edge_config(
+        &[
+            (
+                "a",
+                a.addr(),
+                "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"200ms\"",
+            ),
+            ("b", b.addr(), "warm_connections = 1"),
+        ],
+        &["localhost"],
+    ))
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    let mut busy = Client::H2(send.clone());
+    let slow = tokio::spawn(async move { busy.get("localhost", "/delay/2000").await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pools_json(edge.admin).await["pools"][0]["busy"] == 1
+        })
+        .await
+    );
+    // a's one connection is taken and its queue times out: the request was never sent, so
+    // even a POST goes to b rather than getting 503.
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut req = post(true, "/echo", body);
+    req.headers_mut().insert(
+        "content-length",
+        hyper::header::HeaderValue::from_static("5"),
+    );
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-origin"], "b");
+    let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&echoed[..], b"hello");
+    assert_eq!(slow.await.unwrap().0, 200);
+}
