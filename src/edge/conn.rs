@@ -95,6 +95,7 @@ pub async fn serve<S>(
     };
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
+    let mut unfinished = handshake.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if req.headers().contains_key(hyper::header::UPGRADE)
             || req.method() == hyper::Method::CONNECT
@@ -119,6 +120,8 @@ pub async fn serve<S>(
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
     let mut draining = false;
+    let handshake_deadline = tokio::time::sleep(cfg.handshake_timeout);
+    tokio::pin!(handshake_deadline);
     loop {
         // select!: the connection finishing, drain starting, or the idle timer; the idle
         // timer restarts whenever the number of requests in flight changes.
@@ -134,6 +137,22 @@ pub async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = activity.changed.notified() => {}
+            // A 0-RTT connection is served before its handshake ends; one whose client never
+            // sends its Finished is dropped after `handshake_timeout`, as a stalled handshake
+            // is. An http/1.1 request in flight keeps hyper from reading the Finished, so with
+            // one in flight the check comes again later.
+            _ = &mut handshake_deadline, if unfinished.is_some() => {
+                if unfinished.as_ref().is_some_and(|h| h.is_complete()) {
+                    unfinished = None;
+                } else if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake after early data timed out");
+                    return;
+                } else {
+                    handshake_deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + cfg.handshake_timeout);
+                }
+            }
             _ = tokio::time::sleep(idle), if !draining => {
                 if activity.in_flight.load(Ordering::Acquire) == 0 {
                     draining = true;

@@ -247,6 +247,9 @@ impl Session {
             None => self.use_h2(None),
         };
         let mut http = HttpConn::handshake(io, h2, timeout).await?;
+        if negotiated.as_ref().is_some_and(|n| n.get().is_some()) {
+            self.last_h2 = http.h2;
+        }
         let resp = self.request(&mut http).await?;
         let tls_info = negotiated.and_then(|n| n.get().cloned());
         self.last_h2 = http.h2;

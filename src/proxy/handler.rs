@@ -105,7 +105,7 @@ fn target_host(req: &Request<Incoming>) -> Result<(String, String), ProxyError> 
 
 async fn forward(
     rt: &Runtime,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
     limits: ClientLimits,
     log: &mut Option<PendingLog>,
@@ -128,7 +128,7 @@ async fn forward(
     }
     let upgrade = is_upgrade(&req);
     if req.extensions().get::<super::EarlyData>().is_some() {
-        let accepted = accept_early(&mut req, upgrade || h2_websocket);
+        let accepted = accept_early(&req, upgrade || h2_websocket);
         rt.counters.record_early_data(accepted.is_ok());
         accepted?;
     }
@@ -198,16 +198,14 @@ async fn forward(
 }
 
 /// A request that arrived in TLS early data (RFC 8470): an attacker may have replayed it, so
-/// only a safe method without a body goes on, marked `Early-Data: 1` for the origin (which
-/// may answer 425 itself); anything else gets 425 and the client sends it again after the
-/// handshake.
-fn accept_early(req: &mut Request<Incoming>, tunnel: bool) -> Result<(), ProxyError> {
+/// only a safe method without a body goes on (marked `Early-Data: 1` for the origin, which
+/// may answer 425 itself, by `upstream_request`); anything else gets 425 and the client sends
+/// it again after the handshake.
+fn accept_early(req: &Request<Incoming>, tunnel: bool) -> Result<(), ProxyError> {
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if !safe || tunnel || !http_body::Body::is_end_stream(req.body()) {
         return Err(ProxyError::TooEarly(req.method().clone()));
     }
-    req.headers_mut()
-        .insert("early-data", HeaderValue::from_static("1"));
     Ok(())
 }
 
@@ -297,6 +295,12 @@ pub(super) fn upstream_request(
         .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     let client_version = parts.version;
     headers::strip_hop_by_hop(&mut parts.headers, true);
+    if parts.extensions.get::<super::EarlyData>().is_some() {
+        // After the hop-by-hop strip: `Connection: early-data` must not remove the mark.
+        parts
+            .headers
+            .insert("early-data", HeaderValue::from_static("1"));
+    }
     headers::set_forwarded(&mut parts.headers, peer.ip());
     headers::append_via(&mut parts.headers, client_version, &rt.via);
     let host =

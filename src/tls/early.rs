@@ -57,15 +57,15 @@ pub async fn accept(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> io::Re
 }
 
 /// `io::Read`/`io::Write` over the non-blocking socket, for rustls' `read_tls`/`write_tls`.
-struct Sync<'a>(&'a TcpStream);
+struct SyncIo<'a>(&'a TcpStream);
 
-impl Read for Sync<'_> {
+impl Read for SyncIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.try_read(buf)
     }
 }
 
-impl Write for Sync<'_> {
+impl Write for SyncIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.try_write(buf)
     }
@@ -106,7 +106,7 @@ impl EarlyStream {
     /// Writes out what rustls has queued (handshake messages, alerts, records).
     fn poll_send_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.tls.wants_write() {
-            match self.tls.write_tls(&mut Sync(&self.tcp)) {
+            match self.tls.write_tls(&mut SyncIo(&self.tcp)) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -121,12 +121,12 @@ impl EarlyStream {
     /// Reads TLS records from the socket and processes them; 0 at the end of the stream.
     fn poll_recv_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            match self.tls.read_tls(&mut Sync(&self.tcp)) {
+            match self.tls.read_tls(&mut SyncIo(&self.tcp)) {
                 Ok(n) => {
                     let processed = self.tls.process_new_packets();
                     if let Err(e) = processed {
                         // The alert rustls queued for the peer, best effort.
-                        let _ = self.tls.write_tls(&mut Sync(&self.tcp));
+                        let _ = self.tls.write_tls(&mut SyncIo(&self.tcp));
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                     }
                     if !self.tls.is_handshaking() {
@@ -142,19 +142,39 @@ impl EarlyStream {
         }
     }
 
-    /// Plaintext already decrypted: early data first (it comes first in the stream), then
-    /// application data. `None`: nothing yet.
-    fn read_plaintext(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    /// Plaintext already decrypted, copied into `buf`: early data first (it comes first in
+    /// the stream), then application data. `None`: nothing yet.
+    fn read_plaintext(&mut self, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
         if let Some(mut early) = self.tls.early_data() {
-            match early.read(buf) {
+            // At most MAX_EARLY_DATA in all: a bounded part of `buf` is initialised for it.
+            let room = buf.remaining().min(MAX_EARLY_DATA as usize);
+            match early.read(buf.initialize_unfilled_to(room)) {
                 Ok(0) => {}
-                r => return Some(r),
+                Ok(n) => {
+                    buf.advance(n);
+                    return Some(Ok(()));
+                }
+                Err(e) => return Some(Err(e)),
             }
         }
-        match self.tls.reader().read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            r => Some(r),
+        // Copied chunk by chunk from rustls' buffer, as many as fit: no zeroing of `buf`.
+        let mut copied = false;
+        while buf.remaining() > 0 {
+            match self.tls.reader().into_first_chunk() {
+                Ok([]) => return Some(Ok(())),
+                Ok(chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    io::BufRead::consume(&mut self.tls.reader(), n);
+                    copied = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // rustls reports it again on the next read, after what was copied.
+                Err(_) if copied => break,
+                Err(e) => return Some(Err(e)),
+            }
         }
+        copied.then_some(Ok(()))
     }
 }
 
@@ -166,8 +186,8 @@ impl AsyncRead for EarlyStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if let Some(r) = this.read_plaintext(buf.initialize_unfilled()) {
-                return Poll::Ready(r.map(|n| buf.advance(n)));
+            if let Some(r) = this.read_plaintext(buf) {
+                return Poll::Ready(r);
             }
             // Handshake messages the last records produced (the server's reply to the client's
             // Finished, tickets) go out before waiting for more; a full socket does not stop
@@ -177,10 +197,10 @@ impl AsyncRead for EarlyStream {
             }
             if ready!(this.poll_recv_tls(cx))? == 0 {
                 // End of stream: rustls now answers the read with EOF or an error.
-                return Poll::Ready(match this.read_plaintext(buf.initialize_unfilled()) {
-                    Some(r) => r.map(|n| buf.advance(n)),
-                    None => Err(io::ErrorKind::UnexpectedEof.into()),
-                });
+                return Poll::Ready(
+                    this.read_plaintext(buf)
+                        .unwrap_or_else(|| Err(io::ErrorKind::UnexpectedEof.into())),
+                );
             }
         }
     }

@@ -207,7 +207,8 @@ async fn a_safe_request_in_early_data_is_forwarded_before_the_handshake_ends_and
     let ex = early_exchange(
         edge.addr,
         &cfg,
-        b"GET /headers HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        // `early-data` in Connection: the client may not strip the mark meant for the origin.
+        b"GET /headers HTTP/1.1\r\nhost: localhost\r\nconnection: close, early-data\r\n\r\n",
         || async { seen() > before },
     )
     .await;
@@ -403,4 +404,41 @@ fn early_data_with_shared_ticket_keys_is_refused_at_its_line() {
         err.contains("early_data cannot be combined with ticket_keys"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_early_data_but_never_its_finished_is_dropped_after_the_handshake_timeout(
+) {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&early_config(origin.addr())).await;
+    let seen = || origin.stats().requests.load(Ordering::SeqCst);
+    let cfg = client_config(&[b"http/1.1"]);
+    take_a_session(edge.addr, &cfg).await;
+    let before = seen();
+    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    let (io, _gate) = gated(tcp);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .early_data(true)
+        .connect(name, io)
+        .await
+        .expect("TLS");
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("early write");
+    // The gate stays closed: the client never sees the server's flight, never sends Finished.
+    let stuck = tokio::spawn(async move {
+        let _ = tls.flush().await;
+        tls
+    });
+    assert!(eventually(Duration::from_secs(10), || async { seen() > before }).await);
+    // Served (a safe request), then dropped once handshake_timeout (2 s) has passed.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(edge.admin, "edgepop_client_connections 0").await
+        })
+        .await,
+        "the connection without a Finished is still open"
+    );
+    stuck.abort();
 }
