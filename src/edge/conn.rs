@@ -1,6 +1,8 @@
 //! One client connection after TLS: h2 or http/1.1 by ALPN, served by hyper-util's auto
-//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown.
+//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown,
+//! with a lingering close for http/1.1 (see `linger`).
 
+use super::linger::LingeringTcp;
 use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
 use crate::proxy::body::Holding;
@@ -15,7 +17,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +46,7 @@ impl Drop for InFlight {
 }
 
 pub async fn serve(
-    tls: TlsStream<TcpStream>,
+    tls: TlsStream<LingeringTcp>,
     peer: SocketAddr,
     cfg: &ListenerConfig,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -77,9 +78,18 @@ pub async fn serve(
         body_timeout: cfg.body_timeout,
         stream_send_timeout: is_h2.then_some(cfg.send_timeout),
     };
+    let linger = tls.get_ref().0.hint();
+    if !is_h2 {
+        linger.http1();
+    }
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if !is_h2 {
+            // An answer may go out before the body is read (413, 408, 504): the close then
+            // lingers so the client, still sending, gets it.
+            linger.request(!hyper::body::Body::is_end_stream(req.body()));
+        }
         if req.headers().contains_key(hyper::header::UPGRADE)
             || req.method() == hyper::Method::CONNECT
         {

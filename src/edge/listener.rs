@@ -3,6 +3,7 @@
 //! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
 
 use super::conn;
+use super::linger::LingeringTcp;
 use crate::config::ListenerConfig;
 use crate::metrics::EdgeCounters;
 use crate::proxy::Runtime;
@@ -181,6 +182,7 @@ async fn handshake_and_serve(
     hold: crate::proxy::upgrade::Hold,
 ) {
     let _ = tcp.set_nodelay(true);
+    let tcp = LingeringTcp::new(tcp, hold.tracker.clone());
     let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
