@@ -1,6 +1,8 @@
 //! One client connection after TLS: h2 or http/1.1 by ALPN, served by hyper-util's auto
-//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown.
+//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown,
+//! with a lingering close for http/1.1 (see `linger`).
 
+use super::linger::LingerHint;
 use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
 use crate::proxy::body::Holding;
@@ -52,6 +54,8 @@ pub struct Client {
     /// Set when the client may send 0-RTT early data: until the handshake completes, its
     /// requests may be replays.
     pub handshake: Option<Handshake>,
+    /// Tells the TCP stream under the TLS whether its close must linger.
+    pub linger: LingerHint,
 }
 
 pub async fn serve<S>(
@@ -68,6 +72,7 @@ pub async fn serve<S>(
         peer,
         h2: is_h2,
         handshake,
+        linger,
     } = client;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -93,10 +98,18 @@ pub async fn serve<S>(
         body_timeout: cfg.body_timeout,
         stream_send_timeout: is_h2.then_some(cfg.send_timeout),
     };
+    if !is_h2 {
+        linger.http1();
+    }
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let mut unfinished = handshake.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if !is_h2 {
+            // An answer may go out before the body is read (413, 408, 504): the close then
+            // lingers so the client, still sending, gets it.
+            linger.request(!hyper::body::Body::is_end_stream(req.body()));
+        }
         if req.headers().contains_key(hyper::header::UPGRADE)
             || req.method() == hyper::Method::CONNECT
         {

@@ -3,6 +3,7 @@
 //! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
 
 use super::conn;
+use super::linger::LingeringTcp;
 use crate::config::ListenerConfig;
 use crate::metrics::EdgeCounters;
 use crate::proxy::Runtime;
@@ -181,6 +182,8 @@ async fn handshake_and_serve(
     hold: crate::proxy::upgrade::Hold,
 ) {
     let _ = tcp.set_nodelay(true);
+    let tcp = LingeringTcp::new(tcp, hold.tracker.clone());
+    let linger = tcp.hint();
     // 0-RTT needs a stream that is handed out before the handshake ends; without it
     // tokio-rustls' (which finishes the handshake first) serves.
     let early = acceptor.config().max_early_data_size > 0;
@@ -204,6 +207,7 @@ async fn handshake_and_serve(
                 peer,
                 h2: tls.get_ref().1.alpn_protocol() == Some(b"h2"),
                 handshake: None,
+                linger,
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
@@ -212,6 +216,7 @@ async fn handshake_and_serve(
                 peer,
                 h2: tls.connection().alpn_protocol() == Some(b"h2"),
                 handshake: Some(tls.handshake()),
+                linger,
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
@@ -223,6 +228,6 @@ async fn handshake_and_serve(
 }
 
 enum Accepted {
-    Full(tokio_rustls::server::TlsStream<TcpStream>),
+    Full(tokio_rustls::server::TlsStream<LingeringTcp>),
     Early(crate::tls::early::EarlyStream),
 }

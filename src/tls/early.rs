@@ -7,6 +7,7 @@
 //! Which requests may be served before the handshake completes is the proxy's decision
 //! ([`Handshake::is_complete`] tells it whether the client's Finished has been seen yet).
 
+use crate::edge::linger::LingeringTcp;
 use rustls::ServerConnection;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -14,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Early data a client may send (rustls' `max_early_data_size`): a request head or a few.
 pub const MAX_EARLY_DATA: u32 = 16 * 1024;
@@ -34,9 +34,10 @@ impl Handshake {
     }
 }
 
-/// A server TLS connection over TCP that may still be handshaking while it is read from.
+/// A server TLS connection over TCP (with its lingering close) that may still be handshaking
+/// while it is read from.
 pub struct EarlyStream {
-    tcp: TcpStream,
+    tcp: LingeringTcp,
     tls: ServerConnection,
     handshake: Handshake,
     close_notify_sent: bool,
@@ -44,7 +45,10 @@ pub struct EarlyStream {
 
 /// Runs the handshake until the client's early data is accepted (then the stream is handed
 /// out with the handshake still under way) or the handshake is complete.
-pub async fn accept(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> io::Result<EarlyStream> {
+pub async fn accept(
+    config: Arc<rustls::ServerConfig>,
+    tcp: LingeringTcp,
+) -> io::Result<EarlyStream> {
     let tls = ServerConnection::new(config).map_err(io::Error::other)?;
     let mut s = EarlyStream {
         tcp,
@@ -57,7 +61,7 @@ pub async fn accept(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> io::Re
 }
 
 /// `io::Read`/`io::Write` over the non-blocking socket, for rustls' `read_tls`/`write_tls`.
-struct SyncIo<'a>(&'a TcpStream);
+struct SyncIo<'a>(&'a LingeringTcp);
 
 impl Read for SyncIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

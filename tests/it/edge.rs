@@ -5,6 +5,8 @@ use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod linger;
+
 async fn one_origin_edge(extra: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
     let origin = origin().start().await.unwrap();
     let edge = start_edge(&edge_config(
