@@ -15,21 +15,43 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Concurrent streams a client may open on one h2 connection.
 const H2_MAX_STREAMS: u32 = 256;
 
-/// Tracks requests in flight on a connection so the idle timer only runs while there are none.
-#[derive(Default)]
+/// Tracks requests in flight on a connection, and since when there have been none, so the
+/// idle timer can tell whether the connection has been idle long enough when it fires.
+/// Nothing wakes the connection's task when a request starts or ends: the timer checks.
 struct Activity {
     in_flight: AtomicUsize,
-    changed: Notify,
+    /// When the last request in flight ended, in ns since `epoch`.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// How long the connection has had no request in flight; `None` while it has one.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        Some(now.saturating_duration_since(self.epoch + since))
+    }
 }
 
 struct InFlight(Arc<Activity>);
@@ -41,8 +63,12 @@ impl InFlight {
 }
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_one();
+        let a = &self.0;
+        // Stamped by every request that ends, before its count goes: a timer that sees no
+        // request in flight also sees a stamp at least as recent as the last one to end.
+        let ns = u64::try_from(a.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.idle_since.fetch_max(ns, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -101,7 +127,7 @@ pub async fn serve<S>(
     if !is_h2 {
         linger.http1();
     }
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new());
     let act = activity.clone();
     let mut unfinished = handshake.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -133,11 +159,14 @@ pub async fn serve<S>(
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
     let mut draining = false;
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     let handshake_deadline = tokio::time::sleep(cfg.handshake_timeout);
     tokio::pin!(handshake_deadline);
     loop {
-        // select!: the connection finishing, drain starting, or the idle timer; the idle
-        // timer restarts whenever the number of requests in flight changes.
+        // select!: the connection finishing, drain starting, the idle timer, or (0-RTT) the
+        // handshake deadline. The idle timer is one timer re-armed when it fires early:
+        // requests starting and ending do not touch it.
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -149,7 +178,17 @@ pub async fn serve<S>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.changed.notified() => {}
+            _ = &mut idle_timer, if !draining => {
+                let now = Instant::now();
+                match activity.idle_for(now) {
+                    Some(d) if d >= idle => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    Some(d) => idle_timer.as_mut().reset(now + (idle - d)),
+                    None => idle_timer.as_mut().reset(now + idle),
+                }
+            }
             // A 0-RTT connection is served before its handshake ends; one whose client never
             // sends its Finished is dropped after `handshake_timeout`, as a stalled handshake
             // is. An http/1.1 request in flight keeps hyper from reading the Finished, so with
@@ -161,15 +200,7 @@ pub async fn serve<S>(
                     tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake after early data timed out");
                     return;
                 } else {
-                    handshake_deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + cfg.handshake_timeout);
-                }
-            }
-            _ = tokio::time::sleep(idle), if !draining => {
-                if activity.in_flight.load(Ordering::Acquire) == 0 {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    handshake_deadline.as_mut().reset(Instant::now() + cfg.handshake_timeout);
                 }
             }
         }
