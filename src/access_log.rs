@@ -34,6 +34,10 @@ pub struct Entry {
     /// The `X-Request-Id` the edge gave the request (and the origin received).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// The request arrived in TLS 0-RTT early data, before the handshake completed (only
+    /// written when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub early_data: bool,
     pub status: u16,
     /// Response body bytes sent to the client.
     pub bytes: u64,
@@ -73,6 +77,7 @@ impl Entry {
             host: host.to_string(),
             path: path.to_string(),
             request_id: String::new(),
+            early_data: false,
             status: 0,
             bytes: 0,
             duration_ms: 0.0,
@@ -295,6 +300,7 @@ impl PendingLog {
         {
             entry.request_id = id.to_string();
         }
+        entry.early_data = req.extensions().get::<crate::proxy::EarlyData>().is_some();
         PendingLog {
             log: log.clone(),
             entry: Some(entry),

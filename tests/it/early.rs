@@ -199,7 +199,17 @@ async fn metric(admin: SocketAddr, line: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_safe_request_in_early_data_is_forwarded_before_the_handshake_ends_and_a_replay_is_not() {
     let origin = origin().start().await.unwrap();
-    let edge = start_edge(&early_config(origin.addr())).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("access.log");
+    let edge = start_edge(&early_config(origin.addr()).replacen(
+        "name = \"test1\"\n",
+        &format!(
+            "name = \"test1\"\naccess_log = {:?}\n",
+            log_path.display().to_string()
+        ),
+        1,
+    ))
+    .await;
     let seen = || origin.stats().requests.load(Ordering::SeqCst);
     let cfg = client_config(&[b"http/1.1"]);
     take_a_session(edge.addr, &cfg).await;
@@ -227,6 +237,23 @@ async fn a_safe_request_in_early_data_is_forwarded_before_the_handshake_ends_and
         )
         .await
     );
+    // The access log says which request came early.
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(5), || async { lines().len() == 2 }).await);
+    let logged = lines();
+    assert_eq!(
+        logged[0]["early_data"],
+        serde_json::Value::Null,
+        "{logged:?}"
+    );
+    assert_eq!(logged[1]["path"], "/headers");
+    assert_eq!(logged[1]["early_data"], true, "{logged:?}");
 
     // The same first flight sent again (an attacker replaying it): the session it resumes was
     // used up, so the handshake starts afresh, the early data is dropped, and the edge gives
