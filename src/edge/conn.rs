@@ -133,12 +133,19 @@ pub async fn serve<S>(
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if !is_h2 {
             // An answer may go out before the body is read (413, 408, 504): the close then
-            // lingers so the client, still sending, gets it.
-            linger.request(!hyper::body::Body::is_end_stream(req.body()));
+            // lingers so the client, still sending, gets it; the body's end lifts that.
+            let has_body = !hyper::body::Body::is_end_stream(req.body());
+            linger.request(has_body);
+            if has_body {
+                req.extensions_mut().insert(linger.clone());
+            }
         }
         if req.headers().contains_key(hyper::header::UPGRADE)
             || req.method() == hyper::Method::CONNECT
         {
+            if !is_h2 {
+                linger.tunnel();
+            }
             // A tunnel counts as a request in flight until it ends.
             req.extensions_mut()
                 .insert(hold.clone().with(InFlight::new(&act)));

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Longest a connection lingers in all (nginx's `lingering_time` default).
@@ -22,8 +23,8 @@ pub const LINGERING_TIME: Duration = Duration::from_secs(30);
 /// Longest pause in the client's data while lingering (nginx's `lingering_timeout` default).
 pub const LINGERING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What each read takes while lingering (nginx reads 4 KiB at a time).
-const DISCARD_CHUNK: usize = 16 * 1024;
+/// What each read takes while lingering (as nginx, 4 KiB at a time).
+const DISCARD_CHUNK: usize = 4 * 1024;
 
 /// The default: h2, or a connection not yet serving.
 const NEVER: u8 = 0;
@@ -57,6 +58,20 @@ impl LingerHint {
         self.0.store(hint, Ordering::Release);
     }
 
+    /// The request body was read to its end: what may still come is the next request, so
+    /// linger only if bytes are waiting unread.
+    pub fn body_read(&self) {
+        let _ = self
+            .0
+            .compare_exchange(ALWAYS, IF_UNREAD, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The connection becomes a tunnel (Upgrade): its bytes are the tunnel's, never
+    /// lingered over.
+    pub fn tunnel(&self) {
+        self.0.store(NEVER, Ordering::Release);
+    }
+
     fn get(&self) -> u8 {
         self.0.load(Ordering::Acquire)
     }
@@ -74,17 +89,31 @@ pub struct LingeringTcp {
     /// failed handshake) is just closed.
     write_shut: bool,
     tracker: TaskTracker,
+    /// Held until the socket is closed, lingering included: the connection's slot of the
+    /// listener's `max_connections` (as nginx counts lingering connections), so lingering
+    /// sockets cannot pile up past the limit.
+    slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Drain: lingering stops at once.
+    shutdown: CancellationToken,
 }
 
 impl LingeringTcp {
     /// `tracker`: the listener's, so drain waits for lingering connections (within the
     /// linger bounds); they hold no connection slot.
-    pub fn new(tcp: TcpStream, tracker: TaskTracker) -> Self {
+    /// `slot`: held until the socket closes; `shutdown`: stops a linger in progress.
+    pub fn new(
+        tcp: TcpStream,
+        tracker: TaskTracker,
+        slot: Box<dyn std::any::Any + Send + Sync>,
+        shutdown: CancellationToken,
+    ) -> Self {
         LingeringTcp {
             tcp: Some(tcp),
             hint: LingerHint::default(),
             write_shut: false,
             tracker,
+            slot: Some(slot),
+            shutdown,
         }
     }
 
@@ -185,7 +214,17 @@ impl Drop for LingeringTcp {
         // Dropped outside a runtime only when the runtime itself is going away: then there
         // is no one left to linger.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            self.tracker.spawn_on(linger(tcp), &rt);
+            let (slot, shutdown) = (self.slot.take(), self.shutdown.clone());
+            self.tracker.spawn_on(
+                async move {
+                    tokio::select! {
+                        () = linger(tcp) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    drop(slot);
+                },
+                &rt,
+            );
         }
     }
 }
@@ -200,17 +239,24 @@ fn unread_bytes(tcp: &TcpStream) -> bool {
 /// Reads and discards until the client closes, sends nothing for `LINGERING_TIMEOUT`, or
 /// `LINGERING_TIME` has passed; then the socket closes (with a reset only if the client is
 /// still sending by then).
-async fn linger(mut tcp: TcpStream) {
+async fn linger(tcp: TcpStream) {
     // Taken now: once the client has closed, the socket no longer knows its peer.
     let peer = tcp.peer_addr().ok();
     let end = Instant::now() + LINGERING_TIME;
-    let mut sink = vec![0u8; DISCARD_CHUNK];
     let mut discarded = 0u64;
     let outcome = loop {
         let pause_end = (Instant::now() + LINGERING_TIMEOUT).min(end);
-        match tokio::time::timeout_at(pause_end, tcp.read(&mut sink)).await {
-            Ok(Ok(0)) => break "client closed",
-            Ok(Ok(n)) => discarded += n as u64,
+        match tokio::time::timeout_at(pause_end, tcp.readable()).await {
+            Ok(Ok(())) => {
+                // A buffer only while reading, not held by every lingering socket.
+                let mut sink = [0u8; DISCARD_CHUNK];
+                match tcp.try_read(&mut sink) {
+                    Ok(0) => break "client closed",
+                    Ok(n) => discarded += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break "client reset",
+                }
+            }
             Ok(Err(_)) => break "client reset",
             Err(_) if pause_end == end => break "lingering_time reached",
             Err(_) => break "lingering_timeout reached",
@@ -297,7 +343,12 @@ mod tests {
             if unread {
                 client.write_all(b"more body").await.expect("write");
             }
-            let mut edge = LingeringTcp::new(edge, tracker.clone());
+            let mut edge = LingeringTcp::new(
+                edge,
+                tracker.clone(),
+                Box::new(()),
+                CancellationToken::new(),
+            );
             edge.hint().0.store(hint, Ordering::Release);
             if shut {
                 edge.shutdown().await.expect("shutdown");
@@ -310,5 +361,50 @@ mod tests {
             tracker.wait().await;
             tracker.reopen();
         }
+    }
+
+    #[tokio::test]
+    async fn a_lingering_socket_keeps_its_slot_until_it_closes_and_drain_ends_it() {
+        let tracker = TaskTracker::new();
+        let (mut client, edge) = pair().await;
+        client.write_all(b"more body").await.expect("write");
+        let slot = Arc::new(());
+        let shutdown = CancellationToken::new();
+        let mut edge = LingeringTcp::new(
+            edge,
+            tracker.clone(),
+            Box::new(slot.clone()),
+            shutdown.clone(),
+        );
+        edge.hint().request(true);
+        edge.shutdown().await.expect("shutdown");
+        drop(edge);
+        assert_eq!(tracker.len(), 1, "lingers");
+        assert_eq!(
+            Arc::strong_count(&slot),
+            2,
+            "the slot is held while lingering"
+        );
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(
+            Arc::strong_count(&slot),
+            1,
+            "given back when drain ends the linger"
+        );
+        drop(client);
+    }
+
+    #[test]
+    fn a_body_read_to_its_end_or_a_tunnel_ends_the_always_hint() {
+        let h = LingerHint::default();
+        h.request(true);
+        assert_eq!(h.get(), ALWAYS);
+        h.body_read();
+        assert_eq!(h.get(), IF_UNREAD);
+        h.request(true);
+        h.tunnel();
+        assert_eq!(h.get(), NEVER);
     }
 }

@@ -182,7 +182,12 @@ async fn handshake_and_serve(
     hold: crate::proxy::upgrade::Hold,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tcp = LingeringTcp::new(tcp, hold.tracker.clone());
+    let tcp = LingeringTcp::new(
+        tcp,
+        hold.tracker.clone(),
+        Box::new(hold.slot.clone()),
+        shutdown.clone(),
+    );
     let linger = tcp.hint();
     // 0-RTT needs a stream that is handed out before the handshake ends; without it
     // tokio-rustls' (which finishes the handshake first) serves.

@@ -254,7 +254,11 @@ fn client_body(
         return (plain_body(req), None);
     }
     let (parts, body) = req.into_parts();
-    let (body, progress) = ClientBody::new(body, idle, max);
+    let linger = parts
+        .extensions
+        .get::<crate::edge::linger::LingerHint>()
+        .cloned();
+    let (body, progress) = ClientBody::new(body, idle, max, linger);
     (
         Request::from_parts(parts, body.boxed_unsync()),
         Some(progress),
@@ -451,6 +455,7 @@ async fn send<'a>(
             return Err(ProxyError::MisdirectedHost(authority.to_string()));
         };
         let last_candidate = i + 1 == candidates.len();
+        let checkout_started = Instant::now();
         let lease = match pool.checkout(last_candidate).await {
             Ok(l) => l,
             // Nothing was sent: any request may move on (HAProxy's `option redispatch`, nginx
@@ -462,6 +467,9 @@ async fn send<'a>(
                 | CheckoutError::Closed { .. }),
             ) if !last_candidate => {
                 tracing::debug!(origin = %pool.origin().name, error = %e, "failing over to the next origin");
+                // The time spent on this origin is pool wait for the one that answers, not
+                // its upstream time.
+                waited += checkout_started.elapsed();
                 i += 1;
                 continue;
             }

@@ -145,6 +145,9 @@ pin_project_lite::pin_project! {
         pending: Pieces,
         max: Option<u64>,
         progress: std::sync::Arc<BodyProgress>,
+        // Told when the body has been read to its end (an http/1.1 connection then need not
+        // linger for it).
+        linger: Option<crate::edge::linger::LingerHint>,
     }
 }
 
@@ -154,6 +157,7 @@ impl ClientBody {
         inner: hyper::body::Incoming,
         idle: Duration,
         max: Option<u64>,
+        linger: Option<crate::edge::linger::LingerHint>,
     ) -> (Self, std::sync::Arc<BodyProgress>) {
         let progress = std::sync::Arc::new(BodyProgress {
             state: std::sync::atomic::AtomicU8::new(STREAMING),
@@ -173,6 +177,7 @@ impl ClientBody {
             pending: Pieces::default(),
             max,
             progress: progress.clone(),
+            linger,
         };
         (body, progress)
     }
@@ -192,6 +197,7 @@ impl Body for ClientBody {
             this.progress.frame_arrived();
             if this.pending.is_empty() && this.inner.is_end_stream() {
                 this.progress.set(COMPLETE);
+                body_read(this.linger);
             }
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
@@ -217,11 +223,13 @@ impl Body for ClientBody {
                 if this.pending.is_empty() && this.inner.is_end_stream() {
                     // The sender may stop polling once the body says it is at its end.
                     this.progress.set(COMPLETE);
+                    body_read(this.linger);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 this.progress.set(COMPLETE);
+                body_read(this.linger);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -257,5 +265,11 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.pending.added_to(self.inner.size_hint())
+    }
+}
+
+fn body_read(linger: &mut Option<crate::edge::linger::LingerHint>) {
+    if let Some(h) = linger.take() {
+        h.body_read();
     }
 }
