@@ -26,7 +26,10 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn set_request_id(headers: &mut HeaderMap) {
     let mut hex = [0u8; 32];
     if hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut hex).is_ok() {
-        if let Ok(v) = HeaderValue::from_bytes(&hex) {
+        if let Ok(mut v) = HeaderValue::from_bytes(&hex) {
+            // Unique per request: HPACK would add it to the h2 upstream's dynamic table on
+            // every request, pushing out the entries that repeat; never-indexed skips that.
+            v.set_sensitive(true);
             headers.insert(&X_REQUEST_ID, v);
         }
     }
