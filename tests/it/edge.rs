@@ -1462,6 +1462,15 @@ async fn a_slow_download_is_not_idle_time_for_the_client_connection() {
     assert_eq!(n, 64 * MIB);
     // Still the same keep-alive connection: the idle timer did not end it mid-download.
     assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
+    // Now idle: the timer, re-armed while the download ran, ends the connection.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (_, m) = admin_get(edge.admin, "/metrics").await;
+            m.lines().any(|l| l == "edgepop_client_connections 0")
+        })
+        .await,
+        "the connection was not closed once idle"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
