@@ -469,3 +469,88 @@ async fn a_client_that_sends_early_data_but_never_its_finished_is_dropped_after_
     );
     stuck.abort();
 }
+
+/// Sends one h2 request as early data on a resumed connection (the client's handshake held
+/// back as in `early_exchange`) and returns the status and body once `edge_acted`.
+async fn early_h2_exchange<F, Fut>(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+    req: hyper::Request<Body>,
+    edge_acted: F,
+) -> (u16, String)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (io, gate) = gated(tcp);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .early_data(true)
+        .connect(name, io)
+        .await
+        .expect("TLS");
+    assert!(tls.get_ref().1.is_handshaking(), "no 0-RTT offered");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let exchange = tokio::spawn(async move {
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    });
+    assert!(
+        eventually(Duration::from_secs(10), edge_acted).await,
+        "the edge did not act on the h2 early data before the handshake completed"
+    );
+    gate.open();
+    let out = exchange.await.expect("exchange");
+    driver.abort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2_a_get_in_early_data_is_forwarded_marked_and_a_post_gets_425() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&early_config(origin.addr())).await;
+    let seen = || origin.stats().requests.load(Ordering::SeqCst);
+    let cfg = client_config(&[b"h2"]);
+    // A session to resume (h2, the ALPN the early data must use again).
+    let mut c = Client::connect_with(edge.addr, "localhost", cfg.clone()).await;
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+    drop(c);
+
+    let before = seen();
+    let (status, body) = early_h2_exchange(
+        edge.addr,
+        &cfg,
+        request(true, "localhost", "/headers"),
+        || async { seen() > before },
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("early-data: 1\n"), "{body}");
+
+    let admin = edge.admin;
+    let mut post = request(true, "localhost", "/echo");
+    *post.method_mut() = hyper::Method::POST;
+    *post.body_mut() = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+        .map_err(|never| match never {})
+        .boxed();
+    let before = seen();
+    let (status, _) = early_h2_exchange(edge.addr, &cfg, post, || async move {
+        metric(
+            admin,
+            "edgepop_early_data_requests_total{outcome=\"too_early\"} 1",
+        )
+        .await
+    })
+    .await;
+    assert_eq!(status, 425);
+    assert_eq!(seen(), before, "the origin saw a POST sent in early data");
+}

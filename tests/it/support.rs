@@ -156,6 +156,34 @@ pub fn empty() -> Body {
 }
 
 impl Client {
+    /// Over a TLS config of the test's own (its session cache, for resumption); h2 when ALPN
+    /// picks it.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        sni: &str,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> Client {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("name");
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .expect("TLS to edge");
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("h2");
+            tokio::spawn(conn);
+            Client::H2(send)
+        } else {
+            let (send, conn) = http1::handshake(io).await.expect("h1");
+            tokio::spawn(conn);
+            Client::H1(send)
+        }
+    }
+
     pub async fn connect(addr: SocketAddr, sni: &str, h2: bool) -> Client {
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
         let tls = tls_connect(addr, sni, alpn).await.expect("TLS to edge");
