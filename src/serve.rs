@@ -41,7 +41,12 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     };
     println!("{}: ok", path.display());
     if let Some(e) = &cfg.edge {
-        println!("  pop {}", e.pop.name);
+        let resumption = match (&e.pop.ticket_keys, e.pop.early_data) {
+            (_, true) => "per-instance sessions, 0-RTT early data on",
+            (Some(_), false) => "shared ticket keys",
+            (None, false) => "per-process ticket key",
+        };
+        println!("  pop {} (TLS resumption: {resumption})", e.pop.name);
     }
     if let Some(a) = &cfg.admin {
         println!("  admin {}", a.listen);

@@ -554,3 +554,31 @@ async fn over_h2_a_get_in_early_data_is_forwarded_marked_and_a_post_gets_425() {
     assert_eq!(status, 425);
     assert_eq!(seen(), before, "the origin saw a POST sent in early data");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_that_early_data_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "edgepop.toml",
+        &early_config("127.0.0.1:9".parse().unwrap()),
+    );
+    let out = tokio::process::Command::new(bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("check runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("pop test1 (TLS resumption: per-instance sessions, 0-RTT early data on)"),
+        "{stdout}"
+    );
+}
