@@ -122,34 +122,6 @@ impl LingeringTcp {
         self.hint.clone()
     }
 
-    /// Non-blocking I/O on the socket itself, for a TLS stream that drives rustls directly
-    /// (`tls::early`).
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket()?.try_read(buf)
-    }
-
-    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.socket()?.try_write(buf)
-    }
-
-    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.socket()?.try_write_vectored(bufs)
-    }
-
-    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.socket()?.poll_read_ready(cx)
-    }
-
-    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.socket()?.poll_write_ready(cx)
-    }
-
-    fn socket(&self) -> io::Result<&TcpStream> {
-        self.tcp
-            .as_ref()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
-    }
-
     fn tcp(&mut self) -> io::Result<&mut TcpStream> {
         self.tcp
             .as_mut()

@@ -60,22 +60,37 @@ pub async fn accept(
     Ok(s)
 }
 
-/// `io::Read`/`io::Write` over the non-blocking socket, for rustls' `read_tls`/`write_tls`.
-struct SyncIo<'a>(&'a LingeringTcp);
+/// `io::Read`/`io::Write` over the socket's own poll functions, for rustls' `read_tls` and
+/// `write_tls`: `Pending` becomes `WouldBlock` with the waker registered. (tokio's `try_*`
+/// would cost a system call per read: unlike `poll_read`, a short read does not tell it the
+/// socket is drained.)
+struct SyncIo<'a, 'b> {
+    io: &'a mut LingeringTcp,
+    cx: &'a mut Context<'b>,
+}
 
-impl Read for SyncIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+fn would_block<T>(p: Poll<io::Result<T>>) -> io::Result<T> {
+    match p {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 
-impl Write for SyncIo<'_> {
+impl Read for SyncIo<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut rb = ReadBuf::new(buf);
+        would_block(Pin::new(&mut *self.io).poll_read(self.cx, &mut rb))?;
+        Ok(rb.filled().len())
+    }
+}
+
+impl Write for SyncIo<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
+        would_block(Pin::new(&mut *self.io).poll_write(self.cx, buf))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
+        would_block(Pin::new(&mut *self.io).poll_write_vectored(self.cx, bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -110,12 +125,14 @@ impl EarlyStream {
     /// Writes out what rustls has queued (handshake messages, alerts, records).
     fn poll_send_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.tls.wants_write() {
-            match self.tls.write_tls(&mut SyncIo(&self.tcp)) {
+            let mut io = SyncIo {
+                io: &mut self.tcp,
+                cx,
+            };
+            match self.tls.write_tls(&mut io) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.tcp.poll_write_ready(cx))?;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -124,25 +141,24 @@ impl EarlyStream {
 
     /// Reads TLS records from the socket and processes them; 0 at the end of the stream.
     fn poll_recv_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            match self.tls.read_tls(&mut SyncIo(&self.tcp)) {
-                Ok(n) => {
-                    let processed = self.tls.process_new_packets();
-                    if let Err(e) = processed {
-                        // The alert rustls queued for the peer, best effort.
-                        let _ = self.tls.write_tls(&mut SyncIo(&self.tcp));
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-                    }
-                    if !self.tls.is_handshaking() {
-                        self.handshake.complete();
-                    }
-                    return Poll::Ready(Ok(n));
+        let mut io = SyncIo {
+            io: &mut self.tcp,
+            cx,
+        };
+        match self.tls.read_tls(&mut io) {
+            Ok(n) => {
+                if let Err(e) = self.tls.process_new_packets() {
+                    // The alert rustls queued for the peer, best effort.
+                    let _ = self.tls.write_tls(&mut io);
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.tcp.poll_read_ready(cx))?;
+                if !self.tls.is_handshaking() {
+                    self.handshake.complete();
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n))
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
