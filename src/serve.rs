@@ -108,7 +108,8 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
 
 fn print_edge_summary(e: &EdgeConfig) {
     for l in &e.listeners {
-        println!("  listener {}", l.address);
+        let h3 = if l.http3 { " (+ HTTP/3 over UDP)" } else { "" };
+        println!("  listener {}{h3}", l.address);
     }
     for c in &e.certificates {
         println!(
@@ -256,9 +257,21 @@ impl EdgeServer {
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
         for l in &edge_cfg.listeners {
-            let bound = edge::bind(l)?;
-            listen_addrs.push(bound.local_addr()?);
+            let mut bound = edge::bind(l)?;
+            let addr = bound.local_addr()?;
+            listen_addrs.push(addr);
             listeners.push(bound.settings());
+            if l.http3 {
+                // The same port over UDP (the TCP bind chose it when the config says 0).
+                let quic = edge::h3::bind(addr, bound.settings())?;
+                bound.advertise_h3(addr.port());
+                tokio::spawn(quic.run(
+                    tls.clone(),
+                    runtime.clone(),
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+            }
             tokio::spawn(bound.run(
                 tls.clone(),
                 runtime.clone(),
@@ -378,8 +391,13 @@ impl EdgeServer {
                         tracing::warn!(address = %l.address, running = old.max_connections, configured = l.max_connections,
                             "max_connections changed: a restart is needed to apply it");
                     }
+                    if l.http3 != old.http3 {
+                        tracing::warn!(address = %l.address, running = old.http3, configured = l.http3,
+                            "http3 changed: a restart is needed to apply it");
+                    }
                     running.store(Arc::new(config::ListenerConfig {
                         max_connections: old.max_connections,
+                        http3: old.http3,
                         ..l.clone()
                     }));
                 }

@@ -56,6 +56,8 @@ pub struct RawListener {
     pub drain_timeout: RawDuration,
     /// Client connections open at once; above it the listener stops accepting.
     pub max_connections: Option<Spanned<i64>>,
+    /// Also serve HTTP/3 (QUIC) on the same port, over UDP.
+    pub http3: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

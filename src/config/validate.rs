@@ -80,6 +80,8 @@ pub struct ListenerConfig {
     /// Client connections open at once (TLS handshakes included); at the limit the listener
     /// stops accepting and new connections wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Also HTTP/3 on the same port (UDP), advertised to TCP clients with `Alt-Svc`.
+    pub http3: bool,
 }
 
 #[derive(Clone)]
@@ -566,6 +568,7 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
                 _ => return Err(cx.err(n, "max_connections must be between 1 and 16777216")),
             },
         },
+        http3: l.http3.unwrap_or(false),
     })
 }
 

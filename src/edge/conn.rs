@@ -82,6 +82,8 @@ pub struct Client {
     pub handshake: Option<Handshake>,
     /// Tells the TCP stream under the TLS whether its close must linger.
     pub linger: LingerHint,
+    /// Added to every answer when the listener's port also speaks HTTP/3.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 pub async fn serve<S>(
@@ -99,6 +101,7 @@ pub async fn serve<S>(
         h2: is_h2,
         handshake,
         linger,
+        alt_svc,
     } = client;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -155,8 +158,13 @@ pub async fn serve<S>(
         }
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);
+        let alt_svc = alt_svc.clone();
         async move {
-            let resp = handler::handle(&rt, req, peer, limits).await;
+            let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
+            let mut resp = handler::handle(&rt, req, peer, limits).await;
+            if let Some(v) = alt_svc {
+                resp.headers_mut().insert(hyper::header::ALT_SVC, v);
+            }
             // In flight until the response body ends: a long download is not idle time.
             Ok::<_, Infallible>(resp.map(|body| Holding::wrap(body, guard)))
         }

@@ -36,6 +36,8 @@ pub type Settings = Arc<ArcSwap<ListenerConfig>>;
 pub struct Listener {
     config: Settings,
     socket: TcpListener,
+    /// `Alt-Svc` for this listener's answers when its port also speaks HTTP/3.
+    alt_svc: Option<http::HeaderValue>,
 }
 
 /// Binds with SO_REUSEADDR and SO_REUSEPORT so several edgepop processes can share a port.
@@ -57,12 +59,18 @@ pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenError> {
     Ok(Listener {
         config: Arc::new(ArcSwap::from_pointee(config.clone())),
         socket,
+        alt_svc: None,
     })
 }
 
 impl Listener {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// Answers on this listener advertise HTTP/3 on `port` (`Alt-Svc`).
+    pub fn advertise_h3(&mut self, port: u16) {
+        self.alt_svc = Some(super::h3::alt_svc(port));
     }
 
     /// The handle a reload uses to change this listener's timeouts.
@@ -139,8 +147,9 @@ impl Listener {
                 tracker: tracker.clone(),
                 limit: limit.clone(),
             };
+            let alt_svc = self.alt_svc.clone();
             tracker.spawn(handshake_and_serve(
-                tcp, peer, acceptor, cfg, runtime, shutdown, hold,
+                tcp, peer, acceptor, cfg, runtime, shutdown, hold, alt_svc,
             ));
         }
     }
@@ -172,6 +181,7 @@ impl Drop for OpenConnection {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handshake_and_serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -180,6 +190,7 @@ async fn handshake_and_serve(
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
     hold: crate::proxy::upgrade::Hold,
+    alt_svc: Option<http::HeaderValue>,
 ) {
     let _ = tcp.set_nodelay(true);
     let tcp = LingeringTcp::new(
@@ -213,6 +224,7 @@ async fn handshake_and_serve(
                 h2: tls.get_ref().1.alpn_protocol() == Some(b"h2"),
                 handshake: None,
                 linger,
+                alt_svc,
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
@@ -222,6 +234,7 @@ async fn handshake_and_serve(
                 h2: tls.connection().alpn_protocol() == Some(b"h2"),
                 handshake: Some(tls.handshake()),
                 linger,
+                alt_svc,
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }

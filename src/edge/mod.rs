@@ -1,9 +1,11 @@
 //! The client side of the edge: `listener` accepts TCP and runs the TLS handshake under a
 //! timeout; `conn` serves h1 and h2 on the result with hyper-util's auto builder, idle timeout
 //! and graceful drain; `write_deadline` closes connections a client stops reading; `linger`
-//! keeps reading from an http/1.1 client still uploading after its answer, so it gets it.
+//! keeps reading from an http/1.1 client still uploading after its answer, so it gets it;
+//! `h3` serves HTTP/3 (QUIC) on a listener's port.
 
 pub mod conn;
+pub mod h3;
 pub mod linger;
 pub mod listener;
 mod write_deadline;

@@ -10,9 +10,10 @@
 //! to the route's next healthy origin, and so does a bodiless idempotent request that got no
 //! response head in time (or failed past its retries).
 
-use super::body::{full, BoxError, ProxyBody, UpstreamBody};
+use super::body::{full, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers;
+use super::request_body::ClientIn;
 use super::request_body::{BodyProgress, ClientBody, ClientBodyError};
 use super::router::normalize_host;
 use super::ClientLimits;
@@ -21,7 +22,6 @@ use crate::access_log::PendingLog;
 use crate::config::Protocol;
 use crate::pool::{CheckoutError, Pool, SendError, StreamGuard, UpstreamBody as UpBody, Warmth};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, Uri, Version};
 use std::net::SocketAddr;
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 /// `limits`: what the client connection's listener allows the request's bodies.
 pub async fn handle(
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<ClientIn>,
     peer: SocketAddr,
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
@@ -77,7 +77,7 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
 }
 
 /// Host from :authority / absolute-form target or the Host header; both present must agree.
-fn target_host(req: &Request<Incoming>) -> Result<(String, String), ProxyError> {
+fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> {
     let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
     let from_header = match req.headers().get(header::HOST) {
         Some(v) => Some(
@@ -105,7 +105,7 @@ fn target_host(req: &Request<Incoming>) -> Result<(String, String), ProxyError> 
 
 async fn forward(
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<ClientIn>,
     peer: SocketAddr,
     limits: ClientLimits,
     log: &mut Option<PendingLog>,
@@ -201,7 +201,7 @@ async fn forward(
 /// only a safe method without a body goes on (marked `Early-Data: 1` for the origin, which
 /// may answer 425 itself, by `upstream_request`); anything else gets 425 and the client sends
 /// it again after the handshake.
-fn accept_early(req: &Request<Incoming>, tunnel: bool) -> Result<(), ProxyError> {
+fn accept_early(req: &Request<ClientIn>, tunnel: bool) -> Result<(), ProxyError> {
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if !safe || tunnel || !http_body::Body::is_end_stream(req.body()) {
         return Err(ProxyError::TooEarly(req.method().clone()));
@@ -238,14 +238,14 @@ fn add_server_timing(h: &mut header::HeaderMap, waited: Duration, total: Duratio
 }
 
 /// The client's body as it is sent upstream, unchanged.
-pub(super) fn plain_body(req: Request<Incoming>) -> Request<UpBody> {
-    req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+pub(super) fn plain_body(req: Request<ClientIn>) -> Request<UpBody> {
+    req.map(|b| b.boxed_unsync())
 }
 
 /// The client's body as it is sent upstream, watched for pauses longer than `idle` and for
 /// its end (see [`BodyProgress`]); an empty body needs neither.
 fn client_body(
-    req: Request<Incoming>,
+    req: Request<ClientIn>,
     idle: Duration,
     max: Option<u64>,
 ) -> (Request<UpBody>, Option<Arc<BodyProgress>>) {

@@ -86,6 +86,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
 pub fn append_via(headers: &mut HeaderMap, version: hyper::Version, via_name: &HeaderValue) {
     let proto = match version {
         hyper::Version::HTTP_2 => "2",
+        hyper::Version::HTTP_3 => "3",
         hyper::Version::HTTP_10 => "1.0",
         _ => "1.1",
     };

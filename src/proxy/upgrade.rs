@@ -14,13 +14,13 @@ use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::handler::{plain_body, upstream_request};
 use super::headers;
+use super::request_body::ClientIn;
 use super::Runtime;
 use crate::access_log::PendingLog;
 use crate::pool::{CheckoutError, Pool, ResponseBody, UpstreamBody as UpBody, UpstreamError};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
@@ -61,7 +61,7 @@ impl Hold {
 /// http/1.1 `Upgrade` (`tunnel`).
 pub async fn forward(
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<ClientIn>,
     peer: SocketAddr,
     authority: &str,
     candidates: &[&Pool],
@@ -78,7 +78,7 @@ pub async fn forward(
 /// the two connections in a task of their own.
 async fn tunnel(
     rt: &Runtime,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientIn>,
     peer: SocketAddr,
     authority: &str,
     candidates: &[&Pool],
@@ -155,7 +155,7 @@ pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
 /// 2xx other than 101 is a 502 too; its 3xx, 4xx and 5xx are passed on like normal responses.
 async fn websocket_over_h2(
     rt: &Runtime,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientIn>,
     peer: SocketAddr,
     authority: &str,
     candidates: &[&Pool],

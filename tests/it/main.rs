@@ -7,5 +7,6 @@ mod demo;
 mod dns;
 mod early;
 mod edge;
+mod h3;
 mod pool;
 mod probe;

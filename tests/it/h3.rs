@@ -1,0 +1,196 @@
+//! HTTP/3 at the edge (`[[listeners]] http3 = true`), driven by a real HTTP/3 client (hyperium's
+//! h3 over quinn): requests reach the origin and bodies stream both ways; TCP answers carry
+//! Alt-Svc; the proxy's rules (routing, errors) are the same as over TCP.
+
+use crate::support::*;
+use bytes::{Buf, Bytes};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+fn h3_config(origin: SocketAddr) -> String {
+    edge_config(&[("o1", origin, "warm_connections = 1")], &["localhost"]).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nhttp3 = true\n",
+        1,
+    )
+}
+
+struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    driver: tokio::task::JoinHandle<()>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Drop for H3Client {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+async fn h3_connect(addr: SocketAddr) -> H3Client {
+    let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("UDP");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("QUIC handshake");
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .expect("h3 setup");
+    let driver = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    H3Client {
+        send,
+        driver,
+        _endpoint: endpoint,
+    }
+}
+
+/// One request; returns status, the `x-origin` header and the body.
+async fn h3_request(
+    c: &mut H3Client,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, String, Vec<u8>) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"))
+        .body(())
+        .expect("request");
+    let mut stream = c.send.send_request(req).await.expect("send request");
+    if let Some(b) = body {
+        for chunk in b.chunks(64 * 1024) {
+            stream
+                .send_data(Bytes::copy_from_slice(chunk))
+                .await
+                .expect("send body");
+        }
+    }
+    stream.finish().await.expect("finish");
+    let resp = stream.recv_response().await.expect("response");
+    let origin = resp
+        .headers()
+        .get("x-origin")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut out = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.expect("body") {
+        while chunk.has_remaining() {
+            let n = chunk.chunk().len();
+            out.extend_from_slice(chunk.chunk());
+            chunk.advance(n);
+        }
+    }
+    (resp.status().as_u16(), origin, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_clients_reach_the_origin_and_bodies_stream_both_ways() {
+    let origin = origin().name("o1").start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr())).await;
+    let mut c = h3_connect(edge.addr).await;
+    let (status, served_by, body) = h3_request(&mut c, "GET", "/", None).await;
+    assert_eq!((status, served_by.as_str()), (200, "o1"));
+    assert_eq!(body, b"hello\n");
+    // Several requests on the one connection, a large download and an upload echoed back.
+    let (status, _, body) = h3_request(&mut c, "GET", "/bytes/4194304", None).await;
+    assert_eq!((status, body.len()), (200, 4 << 20));
+    let upload = vec![b'u'; 3 << 20];
+    let (status, _, body) = h3_request(&mut c, "POST", "/echo", Some(upload.clone())).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), upload.len());
+    // The origin sees the HTTP/3 client like any other: Via names the protocol.
+    let (_, _, headers) = h3_request(&mut c, "GET", "/headers", None).await;
+    let headers = String::from_utf8_lossy(&headers);
+    assert!(headers.contains("via: 3 "), "{headers}");
+    // Same rules as TCP: a host no route serves gets 421.
+    let req = http::Request::builder()
+        .uri("https://elsewhere.example/")
+        .body(())
+        .expect("request");
+    let mut stream = c.send.send_request(req).await.expect("send");
+    stream.finish().await.expect("finish");
+    assert_eq!(
+        stream.recv_response().await.expect("response").status(),
+        421
+    );
+    let (_, m) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        m.lines().any(|l| l == "edgepop_client_connections 1"),
+        "the HTTP/3 connection is counted:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_answers_advertise_http3_on_the_same_port() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr())).await;
+    for http in ["--http1.1", "--http2"] {
+        let out = curl(
+            edge.addr,
+            "localhost",
+            "/",
+            &[http, "-sS", "-D", "-", "-o", "/dev/null"],
+        )
+        .await;
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("alt-svc: h3=\":{}\"; ma=86400", edge.addr.port())),
+            "{http}: {head}"
+        );
+    }
+    // Without http3, no advertisement.
+    let plain = start_edge(&edge_config(
+        &[("o1", origin.addr(), "warm_connections = 1")],
+        &["localhost"],
+    ))
+    .await;
+    let out = curl(
+        plain.addr,
+        "localhost",
+        "/",
+        &["-sS", "-D", "-", "-o", "/dev/null"],
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&out.stdout)
+        .to_ascii_lowercase()
+        .contains("alt-svc"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_an_http3_request_in_flight_finish() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr())).await;
+    let seen = || {
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = seen();
+    let mut c = h3_connect(edge.addr).await;
+    let slow = tokio::spawn(async move { h3_request(&mut c, "GET", "/delay/500", None).await });
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            seen() > before
+        })
+        .await
+    );
+    edge.server.drain().await;
+    let (status, _, body) = slow.await.expect("request task");
+    assert_eq!((status, body.as_slice()), (200, &b"delayed\n"[..]));
+}
