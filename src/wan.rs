@@ -1,5 +1,6 @@
 //! The WAN simulator: a TCP relay that adds a one-way delay in each direction, so loopback
-//! behaves like a link with round trip `2 x delay`. Used by `demo`, the tests and the benches.
+//! behaves like a link with round trip `2 x delay` (and [`UdpRelay`], the same for QUIC's
+//! datagrams). Used by `demo`, the tests and the benches.
 //!
 //! # Fidelity
 //! - Every chunk is delivered `delay` after the relay *read* it, not after the previous chunk
@@ -429,4 +430,126 @@ pub async fn precise_sleep_until(deadline: Instant) {
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// The same simulated link for UDP (QUIC): every datagram is delivered `delay` after the
+/// relay read it, each way, in order per flow. Each client address gets its own upstream
+/// socket (as behind a NAT), so the upstream sees one peer per client. Stops on drop.
+#[derive(Debug)]
+pub struct UdpRelay {
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A datagram and when it is due.
+type Due = (Instant, Bytes);
+
+impl UdpRelay {
+    /// Binds `listen` (port 0 for an ephemeral one) and relays datagrams to `upstream` with
+    /// `one_way_delay` added in each direction.
+    pub async fn start(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        one_way_delay: Duration,
+    ) -> Result<UdpRelay, WanError> {
+        let err = |source| WanError::Listen {
+            addr: listen,
+            source,
+        };
+        let front = Arc::new(tokio::net::UdpSocket::bind(listen).await.map_err(err)?);
+        let local = front.local_addr().map_err(err)?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let mut flows: std::collections::HashMap<SocketAddr, mpsc::UnboundedSender<Due>> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                // select!: the next datagram, or the relay dropped.
+                let (n, from) = tokio::select! {
+                    r = front.recv_from(&mut buf) => match r {
+                        Ok(r) => r,
+                        Err(_) => continue,
+                    },
+                    () = token.cancelled() => return,
+                };
+                let due = Instant::now() + one_way_delay;
+                let flow = flows.entry(from).or_insert_with(|| {
+                    udp_flow(front.clone(), from, upstream, one_way_delay, token.clone())
+                });
+                let _ = flow.send((due, Bytes::copy_from_slice(&buf[..n])));
+            }
+        });
+        Ok(UdpRelay { local, stop })
+    }
+
+    /// The address clients send to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// One client's flow: its own upstream socket; datagrams each way delivered when due.
+fn udp_flow(
+    front: Arc<tokio::net::UdpSocket>,
+    client: SocketAddr,
+    upstream: SocketAddr,
+    delay: Duration,
+    stop: CancellationToken,
+) -> mpsc::UnboundedSender<Due> {
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<Due>();
+    tokio::spawn(async move {
+        let any: SocketAddr = if upstream.is_ipv6() {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        } else {
+            (std::net::Ipv4Addr::LOCALHOST, 0).into()
+        };
+        let Ok(back) = tokio::net::UdpSocket::bind(any).await else {
+            return;
+        };
+        if back.connect(upstream).await.is_err() {
+            return;
+        }
+        let back = Arc::new(back);
+        let (down_tx, mut down_rx) = mpsc::unbounded_channel::<Due>();
+        let reader = {
+            let back = back.clone();
+            async move {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n) = back.recv(&mut buf).await {
+                    let due = Instant::now() + delay;
+                    if down_tx
+                        .send((due, Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        };
+        let down = async move {
+            while let Some((due, d)) = down_rx.recv().await {
+                precise_sleep_until(due).await;
+                let _ = front.send_to(&d, client).await;
+            }
+        };
+        let up = async move {
+            while let Some((due, d)) = up_rx.recv().await {
+                precise_sleep_until(due).await;
+                let _ = back.send(&d).await;
+            }
+        };
+        // select!: the flow runs until the relay is dropped (UDP has no end of its own).
+        tokio::select! {
+            () = async { tokio::join!(reader, down, up); } => {}
+            () = stop.cancelled() => {}
+        }
+    });
+    up_tx
 }

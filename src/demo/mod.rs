@@ -2,7 +2,8 @@
 //! PoP-origin (RTT2) legs; an edge with a pre-warmed pool and one with pooling off; the DNS
 //! sidecar answering for the edge's name. Then latency-probe against the origin directly, the
 //! cold edge, the warm edge, and the warm edge again with the request sent as TLS 1.3 0-RTT
-//! early data on a resumed session, printed next to the physical limits of DESIGN.md.
+//! early data on a resumed session and over HTTP/3, printed next to the physical limits of
+//! DESIGN.md.
 //!
 //! Everything runs from embedded defaults: certificates are generated in memory (`certs`), the
 //! configuration is built here, nothing is read from the working directory.
@@ -82,6 +83,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let cold = start_edge(dir.path(), "cold", wan.local_addr(), false).await?;
     let to_warm = Relay::start(any_port(), warm.listen_addrs[0], half(args.rtt1)).await?;
     let to_cold = Relay::start(any_port(), cold.listen_addrs[0], half(args.rtt1)).await?;
+    // QUIC to the warm edge's HTTP/3 port (the same number as its TCP port, over UDP).
+    let to_warm_h3 =
+        crate::wan::UdpRelay::start(any_port(), warm.listen_addrs[0], half(args.rtt1)).await?;
     let admin = warm.admin_addr.context("demo edge has an admin listener")?;
     let sidecar = start_dns(dir.path(), admin).await?;
     println!(
@@ -137,6 +141,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ..options.clone()
     };
     let early = probe::measure(&targets[2..], &early_options).await;
+    let h3_options = Options {
+        http: probe::HttpVersion::Http3,
+        ..options.clone()
+    };
+    let h3_target = Target::parse(&format!(
+        "https://www.edgepop.test:{}/",
+        to_warm_h3.local_addr().port()
+    ))?;
+    let h3 = probe::measure(std::slice::from_ref(&h3_target), &h3_options).await;
     let (r1, r2) = (ms(args.rtt1), ms(args.rtt2));
     let rows = [
         (
@@ -159,13 +172,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "2 x RTT1 + RTT2",
             2.0 * r1 + r2,
         ),
+        ("  ... over HTTP/3 (QUIC)", "2 x RTT1 + RTT2", 2.0 * r1 + r2),
     ];
     println!();
     println!(
         "{:<32} {:>10} {:>10}   {:<22} {:>8}",
         "path", "TTFB p50", "p90", "physical limit", "= ms"
     );
-    let measured = report.targets.iter().chain(&early.targets);
+    let measured = report
+        .targets
+        .iter()
+        .chain(&early.targets)
+        .chain(&h3.targets);
     for ((label, formula, limit), t) in rows.iter().zip(measured) {
         let (p50, p90) = match t.stats(Row::Ttfb) {
             Some(s) => (format!("{:.1}", ms(s.p50)), format!("{:.1}", ms(s.p90))),
@@ -178,6 +196,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     print!("{}", report.render_table());
     println!("\nthe warm edge again, TLS resumed with the request as 0-RTT early data:");
     print!("{}", early.render_table());
+    println!("\nthe warm edge over HTTP/3 (the QUIC handshake, transport and TLS at once, is the tls row):");
+    print!("{}", h3.render_table());
     let warm_snap = warm.pools().first().map(|p| p.snapshot());
     if let Some(s) = warm_snap {
         println!(
@@ -228,6 +248,7 @@ early_data = true
 listen = "127.0.0.1:0"
 [[listeners]]
 address = "127.0.0.1:0"
+http3 = true
 [[certificates]]
 names = ["www.edgepop.test", "localhost"]
 cert = "{d}/edge.crt"

@@ -22,11 +22,14 @@ pub struct ProbeArgs {
     #[arg(long, value_enum, default_value_t = Mode::Cold)]
     pub mode: Mode,
     /// Offer HTTP/1.1 only.
-    #[arg(long, conflicts_with = "http2")]
+    #[arg(long, conflicts_with_all = ["http2", "http3"])]
     pub http1: bool,
     /// Offer HTTP/2 only (prior knowledge on http://).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http3")]
     pub http2: bool,
+    /// HTTP/3 over QUIC (https:// only): the QUIC handshake is reported as the tls phase.
+    #[arg(long)]
+    pub http3: bool,
     /// Connect to ADDR for HOST:PORT instead of resolving HOST (curl syntax). Repeatable.
     #[arg(long, value_name = "HOST:PORT:ADDR")]
     pub resolve: Vec<ResolveOverride>,
@@ -62,9 +65,10 @@ impl ProbeArgs {
             (Some(path), false) => Trust::Roots(crate::tls::certs::load_roots(path)?),
             (None, false) => Trust::System,
         };
-        let http = match (self.http1, self.http2) {
-            (true, _) => HttpVersion::Http1,
-            (_, true) => HttpVersion::Http2,
+        let http = match (self.http1, self.http2, self.http3) {
+            (true, _, _) => HttpVersion::Http1,
+            (_, true, _) => HttpVersion::Http2,
+            (_, _, true) => HttpVersion::Http3,
             _ => HttpVersion::Auto,
         };
         let options = Options {

@@ -125,6 +125,7 @@ pub fn tls_config(
     let alpn: &[&[u8]] = match http {
         HttpVersion::Http1 => &[b"http/1.1"],
         HttpVersion::Http2 => &[b"h2"],
+        HttpVersion::Http3 => &[b"h3"],
         HttpVersion::Auto => &[b"h2", b"http/1.1"],
     };
     let mut cfg = match trust {
@@ -265,18 +266,22 @@ pub async fn tls_handshake(
 /// An HTTP connection ready for requests; its driver task ends when this is dropped.
 pub struct HttpConn {
     sender: Sender,
-    driver: JoinHandle<()>,
+    /// hyper's connection task (HTTP/3's has its own in `H3Conn`).
+    driver: Option<JoinHandle<()>>,
     pub h2: bool,
 }
 
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    H3(super::quic::H3Conn),
 }
 
 impl Drop for HttpConn {
     fn drop(&mut self) {
-        self.driver.abort();
+        if let Some(d) = &self.driver {
+            d.abort();
+        }
     }
 }
 
@@ -309,7 +314,7 @@ impl HttpConn {
                 });
                 Ok(HttpConn {
                     sender: Sender::H2(sender),
-                    driver,
+                    driver: Some(driver),
                     h2: true,
                 })
             } else {
@@ -322,7 +327,7 @@ impl HttpConn {
                 });
                 Ok(HttpConn {
                     sender: Sender::H1(sender),
-                    driver,
+                    driver: Some(driver),
                     h2: false,
                 })
             }
@@ -330,11 +335,30 @@ impl HttpConn {
         .await
     }
 
+    /// An HTTP/3 connection over a finished QUIC handshake.
+    pub async fn h3(conn: quinn::Connection, timeout: Duration) -> Result<HttpConn, SampleError> {
+        Ok(HttpConn {
+            sender: Sender::H3(super::quic::H3Conn::handshake(conn, timeout).await?),
+            driver: None,
+            h2: false,
+        })
+    }
+
+    /// "HTTP/1.1", "HTTP/2" or "HTTP/3".
+    pub fn label(&self) -> &'static str {
+        match &self.sender {
+            Sender::H1(_) => "HTTP/1.1",
+            Sender::H2(_) => "HTTP/2",
+            Sender::H3(_) => "HTTP/3",
+        }
+    }
+
     /// Whether another request can go on this connection.
     pub fn is_open(&self) -> bool {
         match &self.sender {
             Sender::H1(s) => !s.is_closed(),
             Sender::H2(s) => !s.is_closed(),
+            Sender::H3(c) => c.is_open(),
         }
     }
 
@@ -346,6 +370,11 @@ impl HttpConn {
         path: &str,
         timeout: Duration,
     ) -> Result<Response, SampleError> {
+        if let Sender::H3(c) = &mut self.sender {
+            return c
+                .get(&format!("{scheme}://{authority}{path}"), timeout)
+                .await;
+        }
         let uri = if self.h2 {
             format!("{scheme}://{authority}{path}")
         } else {
@@ -370,6 +399,7 @@ impl HttpConn {
                     s.ready().await.map_err(SampleError::http)?;
                     s.send_request(req).await.map_err(SampleError::http)
                 }
+                Sender::H3(_) => Err(SampleError::Request("HTTP/3 is sent above".into())),
             }
         })
         .await?;

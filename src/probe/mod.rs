@@ -37,6 +37,7 @@
 
 mod args;
 mod conn;
+mod quic;
 pub mod report;
 mod sample;
 mod server_timing;
@@ -96,6 +97,8 @@ pub enum HttpVersion {
     Auto,
     Http1,
     Http2,
+    /// QUIC; ALPN h3.
+    Http3,
 }
 
 impl HttpVersion {
@@ -104,6 +107,7 @@ impl HttpVersion {
             HttpVersion::Auto => "auto",
             HttpVersion::Http1 => "http1",
             HttpVersion::Http2 => "http2",
+            HttpVersion::Http3 => "http3",
         }
     }
 }

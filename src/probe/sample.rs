@@ -3,6 +3,7 @@
 //! `warm`).
 
 use super::conn::{self, HttpConn, TlsInfo};
+use super::quic::QuicClient;
 use super::server_timing::ServerTiming;
 use super::target::{DnsError, Resolution, Target};
 use super::{HttpVersion, Mode, Options};
@@ -168,6 +169,8 @@ pub struct Session {
     kept: Option<Kept>,
     /// Whether the last fresh connection spoke h2 (what a 0-RTT resumption of it speaks).
     last_h2: bool,
+    /// `--http3`: the QUIC client, made at the first connection.
+    quic: Option<QuicClient>,
 }
 
 impl Session {
@@ -188,6 +191,7 @@ impl Session {
             timeout: options.timeout,
             kept: None,
             last_h2: options.http == HttpVersion::Http2,
+            quic: None,
         }
     }
 
@@ -220,8 +224,56 @@ impl Session {
         }
     }
 
+    /// The QUIC client for `--http3` (one UDP socket for the target's connections).
+    fn quic(&mut self, addr: SocketAddr) -> Result<&QuicClient, SampleError> {
+        if !self.target.is_tls() {
+            return Err(SampleError::Request("HTTP/3 needs an https:// URL".into()));
+        }
+        if self.quic.is_none() {
+            let local: SocketAddr = if addr.is_ipv6() {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            self.quic = Some(QuicClient::new(&self.config, local)?);
+        }
+        self.quic
+            .as_ref()
+            .ok_or_else(|| SampleError::Request("no QUIC client".into()))
+    }
+
+    /// A new HTTP/3 connection: dns, the QUIC handshake (transport and TLS at once: the tls
+    /// phase; there is no TCP connect), request.
+    async fn fresh_h3(&mut self) -> Result<Sample, SampleError> {
+        let timeout = self.timeout;
+        let start = Instant::now();
+        let (addr, dns) = self.resolve().await?;
+        let t_dns = Instant::now();
+        let host = self.target.host().to_string();
+        let (conn, info) = self.quic(addr)?.connect(addr, &host, timeout).await?;
+        let tls = t_dns.elapsed();
+        let mut http = HttpConn::h3(conn, timeout).await?;
+        let resp = self.request(&mut http).await?;
+        Ok(Sample {
+            address: addr,
+            dns: dns.then(|| t_dns - start),
+            connect: None,
+            tls: Some(tls),
+            ttfb: resp.first_byte - start,
+            total: resp.done - start,
+            http: http.label(),
+            status: resp.status,
+            body_bytes: resp.body_bytes,
+            tls_info: Some(info),
+            server_timing: resp.server_timing,
+        })
+    }
+
     /// A new connection: dns, connect, tls, request.
     async fn fresh(&mut self) -> Result<Sample, SampleError> {
+        if self.http == HttpVersion::Http3 {
+            return self.fresh_h3().await;
+        }
         let timeout = self.timeout;
         let start = Instant::now();
         let (addr, dns) = self.resolve().await?;
@@ -260,7 +312,7 @@ impl Session {
             tls,
             ttfb: resp.first_byte - start,
             total: resp.done - start,
-            http: if http.h2 { "HTTP/2" } else { "HTTP/1.1" },
+            http: http.label(),
             status: resp.status,
             body_bytes: resp.body_bytes,
             tls_info,
@@ -276,7 +328,7 @@ impl Session {
         };
         let start = Instant::now();
         let resp = self.request(&mut kept.http).await?;
-        let (h2, addr, tls_info) = (kept.http.h2, kept.addr, kept.tls_info.clone());
+        let (label, addr, tls_info) = (kept.http.label(), kept.addr, kept.tls_info.clone());
         // Kept only if the request went well: a broken connection is reopened next sample.
         self.kept = Some(kept);
         Ok(Sample {
@@ -286,7 +338,7 @@ impl Session {
             tls: None,
             ttfb: resp.first_byte - start,
             total: resp.done - start,
-            http: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+            http: label,
             status: resp.status,
             body_bytes: resp.body_bytes,
             tls_info,
@@ -301,6 +353,17 @@ impl Session {
         self.kept = None;
         let timeout = self.timeout;
         let (addr, _) = self.resolve().await?;
+        if self.http == HttpVersion::Http3 {
+            let host = self.target.host().to_string();
+            let (conn, info) = self.quic(addr)?.connect(addr, &host, timeout).await?;
+            let http = HttpConn::h3(conn, timeout).await?;
+            self.kept = Some(Kept {
+                http,
+                addr,
+                tls_info: Some(info),
+            });
+            return Ok(());
+        }
         let tcp = conn::tcp_connect(addr, timeout).await?;
         let (io, info) = if self.target.is_tls() {
             let hs =

@@ -44,5 +44,6 @@ async fn the_demo_runs_and_the_warm_pool_beats_the_cold_upstream() {
     // The 0-RTT row is measured (its one-RTT1 gain is too small to assert on a busy CI), and
     // every one of its requests went as early data.
     p50(&stdout, "  ... resumed, request in 0-RTT");
+    p50(&stdout, "  ... over HTTP/3 (QUIC)");
     assert!(stdout.contains("0-RTT 5/5"), "{stdout}");
 }

@@ -194,3 +194,40 @@ async fn drain_lets_an_http3_request_in_flight_finish() {
     let (status, _, body) = slow.await.expect("request task");
     assert_eq!((status, body.as_slice()), (200, &b"delayed\n"[..]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_probe_measures_http3_cold_and_warm() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr())).await;
+    for mode in ["cold", "warm"] {
+        let out = tokio::process::Command::new(bin())
+            .args([
+                "latency-probe",
+                "--http3",
+                "--mode",
+                mode,
+                "-n",
+                "3",
+                "--json",
+            ])
+            .arg("--cacert")
+            .arg(ca())
+            .arg("--resolve")
+            .arg(format!("localhost:{}:127.0.0.1", edge.addr.port()))
+            .arg(format!("https://localhost:{}/", edge.addr.port()))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("probe runs");
+        assert!(out.status.success(), "{mode}: {out:?}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let t = &report["targets"][0];
+        assert_eq!(t["ok"], 3, "{mode}: {t}");
+        assert_eq!(t["http"], "HTTP/3", "{t}");
+        assert_eq!(t["tls"]["alpn"], "h3", "{t}");
+        let sample = &t["samples"][0]["sample"];
+        // No TCP: the QUIC handshake is the tls phase (cold), nothing at all (warm).
+        assert!(sample["connect_ms"].is_null(), "{sample}");
+        assert_eq!(sample["tls_ms"].is_null(), mode == "warm", "{sample}");
+    }
+}
