@@ -263,7 +263,7 @@ impl EdgeServer {
             listeners.push(bound.settings());
             if l.http3 {
                 // The same port over UDP (the TCP bind chose it when the config says 0).
-                let quic = edge::h3::bind(addr, bound.settings())?;
+                let quic = edge::h3::bind(addr, bound.settings(), &tls.load_full())?;
                 bound.advertise_h3(addr.port());
                 tokio::spawn(quic.run(
                     tls.clone(),

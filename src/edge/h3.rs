@@ -1,6 +1,11 @@
 //! HTTP/3 on a listener's port (`[[listeners]] http3 = true`): QUIC over UDP (quinn), HTTP/3
 //! framing (h3), the listener's certificates (ALPN `h3`), and the same proxy path as TCP.
 //! The TCP side advertises it with `Alt-Svc`, so browsers move to it on their next request.
+//!
+//! The limits mirror the TCP side's: headers up to 64 KiB, arriving within `header_timeout`;
+//! a connection with no request in flight for `idle_timeout` is closed (QUIC's own idle timer
+//! is reset by the client's PINGs, so it is not enough); every write to the client within
+//! `send_timeout`; receive windows bounded like h2's.
 
 use crate::config::ListenerConfig;
 use crate::metrics::EdgeCounters;
@@ -11,19 +16,27 @@ use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use quinn::ServerConfig;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Concurrent requests a client may have on one HTTP/3 connection (as for h2).
 const MAX_STREAMS: u32 = 256;
+/// Largest request header section (decoded), as for the TCP side.
+const MAX_FIELD_SECTION: u64 = 64 * 1024;
+/// Receive windows: per request stream and per connection (h2's order of magnitude).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/3's "no error", for closing a connection that is done.
+const H3_NO_ERROR: u32 = 0x100;
 
 type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -52,13 +65,20 @@ pub fn alt_svc(port: u16) -> http::HeaderValue {
 pub struct H3Listener {
     endpoint: quinn::Endpoint,
     config: crate::edge::listener::Settings,
+    configs: Arc<QuicConfigs>,
 }
 
-/// Binds UDP `address` (the TCP listener's, so one port serves both) with SO_REUSEPORT.
+/// Binds UDP `address` (the TCP listener's, so one port serves both) with SO_REUSEPORT, and
+/// checks that the edge's TLS config works for QUIC before anything advertises HTTP/3.
 pub fn bind(
     address: SocketAddr,
     config: crate::edge::listener::Settings,
+    tls: &Arc<rustls::ServerConfig>,
 ) -> Result<H3Listener, H3Error> {
+    let configs = Arc::new(QuicConfigs {
+        last: Mutex::new(None),
+    });
+    let initial = configs.current(tls, &config.load())?;
     let err = |source| H3Error::Bind { address, source };
     let domain = socket2::Domain::for_address(address);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
@@ -71,20 +91,32 @@ pub fn bind(
     s.set_nonblocking(true).map_err(err)?;
     s.bind(&address.into()).map_err(err)?;
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-    // The server config comes when it runs (`H3Listener::run`).
+    // quinn takes in connections only with a server config on the endpoint; each is then
+    // accepted with the config current at that moment (certificates follow reloads).
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        None,
+        Some(quinn::ServerConfig::clone(&initial)),
         std::net::UdpSocket::from(s),
         runtime,
     )
     .map_err(err)?;
-    Ok(H3Listener { endpoint, config })
+    Ok(H3Listener {
+        endpoint,
+        config,
+        configs,
+    })
 }
 
-/// The QUIC server config made from the edge's TLS config, rebuilt when a reload swaps that.
+/// The QUIC server config made from the edge's TLS config and the listener's idle timeout,
+/// rebuilt when a reload swaps either.
 struct QuicConfigs {
-    last: Mutex<Option<(Arc<rustls::ServerConfig>, Arc<quinn::ServerConfig>)>>,
+    last: Mutex<Option<QuicKey>>,
+}
+
+struct QuicKey {
+    tls: Arc<rustls::ServerConfig>,
+    idle: Duration,
+    quic: Arc<quinn::ServerConfig>,
 }
 
 impl QuicConfigs {
@@ -93,15 +125,20 @@ impl QuicConfigs {
         tls: &Arc<rustls::ServerConfig>,
         listener: &ListenerConfig,
     ) -> Result<Arc<quinn::ServerConfig>, H3Error> {
+        // A std mutex: held for a pointer compare or one config build, never across an await.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((t, q)) = last.as_ref() {
-            if Arc::ptr_eq(t, tls) {
-                return Ok(q.clone());
+        if let Some(k) = last.as_ref() {
+            if Arc::ptr_eq(&k.tls, tls) && k.idle == listener.idle_timeout {
+                return Ok(k.quic.clone());
             }
         }
-        let q = Arc::new(quic_config(tls, listener)?);
-        *last = Some((tls.clone(), q.clone()));
-        Ok(q)
+        let quic = Arc::new(quic_config(tls, listener)?);
+        *last = Some(QuicKey {
+            tls: tls.clone(),
+            idle: listener.idle_timeout,
+            quic: quic.clone(),
+        });
+        Ok(quic)
     }
 }
 
@@ -119,8 +156,16 @@ fn quic_config(
         .map_err(|e| H3Error::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
-    transport.max_idle_timeout(quinn::IdleTimeout::try_from(listener.idle_timeout).ok());
+    transport
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
+        // HTTP/3 needs three (control, QPACK encoder and decoder); a few spare for GREASE.
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(8))
+        .stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))
+        // No datagram extension: none would ever be read.
+        .datagram_receive_buffer_size(None)
+        // A backstop for dead peers; idleness between requests is timed by `Connection`.
+        .max_idle_timeout(quinn::IdleTimeout::try_from(listener.idle_timeout).ok());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -140,20 +185,6 @@ impl H3Listener {
     ) {
         let max_connections = self.config.load().max_connections;
         let limit = Arc::new(Semaphore::new(max_connections));
-        let configs = Arc::new(QuicConfigs {
-            last: Mutex::new(None),
-        });
-        // quinn only takes in connections with a server config on the endpoint; each is
-        // then accepted with the config current at that moment.
-        match configs.current(&tls.load_full(), &self.config.load()) {
-            Ok(q) => self
-                .endpoint
-                .set_server_config(Some(ServerConfig::clone(&q))),
-            Err(e) => {
-                tracing::error!(error = %e, "HTTP/3 not served");
-                return;
-            }
-        }
         loop {
             // select!: stop accepting as soon as drain starts; connections already accepted
             // drain on their own.
@@ -164,12 +195,23 @@ impl H3Listener {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            // Over half the slots taken: a client must prove its address (a Retry round
+            // trip) before it gets one, so spoofed Initials cannot hold slots.
+            if limit.available_permits() < max_connections / 2
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
             let Ok(slot) = limit.clone().try_acquire_owned() else {
                 incoming.refuse();
                 continue;
             };
             let cfg = ListenerConfig::clone(&self.config.load());
-            let quic = match configs.current(&tls.load_full(), &cfg) {
+            let quic = match self.configs.current(&tls.load_full(), &cfg) {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(error = %e, "HTTP/3 connection refused");
@@ -188,7 +230,8 @@ impl H3Listener {
                 conn.serve(incoming, quic).await;
             });
         }
-        // Connections still open finish their requests; then the endpoint goes with them.
+        // New clients are turned away at once instead of waiting for a handshake.
+        self.endpoint.set_server_config(None);
         self.endpoint.wait_idle().await;
     }
 }
@@ -216,6 +259,45 @@ impl Drop for Counted {
     }
 }
 
+/// Requests in flight on a connection and since when there have been none (as on TCP).
+struct Activity {
+    in_flight: AtomicUsize,
+    /// When the last request ended, in ns since `epoch`.
+    idle_since: AtomicU64,
+    epoch: Instant,
+    /// A request ended (drain waits for the last one).
+    ended: Notify,
+}
+
+impl Activity {
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        Some(now.saturating_duration_since(self.epoch + since))
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ns = u64::try_from(a.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.idle_since.fetch_max(ns, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        a.ended.notify_one();
+    }
+}
+
 impl Connection {
     async fn serve(self, incoming: quinn::Incoming, quic: Arc<quinn::ServerConfig>) {
         let peer = incoming.remote_address();
@@ -227,7 +309,7 @@ impl Connection {
                 return;
             }
         };
-        let conn = match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
+        let quic_conn = match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "QUIC handshake failed");
@@ -239,7 +321,8 @@ impl Connection {
             }
         };
         let mut h3 = match h3::server::builder()
-            .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+            .max_field_section_size(MAX_FIELD_SECTION)
+            .build::<_, Bytes>(h3_quinn::Connection::new(quic_conn.clone()))
             .await
         {
             Ok(h) => h,
@@ -248,127 +331,245 @@ impl Connection {
                 return;
             }
         };
-        let limits = ClientLimits {
-            body_timeout: self.cfg.body_timeout,
-            stream_send_timeout: Some(self.cfg.send_timeout),
-        };
+        let close = || quic_conn.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
+        let activity = Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            ended: Notify::new(),
+        });
+        let idle = self.cfg.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
         let mut draining = false;
         loop {
-            // select!: the next request, or drain starting (then GOAWAY, and the requests
-            // already taken finish).
-            let next = tokio::select! {
-                r = h3.accept() => r,
+            // select!: the next request; drain starting (GOAWAY, then close once the
+            // requests taken are done); the idle timer (re-armed while requests run); a
+            // request ending while draining.
+            tokio::select! {
+                r = h3.accept() => match r {
+                    Ok(Some(resolver)) => self.spawn_request(resolver, peer, &activity),
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
+                        return;
+                    }
+                },
                 _ = self.shutdown.cancelled(), if !draining => {
                     draining = true;
-                    if let Err(e) = h3.shutdown(0).await {
+                    // One past the last request taken: that one is processed, not retried.
+                    if let Err(e) = h3.shutdown(1).await {
                         tracing::debug!(%peer, error = %e, "HTTP/3 GOAWAY failed");
                         return;
                     }
-                    continue;
+                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                        return close_after_delivery(&quic_conn).await;
+                    }
                 }
-            };
-            match next {
-                Ok(Some(resolver)) => {
-                    let runtime = self.runtime.clone();
-                    let send_timeout = self.cfg.send_timeout;
-                    self.tracker.spawn(async move {
-                        let (req, stream) = match resolver.resolve_request().await {
-                            Ok(r) => r,
-                            Err(e) => {
-                                tracing::debug!(%peer, error = %e, "bad HTTP/3 request");
-                                return;
-                            }
-                        };
-                        let (send, recv) = stream.split();
-                        let req = req.map(|()| ClientIn::H3(H3Body::new(recv)));
-                        let rt = runtime.load_full();
-                        let resp = handler::handle(&rt, req, peer, limits).await;
-                        if let Err(e) = respond(send, resp, send_timeout).await {
-                            tracing::debug!(%peer, error = %e, "HTTP/3 response not sent whole");
+                _ = activity.ended.notified(), if draining => {
+                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                        return close_after_delivery(&quic_conn).await;
+                    }
+                }
+                _ = &mut idle_timer => {
+                    let now = Instant::now();
+                    match activity.idle_for(now) {
+                        Some(d) if d >= idle => {
+                            tracing::debug!(%peer, "HTTP/3 connection idle; closed");
+                            close();
+                            return;
                         }
-                    });
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
-                    return;
+                        Some(d) => idle_timer.as_mut().reset(now + (idle - d)),
+                        None => idle_timer.as_mut().reset(now + idle),
+                    }
                 }
             }
         }
     }
+
+    fn spawn_request(
+        &self,
+        resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+        peer: SocketAddr,
+        activity: &Arc<Activity>,
+    ) {
+        let runtime = self.runtime.clone();
+        let cfg = self.cfg.clone();
+        let in_flight = InFlight::new(activity);
+        self.tracker.spawn(async move {
+            let _in_flight = in_flight;
+            let resolved = tokio::time::timeout(cfg.header_timeout, resolver.resolve_request());
+            let (req, stream) = match resolved.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "bad HTTP/3 request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, after = ?cfg.header_timeout, "HTTP/3 request head timed out");
+                    return;
+                }
+            };
+            let head = req.method() == http::Method::HEAD;
+            let (send, recv) = stream.split();
+            let declared = req
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let req = req.map(|()| ClientIn::H3(Box::new(H3Body::new(recv, declared))));
+            let limits = ClientLimits {
+                body_timeout: cfg.body_timeout,
+                stream_send_timeout: Some(cfg.send_timeout),
+            };
+            let rt = runtime.load_full();
+            let resp = handler::handle(&rt, req, peer, limits).await;
+            if let Err(e) = respond(send, resp, head, cfg.send_timeout).await {
+                tracing::debug!(%peer, error = %e, "HTTP/3 response not sent whole");
+            }
+        });
+    }
 }
 
-/// Sends the response head, the body (each piece within `send_timeout`, else the stream is
-/// reset: a client that reads nothing must not hold the origin's answer), and trailers.
+/// Closes a drained connection once its last answers have had time to arrive: a QUIC close
+/// drops data still unsent or unacknowledged, and h3 does not say when a stream's data is
+/// acknowledged. The client may close first (it should, after GOAWAY, once its requests are
+/// answered).
+async fn close_after_delivery(conn: &quinn::Connection) {
+    let grace = (conn.rtt() * 4).max(Duration::from_secs(1));
+    // select!: the client closing, or the grace running out.
+    tokio::select! {
+        _ = conn.closed() => {}
+        _ = tokio::time::sleep(grace) => conn.close(quinn::VarInt::from_u32(H3_NO_ERROR), b""),
+    }
+}
+
+/// Sends the response head, the body (unless the request was HEAD) and trailers, each write
+/// within `send_timeout`, else the stream is reset: a client that takes nothing must not
+/// hold the origin's answer.
 async fn respond(
     mut send: SendStream,
     resp: http::Response<ProxyBody>,
+    head: bool,
     send_timeout: Duration,
 ) -> Result<(), BoxError> {
     let (parts, mut body) = resp.into_parts();
-    send.send_response(http::Response::from_parts(parts, ()))
-        .await?;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                // The origin's body broke: the client must not take a cut body for a whole one.
-                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-                return Err(e);
-            }
-        };
-        let sent = match frame.into_data() {
-            Ok(data) => tokio::time::timeout(send_timeout, send.send_data(data)).await,
-            Err(frame) => match frame.into_trailers() {
-                Ok(t) => tokio::time::timeout(send_timeout, send.send_trailers(t)).await,
-                Err(_) => continue,
-            },
-        };
-        match sent {
-            Ok(r) => r?,
-            Err(_) => {
-                send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-                return Err(format!("client took no data for {send_timeout:?}").into());
+    within(&mut send, send_timeout, |s| {
+        Box::pin(s.send_response(http::Response::from_parts(parts, ())))
+    })
+    .await?;
+    if !head {
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    // The origin's body broke: the client must not take a cut body for a whole
+                    // one.
+                    send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                    return Err(e);
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    within(&mut send, send_timeout, |s| Box::pin(s.send_data(data))).await?
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        within(&mut send, send_timeout, |s| Box::pin(s.send_trailers(t))).await?;
+                    }
+                }
             }
         }
     }
-    send.finish().await?;
-    Ok(())
+    within(&mut send, send_timeout, |s| Box::pin(s.finish())).await
 }
 
-/// The request body of an HTTP/3 stream, as an `http_body::Body`.
+type Write<'a> = Pin<Box<dyn Future<Output = Result<(), h3::error::StreamError>> + Send + 'a>>;
+
+/// One write to the client, reset if it does not complete within `limit`.
+async fn within<F>(send: &mut SendStream, limit: Duration, write: F) -> Result<(), BoxError>
+where
+    F: for<'a> FnOnce(&'a mut SendStream) -> Write<'a>,
+{
+    let done = tokio::time::timeout(limit, write(send)).await;
+    match done {
+        Ok(r) => r.map_err(|e| Box::new(e) as BoxError),
+        Err(_) => {
+            send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+            Err(format!("client took nothing for {limit:?}").into())
+        }
+    }
+}
+
+/// The request body of an HTTP/3 stream, as an `http_body::Body`. Checked against its
+/// Content-Length (h3 does not, and an http/1.1 origin would get a body that is not the one
+/// declared). Request trailers are not read: h3 0.0.8 panics on them after a DATA frame the
+/// client cut short, so they end the body instead.
 pub struct H3Body {
     recv: RecvStream,
     /// A first chunk found when looking whether the body is empty.
     first: Option<Bytes>,
-    data_done: bool,
+    /// An error found then, reported on the first poll.
+    error: Option<BoxError>,
     ended: bool,
+    declared: Option<u64>,
+    received: u64,
 }
 
 impl H3Body {
     /// Looks once, without waiting, whether the client already ended the stream: a GET's
     /// HEADERS usually come with the stream's end, and a body known to be empty is sent
     /// upstream as none (no chunked GET to an http/1.1 origin, a retry stays possible).
-    fn new(recv: RecvStream) -> Self {
+    fn new(recv: RecvStream, declared: Option<u64>) -> Self {
         let mut body = H3Body {
             recv,
             first: None,
-            data_done: false,
-            ended: false,
+            error: None,
+            ended: declared == Some(0),
+            declared,
+            received: 0,
         };
+        if body.ended {
+            return body;
+        }
         let mut cx = Context::from_waker(Waker::noop());
-        if let Poll::Ready(Ok(d)) = body.recv.poll_recv_data(&mut cx) {
-            match d {
-                Some(mut buf) => body.first = Some(buf.copy_to_bytes(buf.remaining())),
-                None => {
-                    body.data_done = true;
-                    if let Poll::Ready(Ok(None)) = body.recv.poll_recv_trailers(&mut cx) {
-                        body.ended = true;
-                    }
+        match body.recv.poll_recv_data(&mut cx) {
+            Poll::Ready(Ok(Some(mut buf))) => {
+                body.first = Some(buf.copy_to_bytes(buf.remaining()));
+            }
+            Poll::Ready(Ok(None)) => {
+                if let Err(e) = body.check_end() {
+                    body.error = Some(e);
+                } else {
+                    body.ended = true;
                 }
             }
+            Poll::Ready(Err(e)) => body.error = Some(Box::new(e)),
+            Poll::Pending => {}
         }
         body
+    }
+
+    fn check_end(&self) -> Result<(), BoxError> {
+        match self.declared {
+            Some(d) if d != self.received => Err(format!(
+                "request body of {} bytes, Content-Length says {d}",
+                self.received
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn data(&mut self, b: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.received += b.len() as u64;
+        if self.declared.is_some_and(|d| self.received > d) {
+            self.ended = true;
+            return Poll::Ready(Some(Err(
+                "request body longer than its Content-Length".into()
+            )));
+        }
+        Poll::Ready(Some(Ok(Frame::data(b))))
     }
 }
 
@@ -381,42 +582,44 @@ impl Body for H3Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(e)));
+        }
         if let Some(b) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(b))));
+            return this.data(b);
         }
         if this.ended {
             return Poll::Ready(None);
         }
-        if !this.data_done {
-            match ready!(this.recv.poll_recv_data(cx)) {
-                Ok(Some(mut buf)) => {
-                    return Poll::Ready(Some(Ok(Frame::data(buf.copy_to_bytes(buf.remaining())))))
-                }
-                Ok(None) => this.data_done = true,
-                Err(e) => {
-                    this.ended = true;
-                    return Poll::Ready(Some(Err(Box::new(e))));
+        match ready!(this.recv.poll_recv_data(cx)) {
+            Ok(Some(mut buf)) => {
+                let b = buf.copy_to_bytes(buf.remaining());
+                this.data(b)
+            }
+            Ok(None) => {
+                this.ended = true;
+                match this.check_end() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e))),
                 }
             }
-        }
-        let trailers = ready!(this.recv.poll_recv_trailers(cx));
-        this.ended = true;
-        match trailers {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+            Err(e) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.first.is_none()
+        self.ended && self.first.is_none() && self.error.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.is_end_stream() {
-            SizeHint::with_exact(0)
-        } else {
-            SizeHint::default()
+        match self.declared {
+            Some(d) => SizeHint::with_exact(d.saturating_sub(self.received)),
+            None if self.is_end_stream() => SizeHint::with_exact(0),
+            None => SizeHint::default(),
         }
     }
 }

@@ -67,7 +67,8 @@ impl QuicClient {
         let info = TlsInfo {
             version: "TLSv1.3".to_string(),
             alpn: Some("h3".to_string()),
-            // quinn does not say whether the session was resumed.
+            // quinn does not say whether the session was resumed: `resumed` mode over HTTP/3
+            // offers the session but cannot report the outcome (README).
             resumed: false,
             early_data: false,
         };

@@ -70,6 +70,14 @@ async fn h3_request(
         .uri(format!("https://localhost{path}"))
         .body(())
         .expect("request");
+    h3_send(c, req, body).await
+}
+
+async fn h3_send(
+    c: &mut H3Client,
+    req: http::Request<()>,
+    body: Option<Vec<u8>>,
+) -> (u16, String, Vec<u8>) {
     let mut stream = c.send.send_request(req).await.expect("send request");
     if let Some(b) = body {
         for chunk in b.chunks(64 * 1024) {
@@ -183,7 +191,7 @@ async fn drain_lets_an_http3_request_in_flight_finish() {
     };
     let before = seen();
     let mut c = h3_connect(edge.addr).await;
-    let slow = tokio::spawn(async move { h3_request(&mut c, "GET", "/delay/500", None).await });
+    let slow = tokio::spawn(async move { h3_request(&mut c, "GET", "/delay/1500", None).await });
     assert!(
         eventually(std::time::Duration::from_secs(5), || async {
             seen() > before
@@ -230,4 +238,73 @@ async fn latency_probe_measures_http3_cold_and_warm() {
         assert!(sample["connect_ms"].is_null(), "{sample}");
         assert_eq!(sample["tls_ms"].is_null(), mode == "warm", "{sample}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_enforces_the_tcp_sides_limits() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr()).replacen(
+        "http3 = true\n",
+        "http3 = true\nidle_timeout = \"300ms\"\n",
+        1,
+    ))
+    .await;
+    let mut c = h3_connect(edge.addr).await;
+    // CONNECT is refused as over TCP: edgepop is no forward proxy.
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("localhost:443")
+        .body(())
+        .expect("request");
+    let mut stream = c.send.send_request(req).await.expect("send");
+    stream.finish().await.expect("finish");
+    assert_eq!(
+        stream.recv_response().await.expect("response").status(),
+        405
+    );
+    // A header section over 64 KiB gets no answer from the origin.
+    let before = origin
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let req = http::Request::builder()
+        .uri("https://localhost/")
+        .header("x-big", "a".repeat(100 * 1024))
+        .body(())
+        .expect("request");
+    let mut c2 = h3_connect(edge.addr).await;
+    let sent = async {
+        let mut stream = c2.send.send_request(req).await?;
+        stream.finish().await?;
+        stream.recv_response().await
+    };
+    assert!(sent.await.is_err(), "a 100 KiB header section was answered");
+    assert_eq!(
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+    drop(c2);
+    // A body shorter than its Content-Length is not passed on as if whole.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/echo")
+        .header("content-length", "10")
+        .body(())
+        .expect("request");
+    let (status, _, _) = h3_send(&mut c, req, Some(b"hello".to_vec())).await;
+    assert_eq!(status, 400);
+    // Idle (no request in flight) for idle_timeout: the connection is closed by the edge,
+    // whatever QUIC keep-alives say.
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            let (_, m) = admin_get(edge.admin, "/metrics").await;
+            m.lines().any(|l| l == "edgepop_client_connections 0")
+        })
+        .await,
+        "an idle HTTP/3 connection stayed open"
+    );
 }
