@@ -2,8 +2,8 @@
 //! PoP-origin (RTT2) legs; an edge with a pre-warmed pool and one with pooling off; the DNS
 //! sidecar answering for the edge's name. Then latency-probe against the origin directly, the
 //! cold edge, the warm edge, and the warm edge again with the request sent as TLS 1.3 0-RTT
-//! early data on a resumed session and over HTTP/3, printed next to the physical limits of
-//! DESIGN.md.
+//! early data on a resumed session, over HTTP/3, and over HTTP/3 with 0-RTT, printed next to
+//! the physical limits of DESIGN.md.
 //!
 //! Everything runs from embedded defaults: certificates are generated in memory (`certs`), the
 //! configuration is built here, nothing is read from the working directory.
@@ -150,6 +150,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         to_warm_h3.local_addr().port()
     ))?;
     let h3 = probe::measure(std::slice::from_ref(&h3_target), &h3_options).await;
+    let h3_early_options = Options {
+        mode: Mode::Early,
+        ..h3_options.clone()
+    };
+    let h3_early = probe::measure(std::slice::from_ref(&h3_target), &h3_early_options).await;
     let (r1, r2) = (ms(args.rtt1), ms(args.rtt2));
     let rows = [
         (
@@ -173,6 +178,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             2.0 * r1 + r2,
         ),
         ("  ... over HTTP/3 (QUIC)", "2 x RTT1 + RTT2", 2.0 * r1 + r2),
+        ("  ... HTTP/3, request in 0-RTT", "RTT1 + RTT2", r1 + r2),
     ];
     println!();
     println!(
@@ -183,7 +189,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .targets
         .iter()
         .chain(&early.targets)
-        .chain(&h3.targets);
+        .chain(&h3.targets)
+        .chain(&h3_early.targets);
     for ((label, formula, limit), t) in rows.iter().zip(measured) {
         let (p50, p90) = match t.stats(Row::Ttfb) {
             Some(s) => (format!("{:.1}", ms(s.p50)), format!("{:.1}", ms(s.p90))),
@@ -198,6 +205,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     print!("{}", early.render_table());
     println!("\nthe warm edge over HTTP/3 (the QUIC handshake, transport and TLS at once, is the tls row):");
     print!("{}", h3.render_table());
+    println!("\nand over HTTP/3 with the request as 0-RTT data on a resumed session:");
+    print!("{}", h3_early.render_table());
     let warm_snap = warm.pools().first().map(|p| p.snapshot());
     if let Some(s) = warm_snap {
         println!(
@@ -209,7 +218,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     warm.drain().await;
     cold.drain().await;
     Ok(
-        if report.all_targets_succeeded() && early.all_targets_succeeded() {
+        if [&report, &early, &h3, &h3_early]
+            .iter()
+            .all(|r| r.all_targets_succeeded())
+        {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -142,15 +142,21 @@ impl QuicConfigs {
     }
 }
 
-/// The edge's certificates (same resolver, same session store) with ALPN `h3`. QUIC allows
-/// early data only unlimited or off: off here.
+/// The edge's certificates (same resolver, same session store) with ALPN `h3`.
 fn quic_config(
     tls: &rustls::ServerConfig,
     listener: &ListenerConfig,
 ) -> Result<quinn::ServerConfig, H3Error> {
     let mut crypto = tls.clone();
     crypto.alpn_protocols = vec![b"h3".to_vec()];
-    crypto.max_early_data_size = 0;
+    // QUIC takes early data unlimited or not at all: on when the edge does 0-RTT
+    // (`[pop] early_data`, sessions single-use as for TCP), and requests that arrive before
+    // the handshake completes follow the same rules (`EarlyData`).
+    crypto.max_early_data_size = if tls.max_early_data_size > 0 {
+        u32::MAX
+    } else {
+        0
+    };
     crypto.send_half_rtt_data = false;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(crypto))
         .map_err(|e| H3Error::Tls(e.to_string()))?;
@@ -224,6 +230,8 @@ impl H3Listener {
                 shutdown: shutdown.clone(),
                 tracker: tracker.clone(),
                 cfg,
+                early: tls.load().max_early_data_size > 0,
+                handshake_done: Arc::new(AtomicBool::new(false)),
             };
             tracker.spawn(async move {
                 let _slot = slot;
@@ -241,6 +249,10 @@ struct Connection {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     cfg: ListenerConfig,
+    /// 0-RTT on: the connection is served before its handshake completes.
+    early: bool,
+    /// Set once the handshake completed; requests before that may be replays.
+    handshake_done: Arc<AtomicBool>,
 }
 
 /// Counts an HTTP/3 connection in `edgepop_client_connections` while it lives.
@@ -309,17 +321,32 @@ impl Connection {
                 return;
             }
         };
-        let quic_conn = match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "QUIC handshake failed");
-                return;
+        // With 0-RTT the connection is served at once (the client's first request may be in
+        // its first flight) and the handshake completes alongside; without, it completes first.
+        type Handshake = Pin<Box<dyn Future<Output = bool> + Send>>;
+        let (quic_conn, mut handshake): (_, Option<Handshake>) = if self.early {
+            match connecting.into_0rtt() {
+                Ok((c, accepted)) => (c, Some(Box::pin(accepted))),
+                Err(_) => return,
             }
-            Err(_) => {
-                tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake timed out");
-                return;
+        } else {
+            match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
+                Ok(Ok(c)) => {
+                    self.handshake_done.store(true, Ordering::Release);
+                    (c, None)
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake timed out");
+                    return;
+                }
             }
         };
+        let handshake_deadline = tokio::time::sleep(self.cfg.handshake_timeout);
+        tokio::pin!(handshake_deadline);
         let mut h3 = match h3::server::builder()
             .max_field_section_size(MAX_FIELD_SECTION)
             .build::<_, Bytes>(h3_quinn::Connection::new(quic_conn.clone()))
@@ -345,8 +372,25 @@ impl Connection {
         loop {
             // select!: the next request; drain starting (GOAWAY, then close once the
             // requests taken are done); the idle timer (re-armed while requests run); a
-            // request ending while draining.
+            // request ending while draining; the handshake completing (0-RTT), or not in time.
             tokio::select! {
+                // Resolves when the handshake ends, with whether 0-RTT was used (false too when
+                // the client sent none); a failed handshake fails the connection, seen by
+                // `accept`.
+                _ = async {
+                    match handshake.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if handshake.is_some() => {
+                    handshake = None;
+                    self.handshake_done.store(true, Ordering::Release);
+                }
+                _ = &mut handshake_deadline, if handshake.is_some() => {
+                    tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake after early data timed out");
+                    close();
+                    return;
+                }
                 r = h3.accept() => match r {
                     Ok(Some(resolver)) => self.spawn_request(resolver, peer, &activity),
                     Ok(None) => return,
@@ -396,6 +440,7 @@ impl Connection {
         let runtime = self.runtime.clone();
         let cfg = self.cfg.clone();
         let in_flight = InFlight::new(activity);
+        let handshake_done = self.handshake_done.clone();
         self.tracker.spawn(async move {
             let _in_flight = in_flight;
             let resolved = tokio::time::timeout(cfg.header_timeout, resolver.resolve_request());
@@ -417,7 +462,10 @@ impl Connection {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let req = req.map(|()| ClientIn::H3(Box::new(H3Body::new(recv, declared))));
+            let mut req = req.map(|()| ClientIn::H3(Box::new(H3Body::new(recv, declared))));
+            if !handshake_done.load(Ordering::Acquire) {
+                req.extensions_mut().insert(crate::proxy::EarlyData);
+            }
             let limits = ClientLimits {
                 body_timeout: cfg.body_timeout,
                 stream_send_timeout: Some(cfg.send_timeout),

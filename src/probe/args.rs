@@ -71,13 +71,6 @@ impl ProbeArgs {
             (_, _, true) => HttpVersion::Http3,
             _ => HttpVersion::Auto,
         };
-        if http == HttpVersion::Http3 && self.mode == Mode::Early {
-            // quinn can send 0-RTT, but the probe does not do it yet; measuring a full
-            // handshake under the name `early` would mislead.
-            return Err(ProbeError::Usage(
-                "--mode early is not supported with --http3 (0-RTT over QUIC is not measured yet)",
-            ));
-        }
         let options = Options {
             count: self.count as usize,
             interval: self.interval,

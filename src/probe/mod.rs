@@ -63,8 +63,6 @@ pub enum ProbeError {
     Url { url: String, reason: String },
     #[error(transparent)]
     Ca(#[from] crate::tls::certs::CertError),
-    #[error("{0}")]
-    Usage(&'static str),
 }
 
 /// How each sample connects.

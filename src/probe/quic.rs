@@ -43,20 +43,29 @@ impl QuicClient {
         Ok(QuicClient { endpoint })
     }
 
-    /// The QUIC handshake (the tls phase) and the HTTP/3 set-up (counted in first byte).
+    /// The QUIC handshake (the tls phase). With `early` and a session that allows it, the
+    /// connection is handed over at once and the request goes as 0-RTT data; the returned
+    /// future then says whether the server took it.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         host: &str,
         timeout: Duration,
-    ) -> Result<(quinn::Connection, TlsInfo), SampleError> {
-        let connecting = self
-            .endpoint
-            .connect(addr, host)
-            .map_err(|e| SampleError::Connect {
-                addr,
-                source: std::io::Error::other(e),
-            })?;
+        early: bool,
+    ) -> Result<(quinn::Connection, TlsInfo, Option<quinn::ZeroRttAccepted>), SampleError> {
+        let mut connecting =
+            self.endpoint
+                .connect(addr, host)
+                .map_err(|e| SampleError::Connect {
+                    addr,
+                    source: std::io::Error::other(e),
+                })?;
+        if early {
+            match connecting.into_0rtt() {
+                Ok((conn, accepted)) => return Ok((conn, info(false), Some(accepted))),
+                Err(c) => connecting = c,
+            }
+        }
         let conn = super::conn::phase(Phase::Tls, timeout, async {
             connecting.await.map_err(|e| SampleError::Tls {
                 host: host.to_string(),
@@ -64,15 +73,18 @@ impl QuicClient {
             })
         })
         .await?;
-        let info = TlsInfo {
-            version: "TLSv1.3".to_string(),
-            alpn: Some("h3".to_string()),
-            // quinn does not say whether the session was resumed: `resumed` mode over HTTP/3
-            // offers the session but cannot report the outcome (README).
-            resumed: false,
-            early_data: false,
-        };
-        Ok((conn, info))
+        Ok((conn, info(false), None))
+    }
+}
+
+/// What a QUIC handshake negotiated, as far as quinn tells: TLS 1.3 and h3 always; whether
+/// a session was resumed only when 0-RTT was accepted (which needs one).
+pub fn info(early_data: bool) -> TlsInfo {
+    TlsInfo {
+        version: "TLSv1.3".to_string(),
+        alpn: Some("h3".to_string()),
+        resumed: early_data,
+        early_data,
     }
 }
 

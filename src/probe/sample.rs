@@ -250,10 +250,43 @@ impl Session {
         let (addr, dns) = self.resolve().await?;
         let t_dns = Instant::now();
         let host = self.target.host().to_string();
-        let (conn, info) = self.quic(addr)?.connect(addr, &host, timeout).await?;
-        let tls = t_dns.elapsed();
-        let mut http = HttpConn::h3(conn, timeout).await?;
-        let resp = self.request(&mut http).await?;
+        let early = self.mode == Mode::Early;
+        let (conn, mut info, zero_rtt) = self
+            .quic(addr)?
+            .connect(addr, &host, timeout, early)
+            .await?;
+        let mut tls = t_dns.elapsed();
+        let attempt = async {
+            let mut http = HttpConn::h3(conn, timeout).await?;
+            let resp = self.request(&mut http).await?;
+            Ok::<_, SampleError>((http, resp))
+        };
+        let (http, resp) = match (attempt.await, zero_rtt) {
+            (Ok(r), Some(accepted)) => {
+                info = super::quic::info(accepted.await);
+                r
+            }
+            (Ok(r), None) => r,
+            // The server refused the 0-RTT data (no session left to resume, say): everything
+            // sent early is void, so the client starts over, as a browser would; the time
+            // lost counts.
+            (Err(e), Some(accepted)) => {
+                if accepted.await {
+                    return Err(e);
+                }
+                let t = Instant::now();
+                let (conn, i, _) = self
+                    .quic(addr)?
+                    .connect(addr, &host, timeout, false)
+                    .await?;
+                tls += t.elapsed();
+                info = i;
+                let mut http = HttpConn::h3(conn, timeout).await?;
+                let resp = self.request(&mut http).await?;
+                (http, resp)
+            }
+            (Err(e), None) => return Err(e),
+        };
         Ok(Sample {
             address: addr,
             dns: dns.then(|| t_dns - start),
@@ -355,7 +388,10 @@ impl Session {
         let (addr, _) = self.resolve().await?;
         if self.http == HttpVersion::Http3 {
             let host = self.target.host().to_string();
-            let (conn, info) = self.quic(addr)?.connect(addr, &host, timeout).await?;
+            let (conn, info, _) = self
+                .quic(addr)?
+                .connect(addr, &host, timeout, false)
+                .await?;
             let http = HttpConn::h3(conn, timeout).await?;
             self.kept = Some(Kept {
                 http,

@@ -45,5 +45,6 @@ async fn the_demo_runs_and_the_warm_pool_beats_the_cold_upstream() {
     // every one of its requests went as early data.
     p50(&stdout, "  ... resumed, request in 0-RTT");
     p50(&stdout, "  ... over HTTP/3 (QUIC)");
+    p50(&stdout, "  ... HTTP/3, request in 0-RTT");
     assert!(stdout.contains("0-RTT 5/5"), "{stdout}");
 }

@@ -322,3 +322,94 @@ async fn http3_enforces_the_tcp_sides_limits() {
         "an idle HTTP/3 connection stayed open"
     );
 }
+
+/// A QUIC client config that keeps sessions and offers 0-RTT (for `early_connect`).
+fn early_client() -> quinn::ClientConfig {
+    let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.enable_early_data = true;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    quinn::ClientConfig::new(Arc::new(quic))
+}
+
+/// An HTTP/3 connection through `addr`; with `early`, usable at once (0-RTT) when the
+/// session allows, else after the handshake.
+async fn early_connect(endpoint: &quinn::Endpoint, addr: SocketAddr, early: bool) -> H3Client {
+    let connecting = endpoint.connect(addr, "localhost").expect("connect");
+    let conn = if early {
+        match connecting.into_0rtt() {
+            Ok((c, _)) => c,
+            Err(_) => panic!("no 0-RTT offered: no session to resume"),
+        }
+    } else {
+        connecting.await.expect("QUIC handshake")
+    };
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .expect("h3 setup");
+    let driver = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    H3Client {
+        send,
+        driver,
+        _endpoint: endpoint.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http3_0rtt_a_get_is_forwarded_marked_and_a_post_gets_425() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr()).replace(
+        "name = \"test1\"\n",
+        "name = \"test1\"\nearly_data = true\n",
+    ))
+    .await;
+    // A long client-edge path: the edge acts on the 0-RTT request (it comes with the client's
+    // first flight) a full round trip, 500 ms, before the client's Finished can arrive.
+    let path = edgepop::wan::UdpRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        edge.addr,
+        std::time::Duration::from_millis(250),
+    )
+    .await
+    .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("UDP");
+    endpoint.set_default_client_config(early_client());
+    // A session to resume, with tickets read (they come after the handshake).
+    let mut c = early_connect(&endpoint, edge.addr, false).await;
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
+    drop(c);
+    let seen = || {
+        origin
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let mut c = early_connect(&endpoint, path.local_addr(), true).await;
+    let (status, _, body) = h3_request(&mut c, "GET", "/headers", None).await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("early-data: 1\n"), "{body}");
+    drop(c);
+
+    let before = seen();
+    let mut c = early_connect(&endpoint, path.local_addr(), true).await;
+    let (status, _, _) = h3_request(&mut c, "POST", "/echo", Some(b"hello".to_vec())).await;
+    assert_eq!(status, 425);
+    assert_eq!(seen(), before, "the origin saw a POST sent in 0-RTT");
+    let (_, m) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        m.lines()
+            .any(|l| l == "edgepop_early_data_requests_total{outcome=\"too_early\"} 1"),
+        "{m}"
+    );
+}
