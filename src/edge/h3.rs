@@ -347,14 +347,19 @@ impl Connection {
         };
         let handshake_deadline = tokio::time::sleep(self.cfg.handshake_timeout);
         tokio::pin!(handshake_deadline);
-        let mut h3 = match h3::server::builder()
-            .max_field_section_size(MAX_FIELD_SECTION)
-            .build::<_, Bytes>(h3_quinn::Connection::new(quic_conn.clone()))
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
+        // Within the handshake timeout: with 0-RTT the set-up runs before the handshake ends,
+        // and a client that allows no streams would hold it (and its slot) open.
+        let mut builder = h3::server::builder();
+        builder.max_field_section_size(MAX_FIELD_SECTION);
+        let setup = builder.build::<_, Bytes>(h3_quinn::Connection::new(quic_conn.clone()));
+        let mut h3 = match tokio::time::timeout(self.cfg.handshake_timeout, setup).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "HTTP/3 connection setup failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "HTTP/3 connection setup timed out");
                 return;
             }
         };
@@ -384,6 +389,12 @@ impl Connection {
                     }
                 }, if handshake.is_some() => {
                     handshake = None;
+                    // It resolves on a failed handshake too; requests already taken in may
+                    // still resolve after that, and must not pass as sent after a completed
+                    // handshake (quinn records the close before it resolves).
+                    if quic_conn.close_reason().is_some() {
+                        return;
+                    }
                     self.handshake_done.store(true, Ordering::Release);
                 }
                 _ = &mut handshake_deadline, if handshake.is_some() => {

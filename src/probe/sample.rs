@@ -256,6 +256,9 @@ impl Session {
             .connect(addr, &host, timeout, early)
             .await?;
         let mut tls = t_dns.elapsed();
+        // Kept open past a failed attempt, to tell a refused 0-RTT (the connection lives on)
+        // from a failed connection.
+        let first = conn.clone();
         let attempt = async {
             let mut http = HttpConn::h3(conn, timeout).await?;
             let resp = self.request(&mut http).await?;
@@ -271,7 +274,7 @@ impl Session {
             // sent early is void, so the client starts over, as a browser would; the time
             // lost counts.
             (Err(e), Some(accepted)) => {
-                if accepted.await {
+                if accepted.await || first.close_reason().is_some() {
                     return Err(e);
                 }
                 let t = Instant::now();
