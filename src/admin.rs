@@ -137,12 +137,16 @@ async fn is_tls(tcp: &tokio::net::TcpStream) -> bool {
     ) && first[0] == 0x16
 }
 
-/// The edge's certificates, offering http/1.1 only (the admin server speaks nothing else)
-/// and no 0-RTT (tokio-rustls' acceptor would drop early data; rejected, a client resends it).
+/// The edge's certificates, offering http/1.1 only (the admin server speaks nothing else),
+/// no 0-RTT (tokio-rustls' acceptor would drop early data; rejected, a client resends it) and
+/// no session cache of its own.
 fn admin_tls(edge: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
     let mut cfg = edge.clone();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg.max_early_data_size = 0;
+    // Health checks need no resumption, and must not fill the edge's session cache (with
+    // 0-RTT on, the sessions clients resume from).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Arc::new(cfg)
 }
 
