@@ -7,21 +7,10 @@
 # Env: N (requests per run, default 100000), ROUNDS (alternations, default 2).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-N=${N:-100000}; ROUNDS=${ROUNDS:-2}
-command -v nginx >/dev/null && command -v h2load >/dev/null || {
-  echo "needs nginx and h2load (apt-get install -y nginx-light nghttp2-client)"; exit 1; }
-cargo build --release -q
+N=${N:-100000}; ROUNDS=${ROUNDS:-2}; EARLY=false
+. benches/edge/common.sh
 cargo build --release -q --bench h3_load
 LOAD=$(ls -t target/release/deps/h3_load-* | grep -v '\.d$' | head -1)
-BIN=$PWD/target/release/edgepop
-DIR=$(mktemp -d); CERTS=$PWD/certs
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ORIGIN_PORT=$(free_port); NGINX_EDGE_PORT=$(free_port); EDGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-fill() { sed -e "s#@DIR@#$DIR#g; s#@CERTS@#$CERTS#g; s#@ORIGIN_PORT@#$ORIGIN_PORT#g; s#@NGINX_EDGE_PORT@#$NGINX_EDGE_PORT#g; s#@EDGE_PORT@#$EDGE_PORT#g; s#@ADMIN_PORT@#$ADMIN_PORT#g; s#@PROTOCOL@#$2#g; s#@WARM@#$3#g; s#@EARLY@#false#g" "$1"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up"; exit 1; }
 
 fill benches/edge/nginx-origin.conf.in x x > "$DIR/origin.conf"
 nginx -c "$DIR/origin.conf" -p "$DIR" & pids+=($!)

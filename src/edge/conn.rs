@@ -2,6 +2,7 @@
 //! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown,
 //! with a lingering close for http/1.1 (see `linger`).
 
+use super::activity::{Activity, InFlight};
 use super::linger::LingerHint;
 use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
@@ -15,7 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,53 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Concurrent streams a client may open on one h2 connection.
 const H2_MAX_STREAMS: u32 = 256;
-
-/// Tracks requests in flight on a connection, and since when there have been none, so the
-/// idle timer can tell whether the connection has been idle long enough when it fires.
-/// Nothing wakes the connection's task when a request starts or ends: the timer checks.
-struct Activity {
-    in_flight: AtomicUsize,
-    /// When the last request in flight ended, in ns since `epoch`.
-    idle_since: AtomicU64,
-    epoch: Instant,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-
-    /// How long the connection has had no request in flight; `None` while it has one.
-    fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        Some(now.saturating_duration_since(self.epoch + since))
-    }
-}
-
-struct InFlight(Arc<Activity>);
-impl InFlight {
-    fn new(activity: &Arc<Activity>) -> Self {
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(activity.clone())
-    }
-}
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let a = &self.0;
-        // Stamped by every request that ends, before its count goes: a timer that sees no
-        // request in flight also sees a stamp at least as recent as the last one to end.
-        let ns = u64::try_from(a.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        a.idle_since.fetch_max(ns, Ordering::AcqRel);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// Who is at the other end of a connection, as the handshake left it.
 pub struct Client {
@@ -130,7 +83,7 @@ pub async fn serve<S>(
     if !is_h2 {
         linger.http1();
     }
-    let activity = Arc::new(Activity::new());
+    let activity = Activity::new();
     let act = activity.clone();
     let mut unfinished = handshake.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -194,14 +147,9 @@ pub async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = &mut idle_timer, if !draining => {
-                let now = Instant::now();
-                match activity.idle_for(now) {
-                    Some(d) if d >= idle => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    Some(d) => idle_timer.as_mut().reset(now + (idle - d)),
-                    None => idle_timer.as_mut().reset(now + idle),
+                if activity.idle_expired(idle, idle_timer.as_mut()) {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
             // A 0-RTT connection is served before its handshake ends; one whose client never
@@ -211,7 +159,7 @@ pub async fn serve<S>(
             _ = &mut handshake_deadline, if unfinished.is_some() => {
                 if unfinished.as_ref().is_some_and(|h| h.is_complete()) {
                     unfinished = None;
-                } else if activity.in_flight.load(Ordering::Acquire) == 0 {
+                } else if activity.in_flight() == 0 {
                     tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake after early data timed out");
                     return;
                 } else {

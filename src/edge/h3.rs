@@ -7,24 +7,23 @@
 //! is reset by the client's PINGs, so it is not enough); every write to the client within
 //! `send_timeout`; receive windows bounded like h2's.
 
+use super::activity::{Activity, InFlight};
+use super::listener::OpenConnection;
 use crate::config::ListenerConfig;
-use crate::metrics::EdgeCounters;
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::request_body::ClientIn;
 use crate::proxy::{handler, ClientLimits, Runtime};
+use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -231,10 +230,12 @@ impl H3Listener {
                 tracker: tracker.clone(),
                 cfg,
                 early: tls.load().max_early_data_size > 0,
-                handshake_done: Arc::new(AtomicBool::new(false)),
+                handshake: Handshake::default(),
             };
+            // The slot and the `edgepop_client_connections` count, until the connection ends.
+            let open = OpenConnection::new(&runtime.load().counters, slot);
             tracker.spawn(async move {
-                let _slot = slot;
+                let _open = open;
                 conn.serve(incoming, quic).await;
             });
         }
@@ -252,68 +253,12 @@ struct Connection {
     /// 0-RTT on: the connection is served before its handshake completes.
     early: bool,
     /// Set once the handshake completed; requests before that may be replays.
-    handshake_done: Arc<AtomicBool>,
-}
-
-/// Counts an HTTP/3 connection in `edgepop_client_connections` while it lives.
-struct Counted(Arc<EdgeCounters>);
-
-impl Counted {
-    fn new(counters: &Arc<EdgeCounters>) -> Self {
-        counters.client_connections.fetch_add(1, Ordering::Relaxed);
-        Counted(counters.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.client_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Requests in flight on a connection and since when there have been none (as on TCP).
-struct Activity {
-    in_flight: AtomicUsize,
-    /// When the last request ended, in ns since `epoch`.
-    idle_since: AtomicU64,
-    epoch: Instant,
-    /// A request ended (drain waits for the last one).
-    ended: Notify,
-}
-
-impl Activity {
-    fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        Some(now.saturating_duration_since(self.epoch + since))
-    }
-}
-
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn new(a: &Arc<Activity>) -> Self {
-        a.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(a.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let a = &self.0;
-        let ns = u64::try_from(a.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        a.idle_since.fetch_max(ns, Ordering::AcqRel);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
-        a.ended.notify_one();
-    }
+    handshake: Handshake,
 }
 
 impl Connection {
     async fn serve(self, incoming: quinn::Incoming, quic: Arc<quinn::ServerConfig>) {
         let peer = incoming.remote_address();
-        let _counted = Counted::new(&self.runtime.load().counters);
         let connecting = match incoming.accept_with(quic) {
             Ok(c) => c,
             Err(e) => {
@@ -323,16 +268,15 @@ impl Connection {
         };
         // With 0-RTT the connection is served at once (the client's first request may be in
         // its first flight) and the handshake completes alongside; without, it completes first.
-        type Handshake = Pin<Box<dyn Future<Output = bool> + Send>>;
-        let (quic_conn, mut handshake): (_, Option<Handshake>) = if self.early {
+        let (quic_conn, mut finishing) = if self.early {
             match connecting.into_0rtt() {
-                Ok((c, accepted)) => (c, Some(Box::pin(accepted))),
+                Ok((c, accepted)) => (c, Some(accepted)),
                 Err(_) => return,
             }
         } else {
             match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
                 Ok(Ok(c)) => {
-                    self.handshake_done.store(true, Ordering::Release);
+                    self.handshake.complete();
                     (c, None)
                 }
                 Ok(Err(e)) => {
@@ -364,12 +308,7 @@ impl Connection {
             }
         };
         let close = || quic_conn.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
-        let activity = Arc::new(Activity {
-            in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            epoch: Instant::now(),
-            ended: Notify::new(),
-        });
+        let activity = Activity::new();
         let idle = self.cfg.idle_timeout;
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(idle_timer);
@@ -383,21 +322,21 @@ impl Connection {
                 // the client sent none); a failed handshake fails the connection, seen by
                 // `accept`.
                 _ = async {
-                    match handshake.as_mut() {
+                    match finishing.as_mut() {
                         Some(h) => h.await,
                         None => std::future::pending().await,
                     }
-                }, if handshake.is_some() => {
-                    handshake = None;
+                }, if finishing.is_some() => {
+                    finishing = None;
                     // It resolves on a failed handshake too; requests already taken in may
                     // still resolve after that, and must not pass as sent after a completed
                     // handshake (quinn records the close before it resolves).
                     if quic_conn.close_reason().is_some() {
                         return;
                     }
-                    self.handshake_done.store(true, Ordering::Release);
+                    self.handshake.complete();
                 }
-                _ = &mut handshake_deadline, if handshake.is_some() => {
+                _ = &mut handshake_deadline, if finishing.is_some() => {
                     tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake after early data timed out");
                     close();
                     return;
@@ -417,25 +356,20 @@ impl Connection {
                         tracing::debug!(%peer, error = %e, "HTTP/3 GOAWAY failed");
                         return;
                     }
-                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    if activity.in_flight() == 0 {
                         return close_after_delivery(&quic_conn).await;
                     }
                 }
-                _ = activity.ended.notified(), if draining => {
-                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                _ = activity.ended(), if draining => {
+                    if activity.in_flight() == 0 {
                         return close_after_delivery(&quic_conn).await;
                     }
                 }
                 _ = &mut idle_timer => {
-                    let now = Instant::now();
-                    match activity.idle_for(now) {
-                        Some(d) if d >= idle => {
-                            tracing::debug!(%peer, "HTTP/3 connection idle; closed");
-                            close();
-                            return;
-                        }
-                        Some(d) => idle_timer.as_mut().reset(now + (idle - d)),
-                        None => idle_timer.as_mut().reset(now + idle),
+                    if activity.idle_expired(idle, idle_timer.as_mut()) {
+                        tracing::debug!(%peer, "HTTP/3 connection idle; closed");
+                        close();
+                        return;
                     }
                 }
             }
@@ -451,7 +385,7 @@ impl Connection {
         let runtime = self.runtime.clone();
         let cfg = self.cfg.clone();
         let in_flight = InFlight::new(activity);
-        let handshake_done = self.handshake_done.clone();
+        let handshake = self.handshake.clone();
         self.tracker.spawn(async move {
             let _in_flight = in_flight;
             let resolved = tokio::time::timeout(cfg.header_timeout, resolver.resolve_request());
@@ -474,7 +408,7 @@ impl Connection {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
             let mut req = req.map(|()| ClientIn::H3(Box::new(H3Body::new(recv, declared))));
-            if !handshake_done.load(Ordering::Acquire) {
+            if !handshake.is_complete() {
                 req.extensions_mut().insert(crate::proxy::EarlyData);
             }
             let limits = ClientLimits {
@@ -510,13 +444,15 @@ async fn respond(
     mut send: SendStream,
     resp: http::Response<ProxyBody>,
     head: bool,
-    send_timeout: Duration,
+    limit: Duration,
 ) -> Result<(), BoxError> {
+    use tokio::time::timeout;
     let (parts, mut body) = resp.into_parts();
-    within(&mut send, send_timeout, |s| {
-        Box::pin(s.send_response(http::Response::from_parts(parts, ())))
-    })
-    .await?;
+    let head_sent = timeout(
+        limit,
+        send.send_response(http::Response::from_parts(parts, ())),
+    );
+    settle(head_sent.await, &mut send, limit)?;
     if !head {
         while let Some(frame) = body.frame().await {
             let frame = match frame {
@@ -529,29 +465,30 @@ async fn respond(
                 }
             };
             match frame.into_data() {
-                Ok(data) => {
-                    within(&mut send, send_timeout, |s| Box::pin(s.send_data(data))).await?
-                }
+                Ok(data) => settle(timeout(limit, send.send_data(data)).await, &mut send, limit)?,
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
-                        within(&mut send, send_timeout, |s| Box::pin(s.send_trailers(t))).await?;
+                        settle(
+                            timeout(limit, send.send_trailers(t)).await,
+                            &mut send,
+                            limit,
+                        )?;
                     }
                 }
             }
         }
     }
-    within(&mut send, send_timeout, |s| Box::pin(s.finish())).await
+    settle(timeout(limit, send.finish()).await, &mut send, limit)
 }
 
-type Write<'a> = Pin<Box<dyn Future<Output = Result<(), h3::error::StreamError>> + Send + 'a>>;
-
-/// One write to the client, reset if it does not complete within `limit`.
-async fn within<F>(send: &mut SendStream, limit: Duration, write: F) -> Result<(), BoxError>
-where
-    F: for<'a> FnOnce(&'a mut SendStream) -> Write<'a>,
-{
-    let done = tokio::time::timeout(limit, write(send)).await;
-    match done {
+/// The outcome of one write to the client under `limit`: a write that did not complete in
+/// time resets the stream.
+fn settle(
+    written: Result<Result<(), h3::error::StreamError>, tokio::time::error::Elapsed>,
+    send: &mut SendStream,
+    limit: Duration,
+) -> Result<(), BoxError> {
+    match written {
         Ok(r) => r.map_err(|e| Box::new(e) as BoxError),
         Err(_) => {
             send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);

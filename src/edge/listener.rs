@@ -158,13 +158,13 @@ impl Listener {
 /// One client connection held open: a slot of the listener's limit and a count in
 /// `edgepop_client_connections`, both given back on drop (after the connection and any
 /// tunnel made from it have ended).
-struct OpenConnection {
+pub(super) struct OpenConnection {
     counters: Arc<EdgeCounters>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl OpenConnection {
-    fn new(counters: &Arc<EdgeCounters>, slot: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(counters: &Arc<EdgeCounters>, slot: OwnedSemaphorePermit) -> Self {
         counters.client_connections.fetch_add(1, Ordering::Relaxed);
         OpenConnection {
             counters: counters.clone(),

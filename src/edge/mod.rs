@@ -4,6 +4,7 @@
 //! keeps reading from an http/1.1 client still uploading after its answer, so it gets it;
 //! `h3` serves HTTP/3 (QUIC) on a listener's port.
 
+mod activity;
 pub mod conn;
 pub mod h3;
 pub mod linger;

@@ -20,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const MAX_EARLY_DATA: u32 = 16 * 1024;
 
 /// Whether the client's Finished has arrived, shared with the connection's requests: until it
-/// has, what the client sent may be a replay of someone else's early data.
+/// has, what the client sent may be a replay of someone else's early data. (Over TCP here;
+/// HTTP/3 connections keep one too, in `edge::h3`.)
 #[derive(Clone, Debug, Default)]
 pub struct Handshake(Arc<AtomicBool>);
 
@@ -29,7 +30,7 @@ impl Handshake {
         self.0.load(Ordering::Acquire)
     }
 
-    fn complete(&self) {
+    pub(crate) fn complete(&self) {
         self.0.store(true, Ordering::Release);
     }
 }

@@ -320,14 +320,7 @@ async fn with_early_data_on_ordinary_clients_stream_both_ways_over_h1_and_h2() {
             .send(request(h2, "localhost", "/bytes/8388608"))
             .await
             .expect("response");
-        let n = resp
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .len();
-        assert_eq!(n, 8 << 20, "h2={h2}");
+        assert_eq!(body_len(resp).await, 8 << 20, "h2={h2}");
         let chunks = (0..128).map(|_| {
             Ok::<_, io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
                 b'u';
@@ -342,14 +335,7 @@ async fn with_early_data_on_ordinary_clients_stream_both_ways_over_h1_and_h2() {
         *req.body_mut() = body;
         let resp = c.send(req).await.expect("echo");
         assert_eq!(resp.status(), 200);
-        let n = resp
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .len();
-        assert_eq!(n, 8 << 20, "h2={h2}");
+        assert_eq!(body_len(resp).await, 8 << 20, "h2={h2}");
     }
     for http in ["--http1.1", "--http2"] {
         let out = curl(
@@ -372,27 +358,7 @@ async fn latency_probe_sends_its_requests_as_0rtt_over_h1_and_h2() {
     let origin = origin().start().await.unwrap();
     let edge = start_edge(&early_config(origin.addr())).await;
     for http in ["--http1", "--http2"] {
-        let out = tokio::process::Command::new(bin())
-            .args([
-                "latency-probe",
-                "--mode",
-                "early",
-                "-n",
-                "4",
-                "--json",
-                http,
-            ])
-            .arg("--cacert")
-            .arg(ca())
-            .arg("--resolve")
-            .arg(format!("localhost:{}:127.0.0.1", edge.addr.port()))
-            .arg(format!("https://localhost:{}/", edge.addr.port()))
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("probe runs");
-        assert!(out.status.success(), "{http}: {out:?}");
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let report = probe_json(edge.addr, &["--mode", "early", "-n", "4", http]).await;
         let t = &report["targets"][0];
         assert_eq!(report["mode"], "early");
         assert_eq!(t["ok"], 4, "{http}: {t}");

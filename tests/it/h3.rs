@@ -28,6 +28,13 @@ impl Drop for H3Client {
 }
 
 async fn h3_connect(addr: SocketAddr) -> H3Client {
+    let endpoint = h3_endpoint(false);
+    early_connect(&endpoint, addr, false).await
+}
+
+/// A QUIC client endpoint trusting the dev CA (ALPN h3); with `early`, it keeps sessions
+/// and offers 0-RTT.
+fn h3_endpoint(early: bool) -> quinn::Endpoint {
     let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -37,25 +44,11 @@ async fn h3_connect(addr: SocketAddr) -> H3Client {
     .with_root_certificates(roots)
     .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.enable_early_data = early;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("UDP");
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = endpoint
-        .connect(addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("QUIC handshake");
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .expect("h3 setup");
-    let driver = tokio::spawn(async move {
-        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    });
-    H3Client {
-        send,
-        driver,
-        _endpoint: endpoint,
-    }
+    endpoint
 }
 
 /// One request; returns status, the `x-origin` header and the body.
@@ -208,27 +201,7 @@ async fn latency_probe_measures_http3_cold_and_warm() {
     let origin = origin().start().await.unwrap();
     let edge = start_edge(&h3_config(origin.addr())).await;
     for mode in ["cold", "warm"] {
-        let out = tokio::process::Command::new(bin())
-            .args([
-                "latency-probe",
-                "--http3",
-                "--mode",
-                mode,
-                "-n",
-                "3",
-                "--json",
-            ])
-            .arg("--cacert")
-            .arg(ca())
-            .arg("--resolve")
-            .arg(format!("localhost:{}:127.0.0.1", edge.addr.port()))
-            .arg(format!("https://localhost:{}/", edge.addr.port()))
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("probe runs");
-        assert!(out.status.success(), "{mode}: {out:?}");
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let report = probe_json(edge.addr, &["--http3", "--mode", mode, "-n", "3"]).await;
         let t = &report["targets"][0];
         assert_eq!(t["ok"], 3, "{mode}: {t}");
         assert_eq!(t["http"], "HTTP/3", "{t}");
@@ -323,22 +296,6 @@ async fn http3_enforces_the_tcp_sides_limits() {
     );
 }
 
-/// A QUIC client config that keeps sessions and offers 0-RTT (for `early_connect`).
-fn early_client() -> quinn::ClientConfig {
-    let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    tls.enable_early_data = true;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-    quinn::ClientConfig::new(Arc::new(quic))
-}
-
 /// An HTTP/3 connection through `addr`; with `early`, usable at once (0-RTT) when the
 /// session allows, else after the handshake.
 async fn early_connect(endpoint: &quinn::Endpoint, addr: SocketAddr, early: bool) -> H3Client {
@@ -381,8 +338,7 @@ async fn over_http3_0rtt_a_get_is_forwarded_marked_and_a_post_gets_425() {
     )
     .await
     .unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("UDP");
-    endpoint.set_default_client_config(early_client());
+    let endpoint = h3_endpoint(true);
     // A session to resume, with tickets read (they come after the handshake).
     let mut c = early_connect(&endpoint, edge.addr, false).await;
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);

@@ -186,19 +186,7 @@ impl Client {
 
     pub async fn connect(addr: SocketAddr, sni: &str, h2: bool) -> Client {
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let tls = tls_connect(addr, sni, alpn).await.expect("TLS to edge");
-        let io = TokioIo::new(tls);
-        if h2 {
-            let (send, conn) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .expect("h2");
-            tokio::spawn(conn);
-            Client::H2(send)
-        } else {
-            let (send, conn) = http1::handshake(io).await.expect("h1");
-            tokio::spawn(conn);
-            Client::H1(send)
-        }
+        Client::connect_with(addr, sni, tls_config(alpn)).await
     }
 
     pub async fn send(
@@ -406,4 +394,34 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("kill runs")
         .success();
     assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Runs `edgepop latency-probe --json` with `args` against `https://localhost:PORT/` of the
+/// edge at `addr` (dev CA, resolved to it); asserts it succeeded and returns the report.
+pub async fn probe_json(addr: SocketAddr, args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(bin())
+        .arg("latency-probe")
+        .args(args)
+        .arg("--json")
+        .arg("--cacert")
+        .arg(ca())
+        .arg("--resolve")
+        .arg(format!("localhost:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://localhost:{}/", addr.port()))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("probe runs");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// The length of a whole response body.
+pub async fn body_len(resp: hyper::Response<hyper::body::Incoming>) -> usize {
+    resp.into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .len()
 }
