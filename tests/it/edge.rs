@@ -327,12 +327,13 @@ async fn http1_pool_connections_are_reused_one_request_at_a_time() {
         }
         // A connection goes back to the pool just after its response; the next batch starts
         // once all four are idle again, so each request finds a warm one free.
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                pools_json(edge.admin).await["pools"][0]["idle"] == 4
-            })
-            .await
-        );
+        let all_idle = eventually(Duration::from_secs(5), || async {
+            pools_json(edge.admin).await["pools"][0]["idle"] == 4
+        })
+        .await;
+        // Seen once in a loaded CI-like run (session 5), not reproduced since: the pool's
+        // state says which connection was missing and why.
+        assert!(all_idle, "not all idle: {}", pools_json(edge.admin).await);
     }
     assert_eq!(stats.handshakes(), 4);
 }
