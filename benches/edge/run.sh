@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end throughput: h2load through edgepop vs through nginx (upstream keepalive), both
-# in front of the same nginx origin, one worker each, on loopback, in one run.
-#   bash benches/edge/run.sh            (needs nginx, h2load: apt-get install nginx-light nghttp2-client)
+# End-to-end throughput: h2load through edgepop vs through nginx, HAProxy and h2o (each
+# reusing its upstream connections), all in front of the same nginx origin, one worker or
+# thread each, on loopback, in one run.
+#   bash benches/edge/run.sh   (needs nginx, h2load; HAProxy and h2o rows when installed:
+#                               apt-get install nginx-light nghttp2-client haproxy h2o)
 # Env: N (requests per run, default 200000), C (clients, 16), M (h2 streams per client, 32),
 # EARLY=true (edgepop with [pop] early_data: every client connection then runs on edgepop's
 # own 0-RTT-capable server TLS stream instead of tokio-rustls').
@@ -33,10 +35,13 @@ run() { # label port h1|h2 proxy-pid (its CPU per request is reported: the faire
   after=$(cpu_ticks "$4")
   local rps ok cpu
   rps=$(awk '/^finished in/ {print $4}' "$DIR/$key.out")
-  ok=$(awk '/^requests:/ {print $8}' "$DIR/$key.out")
+  # 2xx answers (a fast error is no result) and completed requests: h2load reads no status from
+  # an http/1.1 status line without a reason phrase, which HAProxy sends for h2 upstream answers.
+  ok=$(awk '/^status codes:/ {print $3}' "$DIR/$key.out")
+  done_=$(awk '/^requests:/ {print $6}' "$DIR/$key.out")
   cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-  printf "%-48s %10s req/s   p99 %7s ms   proxy CPU %5s us/req   (%s of %s succeeded)\n" \
-    "$1" "$rps" "$(p99 "$log")" "$cpu" "$ok" "$N"
+  printf "%-48s %10s req/s   p99 %7s ms   proxy CPU %5s us/req   (%s of %s)\n" \
+    "$1" "$rps" "$(p99 "$log")" "$cpu" "${done_:-0} done, ${ok:-0} 2xx" "$N"
   echo "$rps" > "$DIR/$key.rps"
   echo "$cpu" > "$DIR/$key.cpu"
 }
@@ -58,11 +63,50 @@ done
 NGINX_WORKER=$(pgrep -P "$(cat "$DIR/edge.pid")" | head -1)
 run "nginx (upstream http/1.1 keepalive), client h2" "$NGINX_EDGE_PORT" h2 "$NGINX_WORKER"
 run "nginx (upstream http/1.1 keepalive), client h1" "$NGINX_EDGE_PORT" h1 "$NGINX_WORKER"
+
+# HAProxy (one thread, http-reuse always), upstream h2 and http/1.1 like edgepop.
+if command -v haproxy >/dev/null; then
+  cat "$CERTS/edge.crt" "$CERTS/edge.key" > "$DIR/edge.pem"
+  for alpn in h2 http/1.1; do
+    UPSTREAM_ALPN=$alpn fill benches/edge/haproxy-edge.cfg.in x x > "$DIR/haproxy.cfg"
+    haproxy -db -f "$DIR/haproxy.cfg" > "$DIR/haproxy.log" 2>&1 & HAP=$!; pids+=($HAP)
+    wait_port "$HAPROXY_EDGE_PORT"
+    up=${alpn/\/1.1/1}
+    run "haproxy (upstream $up), client h2" "$HAPROXY_EDGE_PORT" h2 "$HAP"
+    run "haproxy (upstream $up), client h1" "$HAPROXY_EDGE_PORT" h1 "$HAP"
+    kill "$HAP"; wait "$HAP" 2>/dev/null || true
+  done
+else
+  echo "haproxy not installed: no HAProxy rows (apt-get install haproxy)"
+fi
+
+# h2o (one thread; h2o 2.2 keeps http/1.1 connections to the origin).
+if command -v h2o >/dev/null; then
+  fill benches/edge/h2o-edge.conf.in x x > "$DIR/h2o.conf"
+  # h2o started as root switches to nobody unless told otherwise (nobody cannot write in $DIR).
+  [ "$(id -u)" = 0 ] && echo "user: root" >> "$DIR/h2o.conf"
+  h2o -c "$DIR/h2o.conf" > "$DIR/h2o.log" 2>&1 & H2O=$!; pids+=($H2O)
+  wait_port "$H2O_EDGE_PORT"
+  run "h2o (upstream http/1.1 keepalive), client h2" "$H2O_EDGE_PORT" h2 "$H2O"
+  run "h2o (upstream http/1.1 keepalive), client h1" "$H2O_EDGE_PORT" h1 "$H2O"
+else
+  echo "h2o not installed: no h2o rows (apt-get install h2o)"
+fi
+
 ratio() { # label-a label-b rps|cpu
   local a b; a=$(printf %s "$1" | tr -c 'a-zA-Z0-9' '_'); b=$(printf %s "$2" | tr -c 'a-zA-Z0-9' '_')
+  [ -s "$DIR/$b.$3" ] || { echo "-"; return; }
   python3 -c "print(f'{float(open(\"$DIR/$a.$3\").read())/float(open(\"$DIR/$b.$3\").read()):.2f}')"
 }
-H2E='edgepop (upstream h2), client h2'; H2N='nginx (upstream http/1.1 keepalive), client h2'
-H1E='edgepop (upstream http1), client h1'; H1N='nginx (upstream http/1.1 keepalive), client h1'
-echo "client h2: edgepop(h2 upstream)/nginx req/s $(ratio "$H2E" "$H2N" rps), CPU per request $(ratio "$H2E" "$H2N" cpu)"
-echo "client h1: edgepop(http1 upstream)/nginx req/s $(ratio "$H1E" "$H1N" rps), CPU per request $(ratio "$H1E" "$H1N" cpu)"
+compare() { # edgepop-label peer-label
+  printf "  %-48s vs %-48s req/s %5sx   CPU per request %5sx\n" "$1" "$2" "$(ratio "$1" "$2" rps)" "$(ratio "$1" "$2" cpu)"
+}
+echo
+echo "ratios (edgepop / peer; req/s above 1 and CPU below 1 favour edgepop):"
+for c in h2 h1; do
+  compare "edgepop (upstream h2), client $c" "nginx (upstream http/1.1 keepalive), client $c"
+  compare "edgepop (upstream http1), client $c" "nginx (upstream http/1.1 keepalive), client $c"
+  compare "edgepop (upstream h2), client $c" "haproxy (upstream h2), client $c"
+  compare "edgepop (upstream http1), client $c" "haproxy (upstream http1), client $c"
+  compare "edgepop (upstream http1), client $c" "h2o (upstream http/1.1 keepalive), client $c"
+done

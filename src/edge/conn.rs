@@ -9,6 +9,7 @@ use crate::config::ListenerConfig;
 use crate::proxy::body::Holding;
 use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, Runtime};
+use crate::tls::coalesce::Coalesce;
 use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -112,7 +113,7 @@ pub async fn serve<S>(
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);
         let alt_svc = alt_svc.clone();
-        async move {
+        let fut = Box::pin(async move {
             let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
             let mut resp = handler::handle(&rt, req, peer, limits).await;
             if let Some(v) = alt_svc {
@@ -120,9 +121,13 @@ pub async fn serve<S>(
             }
             // In flight until the response body ends: a long download is not idle time.
             Ok::<_, Infallible>(resp.map(|body| Holding::wrap(body, guard)))
-        }
+        });
+        fut
     });
-    let io = TokioIo::new(WriteDeadline::new(tls, cfg.send_timeout));
+    let io = TokioIo::new(Coalesce::new(
+        WriteDeadline::new(tls, cfg.send_timeout),
+        is_h2,
+    ));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;

@@ -176,7 +176,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
             let kill = tokio_util::sync::CancellationToken::new();
             let ping = Arc::new(super::h2conn::PingStats::default());
             let (send, driver) = super::h2conn::open(
-                tls,
+                crate::tls::coalesce::Coalesce::new(tls, true),
                 cfg.keepalive_interval,
                 cfg.keepalive_timeout,
                 kill.clone(),

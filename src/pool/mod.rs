@@ -56,8 +56,12 @@ pub(crate) struct Inner {
     /// Guards only this origin's bookkeeping, held for a few instructions and never across an
     /// await: no request of another origin ever waits on it.
     state: Mutex<State>,
-    /// Woken when a connection or stream slot frees up or capacity appears.
+    /// Wakes requests queued for a connection: `notify_one` when one connection or stream
+    /// slot frees up (one waiter can use it; waking all of them made every return cost a
+    /// poll of each queued request), `notify_waiters` when capacity appears or the pool ends.
     available: Notify,
+    /// Wakes `wait_warm` when the number of open connections may have changed.
+    warmed: Notify,
     /// Wakes the maintenance task (a connection closed, a lease failed).
     maintain: Notify,
     next_id: AtomicU64,
@@ -119,6 +123,7 @@ impl Pool {
                 tunnel_tls: tokio_rustls::TlsConnector::from(tunnel_tls),
                 state: Mutex::new(State::default()),
                 available: Notify::new(),
+                warmed: Notify::new(),
                 maintain: Notify::new(),
                 next_id: AtomicU64::new(1),
                 waiting: AtomicUsize::new(0),
@@ -151,7 +156,7 @@ impl Pool {
     pub async fn wait_warm(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            let notified = self.inner.available.notified();
+            let notified = self.inner.warmed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.inner.lock().live() >= self.inner.floor {
@@ -266,6 +271,7 @@ impl Pool {
         }
         drop(st);
         self.inner.available.notify_waiters();
+        self.inner.warmed.notify_waiters();
     }
 }
 
@@ -400,6 +406,7 @@ impl Inner {
                 self.enter();
                 // Other waiters may fit on a new h2 connection too.
                 self.available.notify_waiters();
+                self.warmed.notify_waiters();
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))
             }
             Err(e) => {
@@ -425,6 +432,7 @@ impl Inner {
         drop(st);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.available.notify_waiters();
+        self.warmed.notify_waiters();
     }
 
     /// Called by the driver task when a connection has ended, however it ended.
@@ -449,6 +457,7 @@ impl Inner {
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.maintain.notify_one();
         self.available.notify_waiters();
+        self.warmed.notify_waiters();
     }
 
     /// Returns an http/1.1 connection after its exchange, or forgets it if it cannot be reused.
@@ -470,7 +479,7 @@ impl Inner {
             }
         }
         drop(st);
-        self.available.notify_waiters();
+        self.available.notify_one();
     }
 
     /// Takes a connection out of service: no new requests; it closes once its exchanges end.
@@ -540,6 +549,6 @@ impl Inner {
             .store(self.now_ms(), Ordering::Release);
         self.leave();
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.available.notify_waiters();
+        self.available.notify_one();
     }
 }

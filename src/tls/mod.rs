@@ -1,9 +1,10 @@
 //! TLS on both sides: `certs` loads PEM files, `sni` picks the server certificate by name and
 //! builds the listener's config, `early` serves TLS 1.3 0-RTT, `client` builds the verified
-//! upstream config.
+//! upstream config, `coalesce` batches h2 writes into full records.
 
 pub mod certs;
 pub mod client;
+pub mod coalesce;
 pub mod early;
 pub mod sni;
 pub mod tickets;

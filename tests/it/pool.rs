@@ -387,3 +387,43 @@ async fn h2_receive_windows_grow_with_the_bandwidth_delay_product() {
         pools_json(edge.admin).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_take_a_freed_connection_in_turn_even_when_some_give_up() {
+    // One connection, 24 requests: each freed connection wakes one queued request, and one
+    // that gave up while woken passes its turn on; a lost turn would leave the rest queued
+    // until queue_timeout (503).
+    let origin = origin().http1_only().start().await.unwrap();
+    let edge = single_origin_edge(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"10s\"",
+    )
+    .await;
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = c else { unreachable!() };
+    let (mut kept, mut gave_up) = (Vec::new(), Vec::new());
+    for i in 0..24 {
+        let mut c = Client::H2(send.clone());
+        let t = tokio::spawn(async move { c.get("localhost", "/delay/20").await.0 });
+        if i % 3 == 1 {
+            gave_up.push(t);
+        } else {
+            kept.push(t);
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "waiting").await.as_u64() >= Some(16)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    for t in &gave_up {
+        t.abort();
+    }
+    for t in kept {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(pool_field(edge.admin, 0, "queue_timeouts_total").await, 0);
+}
