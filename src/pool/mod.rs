@@ -187,9 +187,7 @@ impl Pool {
         if let Some(lease) = self.inner.try_take(started) {
             return Ok(lease);
         }
-        // Boxed: the slow path's future holds a whole TLS handshake (~10 KiB); inline, it
-        // would make every request's future that large, and hyper moves it once per request.
-        Box::pin(self.wait_or_connect(retry_refused, started)).await
+        self.wait_or_connect(retry_refused, started).await
     }
 
     /// No connection free right now: wait in the bounded queue, or open one if the pool may.
@@ -222,7 +220,10 @@ impl Pool {
                 });
             }
             if inner.reserve_connect() {
-                match inner.open_for_request(started).await {
+                // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
+                // every request's future that large; boxing the whole wait instead copied
+                // those bytes on every queued request, though few of them connect.
+                match Box::pin(inner.open_for_request(started)).await {
                     // Refused or reset while the origin restarts: nothing was sent, so keep
                     // trying (or take a connection that frees up) until the connect timeout,
                     // rather than fail a request the origin will be able to serve shortly.
