@@ -219,11 +219,15 @@ impl Pool {
                     origin: inner.origin.name.clone(),
                 });
             }
-            if inner.reserve_connect() {
+            if let Some(slot) = inner.claim_connect() {
+                // While connecting this request takes no freed connection: a fresh
+                // registration (which `notify_one` does not pick) lets one go to the next
+                // waiter, and still sees `notify_waiters` for the retry pause below.
+                notified.set(inner.available.notified());
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
                 // those bytes on every queued request, though few of them connect.
-                match Box::pin(inner.open_for_request(started)).await {
+                match Box::pin(inner.open_for_request(started, slot)).await {
                     // Refused or reset while the origin restarts: nothing was sent, so keep
                     // trying (or take a connection that frees up) until the connect timeout,
                     // rather than fail a request the origin will be able to serve shortly.
@@ -273,6 +277,21 @@ impl Pool {
         drop(st);
         self.inner.available.notify_waiters();
         self.inner.warmed.notify_waiters();
+    }
+}
+
+/// A claimed connect slot (`connecting` counted); see `Inner::claim_connect`.
+struct ConnectSlot<'a> {
+    inner: &'a Inner,
+    /// The connection opened and now counts as open.
+    taken: bool,
+}
+
+impl Drop for ConnectSlot<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.inner.cancel_connect();
+        }
     }
 }
 
@@ -379,13 +398,30 @@ impl Inner {
         }
     }
 
+    /// Gives back a connect slot whose connect failed or was abandoned; waiters may use it.
     fn cancel_connect(&self) {
         self.lock().connecting -= 1;
+        self.available.notify_waiters();
     }
 
-    async fn open_for_request(self: &Arc<Self>, started: Instant) -> Result<Lease, CheckoutError> {
+    /// A connect slot for a request, given back if the connect fails or the request is
+    /// cancelled while connecting (else each cancelled connect would lower the limit for good).
+    fn claim_connect(&self) -> Option<ConnectSlot<'_>> {
+        // `then`, not `then_some`: an unclaimed slot must never exist, its drop gives one back.
+        self.reserve_connect().then(|| ConnectSlot {
+            inner: self,
+            taken: false,
+        })
+    }
+
+    async fn open_for_request(
+        self: &Arc<Self>,
+        started: Instant,
+        mut slot: ConnectSlot<'_>,
+    ) -> Result<Lease, CheckoutError> {
         match conn::open(self).await {
             Ok(Opened { conn, h1 }) => {
+                slot.taken = true;
                 let warmth = if conn.resumed {
                     Warmth::Resumed
                 } else {
@@ -411,10 +447,9 @@ impl Inner {
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))
             }
             Err(e) => {
-                self.cancel_connect();
+                drop(slot);
                 self.stats.record_failure(&e);
                 self.note_failure();
-                self.available.notify_waiters();
                 Err(e.into())
             }
         }

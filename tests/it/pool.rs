@@ -427,3 +427,43 @@ async fn queued_requests_take_a_freed_connection_in_turn_even_when_some_give_up(
     }
     assert_eq!(pool_field(edge.admin, 0, "queue_timeouts_total").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_while_connecting_gives_its_connect_slot_back() {
+    // An origin that accepts TCP and never answers the TLS handshake.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            conns.push(s);
+        }
+    });
+    let edge = single_origin_edge(
+        addr,
+        "protocol = \"http1\"\nwarm_connections = 0\nmax_connections = 1\nconnect_timeout = \"30s\"",
+    )
+    .await;
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = c else { unreachable!() };
+    let mut waiting = Client::H2(send.clone());
+    let request = tokio::spawn(async move { waiting.get("localhost", "/").await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "connecting").await == 1
+        })
+        .await
+    );
+    // The client gives up (RST_STREAM): the connect is abandoned and its slot comes back,
+    // or the pool would stay one connection short of max_connections for good.
+    request.abort();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "connecting").await == 0
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    held.abort();
+}
