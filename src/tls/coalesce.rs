@@ -4,10 +4,11 @@
 //! a frame: tokio runs a task woken by the running one next. So under load each response (and
 //! each upstream request) went out as its own TLS record and its own system call, while the
 //! other streams' frames were ready a few microseconds later. `Coalesce` keeps what is written
-//! in a buffer and, on the first flush of a round, gives every other ready task one turn
+//! in a buffer and, on the first flushes of a round, gives every other ready task a turn
 //! (the task wakes itself and goes to the back of the run queue) before it writes everything
-//! in one record. A lone request pays one extra poll of its connection task; HAProxy and h2o
-//! batch the same way. Large writes (bodies) skip the buffer so they are not copied twice.
+//! in one record. A lone request pays up to two extra polls of its connection task. HAProxy
+//! and h2o likewise write once per turn of their event loop. Large writes (bodies) skip the
+//! buffer so they are not copied twice.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -16,14 +17,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Buffered bytes beyond which writes go out before more are taken: one TLS record's worth.
 const LIMIT: usize = 16 * 1024;
+/// Yields per flush round. Two, because one poll of a connection task may flush twice (hyper's
+/// server accepts a request and flushes, then goes round its accept loop and flushes again),
+/// which used up a single yield without the task ever leaving the CPU. Measured on the h2/h2
+/// bench: 0.29 -> 0.22 writes per request.
+const YIELDS: u8 = 2;
 
 pub struct Coalesce<T> {
     io: T,
     buf: Vec<u8>,
     /// Bytes of `buf` already handed to `io`.
     written: usize,
-    /// This flush round already let the other ready tasks run.
-    yielded: bool,
+    /// Times this flush round has let the other ready tasks run (up to `YIELDS`).
+    yielded: u8,
     enabled: bool,
 }
 
@@ -34,7 +40,7 @@ impl<T> Coalesce<T> {
             io,
             buf: Vec::new(),
             written: 0,
-            yielded: false,
+            yielded: 0,
             enabled,
         }
     }
@@ -134,13 +140,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.enabled && this.buffered() > 0 && !this.yielded {
-            this.yielded = true;
+        if this.enabled && this.buffered() > 0 && this.yielded < YIELDS {
+            this.yielded += 1;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         ready!(this.drain(cx))?;
-        this.yielded = false;
+        this.yielded = 0;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -199,9 +205,11 @@ mod tests {
             .unwrap();
         assert_eq!(n, 4);
         assert_eq!(c.get_ref().writes, 0);
-        // The first poll of the flush yields (and wakes itself); the second writes.
+        // The first polls of the flush yield (and wake the task); then it writes.
         let mut flush = std::pin::pin!(c.flush());
-        assert!(futures_util::poll!(flush.as_mut()).is_pending());
+        for _ in 0..YIELDS {
+            assert!(futures_util::poll!(flush.as_mut()).is_pending());
+        }
         flush.await.unwrap();
         assert_eq!(c.get_ref().writes, 1);
         assert_eq!(c.get_ref().data.len(), 1004);
@@ -274,10 +282,10 @@ mod tests {
         );
         let first: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         c.write_all(&first).await.unwrap();
-        // The yield; the writer not ready; one 100-byte write and not ready again: 900 wait.
+        // The yields; the writer not ready; one 100-byte write and not ready again: 900 wait.
         {
             let mut flush = std::pin::pin!(c.flush());
-            for _ in 0..3 {
+            for _ in 0..YIELDS + 2 {
                 assert!(futures_util::poll!(flush.as_mut()).is_pending());
             }
         }
