@@ -65,6 +65,9 @@ pub(super) struct Conn {
 pub(super) struct ConnFlags {
     /// Set when the driver task ends; a closed connection is never handed out again.
     pub closed: AtomicBool,
+    /// Set (under the pool's lock) when the pool counts it as open: a connection whose driver
+    /// ended before the pool took it in was never counted, so its close must not uncount it.
+    pub counted: AtomicBool,
     /// Set when rotation or shutdown retires it: finish what runs, take nothing new.
     pub draining: AtomicBool,
     /// Milliseconds since the pool's epoch when the last exchange on it ended.
@@ -255,6 +258,7 @@ impl Conn {
             resumed,
             flags: Arc::new(ConnFlags {
                 closed: AtomicBool::new(false),
+                counted: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 last_used_ms: AtomicU64::new(inner.now_ms()),
                 kill,

@@ -98,6 +98,17 @@ impl State {
     fn live(&self) -> usize {
         self.open.saturating_sub(self.retiring)
     }
+
+    /// Counts a newly opened connection as open, unless its driver has already ended (its
+    /// close then found it uncounted and left `open` alone). Returns whether it counted.
+    fn count_open(&mut self, conn: &Conn) -> bool {
+        if conn.flags.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        conn.flags.counted.store(true, Ordering::Release);
+        self.open += 1;
+        true
+    }
 }
 
 impl Pool {
@@ -220,9 +231,9 @@ impl Pool {
                 });
             }
             if let Some(slot) = inner.claim_connect() {
-                // While connecting this request takes no freed connection: a fresh
-                // registration (which `notify_one` does not pick) lets one go to the next
-                // waiter, and still sees `notify_waiters` for the retry pause below.
+                // While connecting this request takes no freed connection: swapping in an
+                // unregistered `Notified` (which `notify_one` does not pick) hands one that
+                // came to this request on to the next waiter.
                 notified.set(inner.available.notified());
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
@@ -238,10 +249,21 @@ impl Pool {
                                 < started + inner.origin.connect_timeout =>
                     {
                         tracing::debug!(origin = %inner.origin.name, error = %e, "connect failed; retrying within the connect timeout");
+                        // Pause before connecting again, unless a connection frees up. Every
+                        // wake is checked: the failed connect itself woke all waiters, this
+                        // one included, which used to end the pause at once.
                         let pause = tokio::time::sleep(CONNECT_RETRY_PAUSE);
-                        tokio::select! {
-                            _ = pause => {}
-                            _ = notified => {}
+                        tokio::pin!(pause);
+                        loop {
+                            notified.set(inner.available.notified());
+                            notified.as_mut().enable();
+                            if let Some(lease) = inner.try_take(started) {
+                                return Ok(lease);
+                            }
+                            tokio::select! {
+                                _ = &mut pause => break,
+                                _ = notified.as_mut() => {}
+                            }
                         }
                         continue;
                     }
@@ -432,10 +454,12 @@ impl Inner {
                 {
                     let mut st = self.lock();
                     st.connecting -= 1;
-                    st.open += 1;
+                    // Already closed again (its driver ended before we got here): not counted
+                    // as open; the request finds it closed and retries elsewhere.
+                    let live = st.count_open(&conn);
                     match self.origin.protocol {
                         // Without pooling nobody else may use it; it closes with the lease.
-                        Protocol::H2 if self.origin.pooling => st.h2.push(conn.clone()),
+                        Protocol::H2 if self.origin.pooling && live => st.h2.push(conn.clone()),
                         Protocol::H2 => {}
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
@@ -459,7 +483,13 @@ impl Inner {
     fn add_idle(&self, opened: Opened) {
         let mut st = self.lock();
         st.connecting -= 1;
-        st.open += 1;
+        if !st.count_open(&opened.conn) {
+            // Closed before it was counted: its connect slot is free again.
+            drop(st);
+            self.maintain.notify_one();
+            self.available.notify_waiters();
+            return;
+        }
         match (opened.h1, &opened.conn.sender) {
             (Some(send), _) => st.idle_h1.push((opened.conn, send)),
             (None, Sender::H2(_)) => st.h2.push(opened.conn),
@@ -483,7 +513,9 @@ impl Inner {
             self.idle.observe_close(Duration::from_millis(idle_for));
         }
         let mut st = self.lock();
-        st.open = st.open.saturating_sub(1);
+        if flags.counted.load(Ordering::Acquire) {
+            st.open = st.open.saturating_sub(1);
+        }
         if draining {
             st.retiring = st.retiring.saturating_sub(1);
         }

@@ -365,10 +365,12 @@ async fn an_unreachable_origin_gets_502_within_the_connect_timeout() {
     let (health, why) = admin_get(edge.admin, "/healthz").await;
     assert_eq!(health, 503, "{why}");
     let snap = pools_json(edge.admin).await;
-    assert!(
-        snap["pools"][0]["failed_total"].as_u64().unwrap() >= 1,
-        "{snap}"
-    );
+    let failed = snap["pools"][0]["failed_total"].as_u64().unwrap();
+    assert!(failed >= 1, "{snap}");
+    // Retries are paced (50 ms apart, plus the warm-up's backoff): about 40 in 2 s, where a
+    // retry loop woken by its own failure made thousands. Slowness only lowers the count.
+    eprintln!("connect attempts failed: {failed}");
+    assert!(failed <= 100, "{snap}");
     assert!(
         snap["pools"][0]["last_error"]
             .as_str()
