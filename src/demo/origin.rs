@@ -276,6 +276,8 @@ fn serve(
 
 async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: CancellationToken) {
     let _ = tcp.set_nodelay(true);
+    // Which of the client's connections carried a request (tests of connection sharing).
+    let peer_port = tcp.peer_addr().map(|a| a.port()).unwrap_or(0);
     shared.stats.connections.fetch_add(1, Ordering::SeqCst);
     let Ok(tls) = shared.acceptor.accept(tcp).await else {
         return;
@@ -300,7 +302,11 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
             let activity = activity.clone();
             in_flight.fetch_add(1, Ordering::SeqCst);
             async move {
-                let r = respond(&shared, req).await;
+                let mut r = respond(&shared, req).await;
+                r.headers_mut().insert(
+                    "x-origin-peer-port",
+                    hyper::header::HeaderValue::from(peer_port),
+                );
                 in_flight.fetch_sub(1, Ordering::SeqCst);
                 activity.notify_one();
                 Ok::<_, Infallible>(r)

@@ -39,6 +39,9 @@ pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Pause between a request's connect attempts while the origin refuses connections.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Streams an h2 connection takes before the pool spreads requests over its other
+/// connections (see `try_take`).
+const SHARED_STREAMS: usize = 16;
 
 /// A handle to one origin's pool; cheap to clone.
 #[derive(Clone)]
@@ -370,17 +373,28 @@ impl Inner {
         let mut st = self.lock();
         match self.origin.protocol {
             Protocol::H2 => {
-                // The least busy connection, if it has a stream free. Its capacity takes h2's
-                // lock, so only when it is full are the others (whose peers may allow more
-                // streams) checked one by one.
+                // Streams share one connection up to SHARED_STREAMS before the next is used:
+                // a busy connection batches many streams' frames into each write (Envoy keeps
+                // to one connection until its stream limit). Past that, the least busy one
+                // takes the load, so a loss on one TCP connection stalls only its share.
+                // Capacity takes h2's lock, so it is checked for one candidate at a time.
                 let busy = |c: &&Arc<Conn>| c.in_flight.load(Ordering::Acquire);
                 let has_room = |c: &&Arc<Conn>| busy(c) < c.stream_capacity();
                 let usable = || st.h2.iter().filter(|c| c.is_usable());
-                let least = usable().min_by_key(busy)?;
-                let conn = if has_room(&least) {
-                    least
-                } else {
-                    usable().filter(has_room).min_by_key(busy)?
+                let sharing = usable()
+                    .filter(|c| busy(c) < SHARED_STREAMS)
+                    .max_by_key(busy)
+                    .filter(has_room);
+                let conn = match sharing {
+                    Some(c) => c,
+                    None => {
+                        let least = usable().min_by_key(busy)?;
+                        if has_room(&least) {
+                            least
+                        } else {
+                            usable().filter(has_room).min_by_key(busy)?
+                        }
+                    }
                 }
                 .clone();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);

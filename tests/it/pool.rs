@@ -467,3 +467,51 @@ async fn a_request_cancelled_while_connecting_gives_its_connect_slot_back() {
     );
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_share_one_connection_until_it_carries_sixteen() {
+    // Four warm h2 connections: ten requests at once share one connection (fewer, fuller
+    // writes); twenty at once fill it to sixteen and spill over to a second one.
+    let origin = origin().h2_only().start().await.unwrap();
+    let edge = single_origin_edge(origin.addr(), "warm_connections = 4").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "open").await == 4
+        })
+        .await
+    );
+    let c = Client::connect(edge.addr, "localhost", true).await;
+    let Client::H2(send) = c else { unreachable!() };
+    for (n, connections) in [(10, 1), (20, 2)] {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let mut c = Client::H2(send.clone());
+                tokio::spawn(async move {
+                    let resp = c
+                        .send(request(true, "localhost", "/delay/1500"))
+                        .await
+                        .unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.headers()["x-origin-peer-port"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned()
+                })
+            })
+            .collect();
+        // All in flight at once, so each was placed while the earlier ones were busy.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                pool_field(edge.admin, 0, "in_flight").await == n
+            })
+            .await,
+            "{}",
+            pools_json(edge.admin).await
+        );
+        let mut ports = std::collections::BTreeSet::new();
+        for t in tasks {
+            ports.insert(t.await.unwrap());
+        }
+        assert_eq!(ports.len(), connections, "{n} requests: {ports:?}");
+    }
+}
