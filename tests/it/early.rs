@@ -143,6 +143,26 @@ struct Exchange {
     first_flight: Vec<u8>,
 }
 
+/// A resumed TLS connection offering 0-RTT, whose handshake waits behind `Gate`.
+async fn early_connect(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> (tokio_rustls::client::TlsStream<Gated>, Gate) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (io, gate) = gated(tcp);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .early_data(true)
+        .connect(name, io)
+        .await
+        .expect("TLS");
+    assert!(
+        tls.get_ref().1.is_handshaking(),
+        "no 0-RTT offered: no session to resume"
+    );
+    (tls, gate)
+}
+
 /// Sends `request` (http/1.1, ending in `connection: close`) as early data on a resumed
 /// connection; lets the handshake finish only once `edge_acted` says the edge has answered
 /// or forwarded it.
@@ -156,18 +176,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (io, gate) = gated(tcp);
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
-        .early_data(true)
-        .connect(name, io)
-        .await
-        .expect("TLS");
-    assert!(
-        tls.get_ref().1.is_handshaking(),
-        "no 0-RTT offered: no session to resume"
-    );
+    let (mut tls, gate) = early_connect(addr, cfg).await;
     // The write only queues early data; the flush sends it and then completes the handshake,
     // which needs the server's flight: it runs on while the gate is closed.
     tls.write_all(request).await.expect("early write");
@@ -456,15 +465,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (io, gate) = gated(tcp);
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-        .early_data(true)
-        .connect(name, io)
-        .await
-        .expect("TLS");
-    assert!(tls.get_ref().1.is_handshaking(), "no 0-RTT offered");
+    let (tls, gate) = early_connect(addr, cfg).await;
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
