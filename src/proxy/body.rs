@@ -110,8 +110,7 @@ impl Body for UpstreamBody {
         if let Some(piece) = this.pending.next() {
             *this.bytes += piece.len() as u64;
             *this.armed = false;
-            let more = !this.pending.is_empty() || !this.feed.is_end_stream();
-            this.feed.handed_over(more, *this.send_timeout);
+            after_data(this.feed, this.pending, *this.send_timeout);
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         match this.feed.poll_frame(cx) {
@@ -126,8 +125,7 @@ impl Body for UpstreamBody {
                 };
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
-                    let more = !this.pending.is_empty() || !this.feed.is_end_stream();
-                    this.feed.handed_over(more, *this.send_timeout);
+                    after_data(this.feed, this.pending, *this.send_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -181,6 +179,17 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.pending.added_to(self.feed.size_hint())
+    }
+}
+
+/// Data is going to the client side. With nothing more to come the origin's side is done, so
+/// its connection or stream slot goes back to the pool now, before the client can see the end:
+/// else a client's next request can find that connection still out and open another.
+fn after_data(feed: &mut Feed, pending: &Pieces, send_timeout: Option<Duration>) {
+    if pending.is_empty() && feed.is_end_stream() {
+        feed.release();
+    } else {
+        feed.handed_over(send_timeout);
     }
 }
 

@@ -95,20 +95,20 @@ impl Feed {
         }
     }
 
-    /// Data was handed to the client side and `more` is to come: note it for the watch, or
+    /// Data was handed to the client side and more is to come: note it for the watch, or
     /// start watching (once a body has more to give, the client may stop taking it).
-    pub(super) fn handed_over(&mut self, more: bool, send_timeout: Option<Duration>) {
+    pub(super) fn handed_over(&mut self, send_timeout: Option<Duration>) {
         match self {
             Feed::Watched(Watched(w)) => {
                 w.last_taken_ms.store(w.now_ms(), Ordering::Release);
                 w.awaiting_client.store(true, Ordering::Release);
             }
-            Feed::Direct { .. } if more => {
+            Feed::Direct { .. } => {
                 if let Some(limit) = send_timeout {
                     self.watch(limit);
                 }
             }
-            _ => {}
+            Feed::Closed => {}
         }
     }
 
