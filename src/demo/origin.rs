@@ -53,6 +53,7 @@ pub struct OriginBuilder {
     alpn: Vec<Vec<u8>>,
     idle_close: Option<Duration>,
     keep_alive_timeout_header: Option<u64>,
+    max_streams: Option<u32>,
     name: String,
 }
 
@@ -81,6 +82,7 @@ impl OriginBuilder {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             idle_close: None,
             keep_alive_timeout_header: None,
+            max_streams: None,
             name: "origin".into(),
         }
     }
@@ -109,6 +111,12 @@ impl OriginBuilder {
     /// Close connections that carried no request for this long.
     pub fn idle_close(mut self, d: Duration) -> Self {
         self.idle_close = Some(d);
+        self
+    }
+
+    /// Announce SETTINGS_MAX_CONCURRENT_STREAMS = `n` on h2 connections.
+    pub fn max_streams(mut self, n: u32) -> Self {
+        self.max_streams = Some(n);
         self
     }
 
@@ -316,6 +324,9 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new());
     b.http2().timer(TokioTimer::new());
+    if let Some(n) = shared.builder.max_streams {
+        b.http2().max_concurrent_streams(n);
+    }
     let conn = b.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let idle = shared.builder.idle_close;

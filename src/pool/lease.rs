@@ -41,6 +41,8 @@ struct Slot {
     pool: Arc<Inner>,
     conn: Arc<Conn>,
     h1: Option<http1::SendRequest<UpstreamBody>>,
+    /// Cleared when the claim was undone by hand (`Lease::into_parts`): nothing to give back.
+    armed: bool,
 }
 
 impl Lease {
@@ -57,10 +59,22 @@ impl Lease {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Lease {
-            slot: Slot { pool, conn, h1 },
+            slot: Slot {
+                pool,
+                conn,
+                h1,
+                armed: true,
+            },
             warmth,
             waited: started.elapsed(),
         }
+    }
+
+    /// The connection and sender, without giving the claim back: the pool undoes it itself,
+    /// under its lock (a lease handed to a request that went away meanwhile).
+    pub(super) fn into_parts(mut self) -> (Arc<Conn>, Option<http1::SendRequest<UpstreamBody>>) {
+        self.slot.armed = false;
+        (self.slot.conn.clone(), self.slot.h1.take())
     }
 
     /// Whether the connection was open before this request asked for it.
@@ -144,6 +158,9 @@ impl Lease {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         match self.conn.sender {
             Sender::H2(_) => self.pool.release_h2(&self.conn),
             Sender::H1 => {

@@ -2,9 +2,11 @@
 //! opened before any request and refilled whenever one closes (`maintain`), checked out per
 //! request (`checkout`), and returned after the response (`lease`).
 //!
-//! h2 connections are shared: a checkout takes a stream slot on the least loaded connection.
-//! http/1.1 connections are exclusive: a checkout takes an idle connection out of the pool and
-//! the lease puts it back once the response is complete and the connection is ready again.
+//! h2 connections are shared: a checkout takes a stream slot (see `take_locked` for which
+//! connection). http/1.1 connections are exclusive: a checkout takes an idle connection out
+//! of the pool and the lease puts it back once the response is complete and the connection is
+//! ready again. With nothing free and no room to connect, requests wait in a FIFO (`queue`)
+//! and a freed connection or slot is handed to the oldest.
 
 mod conn;
 mod error;
@@ -13,6 +15,7 @@ mod health;
 mod idle;
 mod lease;
 mod maintain;
+mod queue;
 mod rtt;
 mod stats;
 mod tunnel;
@@ -59,10 +62,12 @@ pub(crate) struct Inner {
     /// Guards only this origin's bookkeeping, held for a few instructions and never across an
     /// await: no request of another origin ever waits on it.
     state: Mutex<State>,
-    /// Wakes requests queued for a connection: `notify_one` when one connection or stream
-    /// slot frees up (one waiter can use it; waking all of them made every return cost a
-    /// poll of each queued request), `notify_waiters` when capacity appears or the pool ends.
-    available: Notify,
+    /// Wakes queued requests to look again when a connect slot may have come free, or the
+    /// pool ends. A freed connection or stream slot needs no wake-up: it is handed to the
+    /// request at the head of the queue (`State::queue`).
+    capacity: Notify,
+    /// Entries in `State::queue`, readable without the lock (see `release_h2`).
+    queued: AtomicUsize,
     /// Wakes `wait_warm` when the number of open connections may have changed.
     warmed: Notify,
     /// Wakes the maintenance task (a connection closed, a lease failed).
@@ -94,6 +99,8 @@ struct State {
     /// Open connections retired by rotation, still finishing their exchanges.
     retiring: usize,
     busy_h1: usize,
+    /// Requests waiting for a connection, oldest first.
+    queue: queue::Queue,
 }
 
 impl State {
@@ -136,7 +143,8 @@ impl Pool {
                 tls: tokio_rustls::TlsConnector::from(tls),
                 tunnel_tls: tokio_rustls::TlsConnector::from(tunnel_tls),
                 state: Mutex::new(State::default()),
-                available: Notify::new(),
+                capacity: Notify::new(),
+                queued: AtomicUsize::new(0),
                 warmed: Notify::new(),
                 maintain: Notify::new(),
                 next_id: AtomicU64::new(1),
@@ -204,7 +212,8 @@ impl Pool {
         self.wait_or_connect(retry_refused, started).await
     }
 
-    /// No connection free right now: wait in the bounded queue, or open one if the pool may.
+    /// No connection free right now: open one if the pool may, or wait in the bounded queue
+    /// for one to be handed over (oldest request first).
     async fn wait_or_connect(
         &self,
         retry_refused: bool,
@@ -221,23 +230,51 @@ impl Pool {
             });
         }
         let deadline = started + inner.origin.queue_timeout;
+        let closed = || CheckoutError::Closed {
+            origin: inner.origin.name.clone(),
+        };
+        let mut ticket: Option<queue::Ticket> = None;
+        // After a refused connect: no new attempt before then, though a connection handed
+        // over is taken. The queue timeout does not apply meanwhile: the connect timeout does.
+        let mut pause: Option<Instant> = None;
         loop {
-            let notified = inner.available.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(lease) = inner.try_take(started) {
-                return Ok(lease);
-            }
+            let capacity = inner.capacity.notified();
+            tokio::pin!(capacity);
+            capacity.as_mut().enable();
             if inner.shutdown.is_cancelled() {
-                return Err(CheckoutError::Closed {
-                    origin: inner.origin.name.clone(),
-                });
+                return Err(closed());
             }
-            if let Some(slot) = inner.claim_connect() {
-                // While connecting this request takes no freed connection: swapping in an
-                // unregistered `Notified` (which `notify_one` does not pick) hands one that
-                // came to this request on to the next waiter.
-                notified.set(inner.available.notified());
+            if pause.is_some_and(|p| Instant::now() >= p) {
+                pause = None;
+            }
+            let slot = {
+                let mut st = inner.lock();
+                match ticket.as_mut() {
+                    Some(t) => {
+                        if let Ok(lease) = t.rx.try_recv() {
+                            return Ok(lease);
+                        }
+                    }
+                    None => {
+                        if let Some(lease) = inner.take_unqueued(&mut st, started) {
+                            return Ok(lease);
+                        }
+                    }
+                }
+                let slot = pause
+                    .is_none()
+                    .then(|| inner.claim_connect(&mut st))
+                    .flatten();
+                match (&slot, ticket.take()) {
+                    // Connecting: out of the line, so a freed connection goes to the next.
+                    (Some(_), Some(t)) => inner.dequeue(&mut st, t.id),
+                    (Some(_), None) => {}
+                    (None, Some(t)) => ticket = Some(t),
+                    (None, None) => ticket = Some(inner.enqueue(&mut st, started)),
+                }
+                slot
+            };
+            if let Some(slot) = slot {
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
                 // those bytes on every queued request, though few of them connect.
@@ -252,37 +289,23 @@ impl Pool {
                                 < started + inner.origin.connect_timeout =>
                     {
                         tracing::debug!(origin = %inner.origin.name, error = %e, "connect failed; retrying within the connect timeout");
-                        // Pause before connecting again, unless a connection frees up. Every
-                        // wake is checked: the failed connect itself woke all waiters, this
-                        // one included, which used to end the pause at once.
-                        let pause = tokio::time::sleep(CONNECT_RETRY_PAUSE);
-                        tokio::pin!(pause);
-                        loop {
-                            notified.set(inner.available.notified());
-                            notified.as_mut().enable();
-                            if let Some(lease) = inner.try_take(started) {
-                                return Ok(lease);
-                            }
-                            tokio::select! {
-                                _ = &mut pause => break,
-                                _ = notified.as_mut() => {}
-                            }
-                        }
+                        pause = Some(Instant::now() + CONNECT_RETRY_PAUSE);
                         continue;
                     }
                     other => return other,
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                if let Some(lease) = inner.try_take(started) {
-                    return Ok(lease);
+            let Some(t) = ticket.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                handed = &mut t.rx => return handed.map_err(|_| closed()),
+                _ = capacity.as_mut() => {}
+                _ = tokio::time::sleep_until(pause.unwrap_or(deadline)) => {
+                    if pause.is_none() {
+                        return inner.give_up_waiting(t);
+                    }
                 }
-                inner.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
-                return Err(CheckoutError::QueueTimeout {
-                    origin: inner.origin.name.clone(),
-                    after: inner.origin.queue_timeout,
-                    max: inner.origin.max_connections,
-                });
             }
         }
     }
@@ -296,11 +319,12 @@ impl Pool {
         self.inner.shutdown.cancel();
         let mut st = self.inner.lock();
         st.idle_h1.clear();
+        st.queue.clear();
         for c in st.h2.drain(..) {
             c.flags.draining.store(true, Ordering::Release);
         }
         drop(st);
-        self.inner.available.notify_waiters();
+        self.inner.capacity.notify_waiters();
         self.inner.warmed.notify_waiters();
     }
 }
@@ -366,11 +390,26 @@ impl Inner {
         self.floor.max(adaptive).min(self.origin.max_connections)
     }
 
+    /// A free connection for a request that arrives now, unless older requests are queued:
+    /// they are served first.
     fn try_take(self: &Arc<Self>, started: Instant) -> Option<Lease> {
+        let mut st = self.lock();
+        self.take_unqueued(&mut st, started)
+    }
+
+    fn take_unqueued(self: &Arc<Self>, st: &mut State, started: Instant) -> Option<Lease> {
+        if st.queue.is_empty() {
+            self.take_locked(st, started)
+        } else {
+            None
+        }
+    }
+
+    /// Takes a free connection (http/1.1) or stream slot (h2), if any.
+    fn take_locked(self: &Arc<Self>, st: &mut State, started: Instant) -> Option<Lease> {
         if !self.origin.pooling {
             return None;
         }
-        let mut st = self.lock();
         match self.origin.protocol {
             Protocol::H2 => {
                 // Streams share one connection up to SHARED_STREAMS before the next is used:
@@ -398,7 +437,6 @@ impl Inner {
                 }
                 .clone();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                drop(st);
                 self.enter();
                 Some(Lease::new(self.clone(), conn, None, Warmth::Warm, started))
             }
@@ -407,7 +445,6 @@ impl Inner {
                     if conn.is_usable() && !send.is_closed() {
                         st.busy_h1 += 1;
                         conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                        drop(st);
                         self.enter();
                         return Some(Lease::new(
                             self.clone(),
@@ -421,6 +458,64 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Undoes `take_locked` for a lease whose request went away before it got it.
+    fn untake(&self, st: &mut State, lease: Lease) {
+        let (conn, h1) = lease.into_parts();
+        self.stats.reused.fetch_sub(1, Ordering::Relaxed);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.leave();
+        if let Some(send) = h1 {
+            st.busy_h1 -= 1;
+            st.idle_h1.push((conn, send));
+        }
+    }
+
+    /// Hands free connections or stream slots to queued requests, oldest first.
+    fn serve_queue(self: &Arc<Self>, st: &mut State) {
+        while let Some(started) = st.queue.front_started() {
+            let Some(lease) = self.take_locked(st, started) else {
+                break;
+            };
+            if let Err(lease) = st.queue.hand(lease) {
+                self.untake(st, lease);
+            }
+        }
+        self.queued.store(st.queue.len(), Ordering::Relaxed);
+    }
+
+    /// Puts a request at the back of the queue. A stream slot freed just before (h2 frees
+    /// them without the lock) is served here: the fence pairs with the one in `release_h2`,
+    /// so that either this sees the slot or the release sees the queued request.
+    fn enqueue(self: &Arc<Self>, st: &mut State, started: Instant) -> queue::Ticket {
+        let ticket = st.queue.push(started);
+        self.queued.store(st.queue.len(), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.serve_queue(st);
+        ticket
+    }
+
+    fn dequeue(&self, st: &mut State, id: u64) {
+        st.queue.remove(id);
+        self.queued.store(st.queue.len(), Ordering::Relaxed);
+    }
+
+    /// The queue timeout passed: leave the queue, unless a connection was handed over just
+    /// now (it is taken).
+    fn give_up_waiting(&self, ticket: &mut queue::Ticket) -> Result<Lease, CheckoutError> {
+        let mut st = self.lock();
+        if let Ok(lease) = ticket.rx.try_recv() {
+            return Ok(lease);
+        }
+        self.dequeue(&mut st, ticket.id);
+        drop(st);
+        self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+        Err(CheckoutError::QueueTimeout {
+            origin: self.origin.name.clone(),
+            after: self.origin.queue_timeout,
+            max: self.origin.max_connections,
+        })
     }
 
     /// Claims a connect slot if open + connecting is below max_connections.
@@ -437,14 +532,17 @@ impl Inner {
     /// Gives back a connect slot whose connect failed or was abandoned; waiters may use it.
     fn cancel_connect(&self) {
         self.lock().connecting -= 1;
-        self.available.notify_waiters();
+        self.capacity.notify_waiters();
     }
 
     /// A connect slot for a request, given back if the connect fails or the request is
     /// cancelled while connecting (else each cancelled connect would lower the limit for good).
-    fn claim_connect(&self) -> Option<ConnectSlot<'_>> {
-        // `then`, not `then_some`: an unclaimed slot must never exist, its drop gives one back.
-        self.reserve_connect().then(|| ConnectSlot {
+    fn claim_connect(&self, st: &mut State) -> Option<ConnectSlot<'_>> {
+        if st.open + st.connecting >= self.origin.max_connections {
+            return None;
+        }
+        st.connecting += 1;
+        Some(ConnectSlot {
             inner: self,
             taken: false,
         })
@@ -471,16 +569,18 @@ impl Inner {
                     // Already closed again (its driver ended before we got here): not counted
                     // as open; the request finds it closed and retries elsewhere.
                     let live = st.count_open(&conn);
+                    self.enter();
                     match self.origin.protocol {
                         // Without pooling nobody else may use it; it closes with the lease.
-                        Protocol::H2 if self.origin.pooling && live => st.h2.push(conn.clone()),
+                        Protocol::H2 if self.origin.pooling && live => {
+                            st.h2.push(conn.clone());
+                            // Queued requests may fit on it too.
+                            self.serve_queue(&mut st);
+                        }
                         Protocol::H2 => {}
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
                 }
-                self.enter();
-                // Other waiters may fit on a new h2 connection too.
-                self.available.notify_waiters();
                 self.warmed.notify_waiters();
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))
             }
@@ -494,14 +594,14 @@ impl Inner {
     }
 
     /// Adds a connection opened by the maintenance task as idle capacity.
-    fn add_idle(&self, opened: Opened) {
+    fn add_idle(self: &Arc<Self>, opened: Opened) {
         let mut st = self.lock();
         st.connecting -= 1;
         if !st.count_open(&opened.conn) {
             // Closed before it was counted: its connect slot is free again.
             drop(st);
             self.maintain.notify_one();
-            self.available.notify_waiters();
+            self.capacity.notify_waiters();
             return;
         }
         match (opened.h1, &opened.conn.sender) {
@@ -509,9 +609,9 @@ impl Inner {
             (None, Sender::H2(_)) => st.h2.push(opened.conn),
             (None, Sender::H1) => {}
         }
+        self.serve_queue(&mut st);
         drop(st);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
-        self.available.notify_waiters();
         self.warmed.notify_waiters();
     }
 
@@ -538,12 +638,16 @@ impl Inner {
         drop(st);
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.maintain.notify_one();
-        self.available.notify_waiters();
+        self.capacity.notify_waiters();
         self.warmed.notify_waiters();
     }
 
     /// Returns an http/1.1 connection after its exchange, or forgets it if it cannot be reused.
-    fn return_h1(&self, conn: Arc<Conn>, send: Option<http1::SendRequest<UpstreamBody>>) {
+    fn return_h1(
+        self: &Arc<Self>,
+        conn: Arc<Conn>,
+        send: Option<http1::SendRequest<UpstreamBody>>,
+    ) {
         conn.flags
             .last_used_ms
             .store(self.now_ms(), Ordering::Release);
@@ -558,10 +662,9 @@ impl Inner {
                 && !self.shutdown.is_cancelled()
             {
                 st.idle_h1.push((conn, send));
+                self.serve_queue(&mut st);
             }
         }
-        drop(st);
-        self.available.notify_one();
     }
 
     /// Takes a connection out of service: no new requests; it closes once its exchanges end.
@@ -625,12 +728,16 @@ impl Inner {
             .collect()
     }
 
-    fn release_h2(&self, conn: &Conn) {
+    /// Frees an h2 stream slot; without the lock unless requests are queued (see `enqueue`).
+    fn release_h2(self: &Arc<Self>, conn: &Conn) {
         conn.flags
             .last_used_ms
             .store(self.now_ms(), Ordering::Release);
         self.leave();
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.available.notify_one();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.queued.load(Ordering::Relaxed) > 0 {
+            self.serve_queue(&mut self.lock());
+        }
     }
 }

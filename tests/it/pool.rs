@@ -515,3 +515,92 @@ async fn h2_requests_share_one_connection_until_it_carries_sixteen() {
         assert_eq!(ports.len(), connections, "{n} requests: {ports:?}");
     }
 }
+
+/// A started pool for one origin, built from the same configuration the edge reads, with
+/// its floor of connections open.
+async fn warm_pool(addr: std::net::SocketAddr, extra: &str) -> edgepop::pool::Pool {
+    let source = edge_config(&[("o1", addr, extra)], &["localhost"]);
+    let config = edgepop::config::parse(std::path::Path::new("test.toml"), &source).unwrap();
+    let origin = config.edge.unwrap().origins[0].clone();
+    let floor = origin.warm_connections;
+    let pool = edgepop::pool::Pool::new(origin, floor).unwrap();
+    pool.start();
+    assert!(pool.wait_warm(Duration::from_secs(5)).await);
+    pool
+}
+
+/// Lets the other tasks of this single-threaded runtime run until `done` holds.
+async fn run_others_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the other tasks never got there");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_freed_connection_goes_to_the_oldest_queued_request_not_a_newcomer() {
+    let origin = origin().http1_only().start().await.unwrap();
+    let pool = warm_pool(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"10s\"",
+    )
+    .await;
+    oldest_first(&pool).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_freed_h2_stream_goes_to_the_oldest_queued_request_not_a_newcomer() {
+    let origin = origin().h2_only().max_streams(1).start().await.unwrap();
+    let pool = warm_pool(
+        origin.addr(),
+        "protocol = \"h2\"\nwarm_connections = 1\nmax_connections = 1\nqueue_timeout = \"10s\"",
+    )
+    .await;
+    // One exchange first, so the pool has the origin's SETTINGS (one stream at a time).
+    let lease = pool.checkout(false).await.unwrap();
+    let (response, guard) = lease.send(get_request()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    drop((response, guard));
+    oldest_first(&pool).await;
+}
+
+/// Three requests queue for the pool's only connection (or stream); it comes back while they
+/// wait, and a new request asks before any of them has run again. The oldest waiter gets it
+/// and the newcomer joins the back of the line (on this single-threaded runtime, nothing else
+/// runs in between).
+async fn oldest_first(pool: &edgepop::pool::Pool) {
+    use futures_util::FutureExt;
+    let held = pool.checkout(false).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let (p, order) = (pool.clone(), order.clone());
+        waiters.push(tokio::spawn(async move {
+            let lease = p.checkout(false).await;
+            order.lock().unwrap().push(i);
+            lease.map(|_| ())
+        }));
+        run_others_until(|| pool.snapshot().waiting == i + 1).await;
+    }
+    drop(held);
+    let newcomer = pool.checkout(false).now_or_never();
+    assert!(newcomer.is_none(), "a newcomer took the connection first");
+    for w in waiters {
+        assert!(w.await.unwrap().is_ok());
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2]);
+    assert_eq!(pool.snapshot().opened_total, 1);
+}
+
+fn get_request() -> hyper::Request<edgepop::pool::UpstreamBody> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Empty::<bytes::Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    hyper::Request::get("https://localhost/")
+        .body(body)
+        .unwrap()
+}
