@@ -220,9 +220,9 @@ impl Pool {
         started: Instant,
     ) -> Result<Lease, CheckoutError> {
         let inner = &self.inner;
-        let queued = inner.waiting.fetch_add(1, Ordering::AcqRel);
+        let ahead = inner.waiting.fetch_add(1, Ordering::AcqRel);
         let _unqueue = Unqueue(&inner.waiting);
-        if queued >= inner.origin.queue_size + inner.origin.max_connections {
+        if ahead >= inner.origin.queue_size + inner.origin.max_connections {
             inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             return Err(CheckoutError::QueueFull {
                 origin: inner.origin.name.clone(),
@@ -241,12 +241,11 @@ impl Pool {
             let capacity = inner.capacity.notified();
             tokio::pin!(capacity);
             capacity.as_mut().enable();
-            if inner.shutdown.is_cancelled() {
-                return Err(closed());
-            }
             if pause.is_some_and(|p| Instant::now() >= p) {
                 pause = None;
             }
+            // A ticket that left the line; dropped once the lock is let go.
+            let mut left = None;
             let slot = {
                 let mut st = inner.lock();
                 match ticket.as_mut() {
@@ -261,19 +260,26 @@ impl Pool {
                         }
                     }
                 }
+                if inner.shutdown.is_cancelled() {
+                    return Err(closed());
+                }
                 let slot = pause
                     .is_none()
                     .then(|| inner.claim_connect(&mut st))
                     .flatten();
                 match (&slot, ticket.take()) {
                     // Connecting: out of the line, so a freed connection goes to the next.
-                    (Some(_), Some(t)) => inner.dequeue(&mut st, t.id),
+                    (Some(_), Some(t)) => {
+                        inner.dequeue(&mut st, t.id);
+                        left = Some(t);
+                    }
                     (Some(_), None) => {}
                     (None, Some(t)) => ticket = Some(t),
                     (None, None) => ticket = Some(inner.enqueue(&mut st, started)),
                 }
                 slot
             };
+            drop(left);
             if let Some(slot) = slot {
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
@@ -563,12 +569,13 @@ impl Inner {
                 };
                 self.stats.opened.fetch_add(1, Ordering::Relaxed);
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                let live;
                 {
                     let mut st = self.lock();
                     st.connecting -= 1;
                     // Already closed again (its driver ended before we got here): not counted
                     // as open; the request finds it closed and retries elsewhere.
-                    let live = st.count_open(&conn);
+                    live = st.count_open(&conn);
                     self.enter();
                     match self.origin.protocol {
                         // Without pooling nobody else may use it; it closes with the lease.
@@ -580,6 +587,10 @@ impl Inner {
                         Protocol::H2 => {}
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
+                }
+                if !live {
+                    // Its connect slot is free again and nothing else says so.
+                    self.capacity.notify_waiters();
                 }
                 self.warmed.notify_waiters();
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))

@@ -67,7 +67,10 @@ impl Queue {
     }
 
     pub fn remove(&mut self, id: u64) {
-        self.waiters.retain(|w| w.id != id);
+        // Searched from the front: the oldest are the ones that time out.
+        if let Some(i) = self.waiters.iter().position(|w| w.id == id) {
+            self.waiters.remove(i);
+        }
     }
 
     /// Drops every place in line: each waiting request sees the pool closed.
