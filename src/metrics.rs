@@ -30,6 +30,7 @@ pub const REQUEST_DURATION: &str = "edgepop_request_duration_seconds";
 pub const UPSTREAM_RESPONSES: &str = "edgepop_upstream_responses";
 pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
 pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
+pub const PROXY_HEADERS_REFUSED: &str = "edgepop_proxy_protocol_refused";
 
 /// Upper bounds of the latency histograms, in seconds: from a warm nearby origin (1 ms) to a
 /// slow answer across an ocean (10 s).
@@ -130,6 +131,8 @@ pub struct EdgeCounters {
     pub access_log_dropped: Arc<AtomicU64>,
     /// Requests that arrived in TLS early data: forwarded, refused with 425.
     early_data: [AtomicU64; 2],
+    /// Connections closed on a `proxy_protocol` listener for a missing or bad header.
+    pub proxy_headers_refused: AtomicU64,
 }
 
 impl EdgeCounters {
@@ -222,6 +225,13 @@ pub fn render_edge(
         EARLY_DATA_REQUESTS,
         "Requests received in TLS 0-RTT early data: forwarded (safe, marked Early-Data: 1) or answered 425",
         early,
+    );
+    let refused = Counter::<u64>::default();
+    refused.inc_by(counters.proxy_headers_refused.load(Ordering::Relaxed));
+    reg.register(
+        PROXY_HEADERS_REFUSED,
+        "Connections closed on a proxy_protocol listener: no valid PROXY protocol header in time",
+        refused,
     );
     let d = Gauge::<i64>::default();
     d.set(i64::from(draining));

@@ -58,6 +58,8 @@ pub struct RawListener {
     pub max_connections: Option<Spanned<i64>>,
     /// Also serve HTTP/3 (QUIC) on the same port, over UDP.
     pub http3: Option<bool>,
+    /// Every TCP connection starts with a PROXY protocol header (v1 or v2) from a balancer.
+    pub proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

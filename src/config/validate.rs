@@ -82,6 +82,8 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Also HTTP/3 on the same port (UDP), advertised to TCP clients with `Alt-Svc`.
     pub http3: bool,
+    /// TCP connections start with a PROXY protocol header whose source address is the client's.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone)]
@@ -569,6 +571,7 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
             },
         },
         http3: l.http3.unwrap_or(false),
+        proxy_protocol: l.proxy_protocol.unwrap_or(false),
     })
 }
 

@@ -193,6 +193,32 @@ async fn handshake_and_serve(
     alt_svc: Option<http::HeaderValue>,
 ) {
     let _ = tcp.set_nodelay(true);
+    // The header and the TLS handshake share the handshake timeout.
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let mut tcp = tcp;
+    let peer = if cfg.proxy_protocol {
+        let header = super::proxy_protocol::read(&mut tcp);
+        let refused = match tokio::time::timeout_at(deadline, header).await {
+            Ok(Ok(source)) => Ok(source.unwrap_or(peer)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("none within {:?}", cfg.handshake_timeout)),
+        };
+        match refused {
+            Ok(client) => client,
+            Err(why) => {
+                // Debug, like failed TLS handshakes: a scanner would flood the log. A
+                // balancer that sends no header shows in the metric.
+                tracing::debug!(%peer, error = %why, "PROXY protocol header refused");
+                let counters = &runtime.load().counters;
+                counters
+                    .proxy_headers_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let tcp = LingeringTcp::new(
         tcp,
         hold.tracker.clone(),
@@ -205,13 +231,13 @@ async fn handshake_and_serve(
     let early = acceptor.config().max_early_data_size > 0;
     let accepted = if early {
         let handshake = crate::tls::early::accept(acceptor.config().clone(), tcp);
-        match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(s)) => Ok(Accepted::Early(s)),
             Ok(Err(e)) => Err(Some(e)),
             Err(_) => Err(None),
         }
     } else {
-        match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
+        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => Ok(Accepted::Full(s)),
             Ok(Err(e)) => Err(Some(e)),
             Err(_) => Err(None),

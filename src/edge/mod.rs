@@ -9,6 +9,7 @@ pub mod conn;
 pub mod h3;
 pub mod linger;
 pub mod listener;
+pub mod proxy_protocol;
 mod write_deadline;
 
 pub use listener::{bind, Listener, Settings};

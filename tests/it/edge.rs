@@ -1915,3 +1915,76 @@ async fn a_request_that_finds_its_origins_pool_full_moves_on_to_the_next_origin(
     assert_eq!(&echoed[..], b"hello");
     assert_eq!(slow.await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_listener_takes_the_client_address_from_the_header() {
+    use tokio::io::AsyncWriteExt;
+    let origin = origin().start().await.unwrap();
+    let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+        listener,
+        &format!("{listener}proxy_protocol = true\n"),
+        1,
+    );
+    assert!(config.contains("proxy_protocol = true"));
+    let edge = start_edge(&config).await;
+    let forwarded_for = |body: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix("x-forwarded-for: "))
+            .map(str::to_string)
+    };
+
+    // A balancer's v1 header, then the client's TLS on the same connection.
+    let mut tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 443\r\n")
+        .await
+        .unwrap();
+    let mut c = Client::over(tcp, "localhost", tls_config(&[b"h2"])).await;
+    let (status, body) = c.get("localhost", "/headers").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(forwarded_for(&body).as_deref(), Some("192.0.2.7"), "{body}");
+
+    // v2, an IPv6 client, with a TLV (as cloud balancers send).
+    let header = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "[2001:db8::9]:40000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
+            "[::1]:443".parse::<std::net::SocketAddr>().unwrap(),
+        ),
+    )
+    .write_tlv(ppp::v2::Type::NoOp, b"pad")
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    tcp.write_all(&header).await.unwrap();
+    let mut c = Client::over(tcp, "localhost", tls_config(&[b"http/1.1"])).await;
+    let (status, body) = c.get("localhost", "/headers").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        forwarded_for(&body).as_deref(),
+        Some("2001:db8::9"),
+        "{body}"
+    );
+
+    // curl sends a v1 header of its own (with its real address).
+    let out = curl(edge.addr, "localhost", "/headers", &["--haproxy-protocol"]).await;
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(forwarded_for(&body).as_deref(), Some("127.0.0.1"), "{body}");
+
+    // A connection without a header is closed unanswered and counted, and the listener goes
+    // on serving.
+    let out = curl(edge.addr, "localhost", "/", &[]).await;
+    assert!(!out.status.success(), "{out:?}");
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        metrics.contains("edgepop_proxy_protocol_refused_total 1\n"),
+        "{metrics}"
+    );
+    let out = curl(edge.addr, "localhost", "/", &["--haproxy-protocol"]).await;
+    assert!(out.status.success(), "{out:?}");
+}

@@ -125,7 +125,7 @@ pub async fn start_edge(config: &str) -> TestEdge {
     }
 }
 
-fn tls_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+pub fn tls_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let roots = edgepop::tls::certs::load_roots(&ca()).expect("dev CA");
     Arc::new(edgepop::tls::client::client_config_with_roots(roots, alpn))
 }
@@ -164,6 +164,11 @@ impl Client {
         cfg: Arc<rustls::ClientConfig>,
     ) -> Client {
         let tcp = TcpStream::connect(addr).await.expect("connect");
+        Client::over(tcp, sni, cfg).await
+    }
+
+    /// TLS and h2 or http/1.1 over a connection already open (and perhaps already written to).
+    pub async fn over(tcp: TcpStream, sni: &str, cfg: Arc<rustls::ClientConfig>) -> Client {
         let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("name");
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
