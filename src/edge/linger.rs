@@ -7,6 +7,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -95,6 +96,8 @@ pub struct LingeringTcp {
     slot: Option<Box<dyn std::any::Any + Send + Sync>>,
     /// Drain: lingering stops at once.
     shutdown: CancellationToken,
+    /// The client's address for the log (a PROXY protocol header's, not the balancer's).
+    client: Option<SocketAddr>,
 }
 
 impl LingeringTcp {
@@ -114,7 +117,14 @@ impl LingeringTcp {
             tracker,
             slot: Some(slot),
             shutdown,
+            client: None,
         }
+    }
+
+    /// The client's address, for the log of a linger (the socket's peer otherwise).
+    pub fn client(mut self, addr: SocketAddr) -> Self {
+        self.client = Some(addr);
+        self
     }
 
     /// The hint the connection's server sets.
@@ -186,11 +196,11 @@ impl Drop for LingeringTcp {
         // Dropped outside a runtime only when the runtime itself is going away: then there
         // is no one left to linger.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (slot, shutdown) = (self.slot.take(), self.shutdown.clone());
+            let (slot, shutdown, client) = (self.slot.take(), self.shutdown.clone(), self.client);
             self.tracker.spawn_on(
                 async move {
                     tokio::select! {
-                        () = linger(tcp) => {}
+                        () = linger(tcp, client) => {}
                         () = shutdown.cancelled() => {}
                     }
                     drop(slot);
@@ -211,9 +221,9 @@ fn unread_bytes(tcp: &TcpStream) -> bool {
 /// Reads and discards until the client closes, sends nothing for `LINGERING_TIMEOUT`, or
 /// `LINGERING_TIME` has passed; then the socket closes (with a reset only if the client is
 /// still sending by then).
-async fn linger(tcp: TcpStream) {
+async fn linger(tcp: TcpStream, client: Option<SocketAddr>) {
     // Taken now: once the client has closed, the socket no longer knows its peer.
-    let peer = tcp.peer_addr().ok();
+    let peer = client.or_else(|| tcp.peer_addr().ok());
     let end = Instant::now() + LINGERING_TIME;
     let mut discarded = 0u64;
     let outcome = loop {
@@ -260,7 +270,7 @@ mod tests {
     async fn lingering_ends_as_soon_as_the_client_closes() {
         let (mut client, edge) = pair().await;
         let started = Instant::now();
-        let lingering = tokio::spawn(linger(edge));
+        let lingering = tokio::spawn(linger(edge, None));
         client.write_all(&[b'x'; 100_000]).await.expect("write");
         drop(client);
         lingering.await.expect("linger task");
@@ -275,7 +285,7 @@ mod tests {
     async fn lingering_ends_after_a_pause_of_lingering_timeout() {
         let (_client, edge) = pair().await;
         let started = Instant::now();
-        linger(edge).await;
+        linger(edge, None).await;
         assert_eq!(started.elapsed().as_secs(), LINGERING_TIMEOUT.as_secs());
     }
 
@@ -283,7 +293,7 @@ mod tests {
     async fn a_client_that_keeps_sending_is_lingered_on_for_lingering_time_at_most() {
         let (mut client, edge) = pair().await;
         let started = Instant::now();
-        let lingering = tokio::spawn(linger(edge));
+        let lingering = tokio::spawn(linger(edge, None));
         // A byte every second, never pausing for LINGERING_TIMEOUT; stops once the edge side
         // is closed (the write then fails).
         let trickle = tokio::spawn(async move {

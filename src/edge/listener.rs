@@ -4,6 +4,7 @@
 
 use super::conn;
 use super::linger::LingeringTcp;
+use super::proxy_protocol::ProxyHeaderError;
 use crate::config::ListenerConfig;
 use crate::metrics::EdgeCounters;
 use crate::proxy::Runtime;
@@ -183,7 +184,7 @@ impl Drop for OpenConnection {
 
 #[allow(clippy::too_many_arguments)]
 async fn handshake_and_serve(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     cfg: ListenerConfig,
@@ -195,13 +196,14 @@ async fn handshake_and_serve(
     let _ = tcp.set_nodelay(true);
     // The header and the TLS handshake share the handshake timeout.
     let deadline = Instant::now() + cfg.handshake_timeout;
-    let mut tcp = tcp;
     let peer = if cfg.proxy_protocol {
         let header = super::proxy_protocol::read(&mut tcp);
         let refused = match tokio::time::timeout_at(deadline, header).await {
             Ok(Ok(source)) => Ok(source.unwrap_or(peer)),
+            // A balancer's TCP health check (or a port scan): not a refused header.
+            Ok(Err(ProxyHeaderError::Empty)) => return,
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("none within {:?}", cfg.handshake_timeout)),
+            Err(_) => Err(format!("not complete within {:?}", cfg.handshake_timeout)),
         };
         match refused {
             Ok(client) => client,
@@ -224,7 +226,8 @@ async fn handshake_and_serve(
         hold.tracker.clone(),
         Box::new(hold.slot.clone()),
         shutdown.clone(),
-    );
+    )
+    .client(peer);
     let linger = tcp.hint();
     // 0-RTT needs a stream that is handed out before the handshake ends; without it
     // tokio-rustls' (which finishes the handshake first) serves.

@@ -1976,8 +1976,9 @@ async fn a_proxy_protocol_listener_takes_the_client_address_from_the_header() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(forwarded_for(&body).as_deref(), Some("127.0.0.1"), "{body}");
 
-    // A connection without a header is closed unanswered and counted, and the listener goes
-    // on serving.
+    // A connection without a header is closed unanswered and counted (one that sends nothing
+    // at all, like a balancer's TCP check, is not), and the listener goes on serving.
+    drop(tokio::net::TcpStream::connect(edge.addr).await.unwrap());
     let out = curl(edge.addr, "localhost", "/", &[]).await;
     assert!(!out.status.success(), "{out:?}");
     let (_, metrics) = admin_get(edge.admin, "/metrics").await;
