@@ -31,6 +31,44 @@ pub const UPSTREAM_RESPONSES: &str = "edgepop_upstream_responses";
 pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
 pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
 pub const PROXY_HEADERS_REFUSED: &str = "edgepop_proxy_protocol_refused";
+pub const CLIENT_HANDSHAKE_TIME: &str = "edgepop_client_handshake_seconds";
+pub const CLIENT_HANDSHAKE_FAILURES: &str = "edgepop_client_handshake_failures";
+
+/// How a client's handshake went, for `edgepop_client_handshake_seconds{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientHandshake {
+    /// TLS over TCP, a full handshake (a HelloRetryRequest included).
+    Full,
+    /// TLS over TCP, a resumed session.
+    Resumed,
+    /// TLS over TCP, resumed with 0-RTT data accepted: the first request was readable once
+    /// the ClientHello was answered.
+    Early,
+    /// QUIC (HTTP/3): it does not tell whether the session was resumed.
+    Quic,
+}
+
+impl ClientHandshake {
+    const ALL: [ClientHandshake; 4] = [Self::Full, Self::Resumed, Self::Early, Self::Quic];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Resumed => "resumed",
+            Self::Early => "early",
+            Self::Quic => "quic",
+        }
+    }
+}
+
+/// Why a client's handshake failed, for `edgepop_client_handshake_failures_total{reason}`.
+#[derive(Debug, Clone, Copy)]
+pub enum HandshakeFailure {
+    /// A TLS or QUIC error, or the client closed the connection.
+    Error,
+    /// Not done within the listener's `handshake_timeout`.
+    Timeout,
+}
 
 /// Upper bounds of the latency histograms, in seconds: from a warm nearby origin (1 ms) to a
 /// slow answer across an ocean (10 s).
@@ -133,6 +171,10 @@ pub struct EdgeCounters {
     early_data: [AtomicU64; 2],
     /// Connections closed on a `proxy_protocol` listener for a missing or bad header.
     pub proxy_headers_refused: AtomicU64,
+    /// Client handshake times by `ClientHandshake` (in its order), and failures by
+    /// `HandshakeFailure`.
+    handshakes: [Latency; 4],
+    handshake_failures: [AtomicU64; 2],
 }
 
 impl EdgeCounters {
@@ -144,11 +186,31 @@ impl EdgeCounters {
     pub fn record_early_data(&self, forwarded: bool) {
         self.early_data[usize::from(!forwarded)].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A client handshake done: `took` from the accept (after any PROXY protocol header) to
+    /// the first request being readable.
+    pub fn record_handshake(&self, kind: ClientHandshake, took: Duration) {
+        self.handshakes[kind as usize].observe(took);
+    }
+
+    pub fn record_handshake_failure(&self, why: HandshakeFailure) {
+        self.handshake_failures[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -225,6 +287,31 @@ pub fn render_edge(
         EARLY_DATA_REQUESTS,
         "Requests received in TLS 0-RTT early data: forwarded (safe, marked Early-Data: 1) or answered 425",
         early,
+    );
+    let handshakes = Family::<KindLabel, HistogramValue>::default();
+    for (kind, times) in ClientHandshake::ALL.iter().zip(&counters.handshakes) {
+        handshakes
+            .get_or_create(&KindLabel { kind: kind.label() })
+            .set(times.snapshot());
+    }
+    reg.register(
+        CLIENT_HANDSHAKE_TIME,
+        "Client handshakes by kind (full, resumed, early: TLS over TCP; quic: HTTP/3) and the time from accepting the connection to its first request being readable",
+        handshakes,
+    );
+    let failures = Family::<ReasonLabel, Counter>::default();
+    for (reason, n) in ["error", "timeout"]
+        .iter()
+        .zip(&counters.handshake_failures)
+    {
+        failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n.load(Ordering::Relaxed));
+    }
+    reg.register(
+        CLIENT_HANDSHAKE_FAILURES,
+        "Client handshakes that failed (a TLS or QUIC error, the client leaving) or timed out",
+        failures,
     );
     let refused = Counter::<u64>::default();
     refused.inc_by(counters.proxy_headers_refused.load(Ordering::Relaxed));

@@ -10,6 +10,7 @@
 use super::activity::{Activity, InFlight};
 use super::listener::OpenConnection;
 use crate::config::ListenerConfig;
+use crate::metrics::{ClientHandshake, HandshakeFailure};
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::request_body::ClientIn;
 use crate::proxy::{handler, ClientLimits, Runtime};
@@ -259,6 +260,8 @@ struct Connection {
 impl Connection {
     async fn serve(self, incoming: quinn::Incoming, quic: Arc<quinn::ServerConfig>) {
         let peer = incoming.remote_address();
+        let started = tokio::time::Instant::now();
+        let counters = self.runtime.load().counters.clone();
         let connecting = match incoming.accept_with(quic) {
             Ok(c) => c,
             Err(e) => {
@@ -277,14 +280,17 @@ impl Connection {
             match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
                 Ok(Ok(c)) => {
                     self.handshake.complete();
+                    counters.record_handshake(ClientHandshake::Quic, started.elapsed());
                     (c, None)
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+                    counters.record_handshake_failure(HandshakeFailure::Error);
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake timed out");
+                    counters.record_handshake_failure(HandshakeFailure::Timeout);
                     return;
                 }
             }
@@ -332,12 +338,17 @@ impl Connection {
                     // still resolve after that, and must not pass as sent after a completed
                     // handshake (quinn records the close before it resolves).
                     if quic_conn.close_reason().is_some() {
+                        counters.record_handshake_failure(HandshakeFailure::Error);
                         return;
                     }
                     self.handshake.complete();
+                    // QUIC does not say whether the client sent 0-RTT data: the time is to
+                    // the handshake's end, as without 0-RTT.
+                    counters.record_handshake(ClientHandshake::Quic, started.elapsed());
                 }
                 _ = &mut handshake_deadline, if finishing.is_some() => {
                     tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake after early data timed out");
+                    counters.record_handshake_failure(HandshakeFailure::Timeout);
                     close();
                     return;
                 }

@@ -6,7 +6,7 @@ use super::conn;
 use super::linger::LingeringTcp;
 use super::proxy_protocol::ProxyHeaderError;
 use crate::config::ListenerConfig;
-use crate::metrics::EdgeCounters;
+use crate::metrics::{ClientHandshake, EdgeCounters, HandshakeFailure};
 use crate::proxy::Runtime;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -221,6 +221,7 @@ async fn handshake_and_serve(
     } else {
         peer
     };
+    let started = Instant::now();
     let tcp = LingeringTcp::new(
         tcp,
         hold.tracker.clone(),
@@ -246,6 +247,20 @@ async fn handshake_and_serve(
             Err(_) => Err(None),
         }
     };
+    let counters = runtime.load().counters.clone();
+    match &accepted {
+        Ok(Accepted::Full(tls)) => {
+            let kind = handshake_kind(tls.get_ref().1, false);
+            counters.record_handshake(kind, started.elapsed());
+        }
+        Ok(Accepted::Early(tls)) => {
+            let early = tls.connection().is_handshaking();
+            let kind = handshake_kind(tls.connection(), early);
+            counters.record_handshake(kind, started.elapsed());
+        }
+        Err(Some(_)) => counters.record_handshake_failure(HandshakeFailure::Error),
+        Err(None) => counters.record_handshake_failure(HandshakeFailure::Timeout),
+    }
     match accepted {
         Ok(Accepted::Full(tls)) => {
             let client = conn::Client {
@@ -271,6 +286,15 @@ async fn handshake_and_serve(
         Err(None) => {
             tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out")
         }
+    }
+}
+
+/// What the handshake was; `early`: handed out on accepted 0-RTT data, still handshaking.
+fn handshake_kind(tls: &rustls::ServerConnection, early: bool) -> ClientHandshake {
+    match tls.handshake_kind() {
+        _ if early => ClientHandshake::Early,
+        Some(rustls::HandshakeKind::Resumed) => ClientHandshake::Resumed,
+        _ => ClientHandshake::Full,
     }
 }
 

@@ -246,6 +246,11 @@ async fn a_safe_request_in_early_data_is_forwarded_before_the_handshake_ends_and
         )
         .await
     );
+    // The session's first handshake was full, the 0-RTT one is timed as early.
+    for kind in ["full", "early"] {
+        let line = format!("edgepop_client_handshake_seconds_count{{kind=\"{kind}\"}} 1");
+        assert!(metric(edge.admin, &line).await, "{line}");
+    }
     // The access log says which request came early.
     let lines = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&log_path)

@@ -1989,3 +1989,41 @@ async fn a_proxy_protocol_listener_takes_the_client_address_from_the_header() {
     let out = curl(edge.addr, "localhost", "/", &["--haproxy-protocol"]).await;
     assert!(out.status.success(), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_handshakes_are_timed_by_kind_and_failures_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin().start().await.unwrap();
+    let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+        listener,
+        &format!("{listener}handshake_timeout = \"300ms\"\n"),
+        1,
+    );
+    let edge = start_edge(&config).await;
+    // One client TLS config: its session cache resumes the second connection.
+    let tls = tls_config(&[b"h2"]);
+    for _ in 0..2 {
+        let mut c = Client::connect_with(edge.addr, "localhost", tls.clone()).await;
+        assert_eq!(c.get("localhost", "/").await.0, 200);
+    }
+    // Plain HTTP on the TLS port fails its handshake; a client that sends nothing times out.
+    let mut plain = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let _ = plain.read_to_end(&mut Vec::new()).await;
+    let _silent = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    let want = [
+        "edgepop_client_handshake_seconds_count{kind=\"full\"} 1\n",
+        "edgepop_client_handshake_seconds_count{kind=\"resumed\"} 1\n",
+        "edgepop_client_handshake_seconds_count{kind=\"early\"} 0\n",
+        "edgepop_client_handshake_failures_total{reason=\"error\"} 1\n",
+        "edgepop_client_handshake_failures_total{reason=\"timeout\"} 1\n",
+    ];
+    let counted = eventually(Duration::from_secs(5), || async {
+        let (_, m) = admin_get(edge.admin, "/metrics").await;
+        want.iter().all(|w| m.contains(w))
+    })
+    .await;
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert!(counted, "{metrics}");
+}

@@ -134,6 +134,11 @@ async fn http3_clients_reach_the_origin_and_bodies_stream_both_ways() {
         m.lines().any(|l| l == "edgepop_client_connections 1"),
         "the HTTP/3 connection is counted:\n{m}"
     );
+    assert!(
+        m.lines()
+            .any(|l| l == "edgepop_client_handshake_seconds_count{kind=\"quic\"} 1"),
+        "the QUIC handshake is timed:\n{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
