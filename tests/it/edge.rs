@@ -2027,3 +2027,37 @@ async fn client_handshakes_are_timed_by_kind_and_failures_counted() {
     let (_, metrics) = admin_get(edge.admin, "/metrics").await;
     assert!(counted, "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_go_compressed_to_clients_that_offer_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = big_chain(dir.path());
+    let origin = origin().start().await.unwrap();
+    let edge =
+        start_edge(&chain.serve_in(&edge_config(&[("o1", origin.addr(), "")], &["localhost"])))
+            .await;
+    // Bytes the client reads until its handshake is done; a fresh config each time, so each
+    // handshake is full (a resumed one sends no certificate).
+    let handshake_bytes = |decompress: bool| {
+        let tls = Arc::new(chain.client_config(b"h2", decompress));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+            let counting = Counting::new(tcp);
+            let read = counting.read.clone();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(name, counting)
+                .await
+                .unwrap();
+            read.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    };
+    let plain = handshake_bytes(false).await;
+    let compressed = handshake_bytes(true).await;
+    assert!(plain > chain.der_len, "{plain} bytes for {}", chain.der_len);
+    // The repeated host names compress well; real chains shrink by a third or so.
+    assert!(
+        compressed * 2 < plain,
+        "compressed {compressed} bytes, uncompressed {plain}"
+    );
+}

@@ -430,3 +430,131 @@ pub async fn body_len(resp: hyper::Response<hyper::body::Incoming>) -> usize {
         .to_bytes()
         .len()
 }
+
+/// A certificate chain as large as many real ones (a leaf naming `localhost` and 150 more
+/// hosts, then its CA: about 5 KB), written to `dir`, with the roots that trust it.
+pub struct BigChain {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub roots: rustls::RootCertStore,
+    /// Bytes of DER in the chain.
+    pub der_len: usize,
+}
+
+pub fn big_chain(dir: &Path) -> BigChain {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edgepop test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let names: Vec<String> = std::iter::once("localhost".to_string())
+        .chain((0..150).map(|i| format!("host-{i:03}.edgepop.test")))
+        .collect();
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(names)
+        .expect("leaf")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf cert");
+    let cert = write_file(dir, "big.crt", &format!("{}{}", leaf.pem(), ca.pem()));
+    let key = write_file(dir, "big.key", &leaf_key.serialize_pem());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).expect("root");
+    BigChain {
+        cert,
+        key,
+        roots,
+        der_len: leaf.der().len() + ca.der().len(),
+    }
+}
+
+impl BigChain {
+    /// `config` (from `edge_config`) serving this chain instead of the dev certificate.
+    pub fn serve_in(&self, config: &str) -> String {
+        let c = certs();
+        config
+            .replace(
+                &format!("{}/edge.crt", c.display()),
+                &self.cert.display().to_string(),
+            )
+            .replace(
+                &format!("{}/edge.key", c.display()),
+                &self.key.display().to_string(),
+            )
+    }
+
+    /// A client TLS config trusting this chain; `decompress`: offer certificate compression
+    /// (RFC 8879; rustls offers brotli and zlib by default).
+    pub fn client_config(&self, alpn: &[u8], decompress: bool) -> rustls::ClientConfig {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        if !decompress {
+            tls.cert_decompressors = Vec::new();
+        }
+        tls
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that counts the bytes read from it.
+    pub struct Counting<S> {
+        #[pin]
+        inner: S,
+        pub read: Arc<std::sync::atomic::AtomicUsize>,
+    }
+}
+
+impl<S> Counting<S> {
+    pub fn new(inner: S) -> Self {
+        Counting {
+            inner,
+            read: Arc::default(),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Counting<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Counting<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
