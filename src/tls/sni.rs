@@ -97,6 +97,11 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Each chain compressed once per algorithm (RFC 8879) and kept: rustls' default keeps 4,
+    // so with more certificates than two the compression would be redone per handshake.
+    cfg.cert_compression_cache = Arc::new(rustls::compress::CompressionCache::new(
+        certs.len().max(2) * rustls::compress::default_cert_compressors().len(),
+    ));
     cfg.session_storage = resumption.cache.clone();
     if pop.early_data {
         cfg.max_early_data_size = super::early::MAX_EARLY_DATA;
