@@ -500,6 +500,52 @@ impl BigChain {
         }
         tls
     }
+
+    /// A client TLS config offering certificate compression that notes the (compressed,
+    /// decompressed) sizes of each certificate message it gets.
+    pub fn recording_client_config(&self, alpn: &[u8]) -> (rustls::ClientConfig, Decompressed) {
+        let mut tls = self.client_config(alpn, true);
+        let seen = Decompressed::default();
+        tls.cert_decompressors = rustls::compress::default_cert_decompressors()
+            .iter()
+            .map(|&inner| {
+                let recording: &'static dyn rustls::compress::CertDecompressor =
+                    Box::leak(Box::new(Recording {
+                        inner,
+                        seen: seen.clone(),
+                    }));
+                recording
+            })
+            .collect();
+        (tls, seen)
+    }
+}
+
+/// (compressed, decompressed) sizes of the certificate messages a client took in.
+pub type Decompressed = Arc<std::sync::Mutex<Vec<(usize, usize)>>>;
+
+#[derive(Debug)]
+struct Recording {
+    inner: &'static dyn rustls::compress::CertDecompressor,
+    seen: Decompressed,
+}
+
+impl rustls::compress::CertDecompressor for Recording {
+    fn decompress(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<(), rustls::compress::DecompressionFailed> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .push((input.len(), output.len()));
+        self.inner.decompress(input, output)
+    }
+
+    fn algorithm(&self) -> rustls::CertificateCompressionAlgorithm {
+        self.inner.algorithm()
+    }
 }
 
 pin_project_lite::pin_project! {
