@@ -49,11 +49,18 @@ impl Queue {
         None
     }
 
+    /// Takes its place by when the request asked: at the back for a new one, further up for
+    /// one coming back after a refused connect.
     pub fn push(&mut self, started: Instant) -> Ticket {
         let (tx, rx) = oneshot::channel();
         self.next_id += 1;
         let id = self.next_id;
-        self.waiters.push_back(Waiter { id, started, tx });
+        let at = self
+            .waiters
+            .iter()
+            .rposition(|w| w.started <= started)
+            .map_or(0, |i| i + 1);
+        self.waiters.insert(at, Waiter { id, started, tx });
         Ticket { id, rx }
     }
 
@@ -76,5 +83,31 @@ impl Queue {
     /// Drops every place in line: each waiting request sees the pool closed.
     pub fn clear(&mut self) {
         self.waiters.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_request_takes_its_place_by_when_it_asked() {
+        let mut q = Queue::default();
+        let t0 = Instant::now();
+        let later = |ms| t0 + Duration::from_millis(ms);
+        let a = q.push(later(10));
+        let b = q.push(later(20));
+        // Back after a refused connect: it asked before `b`.
+        let c = q.push(later(15));
+        let d = q.push(later(30));
+        let order: Vec<u64> = q.waiters.iter().map(|w| w.id).collect();
+        assert_eq!(order, [a.id, c.id, b.id, d.id]);
+        // One that gave up is skipped at the head.
+        drop(a);
+        assert_eq!(q.front_started(), Some(later(15)));
+        q.remove(b.id);
+        assert_eq!(q.len(), 2);
+        drop((c, d));
     }
 }
