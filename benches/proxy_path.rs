@@ -88,10 +88,15 @@ fn bench(c: &mut Criterion) {
         .uri("https://www.example.com/images/logo.png?v=3")
         .body(())
         .expect("request");
-    let client = "192.0.2.1:51234".parse().expect("addr");
+    let client = edgepop::proxy::ClientConn {
+        addr: "192.0.2.1:51234".parse().expect("addr"),
+        handshake: edgepop::metrics::ClientHandshake::Resumed,
+        handshake_time: Some(Duration::from_millis(12)),
+        request: 1,
+    };
     c.bench_function("access_log_entry", |b| {
         b.iter(|| {
-            let mut l = PendingLog::new(&log, black_box(&req), client);
+            let mut l = PendingLog::new(&log, black_box(&req), &client);
             l.upstream(
                 "origin-a",
                 200,

@@ -58,12 +58,21 @@ pub struct Entry {
     /// "ok", "aborted" (the client went away or the body failed mid-way) or, for answers
     /// edgepop made itself, the short reason it gave.
     pub outcome: &'static str,
+    /// The request's number on its client connection, from 1 (nginx's `$connection_requests`).
+    pub connection_request: u64,
+    /// How the client connection's handshake went: "full", "resumed", "early" (TLS over TCP,
+    /// 0-RTT data accepted), "quic".
+    pub tls_handshake: &'static str,
+    /// On a connection's first request, which waited for it: the handshake's time (accept to
+    /// the request being readable), milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_ms: Option<f64>,
 }
 
 impl Entry {
     /// What is known when the request head arrives; the rest is filled in later.
     pub fn start(
-        client: SocketAddr,
+        client: &crate::proxy::ClientConn,
         version: http::Version,
         method: &http::Method,
         host: &str,
@@ -71,7 +80,7 @@ impl Entry {
     ) -> Entry {
         Entry {
             time: SystemTime::now(),
-            client,
+            client: client.addr,
             protocol: protocol(version),
             method: method.as_str().to_string(),
             host: host.to_string(),
@@ -86,6 +95,12 @@ impl Entry {
             upstream_ms: None,
             upstream_connection: None,
             outcome: "ok",
+            connection_request: client.request,
+            tls_handshake: client.handshake.label(),
+            tls_handshake_ms: client
+                .handshake_time
+                .filter(|_| client.request == 1)
+                .map(ms),
         }
     }
 }
@@ -274,7 +289,11 @@ pub struct PendingLog {
 
 impl PendingLog {
     /// Starts the entry from the request head as the client sent it.
-    pub fn new<B>(log: &AccessLog, req: &http::Request<B>, client: SocketAddr) -> PendingLog {
+    pub fn new<B>(
+        log: &AccessLog,
+        req: &http::Request<B>,
+        client: &crate::proxy::ClientConn,
+    ) -> PendingLog {
         let host = req
             .uri()
             .authority()

@@ -51,7 +51,7 @@ pub enum ClientHandshake {
 impl ClientHandshake {
     const ALL: [ClientHandshake; 4] = [Self::Full, Self::Resumed, Self::Early, Self::Quic];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Self::Full => "full",
             Self::Resumed => "resumed",

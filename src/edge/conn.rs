@@ -6,9 +6,10 @@ use super::activity::{Activity, InFlight};
 use super::linger::LingerHint;
 use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
+use crate::metrics::ClientHandshake;
 use crate::proxy::body::Holding;
 use crate::proxy::upgrade::Hold;
-use crate::proxy::{handler, Runtime};
+use crate::proxy::{handler, ClientConn, Runtime};
 use crate::tls::coalesce::Coalesce;
 use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
@@ -38,6 +39,8 @@ pub struct Client {
     pub linger: LingerHint,
     /// Added to every answer when the listener's port also speaks HTTP/3.
     pub alt_svc: Option<http::HeaderValue>,
+    /// How the handshake went and how long it took (for the access log).
+    pub tls: (ClientHandshake, Duration),
 }
 
 pub async fn serve<S>(
@@ -56,7 +59,9 @@ pub async fn serve<S>(
         handshake,
         linger,
         alt_svc,
+        tls: (handshake_kind, handshake_time),
     } = client;
+    let requests = std::sync::atomic::AtomicU64::new(0);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -113,11 +118,17 @@ pub async fn serve<S>(
         let rt = runtime.load_full();
         let guard = InFlight::new(&act);
         let alt_svc = alt_svc.clone();
+        let client = ClientConn {
+            addr: peer,
+            handshake: handshake_kind,
+            handshake_time: Some(handshake_time),
+            request: requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+        };
         // Boxed: the request's future (4.5 KiB) is then moved as a pointer when hyper spawns
         // its stream task, not copied several times over.
         Box::pin(async move {
             let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
-            let mut resp = handler::handle(&rt, req, peer, limits).await;
+            let mut resp = handler::handle(&rt, req, client, limits).await;
             if let Some(v) = alt_svc {
                 resp.headers_mut().insert(hyper::header::ALT_SVC, v);
             }

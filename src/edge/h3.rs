@@ -13,7 +13,7 @@ use crate::config::ListenerConfig;
 use crate::metrics::{ClientHandshake, HandshakeFailure};
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::request_body::ClientIn;
-use crate::proxy::{handler, ClientLimits, Runtime};
+use crate::proxy::{handler, ClientConn, ClientLimits, Runtime};
 use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
@@ -262,6 +262,9 @@ impl Connection {
         let peer = incoming.remote_address();
         let started = tokio::time::Instant::now();
         let counters = self.runtime.load().counters.clone();
+        // Known once the handshake completes (with 0-RTT, requests may come before).
+        let mut handshake_time = None;
+        let mut requests = 0u64;
         let connecting = match incoming.accept_with(quic) {
             Ok(c) => c,
             Err(e) => {
@@ -280,6 +283,7 @@ impl Connection {
             match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
                 Ok(Ok(c)) => {
                     self.handshake.complete();
+                    handshake_time = Some(started.elapsed());
                     counters.record_handshake(ClientHandshake::Quic, started.elapsed());
                     (c, None)
                 }
@@ -344,6 +348,7 @@ impl Connection {
                     self.handshake.complete();
                     // QUIC does not say whether the client sent 0-RTT data: the time is to
                     // the handshake's end, as without 0-RTT.
+                    handshake_time = Some(started.elapsed());
                     counters.record_handshake(ClientHandshake::Quic, started.elapsed());
                 }
                 _ = &mut handshake_deadline, if finishing.is_some() => {
@@ -353,7 +358,16 @@ impl Connection {
                     return;
                 }
                 r = h3.accept() => match r {
-                    Ok(Some(resolver)) => self.spawn_request(resolver, peer, &activity),
+                    Ok(Some(resolver)) => {
+                        requests += 1;
+                        let client = ClientConn {
+                            addr: peer,
+                            handshake: ClientHandshake::Quic,
+                            handshake_time,
+                            request: requests,
+                        };
+                        self.spawn_request(resolver, client, &activity);
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
@@ -390,9 +404,10 @@ impl Connection {
     fn spawn_request(
         &self,
         resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-        peer: SocketAddr,
+        client: ClientConn,
         activity: &Arc<Activity>,
     ) {
+        let peer = client.addr;
         let runtime = self.runtime.clone();
         let cfg = self.cfg.clone();
         let in_flight = InFlight::new(activity);
@@ -427,7 +442,7 @@ impl Connection {
                 stream_send_timeout: Some(cfg.send_timeout),
             };
             let rt = runtime.load_full();
-            let resp = handler::handle(&rt, req, peer, limits).await;
+            let resp = handler::handle(&rt, req, client, limits).await;
             if let Err(e) = respond(send, resp, head, cfg.send_timeout).await {
                 tracing::debug!(%peer, error = %e, "HTTP/3 response not sent whole");
             }

@@ -247,43 +247,41 @@ async fn handshake_and_serve(
             Err(_) => Err(None),
         }
     };
+    let took = started.elapsed();
     let counters = runtime.load().counters.clone();
-    match &accepted {
-        Ok(Accepted::Full(tls)) => {
-            let kind = handshake_kind(tls.get_ref().1, false);
-            counters.record_handshake(kind, started.elapsed());
-        }
-        Ok(Accepted::Early(tls)) => {
-            let early = tls.connection().is_handshaking();
-            let kind = handshake_kind(tls.connection(), early);
-            counters.record_handshake(kind, started.elapsed());
-        }
-        Err(Some(_)) => counters.record_handshake_failure(HandshakeFailure::Error),
-        Err(None) => counters.record_handshake_failure(HandshakeFailure::Timeout),
-    }
     match accepted {
         Ok(Accepted::Full(tls)) => {
+            let kind = handshake_kind(tls.get_ref().1, false);
+            counters.record_handshake(kind, took);
             let client = conn::Client {
                 peer,
                 h2: tls.get_ref().1.alpn_protocol() == Some(b"h2"),
                 handshake: None,
                 linger,
                 alt_svc,
+                tls: (kind, took),
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
         Ok(Accepted::Early(tls)) => {
+            let kind = handshake_kind(tls.connection(), tls.connection().is_handshaking());
+            counters.record_handshake(kind, took);
             let client = conn::Client {
                 peer,
                 h2: tls.connection().alpn_protocol() == Some(b"h2"),
                 handshake: Some(tls.handshake()),
                 linger,
                 alt_svc,
+                tls: (kind, took),
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
-        Err(Some(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(Some(e)) => {
+            counters.record_handshake_failure(HandshakeFailure::Error);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed")
+        }
         Err(None) => {
+            counters.record_handshake_failure(HandshakeFailure::Timeout);
             tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out")
         }
     }

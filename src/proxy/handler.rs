@@ -16,8 +16,8 @@ use super::headers;
 use super::request_body::ClientIn;
 use super::request_body::{BodyProgress, ClientBody, ClientBodyError};
 use super::router::normalize_host;
-use super::ClientLimits;
 use super::Runtime;
+use super::{ClientConn, ClientLimits};
 use crate::access_log::PendingLog;
 use crate::config::Protocol;
 use crate::pool::{CheckoutError, Pool, SendError, StreamGuard, UpstreamBody as UpBody, Warmth};
@@ -34,16 +34,17 @@ use tokio::time::Instant;
 pub async fn handle(
     rt: &Runtime,
     req: Request<ClientIn>,
-    peer: SocketAddr,
+    client: ClientConn,
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
+    let peer = client.addr;
     let mut req = req;
     headers::set_request_id(req.headers_mut());
     let mut log = rt
         .access_log
         .as_ref()
-        .map(|l| PendingLog::new(l, &req, peer));
+        .map(|l| PendingLog::new(l, &req, &client));
     let resp = match forward(rt, req, peer, limits, &mut log).await {
         Ok(resp) => resp,
         Err(e) => {

@@ -23,6 +23,19 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy)]
 pub struct EarlyData;
 
+/// The client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    /// The client's address (a PROXY protocol header's when the listener takes one).
+    pub addr: std::net::SocketAddr,
+    pub handshake: crate::metrics::ClientHandshake,
+    /// From the accept to the first request being readable; `None` while a QUIC handshake
+    /// that began with 0-RTT is still under way.
+    pub handshake_time: Option<Duration>,
+    /// The request's number on its connection, from 1.
+    pub request: u64,
+}
+
 /// What a client connection allows a request's bodies (its listener's settings).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {

@@ -268,6 +268,8 @@ async fn a_safe_request_in_early_data_is_forwarded_before_the_handshake_ends_and
     );
     assert_eq!(logged[1]["path"], "/headers");
     assert_eq!(logged[1]["early_data"], true, "{logged:?}");
+    assert_eq!(logged[0]["tls_handshake"], "full", "{logged:?}");
+    assert_eq!(logged[1]["tls_handshake"], "early", "{logged:?}");
 
     // The same first flight sent again (an attacker replaying it): the session it resumes was
     // used up, so the handshake starts afresh, the early data is dropped, and the edge gives

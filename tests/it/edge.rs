@@ -2061,3 +2061,29 @@ async fn certificates_go_compressed_to_clients_that_offer_it() {
         "compressed {compressed} bytes, uncompressed {plain}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_gives_each_requests_place_on_its_connection_and_the_handshake() {
+    let origin = origin().start().await.unwrap();
+    let (edge, _logs, path) = start_logged_edge(origin.addr(), "", &["localhost"]).await;
+    // Two requests on a full handshake's connection, then one on a resumed connection (the
+    // same client TLS config holds the session).
+    let tls = tls_config(&[b"h2"]);
+    let mut first = Client::connect_with(edge.addr, "localhost", tls.clone()).await;
+    for _ in 0..2 {
+        assert_eq!(first.get("localhost", "/").await.0, 200);
+    }
+    let mut resumed = Client::connect_with(edge.addr, "localhost", tls).await;
+    assert_eq!(resumed.get("localhost", "/").await.0, 200);
+    wait_log_lines(&path, 3).await;
+    let lines = log_lines(&path);
+    let want = [(1, "full", true), (2, "full", false), (1, "resumed", true)];
+    for (line, (n, kind, timed)) in lines.iter().zip(want) {
+        assert_eq!(line["connection_request"], n, "{line}");
+        assert_eq!(line["tls_handshake"], kind, "{line}");
+        // Only the first request on a connection waited for its handshake.
+        let ms = line["tls_handshake_ms"].as_f64();
+        assert_eq!(ms.is_some(), timed, "{line}");
+        assert!(ms.is_none_or(|ms| ms > 0.0), "{line}");
+    }
+}
