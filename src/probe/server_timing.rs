@@ -16,6 +16,17 @@ pub struct ServerTiming {
     pub upstream: Option<Duration>,
     /// How the upstream connection was obtained: `warm`, `fresh` or `resumed`.
     pub upstream_state: Option<String>,
+    /// On a connection's first request: the client handshake as the edge timed it (accept
+    /// to the request being readable).
+    #[serde(
+        rename = "edge_tls_ms",
+        serialize_with = "super::report::ser_opt_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls: Option<Duration>,
+    /// That handshake's kind: `full`, `resumed`, `early` or `quic`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake: Option<String>,
 }
 
 impl ServerTiming {
@@ -54,6 +65,12 @@ impl ServerTiming {
                     self.upstream = dur.or(self.upstream);
                     if let Some(d) = desc.filter(|d| !d.is_empty()) {
                         self.upstream_state = Some(d.to_ascii_lowercase());
+                    }
+                }
+                "tls" => {
+                    self.tls = dur.or(self.tls);
+                    if let Some(d) = desc.filter(|d| !d.is_empty()) {
+                        self.tls_handshake = Some(d.to_ascii_lowercase());
                     }
                 }
                 _ => {}
@@ -123,6 +140,11 @@ mod tests {
         assert_eq!(st.pool, Some(Duration::from_micros(250)));
         assert_eq!(st.upstream, Some(Duration::from_micros(80_500)));
         assert_eq!(st.upstream_state.as_deref(), Some("warm"));
+        assert_eq!(st.tls, None);
+        let first = parse(r#"tls;dur=1.5;desc="resumed", pool;dur=0.25, upstream;dur=80.5"#);
+        assert_eq!(first.tls, Some(Duration::from_micros(1500)));
+        assert_eq!(first.tls_handshake.as_deref(), Some("resumed"));
+        assert_eq!(first.pool, Some(Duration::from_micros(250)));
     }
 
     #[test]

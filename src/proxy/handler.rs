@@ -38,14 +38,13 @@ pub async fn handle(
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
-    let peer = client.addr;
     let mut req = req;
     headers::set_request_id(req.headers_mut());
     let mut log = rt
         .access_log
         .as_ref()
         .map(|l| PendingLog::new(l, &req, &client));
-    let resp = match forward(rt, req, peer, limits, &mut log).await {
+    let resp = match forward(rt, req, &client, limits, &mut log).await {
         Ok(resp) => resp,
         Err(e) => {
             let resp = error_response(&e);
@@ -107,10 +106,11 @@ fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> 
 async fn forward(
     rt: &Runtime,
     req: Request<ClientIn>,
-    peer: SocketAddr,
+    client: &ClientConn,
     limits: ClientLimits,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let peer = client.addr;
     let h2_websocket = super::upgrade::is_h2_websocket(&req);
     if req.method() == Method::CONNECT && !h2_websocket {
         return Err(ProxyError::ConnectMethod);
@@ -167,7 +167,13 @@ async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers, false);
     headers::append_via(&mut parts.headers, parts.version, &rt.via);
     if rt.server_timing {
-        add_server_timing(&mut parts.headers, sent.waited, upstream_ttfb, sent.warmth);
+        add_server_timing(
+            &mut parts.headers,
+            client,
+            sent.waited,
+            upstream_ttfb,
+            sent.warmth,
+        );
     }
     parts.version = client_version;
     let log = log.take().map(|mut l| {
@@ -225,12 +231,28 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// `Server-Timing: pool;dur=<ms>, upstream;dur=<ms>;desc="warm|fresh|resumed"`: time to get
-/// a connection, then the upstream time to the response head.
-fn add_server_timing(h: &mut header::HeaderMap, waited: Duration, total: Duration, w: Warmth) {
+/// a connection, then the upstream time to the response head. A connection's first request,
+/// which waited for the client's handshake, also gets `tls;dur=<ms>;desc="full|resumed|early|
+/// quic"` (accept to the request being readable).
+fn add_server_timing(
+    h: &mut header::HeaderMap,
+    client: &ClientConn,
+    waited: Duration,
+    total: Duration,
+    w: Warmth,
+) {
     let pool_ms = waited.as_secs_f64() * 1000.0;
     let up_ms = total.saturating_sub(waited).as_secs_f64() * 1000.0;
+    let tls = match client.handshake_time {
+        Some(t) if client.request == 1 => format!(
+            "tls;dur={:.3};desc=\"{}\", ",
+            t.as_secs_f64() * 1000.0,
+            client.handshake.label()
+        ),
+        _ => String::new(),
+    };
     let v = format!(
-        "pool;dur={pool_ms:.3}, upstream;dur={up_ms:.3};desc=\"{}\"",
+        "{tls}pool;dur={pool_ms:.3}, upstream;dur={up_ms:.3};desc=\"{}\"",
         w.as_str()
     );
     if let Ok(v) = HeaderValue::from_str(&v) {

@@ -231,6 +231,11 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
         st.contains("pool;dur=") && st.contains("upstream;dur=") && st.contains("desc=\"warm\""),
         "{st}"
     );
+    // The connection's first request also has the handshake it waited for.
+    assert!(
+        st.starts_with("tls;dur=") && st.contains("desc=\"full\""),
+        "{st}"
+    );
     let body = String::from_utf8(
         resp.into_body()
             .collect()
@@ -259,6 +264,15 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
         id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
         "{body}"
     );
+    // The next request on the connection did not wait for a handshake.
+    let resp = c.send(request(false, "localhost", "/")).await.unwrap();
+    let st = resp
+        .headers()
+        .get("server-timing")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(st.starts_with("pool;dur="), "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
