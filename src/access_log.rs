@@ -63,8 +63,8 @@ pub struct Entry {
     /// How the client connection's handshake went: "full", "resumed", "early" (TLS over TCP,
     /// 0-RTT data accepted), "quic".
     pub tls_handshake: &'static str,
-    /// On a connection's first request, which waited for it: the handshake's time (accept to
-    /// the request being readable), milliseconds.
+    /// On a connection's first request, which waited for it: the handshake's time (its first
+    /// byte to the request being readable), milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_handshake_ms: Option<f64>,
 }

@@ -187,8 +187,8 @@ impl EdgeCounters {
         self.early_data[usize::from(!forwarded)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A client handshake done: `took` from the accept (after any PROXY protocol header) to
-    /// the first request being readable.
+    /// A client handshake done: `took` from its first byte (the ClientHello) to the first
+    /// request being readable.
     pub fn record_handshake(&self, kind: ClientHandshake, took: Duration) {
         self.handshakes[kind as usize].observe(took);
     }
@@ -296,7 +296,7 @@ pub fn render_edge(
     }
     reg.register(
         CLIENT_HANDSHAKE_TIME,
-        "Client handshakes by kind (full, resumed, early: TLS over TCP; quic: HTTP/3) and the time from accepting the connection to its first request being readable",
+        "Client handshakes by kind (full, resumed, early: TLS over TCP; quic: HTTP/3) and their time from the first byte to the first request being readable (quic: to the handshake's end)",
         handshakes,
     );
     let failures = Family::<ReasonLabel, Counter>::default();

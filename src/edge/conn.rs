@@ -62,6 +62,7 @@ pub async fn serve<S>(
         tls: (handshake_kind, handshake_time),
     } = client;
     let requests = std::sync::atomic::AtomicU64::new(0);
+    let counters = runtime.load().counters.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -178,6 +179,8 @@ pub async fn serve<S>(
                     unfinished = None;
                 } else if activity.in_flight() == 0 {
                     tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake after early data timed out");
+                    // Counted as `early` when its early data was taken; now as a timeout too.
+                    counters.record_handshake_failure(crate::metrics::HandshakeFailure::Timeout);
                     return;
                 } else {
                     handshake_deadline.as_mut().reset(Instant::now() + cfg.handshake_timeout);

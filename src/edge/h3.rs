@@ -246,6 +246,21 @@ impl H3Listener {
     }
 }
 
+/// A QUIC handshake still under way while its connection is served (0-RTT).
+struct Unfinished<'a> {
+    counters: &'a crate::metrics::EdgeCounters,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.counters
+                .record_handshake_failure(HandshakeFailure::Error);
+        }
+    }
+}
+
 struct Connection {
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
@@ -283,8 +298,9 @@ impl Connection {
             match tokio::time::timeout(self.cfg.handshake_timeout, connecting).await {
                 Ok(Ok(c)) => {
                     self.handshake.complete();
-                    handshake_time = Some(started.elapsed());
-                    counters.record_handshake(ClientHandshake::Quic, started.elapsed());
+                    let took = started.elapsed();
+                    handshake_time = Some(took);
+                    counters.record_handshake(ClientHandshake::Quic, took);
                     (c, None)
                 }
                 Ok(Err(e)) => {
@@ -298,6 +314,12 @@ impl Connection {
                     return;
                 }
             }
+        };
+        // With 0-RTT the handshake ends while the connection is served; if the connection ends
+        // first, whichever way, the handshake counts as failed.
+        let mut unfinished = Unfinished {
+            counters: &counters,
+            armed: finishing.is_some(),
         };
         let handshake_deadline = tokio::time::sleep(self.cfg.handshake_timeout);
         tokio::pin!(handshake_deadline);
@@ -342,17 +364,19 @@ impl Connection {
                     // still resolve after that, and must not pass as sent after a completed
                     // handshake (quinn records the close before it resolves).
                     if quic_conn.close_reason().is_some() {
-                        counters.record_handshake_failure(HandshakeFailure::Error);
                         return;
                     }
                     self.handshake.complete();
                     // QUIC does not say whether the client sent 0-RTT data: the time is to
                     // the handshake's end, as without 0-RTT.
-                    handshake_time = Some(started.elapsed());
-                    counters.record_handshake(ClientHandshake::Quic, started.elapsed());
+                    let took = started.elapsed();
+                    handshake_time = Some(took);
+                    unfinished.armed = false;
+                    counters.record_handshake(ClientHandshake::Quic, took);
                 }
                 _ = &mut handshake_deadline, if finishing.is_some() => {
                     tracing::debug!(%peer, after = ?self.cfg.handshake_timeout, "QUIC handshake after early data timed out");
+                    unfinished.armed = false;
                     counters.record_handshake_failure(HandshakeFailure::Timeout);
                     close();
                     return;

@@ -221,6 +221,19 @@ async fn handshake_and_serve(
     } else {
         peer
     };
+    // A balancer's TCP health check connects and closes without a byte: neither a handshake
+    // nor a failed one. The handshake is timed from its first byte (the ClientHello), with or
+    // without a PROXY protocol header before it.
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return,
+        Err(_) => {
+            let counters = &runtime.load().counters;
+            counters.record_handshake_failure(HandshakeFailure::Timeout);
+            tracing::debug!(%peer, after = ?cfg.handshake_timeout, "no TLS handshake in time");
+            return;
+        }
+    }
     let started = Instant::now();
     let tcp = LingeringTcp::new(
         tcp,

@@ -233,7 +233,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// `Server-Timing: pool;dur=<ms>, upstream;dur=<ms>;desc="warm|fresh|resumed"`: time to get
 /// a connection, then the upstream time to the response head. A connection's first request,
 /// which waited for the client's handshake, also gets `tls;dur=<ms>;desc="full|resumed|early|
-/// quic"` (accept to the request being readable).
+/// quic"` (its first byte to the request being readable).
 fn add_server_timing(
     h: &mut header::HeaderMap,
     client: &ClientConn,

@@ -29,7 +29,7 @@ pub struct ClientConn {
     /// The client's address (a PROXY protocol header's when the listener takes one).
     pub addr: std::net::SocketAddr,
     pub handshake: crate::metrics::ClientHandshake,
-    /// From the accept to the first request being readable; `None` while a QUIC handshake
+    /// From its first byte to the first request being readable; `None` while a QUIC handshake
     /// that began with 0-RTT is still under way.
     pub handshake_time: Option<Duration>,
     /// The request's number on its connection, from 1.

@@ -2026,6 +2026,8 @@ async fn client_handshakes_are_timed_by_kind_and_failures_counted() {
     plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let _ = plain.read_to_end(&mut Vec::new()).await;
     let _silent = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    // Connected and closed without a byte (a balancer's TCP check): not a handshake at all.
+    drop(tokio::net::TcpStream::connect(edge.addr).await.unwrap());
     let want = [
         "edgepop_client_handshake_seconds_count{kind=\"full\"} 1\n",
         "edgepop_client_handshake_seconds_count{kind=\"resumed\"} 1\n",
