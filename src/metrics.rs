@@ -198,6 +198,24 @@ impl EdgeCounters {
     }
 }
 
+/// Counters under one label, from label values and their counts in the same order.
+fn counter_family<L>(
+    values: &[&'static str],
+    counts: &[AtomicU64],
+    label: impl Fn(&'static str) -> L,
+) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    for (&value, n) in values.iter().zip(counts) {
+        family
+            .get_or_create(&label(value))
+            .inc_by(n.load(Ordering::Relaxed));
+    }
+    family
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
@@ -277,12 +295,11 @@ pub fn render_edge(
         "Client connections open now (TLS handshakes included)",
         open,
     );
-    let early = Family::<OutcomeLabel, Counter>::default();
-    for (outcome, n) in ["forwarded", "too_early"].iter().zip(&counters.early_data) {
-        early
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc_by(n.load(Ordering::Relaxed));
-    }
+    let early = counter_family(
+        &["forwarded", "too_early"],
+        &counters.early_data,
+        |outcome| OutcomeLabel { outcome },
+    );
     reg.register(
         EARLY_DATA_REQUESTS,
         "Requests received in TLS 0-RTT early data: forwarded (safe, marked Early-Data: 1) or answered 425",
@@ -299,15 +316,11 @@ pub fn render_edge(
         "Client handshakes by kind (full, resumed, early: TLS over TCP; quic: HTTP/3) and their time from the first byte to the first request being readable (quic: to the handshake's end)",
         handshakes,
     );
-    let failures = Family::<ReasonLabel, Counter>::default();
-    for (reason, n) in ["error", "timeout"]
-        .iter()
-        .zip(&counters.handshake_failures)
-    {
-        failures
-            .get_or_create(&ReasonLabel { reason })
-            .inc_by(n.load(Ordering::Relaxed));
-    }
+    let failures = counter_family(
+        &["error", "timeout"],
+        &counters.handshake_failures,
+        |reason| ReasonLabel { reason },
+    );
     reg.register(
         CLIENT_HANDSHAKE_FAILURES,
         "Client handshakes that failed (a TLS or QUIC error, the client leaving) or timed out",

@@ -1934,14 +1934,8 @@ async fn a_request_that_finds_its_origins_pool_full_moves_on_to_the_next_origin(
 async fn a_proxy_protocol_listener_takes_the_client_address_from_the_header() {
     use tokio::io::AsyncWriteExt;
     let origin = origin().start().await.unwrap();
-    let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
-    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
-        listener,
-        &format!("{listener}proxy_protocol = true\n"),
-        1,
-    );
-    assert!(config.contains("proxy_protocol = true"));
-    let edge = start_edge(&config).await;
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
+    let edge = start_edge(&with_listener_line(&config, "proxy_protocol = true")).await;
     let forwarded_for = |body: &str| {
         body.lines()
             .find_map(|l| l.strip_prefix("x-forwarded-for: "))
@@ -2008,13 +2002,12 @@ async fn a_proxy_protocol_listener_takes_the_client_address_from_the_header() {
 async fn client_handshakes_are_timed_by_kind_and_failures_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = origin().start().await.unwrap();
-    let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
-    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
-        listener,
-        &format!("{listener}handshake_timeout = \"300ms\"\n"),
-        1,
-    );
-    let edge = start_edge(&config).await;
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
+    let edge = start_edge(&with_listener_line(
+        &config,
+        "handshake_timeout = \"300ms\"",
+    ))
+    .await;
     // One client TLS config: its session cache resumes the second connection.
     let tls = tls_config(&[b"h2"]);
     for _ in 0..2 {

@@ -8,11 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 fn h3_config(origin: SocketAddr) -> String {
-    edge_config(&[("o1", origin, "warm_connections = 1")], &["localhost"]).replacen(
-        "address = \"127.0.0.1:0\"\n",
-        "address = \"127.0.0.1:0\"\nhttp3 = true\n",
-        1,
-    )
+    let config = edge_config(&[("o1", origin, "warm_connections = 1")], &["localhost"]);
+    with_listener_line(&config, "http3 = true")
 }
 
 struct H3Client {

@@ -94,6 +94,13 @@ pub struct TestEdge {
 
 /// An in-process edge routing `localhost` to one origin "o1" at `addr`, with `extra` TOML lines
 /// for the origin.
+/// `config` (from `edge_config`) with `line` added to its listener.
+pub fn with_listener_line(config: &str, line: &str) -> String {
+    let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    assert!(config.contains(listener), "{config}");
+    config.replacen(listener, &format!("{listener}{line}\n"), 1)
+}
+
 pub async fn single_origin_edge(addr: SocketAddr, extra: &str) -> TestEdge {
     start_edge(&edge_config(&[("o1", addr, extra)], &["localhost"])).await
 }
