@@ -31,6 +31,7 @@ pub const UPSTREAM_RESPONSES: &str = "edgepop_upstream_responses";
 pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
 pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
 pub const PROXY_HEADERS_REFUSED: &str = "edgepop_proxy_protocol_refused";
+pub const PER_CLIENT_REFUSED: &str = "edgepop_per_client_limit_refused";
 pub const CLIENT_HANDSHAKE_TIME: &str = "edgepop_client_handshake_seconds";
 pub const CLIENT_HANDSHAKE_FAILURES: &str = "edgepop_client_handshake_failures";
 
@@ -171,6 +172,8 @@ pub struct EdgeCounters {
     early_data: [AtomicU64; 2],
     /// Connections closed on a `proxy_protocol` listener for a missing or bad header.
     pub proxy_headers_refused: AtomicU64,
+    /// Connections closed because their client held `max_connections_per_client` already.
+    pub per_client_refused: AtomicU64,
     /// Client handshake times by `ClientHandshake` (in its order), and failures by
     /// `HandshakeFailure`.
     handshakes: [Latency; 4],
@@ -325,6 +328,13 @@ pub fn render_edge(
         CLIENT_HANDSHAKE_FAILURES,
         "Client handshakes that failed (a TLS or QUIC error, the client leaving) or timed out",
         failures,
+    );
+    let per_client = Counter::<u64>::default();
+    per_client.inc_by(counters.per_client_refused.load(Ordering::Relaxed));
+    reg.register(
+        PER_CLIENT_REFUSED,
+        "TCP connections closed before their handshake: their client already held max_connections_per_client",
+        per_client,
     );
     let refused = Counter::<u64>::default();
     refused.inc_by(counters.proxy_headers_refused.load(Ordering::Relaxed));

@@ -60,6 +60,8 @@ pub struct RawListener {
     pub http3: Option<bool>,
     /// Every TCP connection starts with a PROXY protocol header (v1 or v2) from a balancer.
     pub proxy_protocol: Option<bool>,
+    /// TCP connections one client (IPv4 address, IPv6 /64) may hold open.
+    pub max_connections_per_client: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

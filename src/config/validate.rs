@@ -84,6 +84,9 @@ pub struct ListenerConfig {
     pub http3: bool,
     /// TCP connections start with a PROXY protocol header whose source address is the client's.
     pub proxy_protocol: bool,
+    /// TCP connections one client (IPv4 address, IPv6 /64) may hold open; `None`: no limit
+    /// but `max_connections`.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -572,6 +575,18 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
         },
         http3: l.http3.unwrap_or(false),
         proxy_protocol: l.proxy_protocol.unwrap_or(false),
+        max_connections_per_client: match &l.max_connections_per_client {
+            None => None,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v) if (1..=1 << 24).contains(&v) => Some(v),
+                _ => {
+                    return Err(cx.err(
+                        n,
+                        "max_connections_per_client must be between 1 and 16777216",
+                    ))
+                }
+            },
+        },
     })
 }
 

@@ -2,6 +2,7 @@
 //! then one task per connection. At `max_connections` open connections it stops accepting
 //! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
 
+use super::client_limit::ClientTable;
 use super::conn;
 use super::linger::LingeringTcp;
 use super::proxy_protocol::ProxyHeaderError;
@@ -39,6 +40,8 @@ pub struct Listener {
     socket: TcpListener,
     /// `Alt-Svc` for this listener's answers when its port also speaks HTTP/3.
     alt_svc: Option<http::HeaderValue>,
+    /// Connections per client, for `max_connections_per_client`.
+    clients: Arc<ClientTable>,
 }
 
 /// Binds with SO_REUSEADDR and SO_REUSEPORT so several edgepop processes can share a port.
@@ -61,6 +64,7 @@ pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenError> {
         config: Arc::new(ArcSwap::from_pointee(config.clone())),
         socket,
         alt_svc: None,
+        clients: Arc::default(),
     })
 }
 
@@ -150,7 +154,15 @@ impl Listener {
             };
             let alt_svc = self.alt_svc.clone();
             tracker.spawn(handshake_and_serve(
-                tcp, peer, acceptor, cfg, runtime, shutdown, hold, alt_svc,
+                tcp,
+                peer,
+                acceptor,
+                cfg,
+                runtime,
+                shutdown,
+                hold,
+                alt_svc,
+                self.clients.clone(),
             ));
         }
     }
@@ -192,6 +204,7 @@ async fn handshake_and_serve(
     shutdown: CancellationToken,
     hold: crate::proxy::upgrade::Hold,
     alt_svc: Option<http::HeaderValue>,
+    clients: Arc<ClientTable>,
 ) {
     let _ = tcp.set_nodelay(true);
     // The header and the TLS handshake share the handshake timeout.
@@ -221,6 +234,19 @@ async fn handshake_and_serve(
     } else {
         peer
     };
+    // Counted from the accept (after any PROXY header), so idle connections count too.
+    let client_slot = match cfg.max_connections_per_client {
+        Some(limit) => match clients.try_take(peer.ip(), limit) {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::debug!(%peer, limit, "per-client connection limit reached; closed");
+                let counters = &runtime.load().counters;
+                counters.per_client_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        },
+        None => None,
+    };
     // A balancer's TCP health check connects and closes without a byte: neither a handshake
     // nor a failed one. The handshake is timed from its first byte (the ClientHello), with or
     // without a PROXY protocol header before it.
@@ -235,10 +261,11 @@ async fn handshake_and_serve(
         }
     }
     let started = Instant::now();
+    // Both slots are held until the socket closes, lingering included.
     let tcp = LingeringTcp::new(
         tcp,
         hold.tracker.clone(),
-        Box::new(hold.slot.clone()),
+        Box::new((hold.slot.clone(), client_slot)),
         shutdown.clone(),
     )
     .client(peer);

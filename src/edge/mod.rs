@@ -5,6 +5,7 @@
 //! `h3` serves HTTP/3 (QUIC) on a listener's port.
 
 mod activity;
+pub mod client_limit;
 pub mod conn;
 pub mod h3;
 pub mod linger;

@@ -2096,3 +2096,55 @@ async fn the_access_log_gives_each_requests_place_on_its_connection_and_the_hand
         assert!(ms.is_none_or(|ms| ms > 0.0), "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holds_at_most_max_connections_per_client() {
+    use tokio::io::AsyncWriteExt;
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
+    let config = with_listener_line(&config, "proxy_protocol = true");
+    let edge = start_edge(&with_listener_line(&config, "max_connections_per_client = 2")).await;
+    // Clients as a balancer in front names them (the same rule keys on the socket's address
+    // without one). Each connection is opened and used for a request, then kept open.
+    let connect = |source: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+        let family = if source.contains(':') { "TCP6" } else { "TCP4" };
+        let to = if source.contains(':') { "::1" } else { "127.0.0.1" };
+        let header = format!("PROXY {family} {source} {to} 40000 443\r\n");
+        tcp.write_all(header.as_bytes()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(tls_config(&[b"http/1.1"]))
+            .connect(name, tcp)
+            .await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(request(false, "localhost", "/"))
+            .await
+            .map_err(std::io::Error::other)?;
+        assert_eq!(resp.status(), 200);
+        Ok::<_, std::io::Error>(send)
+    };
+    let first = connect("192.0.2.1").await.unwrap();
+    let _second = connect("192.0.2.1").await.unwrap();
+    assert!(connect("192.0.2.1").await.is_err(), "a third was let in");
+    // Another client, and an IPv6 one, are counted apart.
+    let _other = connect("192.0.2.2").await.unwrap();
+    let _v6 = connect("2001:db8::1").await.unwrap();
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        metrics.contains("edgepop_per_client_limit_refused_total 1\n"),
+        "{metrics}"
+    );
+    // Once one of its connections closes, the client may open another.
+    drop(first);
+    let again = eventually(Duration::from_secs(5), || async {
+        connect("192.0.2.1").await.is_ok()
+    })
+    .await;
+    assert!(again, "the closed connection's slot did not come back");
+}
