@@ -55,20 +55,35 @@ impl ClientTable {
     pub fn try_take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
         let key = ClientKey::of(ip);
         let mut open = self.lock();
-        let n = open.entry(key).or_insert(0);
-        if *n >= limit {
+        let n = open.get(&key).copied().unwrap_or(0);
+        if n >= limit {
             return None;
         }
-        *n += 1;
+        open.insert(key, n + 1);
         Some(ClientSlot {
             table: self.clone(),
             key,
         })
     }
 
-    /// Clients with a connection open (for tests and the admin view).
+    /// Clients with a connection open.
     pub fn clients(&self) -> usize {
         self.lock().values().filter(|&&n| n > 0).count()
+    }
+}
+
+/// One client's share of a listener's table, for what takes a slot after the connection's
+/// own (an h2 WebSocket, which holds a connection's worth of resources on a shared one).
+#[derive(Clone, Debug)]
+pub struct PerClient {
+    pub table: Arc<ClientTable>,
+    pub ip: IpAddr,
+    pub limit: usize,
+}
+
+impl PerClient {
+    pub fn take(&self) -> Option<ClientSlot> {
+        self.table.try_take(self.ip, self.limit)
     }
 }
 

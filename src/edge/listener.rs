@@ -2,7 +2,7 @@
 //! then one task per connection. At `max_connections` open connections it stops accepting
 //! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
 
-use super::client_limit::ClientTable;
+use super::client_limit::{ClientTable, PerClient};
 use super::conn;
 use super::linger::LingeringTcp;
 use super::proxy_protocol::ProxyHeaderError;
@@ -151,6 +151,7 @@ impl Listener {
                 slot: open,
                 tracker: tracker.clone(),
                 limit: limit.clone(),
+                per_client: None,
             };
             let alt_svc = self.alt_svc.clone();
             tracker.spawn(handshake_and_serve(
@@ -235,10 +236,20 @@ async fn handshake_and_serve(
         peer
     };
     // Counted from the accept (after any PROXY header), so idle connections count too.
+    let mut hold = hold;
     let client_slot = match cfg.max_connections_per_client {
         Some(limit) => match clients.try_take(peer.ip(), limit) {
-            Some(slot) => Some(slot),
+            Some(slot) => {
+                hold.per_client = Some(PerClient {
+                    table: clients,
+                    ip: peer.ip(),
+                    limit,
+                });
+                Some(slot)
+            }
             None => {
+                // Reset, not closed: a refused client leaves no TIME_WAIT behind on the edge.
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 tracing::debug!(%peer, limit, "per-client connection limit reached; closed");
                 let counters = &runtime.load().counters;
                 counters.per_client_refused.fetch_add(1, Ordering::Relaxed);

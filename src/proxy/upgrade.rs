@@ -45,6 +45,8 @@ pub struct Hold {
     /// The listener's connection limit. An h2 WebSocket takes a slot of its own: it opens
     /// its own origin connection while sharing its client connection with other streams.
     pub limit: Arc<tokio::sync::Semaphore>,
+    /// The listener's per-client limit, when set: an h2 WebSocket takes a slot of that too.
+    pub per_client: Option<crate::edge::client_limit::PerClient>,
 }
 
 impl Hold {
@@ -164,7 +166,12 @@ async fn websocket_over_h2(
     let hold = match req.extensions_mut().remove::<Hold>() {
         Some(h) => {
             let own = h.limit.clone().try_acquire_owned();
-            Some(h.with(own.map_err(|_| ProxyError::TunnelLimit)?))
+            let own = own.map_err(|_| ProxyError::TunnelLimit)?;
+            let client = match &h.per_client {
+                Some(p) => Some(p.take().ok_or(ProxyError::TunnelLimit)?),
+                None => None,
+            };
+            Some(h.with((own, client)))
         }
         None => None,
     };

@@ -2103,24 +2103,31 @@ async fn one_client_holds_at_most_max_connections_per_client() {
     let origin = origin().start().await.unwrap();
     let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
     let config = with_listener_line(&config, "proxy_protocol = true");
-    let edge = start_edge(&with_listener_line(&config, "max_connections_per_client = 2")).await;
+    let edge = start_edge(&with_listener_line(
+        &config,
+        "max_connections_per_client = 2",
+    ))
+    .await;
     // Clients as a balancer in front names them (the same rule keys on the socket's address
     // without one). Each connection is opened and used for a request, then kept open.
     let connect = |source: &'static str| async move {
         let mut tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
         let family = if source.contains(':') { "TCP6" } else { "TCP4" };
-        let to = if source.contains(':') { "::1" } else { "127.0.0.1" };
+        let to = if source.contains(':') {
+            "::1"
+        } else {
+            "127.0.0.1"
+        };
         let header = format!("PROXY {family} {source} {to} 40000 443\r\n");
         tcp.write_all(header.as_bytes()).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = tokio_rustls::TlsConnector::from(tls_config(&[b"http/1.1"]))
             .connect(name, tcp)
             .await?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .map_err(std::io::Error::other)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(std::io::Error::other)?;
         tokio::spawn(conn);
         let resp = send
             .send_request(request(false, "localhost", "/"))
@@ -2147,4 +2154,29 @@ async fn one_client_holds_at_most_max_connections_per_client() {
     })
     .await;
     assert!(again, "the closed connection's slot did not come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_websockets_count_against_max_connections_per_client() {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
+    let edge = start_edge(&with_listener_line(
+        &config,
+        "max_connections_per_client = 2",
+    ))
+    .await;
+    // The connection takes one of the client's two; each WebSocket holds an origin
+    // connection of its own, so it takes one too.
+    let send = h2_websocket_client(edge.addr).await;
+    let mut statuses = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (resp, stream) = ready
+            .send_request(extended_connect("/upgrade", "websocket"), false)
+            .expect("send CONNECT");
+        statuses.push(resp.await.expect("response").status());
+        streams.push(stream);
+    }
+    assert_eq!(statuses, [200, 503]);
 }
