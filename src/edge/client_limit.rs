@@ -33,7 +33,8 @@ impl ClientKey {
 }
 
 /// Open connections per client on one listener; kept across reloads (the limit itself is
-/// read from the settings of the moment).
+/// read from the settings of the moment). One lock per listener is enough: it is held for
+/// one hash-map operation, only when a connection is accepted or closes.
 #[derive(Debug, Default)]
 pub struct ClientTable {
     open: Mutex<HashMap<ClientKey, usize>>,

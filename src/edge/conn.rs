@@ -39,7 +39,7 @@ pub struct Client {
     pub linger: LingerHint,
     /// Added to every answer when the listener's port also speaks HTTP/3.
     pub alt_svc: Option<http::HeaderValue>,
-    /// How the handshake went and how long it took (for the access log).
+    /// How the handshake went and how long it took (for the access log and Server-Timing).
     pub tls: (ClientHandshake, Duration),
 }
 

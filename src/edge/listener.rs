@@ -1,6 +1,8 @@
-//! Accept loop: SO_REUSEPORT sockets (many instances per PoP), TLS handshake with a timeout,
-//! then one task per connection. At `max_connections` open connections it stops accepting
-//! (new ones wait in the kernel's backlog) until one closes. Stops accepting on drain.
+//! Accept loop: SO_REUSEPORT sockets (many instances per PoP), then one task per connection:
+//! any PROXY protocol header, the per-client limit, and the TLS handshake, all within
+//! `handshake_timeout`, with the handshake timed and counted in the metrics. At
+//! `max_connections` open connections it stops accepting (new ones wait in the kernel's
+//! backlog) until one closes. Stops accepting on drain.
 
 use super::client_limit::{ClientTable, PerClient};
 use super::conn;
@@ -203,28 +205,28 @@ async fn handshake_and_serve(
     cfg: ListenerConfig,
     runtime: Arc<ArcSwap<Runtime>>,
     shutdown: CancellationToken,
-    hold: crate::proxy::upgrade::Hold,
+    mut hold: crate::proxy::upgrade::Hold,
     alt_svc: Option<http::HeaderValue>,
     clients: Arc<ClientTable>,
 ) {
     let _ = tcp.set_nodelay(true);
     // The header and the TLS handshake share the handshake timeout.
     let deadline = Instant::now() + cfg.handshake_timeout;
-    let peer = if cfg.proxy_protocol {
+    // `Some` when the address is a client's (a LOCAL or UNKNOWN header leaves the balancer's).
+    let client_addr = if cfg.proxy_protocol {
         let header = super::proxy_protocol::read(&mut tcp);
-        let refused = match tokio::time::timeout_at(deadline, header).await {
-            Ok(Ok(source)) => Ok(source.unwrap_or(peer)),
-            // A balancer's TCP health check (or a port scan): not a refused header.
-            Ok(Err(ProxyHeaderError::Empty)) => return,
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("not complete within {:?}", cfg.handshake_timeout)),
+        let read = match tokio::time::timeout_at(deadline, header).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyHeaderError::Timeout(cfg.handshake_timeout)),
         };
-        match refused {
-            Ok(client) => client,
-            Err(why) => {
+        match read {
+            Ok(source) => source,
+            // A balancer's TCP health check (or a port scan): not a refused header.
+            Err(ProxyHeaderError::Empty) => return,
+            Err(e) => {
                 // Debug, like failed TLS handshakes: a scanner would flood the log. A
                 // balancer that sends no header shows in the metric.
-                tracing::debug!(%peer, error = %why, "PROXY protocol header refused");
+                tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
                 let counters = &runtime.load().counters;
                 counters
                     .proxy_headers_refused
@@ -233,11 +235,15 @@ async fn handshake_and_serve(
             }
         }
     } else {
-        peer
+        Some(peer)
     };
-    // Counted from the accept (after any PROXY header), so idle connections count too.
-    let mut hold = hold;
-    let client_slot = match cfg.max_connections_per_client {
+    let peer = client_addr.unwrap_or(peer);
+    // Counted from the accept (after any PROXY header), so idle connections count too. A
+    // balancer's own connections (LOCAL header) are not a client's.
+    let per_client_limit = cfg
+        .max_connections_per_client
+        .filter(|_| client_addr.is_some());
+    let client_slot = match per_client_limit {
         Some(limit) => match clients.try_take(peer.ip(), limit) {
             Some(slot) => {
                 hold.per_client = Some(PerClient {

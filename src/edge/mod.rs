@@ -2,7 +2,8 @@
 //! timeout; `conn` serves h1 and h2 on the result with hyper-util's auto builder, idle timeout
 //! and graceful drain; `write_deadline` closes connections a client stops reading; `linger`
 //! keeps reading from an http/1.1 client still uploading after its answer, so it gets it;
-//! `h3` serves HTTP/3 (QUIC) on a listener's port.
+//! `h3` serves HTTP/3 (QUIC) on a listener's port; `proxy_protocol` reads the client's address
+//! from a TCP balancer's header and `client_limit` caps the connections of one client.
 
 mod activity;
 pub mod client_limit;

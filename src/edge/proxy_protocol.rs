@@ -24,8 +24,14 @@ const V2_FIXED: usize = 16;
 pub enum ProxyHeaderError {
     #[error("reading the PROXY protocol header: {0}")]
     Io(#[from] std::io::Error),
+    #[error("not a PROXY protocol header: starts with byte {0:#04x}")]
+    NotAHeader(u8),
     #[error("not a PROXY protocol header: {0}")]
-    Invalid(String),
+    V1(#[source] v1::BinaryParseError),
+    #[error("not a PROXY protocol header: {0}")]
+    V2(#[source] v2::ParseError),
+    #[error("not a PROXY protocol header: a v2 header where a v1 line was")]
+    NotV1,
     /// Closed before sending a byte: a balancer's TCP health check or a port scan.
     #[error("connection closed before sending anything")]
     Empty,
@@ -33,6 +39,8 @@ pub enum ProxyHeaderError {
     Closed,
     #[error("PROXY protocol header longer than {0} bytes")]
     TooLong(usize),
+    #[error("no complete PROXY protocol header within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// Reads the header off `tcp`, leaving the bytes after it for TLS. Returns the client's
@@ -44,10 +52,7 @@ pub async fn read(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeader
         0 => Err(ProxyHeaderError::Empty),
         _ if first[0] == b'\r' => read_v2(tcp).await,
         _ if first[0] == b'P' => read_v1(tcp).await,
-        _ => Err(ProxyHeaderError::Invalid(format!(
-            "starts with byte {:#04x}",
-            first[0]
-        ))),
+        _ => Err(ProxyHeaderError::NotAHeader(first[0])),
     }
 }
 
@@ -63,7 +68,7 @@ async fn read_v2(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderE
     read_exact(tcp, &mut buf[V2_FIXED..]).await?;
     match v2::Header::try_from(&buf[..]) {
         Ok(h) => Ok(v2_source(&h)),
-        Err(e) => Err(ProxyHeaderError::Invalid(e.to_string())),
+        Err(e) => Err(ProxyHeaderError::V2(e)),
     }
 }
 
@@ -93,8 +98,8 @@ async fn read_v1(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderE
     // The whole line is here: anything but a header is final.
     match HeaderResult::parse(&line) {
         HeaderResult::V1(Ok(h)) => Ok(v1_source(&h.addresses)),
-        HeaderResult::V1(Err(e)) => Err(ProxyHeaderError::Invalid(e.to_string())),
-        HeaderResult::V2(_) => Err(ProxyHeaderError::Invalid("not a v1 line".into())),
+        HeaderResult::V1(Err(e)) => Err(ProxyHeaderError::V1(e)),
+        HeaderResult::V2(_) => Err(ProxyHeaderError::NotV1),
     }
 }
 

@@ -1,12 +1,15 @@
 //! The pre-warmed upstream pool of one origin: `warm_connections` verified TLS connections
 //! opened before any request and refilled whenever one closes (`maintain`), checked out per
-//! request (`checkout`), and returned after the response (`lease`).
+//! request (`checkout`), and returned as the response's last data leaves for the client
+//! (`lease`, released by the proxy's response body).
 //!
 //! h2 connections are shared: a checkout takes a stream slot (see `take_locked` for which
 //! connection). http/1.1 connections are exclusive: a checkout takes an idle connection out
 //! of the pool and the lease puts it back once the response is complete and the connection is
 //! ready again. With nothing free and no room to connect, requests wait in a FIFO (`queue`)
-//! and a freed connection or slot is handed to the oldest.
+//! and a freed connection or slot is handed to the oldest. (A connect slot that frees up
+//! is not handed out in order: the waiters it wakes, or a request arriving then, race for
+//! it.)
 
 mod conn;
 mod error;
@@ -43,7 +46,7 @@ pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 /// Pause between a request's connect attempts while the origin refuses connections.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Streams an h2 connection takes before the pool spreads requests over its other
-/// connections (see `try_take`).
+/// connections (see `take_locked`).
 const SHARED_STREAMS: usize = 16;
 
 /// A handle to one origin's pool; cheap to clone.
@@ -404,7 +407,7 @@ impl Inner {
     }
 
     fn take_unqueued(self: &Arc<Self>, st: &mut State, started: Instant) -> Option<Lease> {
-        if st.queue.is_empty() {
+        if st.queue.none_waiting() {
             self.take_locked(st, started)
         } else {
             None
@@ -488,7 +491,7 @@ impl Inner {
                 self.untake(st, lease);
             }
         }
-        self.queued.store(st.queue.len(), Ordering::Relaxed);
+        self.queued.store(st.queue.entries(), Ordering::Relaxed);
     }
 
     /// Puts a request at the back of the queue. A stream slot freed just before (h2 frees
@@ -496,7 +499,7 @@ impl Inner {
     /// so that either this sees the slot or the release sees the queued request.
     fn enqueue(self: &Arc<Self>, st: &mut State, started: Instant) -> queue::Ticket {
         let ticket = st.queue.push(started);
-        self.queued.store(st.queue.len(), Ordering::Relaxed);
+        self.queued.store(st.queue.entries(), Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::SeqCst);
         self.serve_queue(st);
         ticket
@@ -504,7 +507,7 @@ impl Inner {
 
     fn dequeue(&self, st: &mut State, id: u64) {
         st.queue.remove(id);
-        self.queued.store(st.queue.len(), Ordering::Relaxed);
+        self.queued.store(st.queue.entries(), Ordering::Relaxed);
     }
 
     /// The queue timeout passed: leave the queue, unless a connection was handed over just

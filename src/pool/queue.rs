@@ -28,13 +28,14 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    /// Whether a live request is waiting.
-    pub fn is_empty(&mut self) -> bool {
+    /// Whether no live request is waiting (skipping, and so dropping, given-up ones at the
+    /// head).
+    pub fn none_waiting(&mut self) -> bool {
         self.front_started().is_none()
     }
 
     /// Entries, including ones given up but not yet skipped.
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.waiters.len()
     }
 
@@ -107,7 +108,7 @@ mod tests {
         drop(a);
         assert_eq!(q.front_started(), Some(later(15)));
         q.remove(b.id);
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.entries(), 2);
         drop((c, d));
     }
 }

@@ -16,8 +16,8 @@ pub struct ServerTiming {
     pub upstream: Option<Duration>,
     /// How the upstream connection was obtained: `warm`, `fresh` or `resumed`.
     pub upstream_state: Option<String>,
-    /// On a connection's first request: the client handshake as the edge timed it (accept
-    /// to the request being readable).
+    /// On a connection's first request: the client handshake as the edge timed it (its
+    /// first byte to the request being readable).
     #[serde(
         rename = "edge_tls_ms",
         serialize_with = "super::report::ser_opt_ms",

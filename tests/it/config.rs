@@ -166,6 +166,15 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         limit.trim(),
         "e.toml:5:19: max_connections must be between 1 and 16777216"
     );
+    let per_client = check_text(&edge_text("", &crt, &key).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections_per_client = -1\n",
+        1,
+    ));
+    assert_eq!(
+        per_client.trim(),
+        "e.toml:5:30: max_connections_per_client must be between 1 and 16777216"
+    );
     // Durations are bounded, so no timer deadline can overflow the clock.
     let long = check_text(&edge_text("tunnel_idle_timeout = \"500years\"", &crt, &key));
     assert!(
