@@ -1,9 +1,10 @@
 //! `[[listeners]] max_connections_per_client`: how many TCP connections one client may hold
 //! open on a listener, as nginx's `limit_conn` keyed by address or HAProxy's
 //! `src_conn_cur`, so one client cannot take the listener's whole `max_connections`. A client
-//! is an IPv4 address or an IPv6 /64 (one subscriber's prefix: a client that changes address
-//! within it is still one client), after any PROXY protocol header. A connection over the
-//! limit is closed before its TLS handshake, costing the edge no handshake.
+//! is an IPv4 address (also when NAT64 writes it as `64:ff9b::a.b.c.d`) or an IPv6 /64 (one
+//! subscriber's prefix: a client that changes address within it is still one client), after
+//! any PROXY protocol header. A connection over the limit is reset before its TLS handshake,
+//! costing the edge no handshake.
 //!
 //! HTTP/3 connections are not counted: a QUIC client's address is not proven before its
 //! handshake, and counting it would let spoofed packets lock a client out.
@@ -11,6 +12,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
+/// `64:ff9b::/96`.
+const NAT64: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// A client, as the limit counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +30,11 @@ impl ClientKey {
             IpAddr::V4(a) => ClientKey::V4(a.octets()),
             IpAddr::V6(a) => {
                 let o = a.octets();
+                // NAT64's well-known prefix (RFC 6052) carries IPv4 clients in its last 32
+                // bits: each is a client of its own, not all one /64.
+                if o[..12] == NAT64[..] {
+                    return ClientKey::V4([o[12], o[13], o[14], o[15]]);
+                }
                 ClientKey::V6([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
             }
         }
@@ -128,8 +137,11 @@ mod tests {
         let _a = t.try_take(ip("2001:db8:1:2::1"), 1).unwrap();
         assert!(t.try_take(ip("2001:db8:1:2:ffff::9"), 1).is_none());
         let _b = t.try_take(ip("2001:db8:1:3::1"), 1).unwrap();
-        drop(_a);
-        drop(_b);
+        // Through NAT64, IPv4 clients are told apart, and match their plain IPv4 selves.
+        let _c = t.try_take(ip("64:ff9b::c000:201"), 1).unwrap();
+        let _d = t.try_take(ip("64:ff9b::c000:202"), 1).unwrap();
+        assert!(t.try_take(ip("192.0.2.1"), 1).is_none());
+        drop((_a, _b, _c, _d));
         assert_eq!(
             t.clients(),
             0,
