@@ -109,7 +109,16 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
 fn print_edge_summary(e: &EdgeConfig) {
     for l in &e.listeners {
         let h3 = if l.http3 { " (+ HTTP/3 over UDP)" } else { "" };
-        println!("  listener {}{h3}", l.address);
+        let proxy = if l.proxy_protocol {
+            ", PROXY protocol header required"
+        } else {
+            ""
+        };
+        let per_client = l
+            .max_connections_per_client
+            .map(|n| format!(", at most {n} per client"))
+            .unwrap_or_default();
+        println!("  listener {}{h3}{proxy}{per_client}", l.address);
     }
     for c in &e.certificates {
         println!(
