@@ -210,72 +210,38 @@ async fn handshake_and_serve(
     clients: Arc<ClientTable>,
 ) {
     let _ = tcp.set_nodelay(true);
-    // The header and the TLS handshake share the handshake timeout.
+    let counters = runtime.load().counters.clone();
+    // Everything up to the TLS handshake's end shares the handshake timeout.
     let deadline = Instant::now() + cfg.handshake_timeout;
     // `Some` when the address is a client's (a LOCAL or UNKNOWN header leaves the balancer's).
     let client_addr = if cfg.proxy_protocol {
-        let header = super::proxy_protocol::read(&mut tcp);
-        let read = match tokio::time::timeout_at(deadline, header).await {
-            Ok(r) => r,
-            Err(_) => Err(ProxyHeaderError::Timeout(cfg.handshake_timeout)),
-        };
-        match read {
-            Ok(source) => source,
-            // A balancer's TCP health check (or a port scan): not a refused header.
-            Err(ProxyHeaderError::Empty) => return,
-            Err(e) => {
-                // Debug, like failed TLS handshakes: a scanner would flood the log. A
-                // balancer that sends no header shows in the metric.
-                tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
-                let counters = &runtime.load().counters;
-                counters
-                    .proxy_headers_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        match proxy_header(&mut tcp, peer, &counters, deadline, cfg.handshake_timeout).await {
+            Some(addr) => addr,
+            None => return,
         }
     } else {
         Some(peer)
     };
     let peer = client_addr.unwrap_or(peer);
-    // Counted from the accept (after any PROXY header), so idle connections count too. A
-    // balancer's own connections (LOCAL header) are not a client's.
-    let per_client_limit = cfg
-        .max_connections_per_client
-        .filter(|_| client_addr.is_some());
-    let client_slot = match per_client_limit {
-        Some(limit) => match clients.try_take(peer.ip(), limit) {
-            Some(slot) => {
-                hold.per_client = Some(PerClient {
-                    table: clients,
-                    ip: peer.ip(),
-                    limit,
-                });
-                Some(slot)
-            }
-            None => {
-                // Reset, not closed: a refused client leaves no TIME_WAIT behind on the edge.
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                tracing::debug!(%peer, limit, "per-client connection limit reached; closed");
-                let counters = &runtime.load().counters;
-                counters.per_client_refused.fetch_add(1, Ordering::Relaxed);
+    // Counted from here, so idle connections count too; a balancer's own are not a client's.
+    let client_slot = match cfg.max_connections_per_client {
+        Some(limit) if client_addr.is_some() => {
+            let per_client = PerClient {
+                table: clients,
+                ip: peer.ip(),
+                limit,
+            };
+            let Some(slot) = per_client.take() else {
+                refuse_over_limit(&tcp, peer, limit, &counters);
                 return;
-            }
-        },
-        None => None,
-    };
-    // A balancer's TCP health check connects and closes without a byte: neither a handshake
-    // nor a failed one. The handshake is timed from its first byte (the ClientHello), with or
-    // without a PROXY protocol header before it.
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
-        Ok(Ok(n)) if n > 0 => {}
-        Ok(_) => return,
-        Err(_) => {
-            let counters = &runtime.load().counters;
-            counters.record_handshake_failure(HandshakeFailure::Timeout);
-            tracing::debug!(%peer, after = ?cfg.handshake_timeout, "no TLS handshake in time");
-            return;
+            };
+            hold.per_client = Some(per_client);
+            Some(slot)
         }
+        _ => None,
+    };
+    if !first_byte(&tcp, peer, &counters, deadline, cfg.handshake_timeout).await {
+        return;
     }
     let started = Instant::now();
     // Both slots are held until the socket closes, lingering included.
@@ -287,25 +253,8 @@ async fn handshake_and_serve(
     )
     .client(peer);
     let linger = tcp.hint();
-    // 0-RTT needs a stream that is handed out before the handshake ends; without it
-    // tokio-rustls' (which finishes the handshake first) serves.
-    let early = acceptor.config().max_early_data_size > 0;
-    let accepted = if early {
-        let handshake = crate::tls::early::accept(acceptor.config().clone(), tcp);
-        match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(s)) => Ok(Accepted::Early(s)),
-            Ok(Err(e)) => Err(Some(e)),
-            Err(_) => Err(None),
-        }
-    } else {
-        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => Ok(Accepted::Full(s)),
-            Ok(Err(e)) => Err(Some(e)),
-            Err(_) => Err(None),
-        }
-    };
+    let accepted = tls_handshake(&acceptor, tcp, deadline).await;
     let took = started.elapsed();
-    let counters = runtime.load().counters.clone();
     match accepted {
         Ok(Accepted::Full(tls)) => {
             let kind = handshake_kind(tls.get_ref().1, false);
@@ -340,6 +289,90 @@ async fn handshake_and_serve(
         Err(None) => {
             counters.record_handshake_failure(HandshakeFailure::Timeout);
             tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out")
+        }
+    }
+}
+
+/// Reads the PROXY protocol header: `Some` with the client's address (`None` inside when the
+/// header names none), or `None` when the connection is to be dropped.
+async fn proxy_header(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    counters: &EdgeCounters,
+    deadline: Instant,
+    limit: Duration,
+) -> Option<Option<SocketAddr>> {
+    let header = super::proxy_protocol::read(tcp);
+    let read = match tokio::time::timeout_at(deadline, header).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyHeaderError::Timeout(limit)),
+    };
+    match read {
+        Ok(source) => Some(source),
+        // A balancer's TCP health check (or a port scan): not a refused header.
+        Err(ProxyHeaderError::Empty) => None,
+        Err(e) => {
+            // Debug, like failed TLS handshakes: a scanner would flood the log. A balancer
+            // that sends no header shows in the metric.
+            tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
+            counters
+                .proxy_headers_refused
+                .fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// A client over `max_connections_per_client`: the connection is reset, not closed, so it
+/// leaves no TIME_WAIT behind on the edge.
+fn refuse_over_limit(tcp: &TcpStream, peer: SocketAddr, limit: usize, counters: &EdgeCounters) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    tracing::debug!(%peer, limit, "per-client connection limit reached; closed");
+    counters.per_client_refused.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Waits for the client's first byte (the ClientHello), from which the handshake is timed.
+/// False when the connection is to be dropped: closed without a byte (a balancer's TCP health
+/// check: neither a handshake nor a failed one), or nothing in time (a failed one).
+async fn first_byte(
+    tcp: &TcpStream,
+    peer: SocketAddr,
+    counters: &EdgeCounters,
+    deadline: Instant,
+    limit: Duration,
+) -> bool {
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            counters.record_handshake_failure(HandshakeFailure::Timeout);
+            tracing::debug!(%peer, after = ?limit, "no TLS handshake in time");
+            false
+        }
+    }
+}
+
+/// The TLS handshake, by `deadline`: `Err(None)` when it timed out. 0-RTT needs a stream that
+/// is handed out before the handshake ends; without it tokio-rustls' (which finishes the
+/// handshake first) serves.
+async fn tls_handshake(
+    acceptor: &TlsAcceptor,
+    tcp: LingeringTcp,
+    deadline: Instant,
+) -> Result<Accepted, Option<std::io::Error>> {
+    let early = acceptor.config().max_early_data_size > 0;
+    if early {
+        let handshake = crate::tls::early::accept(acceptor.config().clone(), tcp);
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(s)) => Ok(Accepted::Early(s)),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        }
+    } else {
+        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Ok(Accepted::Full(s)),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
         }
     }
 }
