@@ -1257,7 +1257,7 @@ async fn h2_websockets_take_connection_slots_and_keep_their_connection_from_idli
     let origin = origin().start().await.unwrap();
     let text = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
         "address = \"127.0.0.1:0\"\n",
-        "address = \"127.0.0.1:0\"\nmax_connections = 2\nidle_timeout = \"300ms\"\n",
+        "address = \"127.0.0.1:0\"\nmax_connections = 2\nidle_timeout = \"600ms\"\n",
         1,
     );
     let edge = start_edge(&text).await;
@@ -1279,10 +1279,11 @@ async fn h2_websockets_take_connection_slots_and_keep_their_connection_from_idli
         "a third origin connection is over the limit"
     );
     // Well past the listener's idle timeout, the connection still takes requests: the open
-    // tunnel counts as a request in flight (three echoes 300 ms apart).
+    // tunnel counts as a request in flight (three echoes 600 ms apart; the timeout is not
+    // shorter so that a loaded machine's pause between the first requests is not idleness).
     let mut body = first.into_body();
     for i in 0..3u8 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         first_stream
             .send_data(Bytes::copy_from_slice(&[i]), false)
             .expect("send");
