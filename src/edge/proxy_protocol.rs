@@ -218,7 +218,41 @@ mod tests {
 
     #[tokio::test]
     async fn a_header_in_pieces_is_waited_for() {
-        let (got, rest) = exchange(&[b"PROXY TCP4 192.0.2", b".7 127.0.0.1 5555 443\r\n"]).await;
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let fd = tcp.as_raw_fd();
+        let reader = tokio::spawn(async move {
+            let got = read(&mut tcp).await.map_err(|e| e.to_string());
+            let mut rest = Vec::new();
+            tcp.read_to_end(&mut rest).await.unwrap();
+            (got, rest)
+        });
+        client.write_all(b"PROXY TCP4 192.0.2").await.unwrap();
+        // The second piece goes only once the reader has taken the first off the socket, so
+        // the header really arrives in two reads.
+        let unread = || {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one c_int; `fd` stays open while the reader holds it.
+            unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+            n
+        };
+        for _ in 0..10_000 {
+            if unread() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(unread(), 0, "the reader never took the first piece");
+        client
+            .write_all(b".7 127.0.0.1 5555 443\r\nTLS")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let (got, rest) = reader.await.unwrap();
         assert_eq!(got, Ok(Some("192.0.2.7:5555".parse().unwrap())));
         assert_eq!(rest, b"TLS");
     }
