@@ -201,6 +201,13 @@ impl EdgeCounters {
     }
 }
 
+/// A counter without labels, set to `value` at scrape time.
+fn register_counter(reg: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    reg.register(name, help, c);
+}
+
 /// Counters under one label, from label values and their counts in the same order.
 fn counter_family<L>(
     values: &[&'static str],
@@ -329,30 +336,27 @@ pub fn render_edge(
         "Client handshakes that failed (a TLS or QUIC error, the client leaving) or timed out",
         failures,
     );
-    let per_client = Counter::<u64>::default();
-    per_client.inc_by(counters.per_client_refused.load(Ordering::Relaxed));
-    reg.register(
+    register_counter(
+        &mut reg,
         PER_CLIENT_REFUSED,
         "TCP connections closed before their handshake: their client already held max_connections_per_client",
-        per_client,
+        counters.per_client_refused.load(Ordering::Relaxed),
     );
-    let refused = Counter::<u64>::default();
-    refused.inc_by(counters.proxy_headers_refused.load(Ordering::Relaxed));
-    reg.register(
+    register_counter(
+        &mut reg,
         PROXY_HEADERS_REFUSED,
         "Connections closed on a proxy_protocol listener: no valid PROXY protocol header in time",
-        refused,
+        counters.proxy_headers_refused.load(Ordering::Relaxed),
     );
     let d = Gauge::<i64>::default();
     d.set(i64::from(draining));
     reg.register(DRAINING, "1 while the edge drains", d);
     if let Some(n) = access_log_dropped {
-        let c = Counter::<u64>::default();
-        c.inc_by(n);
-        reg.register(
+        register_counter(
+            &mut reg,
             ACCESS_LOG_DROPPED,
             "Access-log entries dropped because the writer fell behind",
-            c,
+            n,
         );
     }
 

@@ -112,6 +112,15 @@ impl State {
         self.open.saturating_sub(self.retiring)
     }
 
+    /// Counts a connect in progress if open + connecting stays within `max`.
+    fn reserve_connect(&mut self, max: usize) -> bool {
+        let room = self.open + self.connecting < max;
+        if room {
+            self.connecting += 1;
+        }
+        room
+    }
+
     /// Counts a newly opened connection as open, unless its driver has already ended (its
     /// close then found it uncounted and left `open` alone). Returns whether it counted.
     fn count_open(&mut self, conn: &Conn) -> bool {
@@ -529,13 +538,7 @@ impl Inner {
 
     /// Claims a connect slot if open + connecting is below max_connections.
     fn reserve_connect(&self) -> bool {
-        let mut st = self.lock();
-        if st.open + st.connecting < self.origin.max_connections {
-            st.connecting += 1;
-            true
-        } else {
-            false
-        }
+        self.lock().reserve_connect(self.origin.max_connections)
     }
 
     /// Gives back a connect slot whose connect failed or was abandoned; waiters may use it.
@@ -547,14 +550,12 @@ impl Inner {
     /// A connect slot for a request, given back if the connect fails or the request is
     /// cancelled while connecting (else each cancelled connect would lower the limit for good).
     fn claim_connect(&self, st: &mut State) -> Option<ConnectSlot<'_>> {
-        if st.open + st.connecting >= self.origin.max_connections {
-            return None;
-        }
-        st.connecting += 1;
-        Some(ConnectSlot {
-            inner: self,
-            taken: false,
-        })
+        // `then`, not `then_some`: an unclaimed slot must never exist, its drop gives one back.
+        st.reserve_connect(self.origin.max_connections)
+            .then(|| ConnectSlot {
+                inner: self,
+                taken: false,
+            })
     }
 
     async fn open_for_request(
