@@ -65,6 +65,9 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if let Some(a) = d.admin_listen {
             println!("  dns admin {a}");
         }
+        if let Some(n) = &d.nsid {
+            println!("  nsid {n:?}");
+        }
         println!(
             "  nameservers {}",
             d.nameservers

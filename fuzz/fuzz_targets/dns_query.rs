@@ -6,7 +6,7 @@
 #![no_main]
 
 use edgepop::dns::map::{standalone, Map};
-use edgepop::dns::query::handle_query;
+use edgepop::dns::query::{handle, Transport};
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 use std::path::Path;
@@ -22,6 +22,7 @@ names = ["www.edgepop.test", "edgepop.test", "a.b.edgepop.test"]
 regions = "unused.toml"
 nameservers = ["ns1.edgepop.test", "ns2.sub.edgepop.test", "ns.example.net"]
 glue = { "ns1.edgepop.test" = ["192.0.2.53", "2001:db8::53"], "ns2.sub.edgepop.test" = ["192.0.2.54"] }
+nsid = "fuzz"
 "#;
 
 const REGIONS: &str = r#"
@@ -65,15 +66,24 @@ fn map() -> &'static Map {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // The first byte picks the source address family, so both lookups get exercised.
-    let src: IpAddr = match data.first() {
-        Some(b) if b & 1 == 1 => "2001:db8:1:2::7".parse().expect("v6"),
-        _ => "10.1.2.3".parse().expect("v4"),
+    // The first byte picks the source address family (bit 0), so both lookups get
+    // exercised, and the transport (bit 1): TCP has no size limit and takes the keepalive.
+    let first = data.first().copied().unwrap_or(0);
+    let src: IpAddr = if first & 1 == 1 {
+        "2001:db8:1:2::7".parse().expect("v6")
+    } else {
+        "10.1.2.3".parse().expect("v4")
+    };
+    let (transport, limit) = if first & 2 == 2 {
+        (Transport::Tcp, usize::from(u16::MAX))
+    } else {
+        (Transport::Udp, 1232)
     };
     let query = data.get(1..).unwrap_or(&[]);
-    if let Some(resp) = handle_query(query, src, map()) {
+    let mut resp = Vec::new();
+    if handle(query, src, transport, map(), &mut resp).is_some() {
         assert!(resp.len() >= 12, "an answer has a header");
-        assert!(resp.len() <= 1232, "UDP answers fit in 1232 bytes");
+        assert!(resp.len() <= limit, "UDP answers fit in 1232 bytes");
         assert_eq!(resp[..2], query[..2], "the id is echoed");
         assert!(resp[2] & 0x80 != 0, "QR is set");
         // Every answer to a QUERY is a well-formed message for an independent parser

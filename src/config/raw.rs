@@ -147,4 +147,6 @@ pub struct RawDns {
     /// The sidecar's own admin address, for a file that holds both roles (`serve` takes
     /// `[admin] listen`); default: `[admin] listen`.
     pub admin_listen: Option<Spanned<String>>,
+    /// Name server identifier answered to queries that ask for it (RFC 5001 NSID).
+    pub nsid: Option<Spanned<String>>,
 }

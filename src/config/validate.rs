@@ -200,6 +200,8 @@ pub struct DnsConfig {
     pub udp_workers: usize,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
+    pub nsid: Option<String>,
 }
 
 /// `[dns] health_ca`, loaded.
@@ -960,7 +962,24 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(1),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
+        nsid: match &d.nsid {
+            Some(n) => Some(nsid(cx, n)?),
+            None => None,
+        },
     })
+}
+
+/// An NSID as operators write it (gdnsd's `nsid_ascii`): printable ASCII, so `dig +nsid`
+/// shows it as written; 128 octets at most, as gdnsd allows.
+fn nsid(cx: &Ctx, n: &Spanned<String>) -> Result<String, ConfigError> {
+    let s = n.get_ref();
+    if s.is_empty() || s.len() > 128 {
+        return Err(cx.err(n, "nsid must be 1 to 128 characters"));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(cx.err(n, "nsid must be printable ASCII"));
+    }
+    Ok(s.clone())
 }
 
 fn glue(

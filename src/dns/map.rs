@@ -3,6 +3,7 @@
 //! A map is built off the query path and swapped in whole; only health flags and hit counters
 //! inside it change afterwards (atomics).
 
+use super::cookie::CookieSecret;
 use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
 use super::health::{Health, HealthBook};
 use crate::config::regions::RegionFile;
@@ -116,6 +117,10 @@ pub struct Map {
     pub zone: Zone,
     /// The region file this map was built from (for /map and change detection).
     pub source: RegionFile,
+    /// `[dns] nsid`: answered to queries that ask for it (RFC 5001).
+    pub nsid: Option<Box<[u8]>>,
+    /// Server cookies' key; the same in every map of one process.
+    pub cookie_secret: CookieSecret,
 }
 
 impl Map {
@@ -168,6 +173,7 @@ pub struct BuildContext<'a> {
     pub hits: &'a HitBook,
     pub generation: u64,
     pub serial: u32,
+    pub cookie_secret: CookieSecret,
 }
 
 /// Builds a map. Pure apart from registering health and hit entries in the shared books.
@@ -251,6 +257,8 @@ pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
         pops,
         zone: zone(cx.cfg, cx.serial)?,
         source: file,
+        nsid: cx.cfg.nsid.as_ref().map(|n| n.as_bytes().into()),
+        cookie_secret: cx.cookie_secret.clone(),
     })
 }
 
@@ -413,6 +421,7 @@ pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
         hits: &HitBook::default(),
         generation: 1,
         serial: 1,
+        cookie_secret: CookieSecret::random(),
     };
     build(file, &cx)
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 #[cfg(target_os = "linux")]
 mod batch;
+pub mod cookie;
 pub mod geo;
 pub mod health;
 pub mod map;
@@ -15,6 +16,7 @@ pub mod stats;
 
 use crate::config::{regions, Config, ConfigError, DnsConfig, Role};
 use arc_swap::ArcSwap;
+use cookie::CookieSecret;
 use health::{HealthBook, Prober};
 use map::{HitBook, Map, MapError};
 use std::net::SocketAddr;
@@ -419,6 +421,7 @@ fn build_map_changed(
         hits,
         generation: old.map_or(1, |o| o.generation + 1),
         serial,
+        cookie_secret: old.map_or_else(CookieSecret::random, |o| o.cookie_secret.clone()),
     };
     map::build(file, &cx).map_err(DnsError::Map)
 }

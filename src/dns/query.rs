@@ -2,7 +2,10 @@
 //! hickory-proto's decoder (header fields, question, record framing); the answer is assembled
 //! from the question as received and the map's pre-encoded record sets, so a query costs one
 //! name parse, one binary search over the map's blocks and a few copies, without locks or heap allocation.
+//! EDNS options acted on: Client Subnet (RFC 7871), COOKIE (RFC 7873, see [`super::cookie`]),
+//! NSID (RFC 5001) and, over TCP, edns-tcp-keepalive (RFC 7828); others are ignored.
 
+use super::cookie::{CookieIn, CookieState};
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet};
 use domain::base::name::{ParsedName, ToLabelIter};
@@ -14,7 +17,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Largest UDP answer we send (RFC 8085 / DNS flag day 2020).
 pub const MAX_UDP: u16 = 1232;
 const OPT: u16 = 41;
+const NSID: u16 = 3;
 const ECS: u16 = 8;
+const COOKIE: u16 = 10;
+const KEEPALIVE: u16 = 11;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -110,6 +116,8 @@ pub struct Outcome {
     pub qtype: Qtype,
     pub rcode: Rcode,
     pub truncated: bool,
+    /// The query carried a DNS cookie: what its server cookie was.
+    pub cookie: Option<CookieState>,
 }
 
 /// A validated EDNS Client Subnet option (RFC 7871).
@@ -126,7 +134,21 @@ struct Edns {
     udp_size: u16,
     version: u8,
     dnssec_ok: bool,
+    options: Options,
+    /// An option was malformed (FORMERR, answered with the question and a bare OPT, as RFC
+    /// 6891 6.1.1 wants an OPT in every answer to a query that had one).
+    malformed: bool,
+}
+
+/// The EDNS options we act on; the rest are ignored.
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
     ecs: Option<Ecs>,
+    cookie: Option<CookieIn>,
+    /// NSID asked for (RFC 5001).
+    nsid: bool,
+    /// edns-tcp-keepalive asked for over TCP (RFC 7828; ignored over UDP).
+    keepalive: bool,
 }
 
 /// The question: as received (for the echo) and reduced to what the lookup needs. The
@@ -179,9 +201,10 @@ pub fn handle(
         authority: None,
         additional: None,
         scope: 0,
+        extra: Extra::default(),
     };
     let mut qwire = [0u8; 256];
-    let parsed = parse(query, &mut d, counts, &mut qwire);
+    let parsed = parse(query, &mut d, counts, transport, &mut qwire);
     let qtype_of = |p: &Parsed| {
         p.question
             .as_ref()
@@ -201,6 +224,9 @@ pub fn handle(
     let qtype = qtype_of(&parsed);
     r.question = parsed.question.as_ref().map(|q| q.raw);
     r.edns = parsed.edns;
+    if let Some(e) = parsed.edns {
+        r.extra = extra(&e.options, src, transport, map);
+    }
     r.limit = match (transport, parsed.edns) {
         (Transport::Tcp, _) => u16::MAX,
         (Transport::Udp, Some(e)) => e.udp_size.clamp(512, MAX_UDP),
@@ -212,6 +238,9 @@ pub fn handle(
     if let Some(e) = parsed.edns {
         if e.version > 0 {
             return Some(r.finish(Rcode::BadVers, transport, qtype));
+        }
+        if e.malformed {
+            return Some(r.finish(Rcode::FormErr, transport, qtype));
         }
     }
     let Some(q) = parsed.question else {
@@ -248,7 +277,7 @@ pub fn handle(
             r.additional = glue(zone);
         }
         1 | 28 | 255 if geo => {
-            let (hit, at) = locate(map, src, parsed.edns.and_then(|e| e.ecs));
+            let (hit, at) = locate(map, src, parsed.edns.and_then(|e| e.options.ecs));
             let (pos, class) = map.choose(hit.class);
             let pop = &map.pops[usize::from(class.pops[pos])];
             let set = match rtype {
@@ -296,14 +325,24 @@ pub fn handle(
     Some(r.finish(Rcode::NoError, transport, qtype))
 }
 
-fn glue(zone: &super::map::Zone) -> Option<&RrSet> {
-    Some(&zone.ns_glue).filter(|g| g.count > 0)
+/// What the answer's OPT carries besides ECS, from the query's options: the cookie (its
+/// server cookie made for the packet's source), NSID when configured, the TCP keepalive.
+fn extra<'m>(o: &Options, src: IpAddr, transport: Transport, map: &'m Map) -> Extra<'m> {
+    let cookie = o.cookie.map(|c| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32);
+        c.answer(canonical(src), &map.cookie_secret, now)
+    });
+    Extra {
+        cookie,
+        nsid: if o.nsid { map.nsid.as_deref() } else { None },
+        keepalive: o.keepalive && transport == Transport::Tcp,
+    }
 }
 
-/// [`handle`] for one UDP query into a fresh buffer: the fuzz target's entry point.
-pub fn handle_query(query: &[u8], src: IpAddr, map: &Map) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    handle(query, src, Transport::Udp, map, &mut out).map(|_| out)
+fn glue(zone: &super::map::Zone) -> Option<&RrSet> {
+    Some(&zone.ns_glue).filter(|g| g.count > 0)
 }
 
 /// Which address locates the client: the ECS subnet when it has a non-zero SOURCE, else the
@@ -363,6 +402,7 @@ fn parse<'a>(
     query: &'a [u8],
     d: &mut BinDecoder<'a>,
     [qd, an, ns, ar]: [u16; 4],
+    transport: Transport,
     qwire: &mut [u8; 256],
 ) -> Result<Parsed<'a>, ()> {
     let mut parsed = Parsed {
@@ -406,11 +446,16 @@ fn parse<'a>(
         if parsed.edns.is_some() || !owner_root {
             return Err(()); // RFC 6891 6.1.1: one OPT, owned by the root
         }
+        let (options, malformed) = match options(data, transport) {
+            Ok(o) => (o, false),
+            Err(()) => (Options::default(), true),
+        };
         parsed.edns = Some(Edns {
             udp_size: class,
             version: (ttl >> 16) as u8,
             dnssec_ok: ttl & 0x8000 != 0,
-            ecs: options(data)?,
+            options,
+            malformed,
         });
     }
     Ok(parsed)
@@ -428,22 +473,33 @@ fn skip_record(d: &mut BinDecoder<'_>) -> Result<(), ()> {
     Ok(())
 }
 
-/// Walks the OPT options; unknown ones are ignored, ECS is validated (RFC 7871 6).
-fn options(data: &[u8]) -> Result<Option<Ecs>, ()> {
+/// Walks the OPT options; unknown ones are ignored. `Err` (FORMERR): a malformed or repeated
+/// ECS (RFC 7871 6) or COOKIE (RFC 7873 5.2.2), or a TCP keepalive carrying a TIMEOUT, which
+/// only servers send (RFC 7828 3.2.1).
+fn options(data: &[u8], transport: Transport) -> Result<Options, ()> {
     let mut d = BinDecoder::new(data);
-    let mut ecs = None;
+    let mut o = Options::default();
     while !d.is_empty() {
         let code = read_u16(&mut d)?;
         let len = read_u16(&mut d)?;
         let value = d.read_slice(usize::from(len)).map_err(|_| ())?.unverified();
-        if code == ECS {
-            if ecs.is_some() {
-                return Err(());
+        match code {
+            ECS if o.ecs.is_some() => return Err(()),
+            ECS => o.ecs = Some(client_subnet(value)?),
+            COOKIE if o.cookie.is_some() => return Err(()),
+            COOKIE => o.cookie = Some(CookieIn::parse(value).ok_or(())?),
+            // Whatever a query's NSID holds is ignored (RFC 5001 2.3).
+            NSID => o.nsid = true,
+            KEEPALIVE if transport == Transport::Tcp => {
+                if !value.is_empty() {
+                    return Err(());
+                }
+                o.keepalive = true;
             }
-            ecs = Some(client_subnet(value)?);
+            _ => {}
         }
     }
-    Ok(ecs)
+    Ok(o)
 }
 
 fn client_subnet(value: &[u8]) -> Result<Ecs, ()> {
@@ -492,15 +548,59 @@ struct Response<'q, 'm> {
     /// Glue; with the OPT record in the additional section.
     additional: Option<&'m RrSet>,
     scope: u8,
+    extra: Extra<'m>,
+}
+
+/// Options of the answer's OPT besides ECS.
+#[derive(Debug, Default, Clone, Copy)]
+struct Extra<'m> {
+    cookie: Option<([u8; super::cookie::ANSWER_LEN], CookieState)>,
+    nsid: Option<&'m [u8]>,
+    keepalive: bool,
+}
+
+impl Extra<'_> {
+    fn wire_len(&self) -> usize {
+        self.cookie.map_or(0, |(c, _)| 4 + c.len())
+            + self.nsid.map_or(0, |n| 4 + n.len())
+            + if self.keepalive { 6 } else { 0 }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut option = |code: u16, value: &[u8]| {
+            out.extend_from_slice(&code.to_be_bytes());
+            out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            out.extend_from_slice(value);
+        };
+        if let Some((c, _)) = &self.cookie {
+            option(COOKIE, c);
+        }
+        if let Some(n) = self.nsid {
+            option(NSID, n);
+        }
+        if self.keepalive {
+            option(KEEPALIVE, &tcp_keepalive_timeout().to_be_bytes());
+        }
+    }
+}
+
+/// The TCP idle timeout in RFC 7828's units of 100 ms.
+fn tcp_keepalive_timeout() -> u16 {
+    u16::try_from(super::server::TCP_IDLE.as_millis() / 100).unwrap_or(u16::MAX)
 }
 
 impl Response<'_, '_> {
     fn finish(self, rcode: Rcode, _transport: Transport, qtype: Qtype) -> Outcome {
         let out = self.out;
         let code = rcode as u16;
-        let opt_len = self.edns.map_or(0, |e| {
-            11 + e.ecs.map_or(0, |c| 8 + usize::from(c.source).div_ceil(8))
-        });
+        let ecs_len = |e: Edns| {
+            e.options
+                .ecs
+                .map_or(0, |c| 8 + usize::from(c.source).div_ceil(8))
+        };
+        let opt_len = self
+            .edns
+            .map_or(0, |e| 11 + ecs_len(e) + self.extra.wire_len());
         let q_len = self.question.map_or(0, <[u8]>::len);
         let body: usize = self
             .answers
@@ -547,27 +647,26 @@ impl Response<'_, '_> {
             out.extend_from_slice(&MAX_UDP.to_be_bytes());
             let ttl = (u32::from(code >> 4) << 24) | if e.dnssec_ok { 0x8000 } else { 0 };
             out.extend_from_slice(&ttl.to_be_bytes());
-            match e.ecs {
-                Some(c) => {
-                    let n = usize::from(c.source).div_ceil(8);
-                    out.extend_from_slice(&((8 + n) as u16).to_be_bytes());
-                    out.extend_from_slice(&ECS.to_be_bytes());
-                    out.extend_from_slice(&((4 + n) as u16).to_be_bytes());
-                    out.extend_from_slice(&c.family.to_be_bytes());
-                    out.push(c.source);
-                    out.push(if c.source == 0 { 0 } else { self.scope });
-                    match c.addr {
-                        IpAddr::V4(a) => out.extend_from_slice(&a.octets()[..n]),
-                        IpAddr::V6(a) => out.extend_from_slice(&a.octets()[..n]),
-                    }
+            out.extend_from_slice(&((ecs_len(e) + self.extra.wire_len()) as u16).to_be_bytes());
+            if let Some(c) = e.options.ecs {
+                let n = usize::from(c.source).div_ceil(8);
+                out.extend_from_slice(&ECS.to_be_bytes());
+                out.extend_from_slice(&((4 + n) as u16).to_be_bytes());
+                out.extend_from_slice(&c.family.to_be_bytes());
+                out.push(c.source);
+                out.push(if c.source == 0 { 0 } else { self.scope });
+                match c.addr {
+                    IpAddr::V4(a) => out.extend_from_slice(&a.octets()[..n]),
+                    IpAddr::V6(a) => out.extend_from_slice(&a.octets()[..n]),
                 }
-                None => out.extend_from_slice(&0u16.to_be_bytes()),
             }
+            self.extra.write(out);
         }
         Outcome {
             qtype,
             rcode,
             truncated,
+            cookie: self.extra.cookie.map(|(_, s)| s),
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 /// How long a TCP client may stay silent between queries.
-const TCP_IDLE: Duration = Duration::from_secs(10);
+pub(super) const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Concurrent TCP connections; more wait in the accept queue.
 const TCP_MAX: usize = 1024;
 

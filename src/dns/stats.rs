@@ -2,6 +2,7 @@
 //! relaxed add and no lock) and the Prometheus text exposition of everything the sidecar
 //! reports: queries, answers per region and PoP, PoP health, map age, generations, errors.
 
+use super::cookie::CookieState;
 use super::query::{Outcome, Qtype, Rcode};
 use super::DnsState;
 use std::fmt::Write;
@@ -10,11 +11,14 @@ use std::time::SystemTime;
 
 const NQ: usize = Qtype::ALL.len();
 const NR: usize = Rcode::ALL.len();
+const NC: usize = CookieState::ALL.len();
 
 #[derive(Debug)]
 pub struct Stats {
     queries: [[AtomicU64; NR]; NQ],
     truncated: AtomicU64,
+    /// Queries with a DNS cookie, by what their server cookie was.
+    cookies: [AtomicU64; NC],
     pub udp_errors: AtomicU64,
     pub tcp_connections: AtomicU64,
 }
@@ -24,6 +28,7 @@ impl Default for Stats {
         Stats {
             queries: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             truncated: AtomicU64::new(0),
+            cookies: std::array::from_fn(|_| AtomicU64::new(0)),
             udp_errors: AtomicU64::new(0),
             tcp_connections: AtomicU64::new(0),
         }
@@ -45,6 +50,13 @@ impl Stats {
         if o.truncated {
             self.truncated.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(c) = o.cookie {
+            self.cookies[c as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn cookies(&self, c: CookieState) -> u64 {
+        self.cookies[c as usize].load(Ordering::Relaxed)
     }
 
     pub fn queries(&self, q: Qtype, r: Rcode) -> u64 {
@@ -85,6 +97,18 @@ pub fn render(state: &DnsState) -> String {
         "# HELP edgepop_dns_truncated_total UDP answers sent with TC set.\n# TYPE edgepop_dns_truncated_total counter\nedgepop_dns_truncated_total {}",
         s.truncated.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_cookies_total Queries with a DNS cookie, by their server cookie: none yet (client_only), ours (valid), or not ours, too old or from before a restart (invalid).\n# TYPE edgepop_dns_cookies_total counter"
+    );
+    for c in CookieState::ALL {
+        let _ = writeln!(
+            o,
+            "edgepop_dns_cookies_total{{server_cookie=\"{}\"}} {}",
+            c.as_str(),
+            s.cookies(c)
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP edgepop_dns_answers_total Geo answers, by region (answer class) and PoP.\n# TYPE edgepop_dns_answers_total counter"

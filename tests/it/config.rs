@@ -271,6 +271,35 @@ fn glue_is_checked_and_an_in_zone_nameserver_without_it_is_warned_about() {
 }
 
 #[test]
+fn nsid_is_printable_ascii_of_at_most_128_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = root().join("config/regions.toml");
+    let dns = |nsid: &str| {
+        format!(
+            "[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\nnameservers = [\"ns.example.net\"]\nnsid = {nsid}\n",
+            regions.display()
+        )
+    };
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "ok.toml", &dns("\"dns1 tyo1\"")));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("  nsid \"dns1 tyo1\""), "{stdout}");
+    for (nsid, want) in [
+        ("\"\"", "e.toml:7:8: nsid must be 1 to 128 characters"),
+        (
+            &format!("\"{}\"", "a".repeat(129)),
+            "e.toml:7:8: nsid must be 1 to 128 characters",
+        ),
+        (
+            "\"dns1\\u00e9\"",
+            "e.toml:7:8: nsid must be printable ASCII",
+        ),
+        ("\"a\\tb\"", "e.toml:7:8: nsid must be printable ASCII"),
+    ] {
+        assert_eq!(check_text(&dns(nsid)).trim(), want, "{nsid}");
+    }
+}
+
+#[test]
 fn a_file_with_only_one_roles_sections_is_valid_for_that_role() {
     let dir = tempfile::tempdir().unwrap();
     let regions = root().join("config/regions.toml");

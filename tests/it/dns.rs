@@ -3,6 +3,7 @@
 //! failover, regeneration of the map, malformed input, admin endpoints and the binary.
 
 pub mod harness;
+mod options;
 mod reload;
 mod roles;
 mod wire;

@@ -47,9 +47,9 @@ async fn sighup_applies_new_dns_settings_and_a_broken_file_keeps_the_running_one
     assert_eq!(new_name().await, vec![], "not a name yet");
     let serial = map_json(admin).await["serial"].as_u64().expect("serial");
 
-    // New TTL and a new name apply; a new listen address cannot without a restart.
+    // New TTL, a new name and an NSID apply; a new listen address cannot without a restart.
     let second = first
-        .replace("ttl = \"60s\"", "ttl = \"5s\"")
+        .replace("ttl = \"60s\"", "ttl = \"5s\"\nnsid = \"dns-b\"")
         .replace("names = [", "names = [\"new.edgepop.test\", ")
         .replace(
             "listen = \"127.0.0.1:0\"\nzone",
@@ -63,6 +63,8 @@ async fn sighup_applies_new_dns_settings_and_a_broken_file_keeps_the_running_one
     })
     .await;
     assert_eq!(new_name().await, vec![(5, "192.0.2.3".to_string())]);
+    let out = dig_port(port, &[WWW, "A", "+nsid"]).await;
+    assert!(out.contains("(\"dns-b\")"), "{out}");
     let warning = log_after(&log, "not applied until restart");
     assert!(
         warning.contains("[dns] listen 127.0.0.1:0 -> 127.0.0.1:1"),

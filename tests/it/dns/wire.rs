@@ -3,13 +3,14 @@
 
 use super::basic_regions;
 use super::harness::*;
+use edgepop::dns::query::Transport;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 /// A query for WWW/A as bytes, with `opt` appended as the additional section.
-fn with_opt(opt: &[u8]) -> Vec<u8> {
+pub(super) fn with_opt(opt: &[u8]) -> Vec<u8> {
     let mut q = query(WWW, RecordType::A, None).to_vec().expect("encode");
     q[11] = 1; // ARCOUNT
     q.extend_from_slice(opt);
@@ -17,7 +18,7 @@ fn with_opt(opt: &[u8]) -> Vec<u8> {
 }
 
 /// An OPT record: root owner, type 41, payload, ext-rcode/version/flags, options.
-fn opt_record(version: u8, options: &[u8]) -> Vec<u8> {
+pub(super) fn opt_record(version: u8, options: &[u8]) -> Vec<u8> {
     let mut o = vec![0, 0, 41, 0x04, 0xd0, 0, version, 0, 0];
     o.extend_from_slice(&(options.len() as u16).to_be_bytes());
     o.extend_from_slice(options);
@@ -33,7 +34,7 @@ fn ecs_option(family: u16, source: u8, scope: u8, addr: &[u8]) -> Vec<u8> {
     o
 }
 
-fn rcode(resp: &[u8]) -> u8 {
+pub(super) fn rcode(resp: &[u8]) -> u8 {
     resp[3] & 0x0f
 }
 
@@ -194,7 +195,7 @@ async fn malformed_packets_never_crash_the_server_and_it_keeps_answering() {
 fn the_fuzz_seed_corpus_and_random_mutations_never_panic_the_query_path() {
     let cfg = edgepop::config::parse(
         std::path::Path::new("t.toml"),
-        &config_text(std::path::Path::new("unused.toml"), ""),
+        &config_text(std::path::Path::new("unused.toml"), "nsid = \"t\""),
     )
     .expect("config")
     .dns
@@ -224,8 +225,15 @@ fn the_fuzz_seed_corpus_and_random_mutations_never_panic_the_query_path() {
                     p[i] = rng.gen();
                 }
             }
-            if let Some(r) = edgepop::dns::query::handle_query(&p, srcs[round % 2], &map) {
-                assert!(r.len() >= 12 && r.len() <= 1232 && r[..2] == p[..2]);
+            // As in the fuzz target, bit 1 of the first byte picks TCP.
+            let (transport, limit) = if seed.first().is_some_and(|b| b & 2 == 2) {
+                (Transport::Tcp, usize::from(u16::MAX))
+            } else {
+                (Transport::Udp, 1232)
+            };
+            let mut r = Vec::new();
+            if edgepop::dns::query::handle(&p, srcs[round % 2], transport, &map, &mut r).is_some() {
+                assert!(r.len() >= 12 && r.len() <= limit && r[..2] == p[..2]);
                 answered += 1;
             }
         }

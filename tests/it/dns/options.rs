@@ -1,0 +1,190 @@
+//! EDNS options besides ECS, with dig, kdig and hand-made options: DNS cookies (RFC 7873 with
+//! RFC 9018 server cookies), NSID (RFC 5001) and the TCP keepalive (RFC 7828).
+
+use super::basic_regions;
+use super::harness::*;
+use super::wire::{opt_record, rcode, with_opt};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const CLIENT: [u8; 8] = [0x24, 0x64, 0xc4, 0xab, 0xcf, 0x10, 0xc9, 0x57];
+
+fn option(code: u16, value: &[u8]) -> Vec<u8> {
+    let mut o = code.to_be_bytes().to_vec();
+    o.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    o.extend_from_slice(value);
+    o
+}
+
+/// WWW/A with an OPT holding these options.
+fn query_with(options: &[u8]) -> Vec<u8> {
+    with_opt(&opt_record(0, options))
+}
+
+fn parse(resp: &[u8]) -> Message {
+    Message::from_vec(resp).expect("a parseable answer")
+}
+
+fn option_of(m: &Message, code: EdnsCode) -> Option<Vec<u8>> {
+    let o = m.extensions().as_ref()?.option(code)?;
+    o.try_into().ok()
+}
+
+async fn udp(dns: &Dns, q: &[u8]) -> Message {
+    let r = Dns::probe_raw(dns.addr(), q, Duration::from_secs(2))
+        .await
+        .expect("an answer");
+    parse(&r)
+}
+
+/// `edgepop_dns_cookies_total` by server cookie: client_only, valid, invalid.
+async fn cookie_counts(dns: &Dns) -> [u64; 3] {
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    ["client_only", "valid", "invalid"].map(|s| {
+        let key = format!("edgepop_dns_cookies_total{{server_cookie=\"{s}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {metrics}"))
+    })
+}
+
+/// The answer's cookie: the client cookie echoed and an RFC 9018 server cookie made now.
+fn assert_fresh_cookie(m: &Message, client: &[u8]) -> Vec<u8> {
+    let c = option_of(m, EdnsCode::Cookie).expect("a COOKIE option");
+    assert_eq!(c.len(), 24, "{c:?}");
+    assert_eq!(&c[..8], client);
+    assert_eq!(&c[8..12], &[1, 0, 0, 0], "version 1, reserved zero");
+    let made = u64::from(u32::from_be_bytes([c[12], c[13], c[14], c[15]]));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(made.abs_diff(now) <= 60, "timestamp {made} vs now {now}");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_cookie_gets_a_server_cookie_that_is_valid_when_it_comes_back() {
+    let dns = Dns::start(&basic_regions()).await;
+    let first = udp(&dns, &query_with(&option(10, &CLIENT))).await;
+    assert_eq!(first.response_code(), ResponseCode::NoError);
+    assert_eq!(addrs(&first), vec!["192.0.2.3"]);
+    let cookie = assert_fresh_cookie(&first, &CLIENT);
+    assert_eq!(cookie_counts(&dns).await, [1, 0, 0]);
+    // Sent back: valid, answered, and a fresh server cookie again.
+    let again = udp(&dns, &query_with(&option(10, &cookie))).await;
+    assert_eq!(addrs(&again), vec!["192.0.2.3"]);
+    assert_fresh_cookie(&again, &CLIENT);
+    assert_eq!(cookie_counts(&dns).await, [1, 1, 0]);
+    // Tampered with: invalid, but still answered (nothing is refused for its cookie).
+    let mut forged = cookie.clone();
+    forged[23] ^= 1;
+    let r = udp(&dns, &query_with(&option(10, &forged))).await;
+    assert_eq!(addrs(&r), vec!["192.0.2.3"]);
+    assert_fresh_cookie(&r, &CLIENT);
+    assert_eq!(cookie_counts(&dns).await, [1, 1, 1]);
+    // Over TCP too, next to ECS.
+    let mut opts = option(10, &cookie);
+    opts.extend(option(8, &[0, 1, 24, 0, 198, 51, 100]));
+    let r = parse(&dns.raw_tcp(&query_with(&opts)).await);
+    assert_eq!(addrs(&r), vec!["192.0.2.1"]);
+    assert_eq!(ecs_of(&r), Some((1, 24, 24, vec![198, 51, 100])));
+    assert_fresh_cookie(&r, &CLIENT);
+    assert_eq!(cookie_counts(&dns).await, [1, 2, 1]);
+    // dig sends a cookie by default and checks the echo.
+    let out = dns.dig(&[WWW, "A"]).await;
+    assert!(
+        out.contains("; COOKIE: ") && out.contains("(good)"),
+        "{out}"
+    );
+    let out = dns.dig(&[WWW, "A", "+nocookie"]).await;
+    assert!(!out.contains("COOKIE"), "{out}");
+    let out = dns.kdig(&[WWW, "A", "+cookie"]).await;
+    assert!(out.contains(";; COOKIE: "), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_cookie_is_a_formerr_that_still_carries_the_question_and_an_opt() {
+    let dns = Dns::start(&basic_regions()).await;
+    let mut two = option(10, &CLIENT);
+    two.extend(option(10, &CLIENT));
+    for (what, opts) in [
+        ("7 octets", option(10, &CLIENT[..7])),
+        ("9 octets", option(10, &[1; 9])),
+        ("15 octets", option(10, &[1; 15])),
+        ("41 octets", option(10, &[1; 41])),
+        ("two cookies", two),
+    ] {
+        let m = udp(&dns, &query_with(&opts)).await;
+        assert_eq!(m.response_code(), ResponseCode::FormErr, "{what}");
+        assert_eq!(m.queries().len(), 1, "{what}: question echoed");
+        let opt = m.extensions().as_ref().expect("an OPT");
+        assert_eq!(opt.max_payload(), 1232, "{what}");
+        assert!(option_of(&m, EdnsCode::Cookie).is_none(), "{what}");
+    }
+    // The same for a malformed ECS, which used to lose its OPT.
+    let m = udp(&dns, &query_with(&option(8, &[0, 3, 8, 0, 1]))).await;
+    assert_eq!(m.response_code(), ResponseCode::FormErr);
+    assert!(m.extensions().is_some());
+    let out = dns.dig(&[WWW, "A", "+cookie=2464c4abcf"]).await;
+    assert!(out.contains("status: FORMERR"), "{out}");
+    assert!(!out.contains("retry with '+noedns'"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nsid_is_answered_only_when_configured_and_asked_for() {
+    let dns = Dns::start_with(&basic_regions(), "nsid = \"dns1.tyo1\"").await;
+    let out = dns.dig(&[WWW, "A", "+nsid"]).await;
+    assert!(
+        out.contains("; NSID: 64 6e 73 31 2e 74 79 6f 31 (\"dns1.tyo1\")"),
+        "{out}"
+    );
+    assert!(out.contains("192.0.2.3"), "{out}");
+    let out = dns.kdig(&[WWW, "A", "+nsid"]).await;
+    assert!(out.contains("\"dns1.tyo1\""), "{out}");
+    // Whatever a query's NSID holds is ignored; negative answers carry it too.
+    let m = udp(&dns, &query_with(&option(3, b"junk"))).await;
+    assert_eq!(
+        option_of(&m, EdnsCode::NSID).as_deref(),
+        Some(&b"dns1.tyo1"[..])
+    );
+    let out = dns.dig(&["nope.edgepop.test", "A", "+nsid"]).await;
+    assert!(
+        out.contains("status: NXDOMAIN") && out.contains("(\"dns1.tyo1\")"),
+        "{out}"
+    );
+    let out = dns.dig(&[WWW, "A"]).await;
+    assert!(!out.contains("NSID"), "not asked: {out}");
+    let plain = Dns::start(&basic_regions()).await;
+    let out = plain.dig(&[WWW, "A", "+nsid"]).await;
+    assert!(!out.contains("NSID"), "not configured: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tcp_keepalive_is_announced_over_tcp_only() {
+    let dns = Dns::start(&basic_regions()).await;
+    let out = dns.dig(&[WWW, "A", "+tcp", "+keepalive"]).await;
+    assert!(out.contains("; TCP KEEPALIVE: 10.0 secs"), "{out}");
+    let out = dns.dig(&[WWW, "A", "+tcp"]).await;
+    assert!(!out.contains("KEEPALIVE"), "not asked: {out}");
+    // Over UDP the option is ignored, whatever it holds (RFC 7828 3.3.1).
+    let out = dns.dig(&[WWW, "A", "+keepalive"]).await;
+    assert!(
+        !out.contains("KEEPALIVE") && out.contains("192.0.2.3"),
+        "{out}"
+    );
+    let m = udp(&dns, &query_with(&option(11, &[0, 100]))).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(option_of(&m, EdnsCode::Keepalive).is_none());
+    // Over TCP a query must not carry a TIMEOUT: FORMERR.
+    let r = dns.raw_tcp(&query_with(&option(11, &[0, 100]))).await;
+    assert_eq!(rcode(&r), 1);
+    let m = parse(&dns.raw_tcp(&query_with(&option(11, &[]))).await);
+    assert_eq!(
+        option_of(&m, EdnsCode::Keepalive).as_deref(),
+        Some(&[0u8, 100][..])
+    );
+}
