@@ -68,6 +68,9 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if let Some(n) = &d.nsid {
             println!("  nsid {n:?}");
         }
+        if let Some(k) = &d.cookie_keys {
+            println!("  cookie keys {} ({:?})", k.path.display(), k.secret);
+        }
         println!(
             "  nameservers {}",
             d.nameservers

@@ -83,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
     let mut resp = Vec::new();
     if handle(query, src, transport, map(), &mut resp).is_some() {
         assert!(resp.len() >= 12, "an answer has a header");
-        assert!(resp.len() <= limit, "UDP answers fit in 1232 bytes");
+        assert!(resp.len() <= limit, "answers fit their transport (UDP: 1232 bytes)");
         assert_eq!(resp[..2], query[..2], "the id is echoed");
         assert!(resp[2] & 0x80 != 0, "QR is set");
         // Every answer to a QUERY is a well-formed message for an independent parser

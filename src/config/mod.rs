@@ -9,8 +9,8 @@ mod validate;
 
 pub use error::{ConfigError, Location};
 pub use validate::{
-    AccessLogTarget, AdminConfig, CertificateConfig, Config, DnsConfig, EdgeConfig, Glue, HealthCa,
-    ListenerConfig, OriginConfig, PopConfig, Protocol, Role, RouteConfig,
+    AccessLogTarget, AdminConfig, CertificateConfig, Config, CookieKeys, DnsConfig, EdgeConfig,
+    Glue, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol, Role, RouteConfig,
 };
 
 use std::path::Path;

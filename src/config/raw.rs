@@ -149,4 +149,6 @@ pub struct RawDns {
     pub admin_listen: Option<Spanned<String>>,
     /// Name server identifier answered to queries that ask for it (RFC 5001 NSID).
     pub nsid: Option<Spanned<String>>,
+    /// Key file for DNS server cookies shared by the sidecars behind one address.
+    pub cookie_keys: Option<Spanned<String>>,
 }

@@ -202,6 +202,15 @@ pub struct DnsConfig {
     pub admin_listen: Option<SocketAddr>,
     /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
     pub nsid: Option<String>,
+    /// `[dns] cookie_keys`, loaded; `None`: a random secret per process.
+    pub cookie_keys: Option<CookieKeys>,
+}
+
+/// `[dns] cookie_keys`, loaded.
+#[derive(Debug, Clone)]
+pub struct CookieKeys {
+    pub path: PathBuf,
+    pub secret: crate::dns::cookie::CookieSecret,
 }
 
 /// `[dns] health_ca`, loaded.
@@ -964,6 +973,17 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         },
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),
+            None => None,
+        },
+        cookie_keys: match &d.cookie_keys {
+            Some(s) => {
+                let path = PathBuf::from(s.get_ref());
+                let secret = crate::dns::cookie::CookieSecret::load(&path).map_err(|e| {
+                    let reason = e.to_string();
+                    ConfigError::invalid_because(cx.at(s), reason, e)
+                })?;
+                Some(CookieKeys { path, secret })
+            }
             None => None,
         },
     })

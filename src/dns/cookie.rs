@@ -3,13 +3,20 @@
 //! server cookie, SipHash-2-4 of the client cookie, a timestamp and the client's address under
 //! the sidecar's secret. The echo is what lets a resolver tell our answers from off-path
 //! forgeries. A server cookie that comes back is checked, but only to count it: no query is
-//! refused for lacking a valid one (BIND's and Knot's default), as the sidecar's answers are
-//! too small to be worth amplifying.
+//! refused for lacking a valid one (BIND's default, `require-server-cookie no`), as the
+//! answers are too small to be worth amplifying.
+//!
+//! The secret is random per process unless `[dns] cookie_keys` names a key file, which the
+//! instances behind one address share (RFC 9018's anycast set): one key per line, 32 hex
+//! digits (16 bytes), `#` starts a comment; the first key makes server cookies, every key
+//! checks them, so a key is rotated by adding a new first line everywhere and removing the
+//! old one an hour later. Generate one with `head -c 16 /dev/urandom | xxd -p`.
 
 use domain::base::opt::cookie::{ClientCookie, ServerCookie, StandardServerCookie};
 use domain::base::Serial;
 use domain::dep::octseq::Parser;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 /// Length of the option we send: an 8-octet client cookie and a 16-octet server cookie.
 pub const ANSWER_LEN: usize = 24;
@@ -18,24 +25,82 @@ pub const ANSWER_LEN: usize = 24;
 const MAX_AGE_SECS: i64 = 3600;
 const MAX_AHEAD_SECS: i64 = 300;
 
-/// The SipHash key of the server cookies, random per process.
-#[derive(Clone)]
-pub struct CookieSecret([u8; 16]);
+const KEY_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CookieKeyError {
+    #[error("cookie key file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cookie key file {}:{line}: expected 32 hex digits (a 16-byte SipHash key)", path.display())]
+    Malformed { path: PathBuf, line: usize },
+    #[error("cookie key file {} holds no key", path.display())]
+    Empty { path: PathBuf },
+}
+
+/// The SipHash keys of the server cookies: the first makes them, any of them checks them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CookieSecret {
+    signing: [u8; KEY_LEN],
+    /// Older keys still accepted (rotation).
+    accepted: Vec<[u8; KEY_LEN]>,
+}
 
 impl CookieSecret {
     pub fn random() -> Self {
-        CookieSecret(rand::random())
+        Self::from_bytes(rand::random())
     }
 
-    #[cfg(test)]
-    pub fn from_bytes(b: [u8; 16]) -> Self {
-        CookieSecret(b)
+    pub fn from_bytes(signing: [u8; KEY_LEN]) -> Self {
+        CookieSecret {
+            signing,
+            accepted: Vec::new(),
+        }
+    }
+
+    /// Reads a key file (see the module documentation).
+    pub fn load(path: &Path) -> Result<Self, CookieKeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CookieKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut keys = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let key = hex::decode(line)
+                .ok()
+                .and_then(|b| <[u8; KEY_LEN]>::try_from(b).ok())
+                .ok_or_else(|| CookieKeyError::Malformed {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                })?;
+            keys.push(key);
+        }
+        let mut keys = keys.into_iter();
+        let signing = keys.next().ok_or_else(|| CookieKeyError::Empty {
+            path: path.to_path_buf(),
+        })?;
+        Ok(CookieSecret {
+            signing,
+            accepted: keys.collect(),
+        })
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &[u8; KEY_LEN]> {
+        std::iter::once(&self.signing).chain(&self.accepted)
     }
 }
 
 impl std::fmt::Debug for CookieSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CookieSecret(..)")
+        // Never print key material.
+        write!(f, "CookieSecret({} keys)", 1 + self.accepted.len())
     }
 }
 
@@ -108,14 +173,16 @@ impl CookieIn {
             None => CookieState::ClientOnly,
             Some(Server::Standard(s))
                 if fresh(s.timestamp().into_int(), now)
-                    && s.check_hash(self.client, client_ip, &secret.0) =>
+                    && secret
+                        .keys()
+                        .any(|k| s.check_hash(self.client, client_ip, k)) =>
             {
                 CookieState::Valid
             }
             Some(_) => CookieState::Invalid,
         };
         let server =
-            StandardServerCookie::calculate(self.client, Serial(now), client_ip, &secret.0);
+            StandardServerCookie::calculate(self.client, Serial(now), client_ip, &secret.signing);
         let mut out = [0u8; ANSWER_LEN];
         out[..8].copy_from_slice(self.client.as_ref());
         out[8..].copy_from_slice(ServerCookie::from(server).as_ref());
@@ -192,6 +259,28 @@ mod tests {
         assert_eq!(answer(a3, CLIENT_2, 1559727985 + 60).1, CookieState::Valid);
     }
 
+    /// RFC 9018 A.4: an IPv6 client whose cookie was made with the key now rotated out of
+    /// first place.
+    #[test]
+    fn rfc_9018_ipv6_vector_across_a_key_rotation() {
+        let client: IpAddr = "2001:db8:220:1:59de:d0f4:8769:82b8".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cookie.keys");
+        std::fs::write(
+            &path,
+            "445536bcd2513298075a5d379663c962\ndd3bdf9344b678b185a6f5cb60fca715\n",
+        )
+        .unwrap();
+        let keys = CookieSecret::load(&path).unwrap();
+        let c = CookieIn::parse(&hex("22681ab97d52c298010000005cf7c57926556bd0934c72f8")).unwrap();
+        let (out, state) = c.answer(client, &keys, 1559741961);
+        assert_eq!(state, CookieState::Valid);
+        assert_eq!(
+            out.to_vec(),
+            hex("22681ab97d52c298010000005cf7c609a6bb79d16625507a")
+        );
+    }
+
     #[test]
     fn a_cookie_from_another_address_a_secret_or_an_hour_ago_is_invalid() {
         let q = "2464c4abcf10c957010000005cf79f111f8130c3eee29480";
@@ -230,7 +319,38 @@ mod tests {
     fn the_secret_stays_out_of_debug_output() {
         assert_eq!(
             format!("{:?}", CookieSecret::from_bytes(SECRET)),
-            "CookieSecret(..)"
+            "CookieSecret(1 keys)"
         );
+    }
+
+    #[test]
+    fn a_key_file_signs_with_its_first_key_and_accepts_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cookie.keys");
+        let new = "00112233445566778899aabbccddeeff";
+        std::fs::write(
+            &path,
+            format!("# rotated\n{new}\n\ne5e973e5a6b2a43f48e7dc849e37bfcf # old\n"),
+        )
+        .unwrap();
+        let keys = CookieSecret::load(&path).unwrap();
+        // A.2's cookie was made with the old key: still valid, and renewed under the new one.
+        let c = CookieIn::parse(&hex("2464c4abcf10c957010000005cf79f111f8130c3eee29480")).unwrap();
+        let (out, state) = c.answer(CLIENT_1, &keys, 1559734385);
+        assert_eq!(state, CookieState::Valid);
+        let (renewed, _) = c.answer(CLIENT_1, &CookieSecret::from_bytes(SECRET), 1559734385);
+        assert_ne!(out, renewed, "signed with the first key, not the old one");
+        let (again, _) = c.answer(CLIENT_1, &CookieSecret::load(&path).unwrap(), 1559734385);
+        assert_eq!(out, again);
+        for (text, want) in [
+            ("", "holds no key"),
+            ("# only a comment\n", "holds no key"),
+            ("00112233\n", ":1: expected 32 hex digits"),
+            (&format!("{new}\nxyz\n"), ":2: expected 32 hex digits"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = CookieSecret::load(&path).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 }

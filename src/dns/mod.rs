@@ -377,7 +377,8 @@ fn restart_only_changes(
 }
 
 /// Whether the answers built from the two settings differ for the same region file (then the
-/// SOA serial must move). Every `[dns]` key that reaches `map::build` belongs here.
+/// SOA serial must move). Every `[dns]` key that reaches `map::build` and changes the zone's
+/// data belongs here (`nsid` and `cookie_keys` reach it but change no record).
 fn answers_differ(a: &DnsConfig, b: &DnsConfig) -> bool {
     a.ttl != b.ttl
         || a.zone != b.zone
@@ -421,7 +422,10 @@ fn build_map_changed(
         hits,
         generation: old.map_or(1, |o| o.generation + 1),
         serial,
-        cookie_secret: old.map_or_else(CookieSecret::random, |o| o.cookie_secret.clone()),
+        cookie_secret: match &cfg.cookie_keys {
+            Some(k) => k.secret.clone(),
+            None => old.map_or_else(CookieSecret::random, |o| o.cookie_secret.clone()),
+        },
     };
     map::build(file, &cx).map_err(DnsError::Map)
 }

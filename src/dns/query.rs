@@ -38,16 +38,18 @@ pub enum Rcode {
     NotImp = 4,
     Refused = 5,
     BadVers = 16,
+    BadCookie = 23,
 }
 
 impl Rcode {
-    pub const ALL: [Rcode; 6] = [
+    pub const ALL: [Rcode; 7] = [
         Rcode::NoError,
         Rcode::FormErr,
         Rcode::NxDomain,
         Rcode::NotImp,
         Rcode::Refused,
         Rcode::BadVers,
+        Rcode::BadCookie,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Rcode {
             Rcode::NotImp => "NOTIMP",
             Rcode::Refused => "REFUSED",
             Rcode::BadVers => "BADVERS",
+            Rcode::BadCookie => "BADCOOKIE",
         }
     }
 }
@@ -135,8 +138,8 @@ struct Edns {
     version: u8,
     dnssec_ok: bool,
     options: Options,
-    /// An option was malformed (FORMERR, answered with the question and a bare OPT, as RFC
-    /// 6891 6.1.1 wants an OPT in every answer to a query that had one).
+    /// An option was malformed: FORMERR, answered with the question and an OPT (with what
+    /// read fine), as RFC 6891 6.1.1 wants an OPT in every answer to a query that had one.
     malformed: bool,
 }
 
@@ -232,9 +235,7 @@ pub fn handle(
         (Transport::Udp, Some(e)) => e.udp_size.clamp(512, MAX_UDP),
         (Transport::Udp, None) => 512,
     };
-    if opcode != 0 {
-        return Some(r.finish(Rcode::NotImp, transport, qtype));
-    }
+    // EDNS first, then the opcode, as BIND and Knot check them.
     if let Some(e) = parsed.edns {
         if e.version > 0 {
             return Some(r.finish(Rcode::BadVers, transport, qtype));
@@ -243,8 +244,17 @@ pub fn handle(
             return Some(r.finish(Rcode::FormErr, transport, qtype));
         }
     }
+    if opcode != 0 {
+        return Some(r.finish(Rcode::NotImp, transport, qtype));
+    }
     let Some(q) = parsed.question else {
-        return Some(r.finish(Rcode::FormErr, transport, qtype));
+        // RFC 7873 5.4: no question but a cookie asks for a server cookie alone.
+        let rcode = match r.extra.cookie {
+            Some((_, CookieState::Invalid)) => Rcode::BadCookie,
+            Some(_) => Rcode::NoError,
+            None => Rcode::FormErr,
+        };
+        return Some(r.finish(rcode, transport, qtype));
     };
     let (rtype, rclass) = (q.qtype, q.qclass);
     if rtype == OPT {
@@ -446,13 +456,15 @@ fn parse<'a>(
         if parsed.edns.is_some() || !owner_root {
             return Err(()); // RFC 6891 6.1.1: one OPT, owned by the root
         }
-        let (options, malformed) = match options(data, transport) {
-            Ok(o) => (o, false),
-            Err(()) => (Options::default(), true),
+        let version = (ttl >> 16) as u8;
+        // The options of a later EDNS version mean nothing to us: BADVERS gets a bare OPT.
+        let (options, malformed) = match version {
+            0 => options(data, transport),
+            _ => (Options::default(), false),
         };
         parsed.edns = Some(Edns {
             udp_size: class,
-            version: (ttl >> 16) as u8,
+            version,
             dnssec_ok: ttl & 0x8000 != 0,
             options,
             malformed,
@@ -473,33 +485,49 @@ fn skip_record(d: &mut BinDecoder<'_>) -> Result<(), ()> {
     Ok(())
 }
 
-/// Walks the OPT options; unknown ones are ignored. `Err` (FORMERR): a malformed or repeated
-/// ECS (RFC 7871 6) or COOKIE (RFC 7873 5.2.2), or a TCP keepalive carrying a TIMEOUT, which
-/// only servers send (RFC 7828 3.2.1).
-fn options(data: &[u8], transport: Transport) -> Result<Options, ()> {
+/// Walks the OPT options, keeping the ones we act on; unknown ones are ignored. The flag
+/// (FORMERR) marks a bad or repeated ECS (RFC 7871 6), a COOKIE of a wrong length (RFC 7873
+/// 5.2.2; only the first COOKIE counts, 5.2), a TCP keepalive carrying a TIMEOUT, which only
+/// servers send (RFC 7828 3.2.1), or options overrunning the OPT. What read fine is kept, so
+/// even a FORMERR echoes the client's cookie.
+fn options(data: &[u8], transport: Transport) -> (Options, bool) {
     let mut d = BinDecoder::new(data);
     let mut o = Options::default();
+    let mut malformed = false;
+    let mut cookie_seen = false;
     while !d.is_empty() {
-        let code = read_u16(&mut d)?;
-        let len = read_u16(&mut d)?;
-        let value = d.read_slice(usize::from(len)).map_err(|_| ())?.unverified();
+        let Ok((code, value)) = next_option(&mut d) else {
+            return (o, true);
+        };
         match code {
-            ECS if o.ecs.is_some() => return Err(()),
-            ECS => o.ecs = Some(client_subnet(value)?),
-            COOKIE if o.cookie.is_some() => return Err(()),
-            COOKIE => o.cookie = Some(CookieIn::parse(value).ok_or(())?),
+            ECS if o.ecs.is_some() => malformed = true,
+            ECS => match client_subnet(value) {
+                Ok(e) => o.ecs = Some(e),
+                Err(()) => malformed = true,
+            },
+            COOKIE if cookie_seen => {}
+            COOKIE => {
+                cookie_seen = true;
+                o.cookie = CookieIn::parse(value);
+                malformed |= o.cookie.is_none();
+            }
             // Whatever a query's NSID holds is ignored (RFC 5001 2.3).
             NSID => o.nsid = true,
             KEEPALIVE if transport == Transport::Tcp => {
-                if !value.is_empty() {
-                    return Err(());
-                }
-                o.keepalive = true;
+                o.keepalive = value.is_empty();
+                malformed |= !o.keepalive;
             }
             _ => {}
         }
     }
-    Ok(o)
+    (o, malformed)
+}
+
+fn next_option<'a>(d: &mut BinDecoder<'a>) -> Result<(u16, &'a [u8]), ()> {
+    let code = read_u16(d)?;
+    let len = read_u16(d)?;
+    let value = d.read_slice(usize::from(len)).map_err(|_| ())?.unverified();
+    Ok((code, value))
 }
 
 fn client_subnet(value: &[u8]) -> Result<Ecs, ()> {

@@ -300,6 +300,46 @@ fn nsid_is_printable_ascii_of_at_most_128_characters() {
 }
 
 #[test]
+fn a_cookie_key_file_is_loaded_by_check_and_a_bad_one_named_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = root().join("config/regions.toml");
+    let keys = dir.path().join("cookie.keys");
+    let dns = format!(
+        "[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\nnameservers = [\"ns.example.net\"]\ncookie_keys = \"{}\"\n",
+        regions.display(),
+        keys.display()
+    );
+    std::fs::write(
+        &keys,
+        "00112233445566778899aabbccddeeff\nffeeddccbbaa99887766554433221100\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "ok.toml", &dns));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "  cookie keys {} (CookieSecret(2 keys))",
+            keys.display()
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("00112233"), "no key material: {stdout}");
+    std::fs::write(&keys, "# new key first\n0011223344\n").unwrap();
+    assert_eq!(
+        check_text(&dns).trim(),
+        format!(
+            "e.toml:7:15: cookie key file {}:2: expected 32 hex digits (a 16-byte SipHash key)",
+            keys.display()
+        )
+    );
+    std::fs::remove_file(&keys).unwrap();
+    assert!(
+        check_text(&dns).starts_with("e.toml:7:15: cookie key file "),
+        "a missing file is named at its key"
+    );
+}
+
+#[test]
 fn a_file_with_only_one_roles_sections_is_valid_for_that_role() {
     let dir = tempfile::tempdir().unwrap();
     let regions = root().join("config/regions.toml");

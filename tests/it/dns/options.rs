@@ -109,14 +109,11 @@ async fn a_client_cookie_gets_a_server_cookie_that_is_valid_when_it_comes_back()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_cookie_is_a_formerr_that_still_carries_the_question_and_an_opt() {
     let dns = Dns::start(&basic_regions()).await;
-    let mut two = option(10, &CLIENT);
-    two.extend(option(10, &CLIENT));
     for (what, opts) in [
         ("7 octets", option(10, &CLIENT[..7])),
         ("9 octets", option(10, &[1; 9])),
         ("15 octets", option(10, &[1; 15])),
         ("41 octets", option(10, &[1; 41])),
-        ("two cookies", two),
     ] {
         let m = udp(&dns, &query_with(&opts)).await;
         assert_eq!(m.response_code(), ResponseCode::FormErr, "{what}");
@@ -125,10 +122,22 @@ async fn a_malformed_cookie_is_a_formerr_that_still_carries_the_question_and_an_
         assert_eq!(opt.max_payload(), 1232, "{what}");
         assert!(option_of(&m, EdnsCode::Cookie).is_none(), "{what}");
     }
-    // The same for a malformed ECS, which used to lose its OPT.
-    let m = udp(&dns, &query_with(&option(8, &[0, 3, 8, 0, 1]))).await;
+    // Only the first cookie counts (RFC 7873 5.2): a second one, even a broken one, is ignored.
+    let mut two = option(10, &CLIENT);
+    two.extend(option(10, &[1; 9]));
+    let m = udp(&dns, &query_with(&two)).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_fresh_cookie(&m, &CLIENT);
+    // A malformed ECS: FORMERR, which used to lose its OPT, now with the cookie echoed.
+    let mut opts = option(8, &[0, 3, 8, 0, 1]);
+    opts.extend(option(10, &CLIENT));
+    let m = udp(&dns, &query_with(&opts)).await;
     assert_eq!(m.response_code(), ResponseCode::FormErr);
-    assert!(m.extensions().is_some());
+    assert_fresh_cookie(&m, &CLIENT);
+    // EDNS version 1: BADVERS with a bare OPT, its options not read.
+    let m = udp(&dns, &with_opt(&opt_record(1, &option(10, &CLIENT)))).await;
+    assert_eq!(u16::from(m.response_code()), 16);
+    assert!(option_of(&m, EdnsCode::Cookie).is_none());
     let out = dns.dig(&[WWW, "A", "+cookie=2464c4abcf"]).await;
     assert!(out.contains("status: FORMERR"), "{out}");
     assert!(!out.contains("retry with '+noedns'"), "{out}");
@@ -187,4 +196,124 @@ async fn the_tcp_keepalive_is_announced_over_tcp_only() {
         option_of(&m, EdnsCode::Keepalive).as_deref(),
         Some(&[0u8, 100][..])
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_sharing_a_cookie_key_file_accept_each_others_cookies_across_a_rotation() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys_dir.path().join("cookie.keys");
+    let old_key = "00112233445566778899aabbccddeeff";
+    std::fs::write(&keys, format!("{old_key}\n")).expect("write keys");
+    let extra = format!("cookie_keys = {:?}", keys.display().to_string());
+    let a = Dns::start_with(&basic_regions(), &extra).await;
+    let b = Dns::start_with(&basic_regions(), &extra).await;
+    let from_a = assert_fresh_cookie(&udp(&a, &query_with(&option(10, &CLIENT))).await, &CLIENT);
+    udp(&b, &query_with(&option(10, &from_a))).await;
+    assert_eq!(cookie_counts(&b).await, [0, 1, 0], "b takes a's cookie");
+    // One with its own random secret does not.
+    let lone = Dns::start(&basic_regions()).await;
+    udp(&lone, &query_with(&option(10, &from_a))).await;
+    assert_eq!(cookie_counts(&lone).await, [0, 0, 1]);
+
+    // Rotation on a: a new first key signs, the old one still checks.
+    std::fs::write(
+        &keys,
+        format!("ffeeddccbbaa99887766554433221100 # new\n{old_key}\n"),
+    )
+    .expect("write keys");
+    a.reload_config(&config_text(&a.regions, &extra));
+    eventually(
+        Duration::from_secs(10),
+        "a signs with the new key, which b (not reloaded) does not know",
+        || async {
+            let c = assert_fresh_cookie(&udp(&a, &query_with(&option(10, &CLIENT))).await, &CLIENT);
+            let before = cookie_counts(&b).await[2];
+            udp(&b, &query_with(&option(10, &c))).await;
+            cookie_counts(&b).await[2] == before + 1
+        },
+    )
+    .await;
+    let valid = cookie_counts(&a).await[1];
+    udp(&a, &query_with(&option(10, &from_a))).await;
+    assert_eq!(
+        cookie_counts(&a).await[1],
+        valid + 1,
+        "the old key still checks"
+    );
+}
+
+/// A query without a question, only an OPT with `options` (RFC 7873 5.4).
+fn cookie_only_query(options: &[u8]) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 1];
+    q.extend_from_slice(&opt_record(0, options));
+    q
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_with_only_a_cookie_gets_a_server_cookie_or_badcookie() {
+    let dns = Dns::start(&basic_regions()).await;
+    let m = udp(&dns, &cookie_only_query(&option(10, &CLIENT))).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(m.queries().is_empty() && m.answers().is_empty());
+    let cookie = assert_fresh_cookie(&m, &CLIENT);
+    let m = udp(&dns, &cookie_only_query(&option(10, &cookie))).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_fresh_cookie(&m, &CLIENT);
+    let mut forged = cookie.clone();
+    forged[20] ^= 0x40;
+    let r = Dns::probe_raw(
+        dns.addr(),
+        &cookie_only_query(&option(10, &forged)),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("an answer");
+    // BADCOOKIE is 23: 7 in the header, 1 in the OPT's extended rcode.
+    assert_eq!(rcode(&r), 7);
+    let m = parse(&r);
+    assert_eq!(u16::from(m.response_code()), 23);
+    assert_fresh_cookie(&m, &CLIENT);
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    assert!(metrics.contains("rcode=\"BADCOOKIE\"} 1"), "{metrics}");
+    // No question and no cookie: FORMERR, as before.
+    let m = udp(&dns, &cookie_only_query(&[])).await;
+    assert_eq!(m.response_code(), ResponseCode::FormErr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn options_count_toward_the_udp_size_an_answer_must_fit() {
+    // 29 addresses: header 12 + question 22 + 29 x 16 + OPT 11 = 509 octets, 3 under 512;
+    // the answer's cookie (28 octets) takes it over.
+    let addresses: Vec<String> = (1..=29).map(|i| format!("\"192.0.2.{i}\"")).collect();
+    let regions = format!(
+        "[[pops]]\nname = \"wide\"\nipv4 = [{}]\n\n[default]\npops = [\"wide\"]\n",
+        addresses.join(", ")
+    );
+    let dns = Dns::start(&regions).await;
+    let at_512 = |options: &[u8]| {
+        let mut q = query_with(options);
+        let opt = q.len() - options.len() - 11;
+        q[opt + 3..opt + 5].copy_from_slice(&512u16.to_be_bytes());
+        q
+    };
+    let r = Dns::probe_raw(dns.addr(), &at_512(&[]), Duration::from_secs(2))
+        .await
+        .expect("an answer");
+    assert_eq!(r.len(), 509);
+    assert_eq!(addrs(&parse(&r)).len(), 29);
+    let r = Dns::probe_raw(
+        dns.addr(),
+        &at_512(&option(10, &CLIENT)),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("an answer");
+    let m = parse(&r);
+    assert!(m.truncated() && m.answers().is_empty(), "{m:?}");
+    assert!(r.len() <= 512);
+    assert_fresh_cookie(&m, &CLIENT);
+    // Over TCP the same query is answered whole, cookie included.
+    let m = parse(&dns.raw_tcp(&at_512(&option(10, &CLIENT))).await);
+    assert_eq!(addrs(&m).len(), 29);
+    assert_fresh_cookie(&m, &CLIENT);
 }
