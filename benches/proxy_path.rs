@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
             || base.clone(),
             |mut h| {
                 headers::strip_hop_by_hop(&mut h, true);
-                headers::set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"));
+                headers::set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"), true);
                 headers::append_via(&mut h, hyper::Version::HTTP_2, &via);
                 h
             },
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
         .expect("request");
     let client = edgepop::proxy::ClientConn {
         addr: "192.0.2.1:51234".parse().expect("addr"),
-        handshake: edgepop::metrics::ClientHandshake::Resumed,
+        handshake: Some(edgepop::metrics::ClientHandshake::Resumed),
         handshake_time: Some(Duration::from_millis(12)),
         request: 1,
     };

@@ -5,6 +5,7 @@
 //! than queued without bound. SIGHUP reopens the file (rotate by renaming it, then SIGHUP).
 
 use crate::config::AccessLogTarget;
+use crate::metrics::ClientHandshake;
 use crossbeam_queue::ArrayQueue;
 use serde::Serialize;
 use std::io::Write;
@@ -61,8 +62,9 @@ pub struct Entry {
     /// The request's number on its client connection, from 1 (nginx's `$connection_requests`).
     pub connection_request: u64,
     /// How the client connection's handshake went: "full", "resumed", "early" (TLS over TCP,
-    /// 0-RTT data accepted), "quic".
-    pub tls_handshake: &'static str,
+    /// 0-RTT data accepted), "quic"; absent for plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake: Option<&'static str>,
     /// On a connection's first request, which waited for it: the handshake's time (its first
     /// byte to the request being readable), milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,7 +98,7 @@ impl Entry {
             upstream_connection: None,
             outcome: "ok",
             connection_request: client.request,
-            tls_handshake: client.handshake.label(),
+            tls_handshake: client.handshake.map(ClientHandshake::label),
             tls_handshake_ms: client
                 .handshake_time
                 .filter(|_| client.request == 1)

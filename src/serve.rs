@@ -115,6 +115,10 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
 fn print_edge_summary(e: &EdgeConfig) {
     for l in &e.listeners {
         let h3 = if l.http3 { " (+ HTTP/3 over UDP)" } else { "" };
+        let plain = l
+            .redirect_to_https
+            .map(|p| format!(" (plain HTTP, redirected to HTTPS on port {p})"))
+            .unwrap_or_default();
         let proxy = if l.proxy_protocol {
             ", PROXY protocol header required"
         } else {
@@ -124,7 +128,7 @@ fn print_edge_summary(e: &EdgeConfig) {
             .max_connections_per_client
             .map(|n| format!(", at most {n} per client"))
             .unwrap_or_default();
-        println!("  listener {}{h3}{proxy}{per_client}", l.address);
+        println!("  listener {}{plain}{h3}{proxy}{per_client}", l.address);
     }
     for c in &e.certificates {
         println!(
@@ -410,9 +414,18 @@ impl EdgeServer {
                         tracing::warn!(address = %l.address, running = old.http3, configured = l.http3,
                             "http3 changed: a restart is needed to apply it");
                     }
+                    if l.redirect_to_https.is_some() != old.redirect_to_https.is_some() {
+                        tracing::warn!(address = %l.address,
+                            "redirect_to_https changed between TLS and plain HTTP: a restart is needed to apply it");
+                    }
+                    let redirect_to_https = match old.redirect_to_https {
+                        Some(_) => l.redirect_to_https.or(old.redirect_to_https),
+                        None => None,
+                    };
                     running.store(Arc::new(config::ListenerConfig {
                         max_connections: old.max_connections,
                         http3: old.http3,
+                        redirect_to_https,
                         ..l.clone()
                     }));
                 }

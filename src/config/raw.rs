@@ -62,6 +62,10 @@ pub struct RawListener {
     pub proxy_protocol: Option<bool>,
     /// TCP connections one client (IPv4 address, IPv6 /64) may hold open.
     pub max_connections_per_client: Option<Spanned<i64>>,
+    /// Plain HTTP (no TLS): every request is redirected to HTTPS (ACME challenges excepted).
+    pub redirect_to_https: Option<Spanned<bool>>,
+    /// The HTTPS port redirects name; default 443.
+    pub https_port: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -87,6 +87,9 @@ pub struct ListenerConfig {
     /// TCP connections one client (IPv4 address, IPv6 /64) may hold open; `None`: no limit
     /// but `max_connections`.
     pub max_connections_per_client: Option<usize>,
+    /// `Some(port)`: a plain-HTTP listener that redirects requests to HTTPS on `port` (ACME
+    /// HTTP-01 challenges are forwarded instead); `None`: TLS.
+    pub redirect_to_https: Option<u16>,
 }
 
 #[derive(Clone)]
@@ -598,7 +601,26 @@ fn listener(cx: &Ctx, l: &Spanned<RawListener>) -> Result<ListenerConfig, Config
                 }
             },
         },
+        redirect_to_https: redirect_to_https(cx, l)?,
     })
+}
+
+/// `redirect_to_https` and `https_port`: the port to redirect to, for a plain-HTTP listener.
+fn redirect_to_https(cx: &Ctx, l: &RawListener) -> Result<Option<u16>, ConfigError> {
+    let on = l.redirect_to_https.as_ref().filter(|r| *r.get_ref());
+    match (on, &l.https_port) {
+        (None, Some(p)) => Err(cx.err(p, "https_port applies only with redirect_to_https = true")),
+        (Some(r), _) if l.http3.unwrap_or(false) => Err(cx.err(
+            r,
+            "a redirect_to_https listener speaks plain HTTP and cannot also serve HTTP/3 (http3)",
+        )),
+        (Some(_), Some(p)) => match u16::try_from(*p.get_ref()) {
+            Ok(port) if port > 0 => Ok(Some(port)),
+            _ => Err(cx.err(p, "https_port must be between 1 and 65535")),
+        },
+        (Some(_), None) => Ok(Some(443)),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Host names are compared lower-case; a wildcard is `*.` followed by at least two labels.

@@ -5,7 +5,9 @@
 //! Paths: `/healthz`; `/bytes/N` streams N bytes; `/echo` streams the request body back;
 //! `/headers` returns the request headers as text; `/delay/MS` answers after MS
 //! milliseconds; `/status/N` answers with status N; `/upgrade` (with `Upgrade`) switches
-//! protocols and echoes bytes; anything else answers "hello".
+//! protocols and echoes bytes; `/.well-known/acme-challenge/TOKEN` answers an ACME key
+//! authorization for TOKEN, saying in `x-origin-saw-proto` which `X-Forwarded-Proto` it got;
+//! anything else answers "hello".
 
 use crate::tls::certs;
 use bytes::Bytes;
@@ -441,6 +443,16 @@ async fn route(shared: &Shared, mut req: Request<Incoming>, path: &str) -> Respo
             .map_err(std::io::Error::other)
             .boxed_unsync();
         return Response::new(body);
+    }
+    if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+        let proto = req
+            .headers()
+            .get("x-forwarded-proto")
+            .cloned()
+            .unwrap_or(hyper::header::HeaderValue::from_static("none"));
+        let mut resp = full(StatusCode::OK, format!("{token}.demo-account-key\n"));
+        resp.headers_mut().insert("x-origin-saw-proto", proto);
+        return resp;
     }
     if path == "/headers" {
         let mut out = String::new();

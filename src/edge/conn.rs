@@ -9,7 +9,7 @@ use crate::config::ListenerConfig;
 use crate::metrics::ClientHandshake;
 use crate::proxy::body::Holding;
 use crate::proxy::upgrade::Hold;
-use crate::proxy::{handler, ClientConn, Runtime};
+use crate::proxy::{handler, redirect, ClientConn, Runtime};
 use crate::tls::coalesce::Coalesce;
 use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
@@ -39,8 +39,9 @@ pub struct Client {
     pub linger: LingerHint,
     /// Added to every answer when the listener's port also speaks HTTP/3.
     pub alt_svc: Option<http::HeaderValue>,
-    /// How the handshake went and how long it took (for the access log and Server-Timing).
-    pub tls: (ClientHandshake, Duration),
+    /// How the handshake went and how long it took (for the access log and Server-Timing);
+    /// `None`: plain HTTP (a `redirect_to_https` listener).
+    pub tls: Option<(ClientHandshake, Duration)>,
 }
 
 pub async fn serve<S>(
@@ -59,8 +60,9 @@ pub async fn serve<S>(
         handshake,
         linger,
         alt_svc,
-        tls: (handshake_kind, handshake_time),
+        tls: handshake_done,
     } = client;
+    let redirect_to_https = cfg.redirect_to_https;
     let requests = std::sync::atomic::AtomicU64::new(0);
     let counters = runtime.load().counters.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -121,15 +123,20 @@ pub async fn serve<S>(
         let alt_svc = alt_svc.clone();
         let client = ClientConn {
             addr: peer,
-            handshake: handshake_kind,
-            handshake_time: Some(handshake_time),
+            handshake: handshake_done.map(|(kind, _)| kind),
+            handshake_time: handshake_done.map(|(_, took)| took),
             request: requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
         };
         // Boxed: the request's future (4.5 KiB) is then moved as a pointer when hyper spawns
         // its stream task, not copied several times over.
         Box::pin(async move {
             let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
-            let mut resp = handler::handle(&rt, req, client, limits).await;
+            let mut resp = match redirect_to_https {
+                Some(port) if !redirect::is_acme_challenge(&req) => {
+                    redirect::to_https(&rt, &req, client, port)
+                }
+                _ => handler::handle(&rt, req, client, limits).await,
+            };
             if let Some(v) = alt_svc {
                 resp.headers_mut().insert(hyper::header::ALT_SVC, v);
             }

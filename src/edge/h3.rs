@@ -386,7 +386,7 @@ impl Connection {
                         requests += 1;
                         let client = ClientConn {
                             addr: peer,
-                            handshake: ClientHandshake::Quic,
+                            handshake: Some(ClientHandshake::Quic),
                             handshake_time,
                             request: requests,
                         };

@@ -240,18 +240,24 @@ async fn handshake_and_serve(
         }
         _ => None,
     };
+    if cfg.redirect_to_https.is_some() {
+        // Plain HTTP: no handshake to wait for or time; `header_timeout` covers the request.
+        let tcp = lingering(tcp, &hold, client_slot, &shutdown, peer);
+        let client = conn::Client {
+            peer,
+            h2: false,
+            handshake: None,
+            linger: tcp.hint(),
+            alt_svc: None,
+            tls: None,
+        };
+        return conn::serve(tcp, client, &cfg, runtime, shutdown, hold).await;
+    }
     if !first_byte(&tcp, peer, &counters, deadline, cfg.handshake_timeout).await {
         return;
     }
     let started = Instant::now();
-    // Both slots are held until the socket closes, lingering included.
-    let tcp = LingeringTcp::new(
-        tcp,
-        hold.tracker.clone(),
-        Box::new((hold.slot.clone(), client_slot)),
-        shutdown.clone(),
-    )
-    .client(peer);
+    let tcp = lingering(tcp, &hold, client_slot, &shutdown, peer);
     let linger = tcp.hint();
     let accepted = tls_handshake(&acceptor, tcp, deadline).await;
     let took = started.elapsed();
@@ -265,7 +271,7 @@ async fn handshake_and_serve(
                 handshake: None,
                 linger,
                 alt_svc,
-                tls: (kind, took),
+                tls: Some((kind, took)),
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
@@ -278,7 +284,7 @@ async fn handshake_and_serve(
                 handshake: Some(tls.handshake()),
                 linger,
                 alt_svc,
-                tls: (kind, took),
+                tls: Some((kind, took)),
             };
             conn::serve(tls, client, &cfg, runtime, shutdown, hold).await
         }
@@ -291,6 +297,23 @@ async fn handshake_and_serve(
             tracing::debug!(%peer, after = ?cfg.handshake_timeout, "TLS handshake timed out")
         }
     }
+}
+
+/// The client's socket, holding its connection slots until it closes, lingering included.
+fn lingering(
+    tcp: TcpStream,
+    hold: &crate::proxy::upgrade::Hold,
+    client_slot: Option<super::client_limit::ClientSlot>,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) -> LingeringTcp {
+    LingeringTcp::new(
+        tcp,
+        hold.tracker.clone(),
+        Box::new((hold.slot.clone(), client_slot)),
+        shutdown.clone(),
+    )
+    .client(peer)
 }
 
 /// Reads the PROXY protocol header: `Some` with the client's address (`None` inside when the

@@ -24,7 +24,6 @@ use crate::pool::{CheckoutError, Pool, SendError, StreamGuard, UpstreamBody as U
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, Uri, Version};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -77,7 +76,7 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
 }
 
 /// Host from :authority / absolute-form target or the Host header; both present must agree.
-fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> {
+pub(super) fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> {
     let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
     let from_header = match req.headers().get(header::HOST) {
         Some(v) => Some(
@@ -110,7 +109,6 @@ async fn forward(
     limits: ClientLimits,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let peer = client.addr;
     let h2_websocket = super::upgrade::is_h2_websocket(&req);
     if req.method() == Method::CONNECT && !h2_websocket {
         return Err(ProxyError::ConnectMethod);
@@ -146,7 +144,7 @@ async fn forward(
         return Box::pin(super::upgrade::forward(
             rt,
             req,
-            peer,
+            client,
             &authority,
             &candidates,
             log,
@@ -155,7 +153,7 @@ async fn forward(
     }
     let client_version = req.version();
     let (req, progress) = client_body(req, limits.body_timeout, route.max_body_size);
-    let upstream = upstream_request(rt, req, peer, &authority)?;
+    let upstream = upstream_request(rt, req, client, &authority)?;
     let started = Instant::now();
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
@@ -243,11 +241,11 @@ fn add_server_timing(
 ) {
     let pool_ms = waited.as_secs_f64() * 1000.0;
     let up_ms = total.saturating_sub(waited).as_secs_f64() * 1000.0;
-    let tls = match client.handshake_time {
-        Some(t) if client.request == 1 => format!(
+    let tls = match (client.handshake, client.handshake_time) {
+        (Some(kind), Some(t)) if client.request == 1 => format!(
             "tls;dur={:.3};desc=\"{}\", ",
             t.as_secs_f64() * 1000.0,
-            client.handshake.label()
+            kind.label()
         ),
         _ => String::new(),
     };
@@ -303,7 +301,7 @@ fn declared_length<B>(req: &Request<B>) -> Option<u64> {
 pub(super) fn upstream_request(
     rt: &Runtime,
     req: Request<UpBody>,
-    peer: SocketAddr,
+    client: &ClientConn,
     authority: &str,
 ) -> Result<Request<UpBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
@@ -328,7 +326,11 @@ pub(super) fn upstream_request(
             .headers
             .insert("early-data", HeaderValue::from_static("1"));
     }
-    headers::set_forwarded(&mut parts.headers, peer.ip());
+    headers::set_forwarded(
+        &mut parts.headers,
+        client.addr.ip(),
+        client.handshake.is_some(),
+    );
     headers::append_via(&mut parts.headers, client_version, &rt.via);
     let host =
         HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;

@@ -61,8 +61,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-/// Appends the client address to X-Forwarded-For and sets X-Forwarded-Proto: https.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+/// Appends the client address to X-Forwarded-For and sets X-Forwarded-Proto (`https`, or
+/// `http` for a request that came in plain HTTP).
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     // Several X-Forwarded-For lines are one list (RFC 9110 5.3): keep every hop, in order.
     let prev: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -79,7 +80,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
 /// Appends this hop to Via (`1.1 edgepop-<pop>` or `2 edgepop-<pop>`).
@@ -128,7 +130,7 @@ mod tests {
     fn forwarded_for_appends_to_an_existing_chain() {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap());
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1, 127.0.0.1");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
     }
@@ -142,7 +144,7 @@ mod tests {
         );
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" "));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.3"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap());
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
         let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(all, ["192.0.2.1, 192.0.2.2, 192.0.2.3, 127.0.0.1"]);
     }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod handler;
 pub mod headers;
+pub mod redirect;
 pub mod request_body;
 pub mod router;
 mod stall;
@@ -28,7 +29,8 @@ pub struct EarlyData;
 pub struct ClientConn {
     /// The client's address (a PROXY protocol header's when the listener takes one).
     pub addr: std::net::SocketAddr,
-    pub handshake: crate::metrics::ClientHandshake,
+    /// `None`: plain HTTP (a `redirect_to_https` listener).
+    pub handshake: Option<crate::metrics::ClientHandshake>,
     /// From its first byte to the first request being readable; `None` while a QUIC handshake
     /// that began with 0-RTT is still under way.
     pub handshake_time: Option<Duration>,

@@ -15,6 +15,7 @@ use super::error::ProxyError;
 use super::handler::{plain_body, upstream_request};
 use super::headers;
 use super::request_body::ClientIn;
+use super::ClientConn;
 use super::Runtime;
 use crate::access_log::PendingLog;
 use crate::pool::{CheckoutError, Pool, ResponseBody, UpstreamBody as UpBody, UpstreamError};
@@ -24,7 +25,6 @@ use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,15 +64,15 @@ impl Hold {
 pub async fn forward(
     rt: &Runtime,
     req: Request<ClientIn>,
-    peer: SocketAddr,
+    client: &ClientConn,
     authority: &str,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if is_h2_websocket(&req) {
-        websocket_over_h2(rt, req, peer, authority, candidates, log).await
+        websocket_over_h2(rt, req, client, authority, candidates, log).await
     } else {
-        tunnel(rt, req, peer, authority, candidates, log).await
+        tunnel(rt, req, client, authority, candidates, log).await
     }
 }
 
@@ -81,7 +81,7 @@ pub async fn forward(
 async fn tunnel(
     rt: &Runtime,
     mut req: Request<ClientIn>,
-    peer: SocketAddr,
+    client: &ClientConn,
     authority: &str,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
@@ -91,7 +91,7 @@ async fn tunnel(
     };
     let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
-    let mut up = upstream_request(rt, plain_body(req), peer, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), client, authority)?;
     up.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up.headers_mut().insert(header::UPGRADE, protocol);
@@ -158,7 +158,7 @@ pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
 async fn websocket_over_h2(
     rt: &Runtime,
     mut req: Request<ClientIn>,
-    peer: SocketAddr,
+    client: &ClientConn,
     authority: &str,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
@@ -178,7 +178,7 @@ async fn websocket_over_h2(
     let client_side = hyper::upgrade::on(&mut req);
     req.extensions_mut().remove::<hyper::ext::Protocol>();
     *req.method_mut() = Method::GET;
-    let mut up = upstream_request(rt, plain_body(req), peer, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), client, authority)?;
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let h = up.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -175,6 +175,45 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         per_client.trim(),
         "e.toml:5:30: max_connections_per_client must be between 1 and 16777216"
     );
+    let listener = |lines: &str| {
+        check_text(&edge_text("", &crt, &key).replacen(
+            "address = \"127.0.0.1:0\"\n",
+            &format!("address = \"127.0.0.1:0\"\n{lines}\n"),
+            1,
+        ))
+    };
+    for (lines, want) in [
+        (
+            "https_port = 8443",
+            "e.toml:5:14: https_port applies only with redirect_to_https = true",
+        ),
+        (
+            "redirect_to_https = true\nhttps_port = 0",
+            "e.toml:6:14: https_port must be between 1 and 65535",
+        ),
+        (
+            "redirect_to_https = true\nhttps_port = 65536",
+            "e.toml:6:14: https_port must be between 1 and 65535",
+        ),
+        (
+            "redirect_to_https = true\nhttp3 = true",
+            "e.toml:5:21: a redirect_to_https listener speaks plain HTTP and cannot also serve HTTP/3 (http3)",
+        ),
+    ] {
+        assert_eq!(listener(lines).trim(), want, "{lines}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plain = edge_text("", &crt, &key).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nredirect_to_https = true\n",
+        1,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "plain.toml", &plain));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("  listener 127.0.0.1:0 (plain HTTP, redirected to HTTPS on port 443)"),
+        "{stdout}"
+    );
     // Durations are bounded, so no timer deadline can overflow the clock.
     let long = check_text(&edge_text("tunnel_idle_timeout = \"500years\"", &crt, &key));
     assert!(

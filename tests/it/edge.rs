@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod linger;
+mod redirect;
 
 async fn one_origin_edge(extra: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
     let origin = origin().start().await.unwrap();

@@ -92,8 +92,6 @@ pub struct TestEdge {
     pub dir: tempfile::TempDir,
 }
 
-/// An in-process edge routing `localhost` to one origin "o1" at `addr`, with `extra` TOML lines
-/// for the origin.
 /// `config` (from `edge_config`) with `line` added to its listener.
 pub fn with_listener_line(config: &str, line: &str) -> String {
     let listener = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
@@ -101,6 +99,8 @@ pub fn with_listener_line(config: &str, line: &str) -> String {
     config.replacen(listener, &format!("{listener}{line}\n"), 1)
 }
 
+/// An in-process edge routing `localhost` to one origin "o1" at `addr`, with `extra` TOML lines
+/// for the origin.
 pub async fn single_origin_edge(addr: SocketAddr, extra: &str) -> TestEdge {
     start_edge(&edge_config(&[("o1", addr, extra)], &["localhost"])).await
 }

@@ -1,0 +1,132 @@
+//! Plain-HTTP listeners (`redirect_to_https`) with curl: redirects to HTTPS that curl follows,
+//! 308 for other methods, 421 for hosts no route serves, and ACME HTTP-01 challenges passed
+//! through to the origin.
+
+use super::*;
+use std::net::SocketAddr;
+
+/// An edge with its TLS listener first and a plain-HTTP redirect listener second.
+async fn redirecting_edge(line: &str) -> (edgepop::demo::origin::Origin, TestEdge, SocketAddr) {
+    let origin = origin().start().await.unwrap();
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+        "[[certificates]]",
+        &format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_to_https = true\n{line}\n\n[[certificates]]"
+        ),
+        1,
+    );
+    let edge = start_edge(&config).await;
+    let plain = edge.server.listen_addrs[1];
+    (origin, edge, plain)
+}
+
+/// `curl -i` over plain HTTP: (status, headers and body as text).
+async fn plain(addr: SocketAddr, host: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "--resolve"])
+        .arg(format!("{host}:{}:{}", addr.port(), addr.ip()))
+        .args(extra)
+        .arg(format!("http://{host}:{}{path}", addr.port()))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "a status line: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (status, text)
+}
+
+fn location(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .map(str::trim)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_is_redirected_to_https_and_curl_follows_it_to_the_origin() {
+    let (_origin, edge, plain_addr) = redirecting_edge("https_port = 8443").await;
+    let (status, text) = plain(plain_addr, "localhost", "/some/page?q=1&r=2", &[]).await;
+    assert_eq!(status, 301, "{text}");
+    assert_eq!(
+        location(&text),
+        Some("https://localhost:8443/some/page?q=1&r=2")
+    );
+    // Other methods keep their method and body: 308.
+    let (status, text) = plain(plain_addr, "localhost", "/form", &["-d", "a=1"]).await;
+    assert_eq!(status, 308, "{text}");
+    assert_eq!(location(&text), Some("https://localhost:8443/form"));
+    // curl follows the redirect to the TLS listener (its port mapped to the real one).
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-L", "--cacert"])
+        .arg(ca())
+        .arg("--resolve")
+        .arg(format!("localhost:{}:127.0.0.1", plain_addr.port()))
+        .arg("--connect-to")
+        .arg(format!("localhost:8443:127.0.0.1:{}", edge.addr.port()))
+        .arg(format!("http://localhost:{}/hello", plain_addr.port()))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("curl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Hosts no route serves: 421, as over HTTPS; no Host at all: 400.
+    let (status, text) = plain(plain_addr, "other.example", "/", &[]).await;
+    assert_eq!(status, 421, "{text}");
+    assert!(location(&text).is_none());
+    let (status, _) = plain(plain_addr, "localhost", "/", &["-0", "-H", "Host:"]).await;
+    assert_eq!(status, 400);
+    let (_, metrics) = admin_get(edge.admin, "/metrics").await;
+    // Counted like any answer: two 301s and a 308; the 421 and the 400.
+    assert!(
+        metrics.contains("edgepop_requests_total{code=\"3xx\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgepop_requests_total{code=\"4xx\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acme_challenges_go_to_the_origin_over_plain_http_and_443_goes_unsaid() {
+    let (_origin, edge, plain_addr) = redirecting_edge("").await;
+    let (status, text) = plain(
+        plain_addr,
+        "localhost",
+        "/.well-known/acme-challenge/tok-123",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("tok-123.demo-account-key\n"), "{text}");
+    // The origin is told the request came in plain HTTP.
+    assert!(text.contains("x-origin-saw-proto: http\r\n"), "{text}");
+    // Over HTTPS the same header says https.
+    let out = curl(
+        edge.addr,
+        "localhost",
+        "/.well-known/acme-challenge/t",
+        &["-i"],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("x-origin-saw-proto: https\r\n"), "{text}");
+    // Everything else is redirected, to the default HTTPS port without a port in the URL.
+    let (status, text) = plain(plain_addr, "localhost", "/.well-known/other", &[]).await;
+    assert_eq!(status, 301, "{text}");
+    assert_eq!(location(&text), Some("https://localhost/.well-known/other"));
+}
