@@ -20,8 +20,17 @@ const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
 /// A certificate authority's HTTP-01 check: forwarded to the origin (the only place that
 /// knows the token) over plain HTTP's own route, so a CA that reaches any PoP reaches it.
+/// Only what a CA sends qualifies: a GET (or HEAD) of exactly one base64url token (RFC 8555
+/// 8.3) without a query, so no `..`, `%2e` or other path reaches the origin in plain HTTP.
 pub fn is_acme_challenge(req: &Request<ClientIn>) -> bool {
-    req.uri().path().starts_with(ACME_CHALLENGE)
+    let token = req.uri().path().strip_prefix(ACME_CHALLENGE);
+    (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req.uri().query().is_none()
+        && token.is_some_and(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// The redirect for one request (or the 4xx for a request that cannot have one), counted
@@ -56,6 +65,9 @@ fn location(
     req: &Request<ClientIn>,
     https_port: u16,
 ) -> Result<HeaderValue, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectMethod);
+    }
     let (host, _) = target_host(req)?;
     if rt.router.route_for(&host).is_none() {
         return Err(ProxyError::MisdirectedHost(host));

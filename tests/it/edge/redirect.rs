@@ -45,6 +45,27 @@ async fn plain(addr: SocketAddr, host: &str, path: &str, extra: &[&str]) -> (u16
     (status, text)
 }
 
+/// One request written by hand on a fresh connection: (status, the answer's head).
+async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut got = 0;
+    while !String::from_utf8_lossy(&buf[..got]).contains("\r\n\r\n") {
+        let n = s.read(&mut buf[got..]).await.expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf[..got]));
+        got += n;
+    }
+    let text = String::from_utf8_lossy(&buf[..got]).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
 fn location(text: &str) -> Option<&str> {
     text.lines()
         .find_map(|l| l.strip_prefix("location: "))
@@ -89,14 +110,21 @@ async fn plain_http_is_redirected_to_https_and_curl_follows_it_to_the_origin() {
     assert!(location(&text).is_none());
     let (status, _) = plain(plain_addr, "localhost", "/", &["-0", "-H", "Host:"]).await;
     assert_eq!(status, 400);
+    // CONNECT is not a page to send to HTTPS: 405, as on TLS listeners.
+    let (status, text) = raw_request(
+        plain_addr,
+        "CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405, "{text}");
     let (_, metrics) = admin_get(edge.admin, "/metrics").await;
-    // Counted like any answer: two 301s and a 308; the 421 and the 400.
+    // Counted like any answer: two 301s and a 308; the 421, the 400 and the 405.
     assert!(
         metrics.contains("edgepop_requests_total{code=\"3xx\"} 3"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("edgepop_requests_total{code=\"4xx\"} 2"),
+        metrics.contains("edgepop_requests_total{code=\"4xx\"} 3"),
         "{metrics}"
     );
 }
@@ -125,8 +153,28 @@ async fn acme_challenges_go_to_the_origin_over_plain_http_and_443_goes_unsaid() 
     .await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("x-origin-saw-proto: https\r\n"), "{text}");
-    // Everything else is redirected, to the default HTTPS port without a port in the URL.
+    // Everything else is redirected, to the default HTTPS port without a port in the URL:
+    // other paths, and anything under the challenge path that is not a GET of one token.
     let (status, text) = plain(plain_addr, "localhost", "/.well-known/other", &[]).await;
     assert_eq!(status, 301, "{text}");
     assert_eq!(location(&text), Some("https://localhost/.well-known/other"));
+    for (path, extra) in [
+        (
+            "/.well-known/acme-challenge/../../headers",
+            vec!["--path-as-is"],
+        ),
+        ("/.well-known/acme-challenge/%2e%2e/headers", vec![]),
+        ("/.well-known/acme-challenge/a/b", vec![]),
+        ("/.well-known/acme-challenge/", vec![]),
+        ("/.well-known/acme-challenge/tok?x=1", vec![]),
+        ("/.well-known/acme-challenge/tok", vec!["-d", "x"]),
+    ] {
+        let (status, text) = plain(plain_addr, "localhost", path, &extra).await;
+        assert!(status == 301 || status == 308, "{path}: {text}");
+        assert_eq!(
+            location(&text),
+            Some(format!("https://localhost{path}").as_str()),
+            "{path}"
+        );
+    }
 }
