@@ -402,9 +402,13 @@ impl EdgeServer {
     /// anything that needs a rebind (an address added or removed, `max_connections`) is
     /// reported and waits for a restart.
     fn apply_listener_settings(&self, new: &[config::ListenerConfig]) {
-        for running in &self.listeners {
+        for (i, running) in self.listeners.iter().enumerate() {
             let old = running.load_full();
-            match new.iter().find(|l| l.address == old.address) {
+            // Addresses are unique, except port 0 (each bind picks a port): those go by position.
+            let same = |(j, l): &(usize, &config::ListenerConfig)| {
+                l.address == old.address && (old.address.port() != 0 || *j == i)
+            };
+            match new.iter().enumerate().find(same).map(|(_, l)| l) {
                 Some(l) => {
                     if l.max_connections != old.max_connections {
                         tracing::warn!(address = %l.address, running = old.max_connections, configured = l.max_connections,
@@ -497,8 +501,13 @@ pub async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     let mut int = signal(SignalKind::interrupt())?;
     let server = EdgeServer::start(&cfg).await?;
     let name = cfg.edge.as_ref().map_or("", |e| e.pop.name.as_str());
-    for a in &server.listen_addrs {
-        println!("edgepop {name}: listening on https://{a}");
+    let listeners = cfg.edge.as_ref().map_or(&[][..], |e| &e.listeners[..]);
+    for (i, a) in server.listen_addrs.iter().enumerate() {
+        let plain = listeners
+            .get(i)
+            .is_some_and(|l| l.redirect_to_https.is_some());
+        let scheme = if plain { "http" } else { "https" };
+        println!("edgepop {name}: listening on {scheme}://{a}");
     }
     if let Some(a) = server.admin_addr {
         println!("edgepop {name}: admin on http://{a}");

@@ -522,6 +522,16 @@ fn edge(cx: &Ctx, raw: &RawConfig, present: bool) -> Result<EdgeConfig, ConfigEr
         .iter()
         .map(|l| listener(cx, l))
         .collect::<Result<Vec<_>, _>>()?;
+    // SO_REUSEPORT would let both bind, and the kernel would split connections between them
+    // (say, a TLS and a plain-HTTP listener on one port). Port 0 picks a free port each.
+    for (i, l) in listeners.iter().enumerate() {
+        if l.address.port() != 0 && listeners[..i].iter().any(|o| o.address == l.address) {
+            return Err(cx.err(
+                &raw.listeners[i].get_ref().address,
+                format!("listener address {} is given twice", l.address),
+            ));
+        }
+    }
     let certificates = raw
         .certificates
         .iter()

@@ -15,7 +15,6 @@ use crate::tls::early::Handshake;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,26 +64,6 @@ pub async fn serve<S>(
     let redirect_to_https = cfg.redirect_to_https;
     let requests = std::sync::atomic::AtomicU64::new(0);
     let counters = runtime.load().counters.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_pending_accept_reset_streams(Some(64))
-        // RFC 8441: WebSockets over h2 (extended CONNECT), bridged to the origin's RFC 6455.
-        .enable_connect_protocol()
-        .keep_alive_interval(Some(cfg.idle_timeout / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = if is_h2 {
-        builder.http2_only()
-    } else {
-        builder.http1_only()
-    };
     let limits = crate::proxy::ClientLimits {
         body_timeout: cfg.body_timeout,
         stream_send_timeout: is_h2.then_some(cfg.send_timeout),
@@ -105,8 +84,11 @@ pub async fn serve<S>(
                 req.extensions_mut().insert(linger.clone());
             }
         }
-        if req.headers().contains_key(hyper::header::UPGRADE)
-            || req.method() == hyper::Method::CONNECT
+        // Decided first: a redirected request is answered here, never tunnelled.
+        let redirect = redirect_to_https.filter(|_| !redirect::is_acme_challenge(&req));
+        if redirect.is_none()
+            && (req.headers().contains_key(hyper::header::UPGRADE)
+                || req.method() == hyper::Method::CONNECT)
         {
             if !is_h2 {
                 linger.tunnel();
@@ -131,11 +113,9 @@ pub async fn serve<S>(
         // its stream task, not copied several times over.
         Box::pin(async move {
             let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
-            let mut resp = match redirect_to_https {
-                Some(port) if !redirect::is_acme_challenge(&req) => {
-                    redirect::to_https(&rt, &req, client, port)
-                }
-                _ => handler::handle(&rt, req, client, limits).await,
+            let mut resp = match redirect {
+                Some(port) => redirect::to_https(&rt, req, client, port),
+                None => handler::handle(&rt, req, client, limits).await,
             };
             if let Some(v) = alt_svc {
                 resp.headers_mut().insert(hyper::header::ALT_SVC, v);
@@ -148,7 +128,7 @@ pub async fn serve<S>(
         WriteDeadline::new(tls, cfg.send_timeout),
         is_h2,
     ));
-    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let conn = Served::new(io, svc, is_h2, cfg);
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
     let mut draining = false;
@@ -193,6 +173,87 @@ pub async fn serve<S>(
                     handshake_deadline.as_mut().reset(Instant::now() + cfg.handshake_timeout);
                 }
             }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection served by hyper in the protocol ALPN chose, and only in it: an
+    /// http/1.1 (or plain-HTTP) connection that sends the h2 preface is not taken for h2, as
+    /// hyper-util's auto builder would, whatever `http1_only` says, when upgrades are on.
+    #[project = ServedProj]
+    enum Served<H1, H2> {
+        H1 { #[pin] conn: H1 },
+        H2 { #[pin] conn: H2 },
+    }
+}
+
+type Io<S> = TokioIo<Coalesce<WriteDeadline<S>>>;
+
+impl<S, Svc, B>
+    Served<
+        hyper::server::conn::http1::UpgradeableConnection<Io<S>, Svc>,
+        hyper::server::conn::http2::Connection<Io<S>, Svc, TokioExecutor>,
+    >
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn new(io: Io<S>, svc: Svc, h2: bool, cfg: &ListenerConfig) -> Self {
+        if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_MAX_STREAMS)
+                .max_pending_accept_reset_streams(Some(64))
+                // RFC 8441: WebSockets over h2 (extended CONNECT), bridged to the origin's
+                // RFC 6455.
+                .enable_connect_protocol()
+                .keep_alive_interval(Some(cfg.idle_timeout / 2))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .serve_connection(io, svc);
+            Served::H2 { conn }
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_timeout)
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            Served::H1 { conn }
+        }
+    }
+
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        match self.project() {
+            ServedProj::H1 { conn } => conn.graceful_shutdown(),
+            ServedProj::H2 { conn } => conn.graceful_shutdown(),
+        }
+    }
+}
+
+impl<H1, H2> std::future::Future for Served<H1, H2>
+where
+    H1: std::future::Future<Output = hyper::Result<()>>,
+    H2: std::future::Future<Output = hyper::Result<()>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            ServedProj::H1 { conn } => conn.poll(cx),
+            ServedProj::H2 { conn } => conn.poll(cx),
         }
     }
 }

@@ -21,11 +21,13 @@ const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 /// A certificate authority's HTTP-01 check: forwarded to the origin (the only place that
 /// knows the token) over plain HTTP's own route, so a CA that reaches any PoP reaches it.
 /// Only what a CA sends qualifies: a GET (or HEAD) of exactly one base64url token (RFC 8555
-/// 8.3) without a query, so no `..`, `%2e` or other path reaches the origin in plain HTTP.
-pub fn is_acme_challenge(req: &Request<ClientIn>) -> bool {
+/// 8.3) without a query or an upgrade, so no `..`, `%2e`, other path or tunnel reaches the
+/// origin in plain HTTP.
+pub fn is_acme_challenge<B>(req: &Request<B>) -> bool {
     let token = req.uri().path().strip_prefix(ACME_CHALLENGE);
     (req.method() == Method::GET || req.method() == Method::HEAD)
         && req.uri().query().is_none()
+        && !req.headers().contains_key(header::UPGRADE)
         && token.is_some_and(|t| {
             !t.is_empty()
                 && t.bytes()
@@ -37,22 +39,27 @@ pub fn is_acme_challenge(req: &Request<ClientIn>) -> bool {
 /// and logged like a forwarded request.
 pub fn to_https(
     rt: &Runtime,
-    req: &Request<ClientIn>,
+    mut req: Request<ClientIn>,
     client: ClientConn,
     https_port: u16,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
+    // For the log: an ID the client sent is not trusted (see `headers::set_request_id`).
+    super::headers::set_request_id(req.headers_mut());
     let log = rt
         .access_log
         .as_ref()
-        .map(|l| PendingLog::new(l, req, &client));
-    let (resp, outcome) = match location(rt, req, https_port) {
-        Ok(to) => (redirect(req.method(), to), "https redirect"),
-        Err(e) => (error_response(&e), e.public_reason()),
+        .map(|l| PendingLog::new(l, &req, &client));
+    let (resp, bytes, outcome) = match location(rt, &req, https_port) {
+        Ok(to) => (redirect(req.method(), to), 0, "https redirect"),
+        Err(e) => {
+            let reason = e.public_reason();
+            (error_response(&e), reason.len() as u64 + 1, reason)
+        }
     };
     if let Some(mut l) = log {
         l.status(resp.status().as_u16());
-        l.finish(0, outcome);
+        l.finish(bytes, outcome);
     }
     rt.counters
         .record(resp.status().as_u16(), received.elapsed());
@@ -69,6 +76,14 @@ fn location(
         return Err(ProxyError::ConnectMethod);
     }
     let (host, _) = target_host(req)?;
+    // A host name's characters only, so nothing a URL parser would read as the end of the
+    // host (`#`, `?`, `\`, `%`) can ride in a wildcard route's first label into `Location`.
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(ProxyError::BadRequest("invalid Host"));
+    }
     if rt.router.route_for(&host).is_none() {
         return Err(ProxyError::MisdirectedHost(host));
     }

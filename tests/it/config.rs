@@ -202,6 +202,16 @@ fn bad_values_are_reported_with_file_line_and_reason() {
     ] {
         assert_eq!(listener(lines).trim(), want, "{lines}");
     }
+    // One address twice (SO_REUSEPORT would split its connections between them).
+    let twice = check_text(&edge_text("", &crt, &key).replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:8443\"\n[[listeners]]\naddress = \"127.0.0.1:8443\"\nredirect_to_https = true\n",
+        1,
+    ));
+    assert_eq!(
+        twice.trim(),
+        "e.toml:6:11: listener address 127.0.0.1:8443 is given twice"
+    );
     let dir = tempfile::tempdir().unwrap();
     let plain = edge_text("", &crt, &key).replacen(
         "address = \"127.0.0.1:0\"\n",

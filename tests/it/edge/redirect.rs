@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 /// An edge with its TLS listener first and a plain-HTTP redirect listener second.
 async fn redirecting_edge(line: &str) -> (edgepop::demo::origin::Origin, TestEdge, SocketAddr) {
     let origin = origin().start().await.unwrap();
-    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]).replacen(
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost", "*.edgepop.test"]).replacen(
         "[[certificates]]",
         &format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_to_https = true\n{line}\n\n[[certificates]]"
@@ -120,11 +120,11 @@ async fn plain_http_is_redirected_to_https_and_curl_follows_it_to_the_origin() {
     let (_, metrics) = admin_get(edge.admin, "/metrics").await;
     // Counted like any answer: two 301s and a 308; the 421, the 400 and the 405.
     assert!(
-        metrics.contains("edgepop_requests_total{code=\"3xx\"} 3"),
+        metrics.contains("edgepop_requests_total{code=\"3xx\"} 3\n"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("edgepop_requests_total{code=\"4xx\"} 3"),
+        metrics.contains("edgepop_requests_total{code=\"4xx\"} 3\n"),
         "{metrics}"
     );
 }
@@ -163,7 +163,10 @@ async fn acme_challenges_go_to_the_origin_over_plain_http_and_443_goes_unsaid() 
             "/.well-known/acme-challenge/../../headers",
             vec!["--path-as-is"],
         ),
-        ("/.well-known/acme-challenge/%2e%2e/headers", vec![]),
+        (
+            "/.well-known/acme-challenge/%2e%2e/headers",
+            vec!["--path-as-is"],
+        ),
         ("/.well-known/acme-challenge/a/b", vec![]),
         ("/.well-known/acme-challenge/", vec![]),
         ("/.well-known/acme-challenge/tok?x=1", vec![]),
@@ -177,4 +180,101 @@ async fn acme_challenges_go_to_the_origin_over_plain_http_and_443_goes_unsaid() 
             "{path}"
         );
     }
+    // Nor does a token fetched with an Upgrade: redirected, never tunnelled to the origin.
+    let (status, text) = raw_request(
+        plain_addr,
+        "GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_listener_speaks_only_http1_closes_silent_clients_and_checks_hosts() {
+    let (_origin, _edge, plain_addr) =
+        redirecting_edge("header_timeout = \"300ms\"\nidle_timeout = \"60s\"").await;
+    // The h2 preface is not taken for cleartext h2 (h2c): hyper's http/1.1 side refuses it
+    // and closes, where it used to answer with an h2 SETTINGS frame.
+    let mut s = tokio::net::TcpStream::connect(plain_addr)
+        .await
+        .expect("connect");
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.map(|_| all)
+    })
+    .await
+    .expect("closed");
+    let all = all.unwrap_or_default();
+    assert!(all.is_empty() || all.starts_with(b"HTTP/1.1 4"), "{all:?}");
+    // A client that sends nothing is closed after header_timeout, not idle_timeout.
+    let mut s = tokio::net::TcpStream::connect(plain_addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        use tokio::io::AsyncReadExt;
+        s.read(&mut buf).await
+    })
+    .await
+    .expect("closed well before idle_timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A wildcard route's first label cannot carry what a URL parser would end the host at.
+    for host in [
+        "evil%2ecom#.edgepop.test",
+        "evil.com?.edgepop.test",
+        "a\\b.edgepop.test",
+    ] {
+        let (status, text) = raw_request(
+            plain_addr,
+            &format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{host}: {text}");
+        assert!(location(&text).is_none(), "{host}: {text}");
+    }
+    let (status, text) = raw_request(
+        plain_addr,
+        "GET /x HTTP/1.1\r\nHost: www.edgepop.test:80\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301, "{text}");
+    assert_eq!(location(&text), Some("https://www.edgepop.test/x"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_the_https_port_but_not_a_listener_between_tls_and_plain() {
+    let (_origin, edge, plain_addr) = redirecting_edge("https_port = 8443").await;
+    let path = edge.dir.path().join("edgepop.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Both listeners are on port 0: the reload matches them by position.
+    std::fs::write(
+        &path,
+        text.replace("https_port = 8443", "https_port = 9443"),
+    )
+    .unwrap();
+    let cfg = edgepop::config::load(&path).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    let (status, text) = plain(plain_addr, "localhost", "/a", &[]).await;
+    assert_eq!(status, 301);
+    assert_eq!(location(&text), Some("https://localhost:9443/a"));
+    // Turning the plain listener into a TLS one (and the TLS one plain) waits for a restart:
+    // both keep what they are.
+    let swapped = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("redirect_to_https = true\nhttps_port = 9443\n", "")
+        .replacen(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_to_https = true\n",
+            1,
+        );
+    std::fs::write(&path, &swapped).unwrap();
+    let cfg = edgepop::config::load(&path).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    let (status, text) = plain(plain_addr, "localhost", "/b", &[]).await;
+    assert_eq!(status, 301, "{text}");
+    assert_eq!(location(&text), Some("https://localhost:9443/b"));
+    let out = curl(edge.addr, "localhost", "/", &[]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
 }
