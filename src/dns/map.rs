@@ -8,7 +8,7 @@ use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
 use super::health::{Health, HealthBook};
 use crate::config::regions::RegionFile;
 use crate::config::DnsConfig;
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use std::collections::HashMap;
@@ -119,6 +119,9 @@ pub struct Map {
     pub source: RegionFile,
     /// `[dns] nsid`: answered to queries that ask for it (RFC 5001).
     pub nsid: Option<Box<[u8]>>,
+    /// The NSID as a CHAOS TXT record, owner = question name, for `id.server` and
+    /// `hostname.bind` (RFC 4892).
+    pub chaos_id: Option<RrSet>,
     /// Server cookies' key; the same in every map of one process.
     pub cookie_secret: CookieSecret,
 }
@@ -258,6 +261,7 @@ pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
         zone: zone(cx.cfg, cx.serial)?,
         source: file,
         nsid: cx.cfg.nsid.as_ref().map(|n| n.as_bytes().into()),
+        chaos_id: cx.cfg.nsid.as_deref().map(chaos_txt).transpose()?,
         cookie_secret: cx.cookie_secret.clone(),
     })
 }
@@ -314,7 +318,7 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
             };
             push_rr(set, rdata.clone(), ttl)?;
             ns_glue.bytes.extend_from_slice(&owner);
-            emit_rest(&mut ns_glue, rdata, ttl)?;
+            emit_rest(&mut ns_glue, rdata, ttl, IN)?;
         }
         let index = u8::try_from(hosts.len()).unwrap_or(u8::MAX);
         hosts.push(host);
@@ -351,7 +355,7 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
     }
     let mut soa_authority = RrSet::default();
     soa_authority.bytes.extend_from_slice(&apex_wire);
-    emit_rest(&mut soa_authority, RData::SOA(soa), ttl)?;
+    emit_rest(&mut soa_authority, RData::SOA(soa), ttl, IN)?;
     Ok(Zone {
         apex_wire,
         names,
@@ -365,13 +369,33 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
 
 /// Appends one record whose owner is the question name (pointer to offset 12).
 fn push_rr(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
-    set.bytes.extend_from_slice(&0xC00Cu16.to_be_bytes());
-    emit_rest(set, rdata, ttl)
+    push_rr_in(set, rdata, ttl, IN)
 }
+
+/// `text` as a CHAOS TXT record with TTL 0 (identities are not for caching).
+fn chaos_txt(text: &str) -> Result<RrSet, MapError> {
+    let mut set = RrSet::default();
+    push_rr_in(
+        &mut set,
+        RData::TXT(TXT::new(vec![text.to_string()])),
+        0,
+        CH,
+    )?;
+    Ok(set)
+}
+
+/// [`push_rr`] in another class (CHAOS).
+fn push_rr_in(set: &mut RrSet, rdata: RData, ttl: u32, class: u16) -> Result<(), MapError> {
+    set.bytes.extend_from_slice(&0xC00Cu16.to_be_bytes());
+    emit_rest(set, rdata, ttl, class)
+}
+
+const IN: u16 = 1;
+const CH: u16 = 3;
 
 /// Type, class, TTL, length and data, names in the data uncompressed (the bytes are reused
 /// at different offsets, so they must not point into this buffer).
-fn emit_rest(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
+fn emit_rest(set: &mut RrSet, rdata: RData, ttl: u32, class: u16) -> Result<(), MapError> {
     let rtype: RecordType = rdata.record_type();
     let mut data = Vec::with_capacity(32);
     {
@@ -387,7 +411,7 @@ fn emit_rest(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
         let mut enc = BinEncoder::new(&mut rest);
         let res = (|| {
             enc.emit_u16(u16::from(rtype))?;
-            enc.emit_u16(1)?; // IN
+            enc.emit_u16(class)?;
             enc.emit_u32(ttl)?;
             enc.emit_u16(data.len() as u16)?;
             enc.emit_vec(&data)

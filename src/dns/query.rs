@@ -21,6 +21,7 @@ const NSID: u16 = 3;
 const ECS: u16 = 8;
 const COOKIE: u16 = 10;
 const KEEPALIVE: u16 = 11;
+const CHAOS: u16 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -260,12 +261,21 @@ pub fn handle(
     if rtype == OPT {
         return Some(r.finish(Rcode::FormErr, transport, qtype));
     }
+    let qwire = &qwire[..q.wire_len];
+    if rclass == CHAOS {
+        return Some(match chaos_identity(qwire, rtype, map) {
+            Some(set) => {
+                r.answers[0] = Some(set);
+                r.finish(Rcode::NoError, transport, qtype)
+            }
+            None => r.finish(Rcode::Refused, transport, qtype),
+        });
+    }
     if rclass != 1 || matches!(rtype, 251 | 252) {
         // Only class IN; no zone transfers.
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     let zone = &map.zone;
-    let qwire = &qwire[..q.wire_len];
     if !in_zone(qwire, &zone.apex_wire) {
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
@@ -349,6 +359,16 @@ fn extra<'m>(o: &Options, src: IpAddr, transport: Transport, map: &'m Map) -> Ex
         nsid: if o.nsid { map.nsid.as_deref() } else { None },
         keepalive: o.keepalive && transport == Transport::Tcp,
     }
+}
+
+/// `id.server` and `hostname.bind` in class CHAOS (RFC 4892), TXT or ANY: the NSID, when
+/// one is configured, for operators who ask `dig CH TXT id.server` which instance answered.
+/// Everything else in CHAOS (`version.bind` too) is refused.
+fn chaos_identity<'m>(qwire: &[u8], rtype: u16, map: &'m Map) -> Option<&'m RrSet> {
+    const ID_SERVER: &[u8] = b"\x02id\x06server\x00";
+    const HOSTNAME_BIND: &[u8] = b"\x08hostname\x04bind\x00";
+    let asked = matches!(rtype, 16 | 255) && (qwire == ID_SERVER || qwire == HOSTNAME_BIND);
+    map.chaos_id.as_ref().filter(|_| asked)
 }
 
 fn glue(zone: &super::map::Zone) -> Option<&RrSet> {

@@ -144,7 +144,7 @@ async fn a_malformed_cookie_is_a_formerr_that_still_carries_the_question_and_an_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn nsid_is_answered_only_when_configured_and_asked_for() {
+async fn nsid_and_chaos_id_server_are_answered_only_when_configured_and_asked_for() {
     let dns = Dns::start_with(&basic_regions(), "nsid = \"dns1.tyo1\"").await;
     let out = dns.dig(&[WWW, "A", "+nsid"]).await;
     assert!(
@@ -167,9 +167,32 @@ async fn nsid_is_answered_only_when_configured_and_asked_for() {
     );
     let out = dns.dig(&[WWW, "A"]).await;
     assert!(!out.contains("NSID"), "not asked: {out}");
+    // The same identity over CHAOS TXT (RFC 4892), for tools that ask that way.
+    for name in ["id.server", "HOSTNAME.bind"] {
+        assert_eq!(
+            dns.short(&[name, "TXT", "CH"]).await,
+            vec!["\"dns1.tyo1\""],
+            "{name}"
+        );
+    }
+    let out = dns.kdig(&["-c", "CH", "-t", "TXT", "id.server"]).await;
+    assert!(
+        out.contains("id.server.") && out.contains("CH") && out.contains("\"dns1.tyo1\""),
+        "{out}"
+    );
+    for (name, rtype) in [
+        ("version.bind", "TXT"),
+        ("id.server", "A"),
+        ("x.server", "TXT"),
+    ] {
+        let out = dns.dig(&[name, rtype, "CH"]).await;
+        assert!(out.contains("status: REFUSED"), "{name} {rtype}: {out}");
+    }
     let plain = Dns::start(&basic_regions()).await;
     let out = plain.dig(&[WWW, "A", "+nsid"]).await;
     assert!(!out.contains("NSID"), "not configured: {out}");
+    let out = plain.dig(&["id.server", "TXT", "CH"]).await;
+    assert!(out.contains("status: REFUSED"), "not configured: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
