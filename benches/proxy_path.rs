@@ -20,12 +20,14 @@ fn router() -> Router {
             hosts: vec![format!("www{i}.example.com")],
             origins: vec![0],
             max_body_size: None,
+            rate_limit: None,
         })
         .collect();
     routes.push(RouteConfig {
         hosts: vec!["*.cdn.example.net".into()],
         origins: vec![0],
         max_body_size: None,
+        rate_limit: None,
     });
     Router::new(&routes)
 }

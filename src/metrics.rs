@@ -32,6 +32,7 @@ pub const UPSTREAM_RESPONSE_TIME: &str = "edgepop_upstream_response_seconds";
 pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
 pub const PROXY_HEADERS_REFUSED: &str = "edgepop_proxy_protocol_refused";
 pub const PER_CLIENT_REFUSED: &str = "edgepop_per_client_limit_refused";
+pub const RATE_LIMITED: &str = "edgepop_rate_limited";
 pub const CLIENT_HANDSHAKE_TIME: &str = "edgepop_client_handshake_seconds";
 pub const CLIENT_HANDSHAKE_FAILURES: &str = "edgepop_client_handshake_failures";
 
@@ -174,6 +175,8 @@ pub struct EdgeCounters {
     pub proxy_headers_refused: AtomicU64,
     /// Connections closed because their client held `max_connections_per_client` already.
     pub per_client_refused: AtomicU64,
+    /// Requests answered 429: their client was over the route's `rate_limit`.
+    pub rate_limited: AtomicU64,
     /// Client handshake times by `ClientHandshake` (in its order), and failures by
     /// `HandshakeFailure`.
     handshakes: [Latency; 4],
@@ -341,6 +344,12 @@ pub fn render_edge(
         PER_CLIENT_REFUSED,
         "TCP connections closed before their handshake: their client already held max_connections_per_client",
         counters.per_client_refused.load(Ordering::Relaxed),
+    );
+    register_counter(
+        &mut reg,
+        RATE_LIMITED,
+        "Requests answered 429 before reaching an origin: their client was over the route's rate_limit",
+        counters.rate_limited.load(Ordering::Relaxed),
     );
     register_counter(
         &mut reg,

@@ -154,7 +154,22 @@ fn print_edge_summary(e: &EdgeConfig) {
             .iter()
             .filter_map(|&i| e.origins.get(i).map(|o| o.name.as_str()))
             .collect();
-        println!("  route {} -> {}", r.hosts.join(","), origins.join(" > "));
+        let limit = r
+            .rate_limit
+            .map(|l| {
+                format!(
+                    ", at most {} requests per {} per client (bursts of {})",
+                    l.requests,
+                    humantime::format_duration(l.per),
+                    l.burst
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  route {} -> {}{limit}",
+            r.hosts.join(","),
+            origins.join(" > ")
+        );
     }
 }
 
@@ -298,6 +313,7 @@ impl EdgeServer {
                 tracker.clone(),
             ));
         }
+        tokio::spawn(forget_idle_clients(runtime.clone(), shutdown.clone()));
         Ok(EdgeServer {
             listen_addrs,
             admin_addr,
@@ -315,6 +331,12 @@ impl EdgeServer {
 
     pub fn status(&self) -> &EdgeStatus {
         &self.status
+    }
+
+    /// Clients the routes' rate limiters remember now (all routes).
+    pub fn rate_limited_clients(&self) -> usize {
+        let rt = self.status.runtime.load();
+        rt.router.rate_limiters().map(|l| l.clients()).sum()
     }
 
     pub fn pools(&self) -> Vec<Pool> {
@@ -528,4 +550,21 @@ pub async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     tracing::info!("draining");
     server.drain().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the rate limiters forget clients whose allowance is full again.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the rate limiters' tables to recent clients, off the request path, until shutdown.
+async fn forget_idle_clients(runtime: Arc<ArcSwap<Runtime>>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FORGET_IDLE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let rt = runtime.load_full();
+        for limiter in rt.router.rate_limiters() {
+            limiter.forget_idle();
+        }
+    }
 }

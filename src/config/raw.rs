@@ -112,6 +112,17 @@ pub struct RawRoute {
     pub origins: Spanned<Vec<Spanned<String>>>,
     /// Largest request body accepted: bytes, or text with a unit.
     pub max_body_size: Option<Spanned<RawSize>>,
+    /// Requests per client over a period, with a burst.
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+}
+
+/// `rate_limit = { requests = 100, per = "1s", burst = 200 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests: Spanned<i64>,
+    pub per: RawDuration,
+    pub burst: Option<Spanned<i64>>,
 }
 
 /// A size as written: a number of bytes or text with a unit, parsed during validation.

@@ -177,6 +177,19 @@ pub struct RouteConfig {
     pub origins: Vec<usize>,
     /// Largest request body accepted, in bytes (413 above it); none: no limit.
     pub max_body_size: Option<u64>,
+    /// Requests one client may make (429 beyond); none: no limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `[[routes]] rate_limit`: `requests` per `per` for each client, with bursts up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// At least 1.
+    pub requests: u32,
+    /// At least a millisecond per request.
+    pub per: Duration,
+    /// At least 1.
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -891,10 +904,42 @@ fn route(
             n => Some(n),
         },
     };
+    let rate_limit = match &r.rate_limit {
+        Some(l) => Some(rate_limit(cx, l)?),
+        None => None,
+    };
     Ok(RouteConfig {
         hosts,
         origins,
         max_body_size,
+        rate_limit,
+    })
+}
+
+/// `rate_limit`: `requests` (1 to a million) per `per` (default 1s), `burst` (default
+/// `requests`, 1 to a million); a request's share of the period must be at least 1ms.
+fn rate_limit(cx: &Ctx, l: &Spanned<RawRateLimit>) -> Result<RateLimit, ConfigError> {
+    let raw = l.get_ref();
+    let count = |n: &Spanned<i64>, key: &str| match u32::try_from(*n.get_ref()) {
+        Ok(v) if (1..=1_000_000).contains(&v) => Ok(v),
+        _ => Err(cx.err(n, format!("rate_limit {key} must be between 1 and 1000000"))),
+    };
+    let requests = count(&raw.requests, "requests")?;
+    let per = cx.duration(&raw.per, Duration::from_secs(1), "rate_limit per")?;
+    if per / requests < Duration::from_millis(1) {
+        return Err(cx.err(
+            l,
+            "rate_limit allows more than one request per millisecond per client: use a longer per or fewer requests",
+        ));
+    }
+    let burst = match &raw.burst {
+        Some(b) => count(b, "burst")?,
+        None => requests,
+    };
+    Ok(RateLimit {
+        requests,
+        per,
+        burst,
     })
 }
 

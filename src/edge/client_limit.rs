@@ -18,14 +18,14 @@ const NAT64: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// A client, as the limit counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum ClientKey {
+pub(crate) enum ClientKey {
     V4([u8; 4]),
     /// The /64 prefix.
     V6([u8; 8]),
 }
 
 impl ClientKey {
-    fn of(ip: IpAddr) -> ClientKey {
+    pub(crate) fn of(ip: IpAddr) -> ClientKey {
         match ip.to_canonical() {
             IpAddr::V4(a) => ClientKey::V4(a.octets()),
             IpAddr::V6(a) => {

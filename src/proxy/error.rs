@@ -46,6 +46,8 @@ pub enum ProxyError {
     FirstByteTimeout { origin: String, after: Duration },
     #[error(transparent)]
     ClientBody(super::request_body::ClientBodyError),
+    #[error("client over the route's rate_limit; may retry in {0:?}")]
+    RateLimited(Duration),
 }
 
 impl From<CheckoutError> for ProxyError {
@@ -67,7 +69,8 @@ impl ProxyError {
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_)
             | ProxyError::TooEarly(_)
-            | ProxyError::ClientBody(_) => ErrorSource::Client,
+            | ProxyError::ClientBody(_)
+            | ProxyError::RateLimited(_) => ErrorSource::Client,
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => ErrorSource::Internal,
             ProxyError::ConnectTimeout(_)
             | ProxyError::Connect(_)
@@ -83,6 +86,7 @@ impl ProxyError {
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::TooEarly(_) => StatusCode::TOO_EARLY,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ClientBody(super::request_body::ClientBodyError::Timeout(_)) => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -109,6 +113,7 @@ impl ProxyError {
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
             ProxyError::TooEarly(_) => "too early: send this request again after the TLS handshake",
+            ProxyError::RateLimited(_) => "too many requests",
             ProxyError::NoCapacity(_) => "no upstream capacity",
             ProxyError::TunnelLimit => "too many open connections",
             ProxyError::ConnectTimeout(_) => "upstream connect timed out",

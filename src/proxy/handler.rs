@@ -68,6 +68,12 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     }
     let mut resp = Response::new(full(format!("{}\n", e.public_reason())));
     *resp.status_mut() = e.status();
+    if let ProxyError::RateLimited(wait) = e {
+        // Whole seconds (RFC 9110 10.2.3), rounded up so a client that obeys gets through.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -118,6 +124,14 @@ async fn forward(
         .router
         .route_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
+    if let Some(limiter) = &route.rate_limit {
+        if let Err(wait) = limiter.check(client.addr.ip()) {
+            rt.counters
+                .rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ProxyError::RateLimited(wait));
+        }
+    }
     let candidates = rt.candidates(&route.origins);
     if let Some(max) = route.max_body_size {
         // A declared length over the limit is refused before any origin sees the request.

@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod handler;
 pub mod headers;
+pub mod rate_limit;
 pub mod redirect;
 pub mod request_body;
 pub mod router;

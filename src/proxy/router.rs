@@ -18,6 +18,8 @@ pub struct Route {
     pub origins: Vec<usize>,
     /// Largest request body accepted (413 above it); none: no limit.
     pub max_body_size: Option<u64>,
+    /// Requests per client (429 beyond); none: no limit.
+    pub rate_limit: Option<super::rate_limit::RateLimiter>,
 }
 
 impl Router {
@@ -33,6 +35,10 @@ impl Router {
             r.routes.push(Route {
                 origins: route.origins.clone(),
                 max_body_size: route.max_body_size,
+                rate_limit: route
+                    .rate_limit
+                    .as_ref()
+                    .and_then(super::rate_limit::RateLimiter::new),
             });
         }
         r
@@ -54,6 +60,11 @@ impl Router {
 
     pub fn routes(&self) -> impl Iterator<Item = &[usize]> {
         self.routes.iter().map(|r| r.origins.as_slice())
+    }
+
+    /// The routes' rate limiters.
+    pub fn rate_limiters(&self) -> impl Iterator<Item = &super::rate_limit::RateLimiter> {
+        self.routes.iter().filter_map(|r| r.rate_limit.as_ref())
     }
 }
 
@@ -89,6 +100,7 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             origins: origins.to_vec(),
             max_body_size: None,
+            rate_limit: None,
         }
     }
 

@@ -202,6 +202,51 @@ fn bad_values_are_reported_with_file_line_and_reason() {
     ] {
         assert_eq!(listener(lines).trim(), want, "{lines}");
     }
+    let rate = |limit: &str| {
+        check_text(&edge_text("", &crt, &key).replacen(
+            "origins = [\"o\"]\n",
+            &format!("origins = [\"o\"]\nrate_limit = {limit}\n"),
+            1,
+        ))
+    };
+    for (limit, want) in [
+        (
+            "{ requests = 0 }",
+            "e.toml:17:27: rate_limit requests must be between 1 and 1000000",
+        ),
+        (
+            "{ requests = 10, burst = 0 }",
+            "e.toml:17:39: rate_limit burst must be between 1 and 1000000",
+        ),
+        (
+            "{ requests = 10, per = \"0s\" }",
+            "e.toml:17:37: rate_limit per must be greater than zero",
+        ),
+        (
+            "{ requests = 5000, per = \"1s\" }",
+            "e.toml:17:14: rate_limit allows more than one request per millisecond per client: use a longer per or fewer requests",
+        ),
+        (
+            "{ requests = 10, every = \"1s\" }",
+            "e.toml:17:31: unknown field `every`, expected one of `requests`, `per`, `burst`",
+        ),
+    ] {
+        assert_eq!(rate(limit).trim(), want, "{limit}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let limited = edge_text("", &crt, &key).replacen(
+        "origins = [\"o\"]\n",
+        "origins = [\"o\"]\nrate_limit = { requests = 600, per = \"1m\" }\n",
+        1,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "limited.toml", &limited));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(
+            "  route localhost -> o, at most 600 requests per 1m per client (bursts of 600)"
+        ),
+        "{stdout}"
+    );
     // One address twice (SO_REUSEPORT would split its connections between them).
     let twice = check_text(&edge_text("", &crt, &key).replacen(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n",

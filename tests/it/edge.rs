@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod linger;
+mod rate_limit;
 mod redirect;
 
 async fn one_origin_edge(extra: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
