@@ -29,7 +29,7 @@ fn router() -> Router {
         max_body_size: None,
         rate_limit: None,
     });
-    Router::new(&routes)
+    Router::new(&routes, None, &std::sync::Arc::default())
 }
 
 fn request_headers() -> HeaderMap {

@@ -33,6 +33,7 @@ pub const EARLY_DATA_REQUESTS: &str = "edgepop_early_data_requests";
 pub const PROXY_HEADERS_REFUSED: &str = "edgepop_proxy_protocol_refused";
 pub const PER_CLIENT_REFUSED: &str = "edgepop_per_client_limit_refused";
 pub const RATE_LIMITED: &str = "edgepop_rate_limited";
+pub const RATE_LIMIT_UNRECORDED: &str = "edgepop_rate_limit_unrecorded";
 pub const CLIENT_HANDSHAKE_TIME: &str = "edgepop_client_handshake_seconds";
 pub const CLIENT_HANDSHAKE_FAILURES: &str = "edgepop_client_handshake_failures";
 
@@ -177,6 +178,8 @@ pub struct EdgeCounters {
     pub per_client_refused: AtomicU64,
     /// Requests answered 429: their client was over the route's `rate_limit`.
     pub rate_limited: AtomicU64,
+    /// Requests a full rate-limit table served without counting them.
+    pub rate_limit_unrecorded: Arc<AtomicU64>,
     /// Client handshake times by `ClientHandshake` (in its order), and failures by
     /// `HandshakeFailure`.
     handshakes: [Latency; 4],
@@ -350,6 +353,12 @@ pub fn render_edge(
         RATE_LIMITED,
         "Requests answered 429 before reaching an origin: their client was over the route's rate_limit",
         counters.rate_limited.load(Ordering::Relaxed),
+    );
+    register_counter(
+        &mut reg,
+        RATE_LIMIT_UNRECORDED,
+        "Requests on a rate-limited route served without being counted: their client was new and the route's table of clients (rate_limit max_clients) was full",
+        counters.rate_limit_unrecorded.load(Ordering::Relaxed),
     );
     register_counter(
         &mut reg,

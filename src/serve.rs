@@ -158,10 +158,11 @@ fn print_edge_summary(e: &EdgeConfig) {
             .rate_limit
             .map(|l| {
                 format!(
-                    ", at most {} requests per {} per client (bursts of {})",
+                    ", {} requests per {} per client, bursts of {}, {} clients remembered",
                     l.requests,
                     humantime::format_duration(l.per),
-                    l.burst
+                    l.burst,
+                    l.max_clients
                 )
             })
             .unwrap_or_default();
@@ -261,6 +262,7 @@ impl EdgeServer {
             pools,
             counters.clone(),
             access_log,
+            None,
         )));
         let resumption =
             crate::tls::sni::Resumption::new().context("making the session ticket key")?;
@@ -398,7 +400,14 @@ impl EdgeServer {
             .filter(|p| !pools.iter().any(|n| Arc::ptr_eq(n.origin(), p.origin())))
             .cloned()
             .collect();
-        let new_rt = Runtime::new(pop, edge_cfg, pools, old.counters.clone(), access_log);
+        let new_rt = Runtime::new(
+            pop,
+            edge_cfg,
+            pools,
+            old.counters.clone(),
+            access_log,
+            Some(&old),
+        );
         if let (Some(log), Some(t)) = (&old.access_log, &pop.access_log) {
             log.reopen(t);
         }
@@ -562,9 +571,16 @@ async fn forget_idle_clients(runtime: Arc<ArcSwap<Runtime>>, shutdown: Cancellat
             _ = tokio::time::sleep(FORGET_IDLE_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
-        let rt = runtime.load_full();
-        for limiter in rt.router.rate_limiters() {
-            limiter.forget_idle();
+        let limiters: Vec<_> = runtime.load().router.rate_limiters().cloned().collect();
+        if limiters.is_empty() {
+            continue;
         }
+        // A sweep holds each shard's lock in turn: not on the request threads.
+        let sweep = tokio::task::spawn_blocking(move || {
+            for limiter in limiters {
+                limiter.forget_idle();
+            }
+        });
+        let _ = sweep.await;
     }
 }

@@ -123,6 +123,7 @@ pub struct RawRateLimit {
     pub requests: Spanned<i64>,
     pub per: RawDuration,
     pub burst: Option<Spanned<i64>>,
+    pub max_clients: Option<Spanned<i64>>,
 }
 
 /// A size as written: a number of bytes or text with a unit, parsed during validation.

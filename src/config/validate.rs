@@ -190,6 +190,8 @@ pub struct RateLimit {
     pub per: Duration,
     /// At least 1.
     pub burst: u32,
+    /// Clients remembered at once (beyond that, newcomers are served uncounted).
+    pub max_clients: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -916,6 +918,9 @@ fn route(
     })
 }
 
+/// Clients a route's rate limiter remembers by default: about 5 MiB.
+const DEFAULT_RATE_LIMIT_CLIENTS: usize = 100_000;
+
 /// `rate_limit`: `requests` (1 to a million) per `per` (default 1s), `burst` (default
 /// `requests`, 1 to a million); a request's share of the period must be at least 1ms.
 fn rate_limit(cx: &Ctx, l: &Spanned<RawRateLimit>) -> Result<RateLimit, ConfigError> {
@@ -936,10 +941,25 @@ fn rate_limit(cx: &Ctx, l: &Spanned<RawRateLimit>) -> Result<RateLimit, ConfigEr
         Some(b) => count(b, "burst")?,
         None => requests,
     };
+    // The GCRA keeps `burst` periods ahead in nanoseconds: keep that within a year.
+    if (per / requests).saturating_mul(burst) > MAX_DURATION {
+        return Err(cx.err(
+            l,
+            "rate_limit burst x per / requests must be at most a year",
+        ));
+    }
+    let max_clients = match &raw.max_clients {
+        None => DEFAULT_RATE_LIMIT_CLIENTS,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v) if (1..=10_000_000).contains(&v) => v,
+            _ => return Err(cx.err(n, "rate_limit max_clients must be between 1 and 10000000")),
+        },
+    };
     Ok(RateLimit {
         requests,
         per,
         burst,
+        max_clients,
     })
 }
 

@@ -124,14 +124,6 @@ async fn forward(
         .router
         .route_for(&host)
         .ok_or_else(|| ProxyError::MisdirectedHost(host.clone()))?;
-    if let Some(limiter) = &route.rate_limit {
-        if let Err(wait) = limiter.check(client.addr.ip()) {
-            rt.counters
-                .rate_limited
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(ProxyError::RateLimited(wait));
-        }
-    }
     let candidates = rt.candidates(&route.origins);
     if let Some(max) = route.max_body_size {
         // A declared length over the limit is refused before any origin sees the request.
@@ -140,8 +132,16 @@ async fn forward(
         }
     }
     let upgrade = is_upgrade(&req);
-    if req.extensions().get::<super::EarlyData>().is_some() {
-        let accepted = accept_early(&req, upgrade || h2_websocket);
+    let early = req.extensions().get::<super::EarlyData>().is_some();
+    if early {
+        // Over QUIC, 0-RTT comes before the client's address is proven: a rate-limited
+        // route must not charge (or spare) an address somebody may have spoofed.
+        let unproven = req.version() == Version::HTTP_3 && route.rate_limit.is_some();
+        let accepted = if unproven {
+            Err(ProxyError::TooEarly(req.method().clone()))
+        } else {
+            accept_early(&req, upgrade || h2_websocket)
+        };
         rt.counters.record_early_data(accepted.is_ok());
         accepted?;
     }
@@ -151,6 +151,16 @@ async fn forward(
         return Err(ProxyError::BadRequest(
             "an Upgrade request must not have a body",
         ));
+    }
+    // After the refusals that need only the head (413, 425, 400), so they use up no
+    // allowance, and before the body is read or any origin is asked.
+    if let Some(limiter) = &route.rate_limit {
+        if let Err(wait) = limiter.check(client.addr.ip()) {
+            rt.counters
+                .rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ProxyError::RateLimited(wait));
+        }
     }
     if h2_websocket || upgrade {
         // Boxed: a tunnel's future holds a TLS handshake, and inline it would make every

@@ -68,11 +68,17 @@ impl Runtime {
         pools: Vec<Pool>,
         counters: Arc<EdgeCounters>,
         access_log: Option<crate::access_log::AccessLog>,
+        previous: Option<&Runtime>,
     ) -> Self {
         let via = HeaderValue::from_str(&format!("edgepop-{}", pop.name))
             .unwrap_or_else(|_| HeaderValue::from_static("edgepop"));
+        let router = Router::new(
+            &edge.routes,
+            previous.map(|p| &p.router),
+            &counters.rate_limit_unrecorded,
+        );
         Runtime {
-            router: Router::new(&edge.routes),
+            router,
             pools,
             server_timing: pop.server_timing,
             via,

@@ -1,8 +1,11 @@
 //! Host -> route: exact names first, then a `*.` wildcard matching one label. Built once per
 //! configuration and swapped whole on reload.
 
+use super::rate_limit::RateLimiter;
 use crate::config::RouteConfig;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub struct Router {
@@ -19,11 +22,19 @@ pub struct Route {
     /// Largest request body accepted (413 above it); none: no limit.
     pub max_body_size: Option<u64>,
     /// Requests per client (429 beyond); none: no limit.
-    pub rate_limit: Option<super::rate_limit::RateLimiter>,
+    pub rate_limit: Option<Arc<RateLimiter>>,
+    hosts: Vec<String>,
 }
 
 impl Router {
-    pub fn new(routes: &[RouteConfig]) -> Self {
+    /// `previous`: the router this one replaces (a reload), whose rate limiters carry on for
+    /// routes with the same hosts and limit, so a reload (or a log rotation's SIGHUP) hands
+    /// nobody a fresh allowance. `unrecorded` counts what full limiter tables let through.
+    pub fn new(
+        routes: &[RouteConfig],
+        previous: Option<&Router>,
+        unrecorded: &Arc<AtomicU64>,
+    ) -> Self {
         let mut r = Router::default();
         for (i, route) in routes.iter().enumerate() {
             for host in &route.hosts {
@@ -32,13 +43,22 @@ impl Router {
                     None => r.exact.insert(host.clone(), i),
                 };
             }
+            let rate_limit = route.rate_limit.map(|limit| {
+                let same = previous
+                    .into_iter()
+                    .flat_map(|p| &p.routes)
+                    .filter(|old| old.hosts == route.hosts)
+                    .find_map(|old| old.rate_limit.as_ref().filter(|l| l.limit() == limit));
+                match same {
+                    Some(l) => l.clone(),
+                    None => Arc::new(RateLimiter::new(limit, unrecorded.clone())),
+                }
+            });
             r.routes.push(Route {
                 origins: route.origins.clone(),
                 max_body_size: route.max_body_size,
-                rate_limit: route
-                    .rate_limit
-                    .as_ref()
-                    .and_then(super::rate_limit::RateLimiter::new),
+                rate_limit,
+                hosts: route.hosts.clone(),
             });
         }
         r
@@ -63,7 +83,7 @@ impl Router {
     }
 
     /// The routes' rate limiters.
-    pub fn rate_limiters(&self) -> impl Iterator<Item = &super::rate_limit::RateLimiter> {
+    pub fn rate_limiters(&self) -> impl Iterator<Item = &Arc<RateLimiter>> {
         self.routes.iter().filter_map(|r| r.rate_limit.as_ref())
     }
 }
@@ -106,10 +126,14 @@ mod tests {
 
     #[test]
     fn exact_names_win_over_wildcards_and_wildcards_match_one_label() {
-        let r = Router::new(&[
-            route(&["*.example.com"], &[0]),
-            route(&["www.example.com"], &[1]),
-        ]);
+        let r = Router::new(
+            &[
+                route(&["*.example.com"], &[0]),
+                route(&["www.example.com"], &[1]),
+            ],
+            None,
+            &Arc::default(),
+        );
         assert_eq!(r.origins_for("www.example.com"), Some(&[1][..]));
         assert_eq!(r.origins_for("img.example.com"), Some(&[0][..]));
         assert_eq!(r.origins_for("a.b.example.com"), None);

@@ -211,6 +211,14 @@ fn bad_values_are_reported_with_file_line_and_reason() {
     };
     for (limit, want) in [
         (
+            "{ requests = 1, per = \"366d\", burst = 2 }",
+            "e.toml:17:14: rate_limit burst x per / requests must be at most a year",
+        ),
+        (
+            "{ requests = 1, max_clients = 0 }",
+            "e.toml:17:44: rate_limit max_clients must be between 1 and 10000000",
+        ),
+        (
             "{ requests = 0 }",
             "e.toml:17:27: rate_limit requests must be between 1 and 1000000",
         ),
@@ -228,7 +236,7 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         ),
         (
             "{ requests = 10, every = \"1s\" }",
-            "e.toml:17:31: unknown field `every`, expected one of `requests`, `per`, `burst`",
+            "e.toml:17:31: unknown field `every`, expected one of `requests`, `per`, `burst`, `max_clients`",
         ),
     ] {
         assert_eq!(rate(limit).trim(), want, "{limit}");
@@ -243,7 +251,7 @@ fn bad_values_are_reported_with_file_line_and_reason() {
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains(
-            "  route localhost -> o, at most 600 requests per 1m per client (bursts of 600)"
+            "  route localhost -> o, 600 requests per 1m per client, bursts of 600, 100000 clients remembered"
         ),
         "{stdout}"
     );

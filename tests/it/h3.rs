@@ -403,3 +403,35 @@ async fn over_http3_too_certificates_go_compressed_to_clients_that_offer_it() {
     // A client that does not offer it gets the chain as it is.
     handshake(chain.client_config(b"h3", false)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http3_0rtt_requests_on_a_rate_limited_route_get_425_until_the_handshake() {
+    let origin = origin().start().await.unwrap();
+    let config = h3_config(origin.addr())
+        .replace(
+            "name = \"test1\"\n",
+            "name = \"test1\"\nearly_data = true\n",
+        )
+        .replace(
+            "origins = [\"o1\"]\n",
+            "origins = [\"o1\"]\nrate_limit = { requests = 100, per = \"1s\" }\n",
+        );
+    assert!(config.contains("rate_limit"), "{config}");
+    let edge = start_edge(&config).await;
+    // As above: a long path, so the 0-RTT request is acted on before the Finished arrives.
+    let path = edgepop::wan::UdpRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        edge.addr,
+        std::time::Duration::from_millis(250),
+    )
+    .await
+    .unwrap();
+    let endpoint = h3_endpoint(true);
+    let mut c = early_connect(&endpoint, edge.addr, false).await;
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
+    drop(c);
+    // Even a GET: its client's address is not proven yet, so it is neither charged nor let by.
+    let mut c = early_connect(&endpoint, path.local_addr(), true).await;
+    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 425);
+}

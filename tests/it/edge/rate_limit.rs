@@ -18,6 +18,10 @@ async fn a_client_over_the_routes_rate_limit_gets_429_with_retry_after() {
     for i in 0..3 {
         assert_eq!(h2.get("localhost", "/").await.0, 200, "request {i}");
     }
+    let seen = origin
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
     let resp = h2
         .send(request(true, "localhost", "/"))
         .await
@@ -48,5 +52,34 @@ async fn a_client_over_the_routes_rate_limit_gets_429_with_retry_after() {
         metrics.contains("edgepop_rate_limited_total 2\n"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("edgepop_rate_limit_unrecorded_total 0\n"),
+        "{metrics}"
+    );
     assert_eq!(edge.server.rate_limited_clients(), 1);
+    // A reload (log rotation sends SIGHUP too) keeps the allowances of unchanged routes.
+    let path = edge.dir.path().join("edgepop.toml");
+    let cfg = edgepop::config::load(&path).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    assert_eq!(
+        h2.get("localhost", "/").await.0,
+        429,
+        "still limited after a reload"
+    );
+    // The origin saw none of the refused requests, only the unlimited route's five.
+    let now = origin
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(now - seen, 5);
+    // A changed limit starts afresh.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("burst = 3", "burst = 4")).unwrap();
+    let cfg = edgepop::config::load(&path).unwrap();
+    edge.server.reload(&cfg).await.unwrap();
+    assert_eq!(
+        h2.get("localhost", "/").await.0,
+        200,
+        "a new limit, a new allowance"
+    );
 }
