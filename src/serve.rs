@@ -293,13 +293,11 @@ impl EdgeServer {
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
         for l in &edge_cfg.listeners {
-            let mut bound = edge::bind(l)?;
+            let (mut bound, quic) = bind_listener(l, &tls.load_full())?;
             let addr = bound.local_addr()?;
             listen_addrs.push(addr);
             listeners.push(bound.settings());
-            if l.http3 {
-                // The same port over UDP (the TCP bind chose it when the config says 0).
-                let quic = edge::h3::bind(addr, bound.settings(), &tls.load_full())?;
+            if let Some(quic) = quic {
                 bound.advertise_h3(addr.port());
                 tokio::spawn(quic.run(
                     tls.clone(),
@@ -583,4 +581,31 @@ async fn forget_idle_clients(runtime: Arc<ArcSwap<Runtime>>, shutdown: Cancellat
         });
         let _ = sweep.await;
     }
+}
+
+/// Binds a listener and, with `http3`, the same port over UDP. With port 0 the TCP bind picks
+/// the port, and UDP may have that one taken already: then both are tried again elsewhere.
+fn bind_listener(
+    l: &config::ListenerConfig,
+    tls: &Arc<rustls::ServerConfig>,
+) -> anyhow::Result<(edge::Listener, Option<edge::h3::H3Listener>)> {
+    let attempts = if l.http3 && l.address.port() == 0 {
+        8
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let bound = edge::bind(l)?;
+        if !l.http3 {
+            return Ok((bound, None));
+        }
+        let addr = bound.local_addr()?;
+        match edge::h3::bind(addr, bound.settings(), tls) {
+            Ok(quic) => return Ok((bound, Some(quic))),
+            Err(e @ edge::h3::H3Error::Bind { .. }) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no port for HTTP/3"), Into::into))
 }
