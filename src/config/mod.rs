@@ -3,6 +3,7 @@
 //! where in which file something is wrong. `regions` does the same for the DNS region map.
 
 mod error;
+pub mod key_file;
 mod raw;
 pub mod regions;
 mod validate;

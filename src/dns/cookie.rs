@@ -63,22 +63,20 @@ impl CookieSecret {
 
     /// Reads a key file (see the module documentation).
     pub fn load(path: &Path) -> Result<Self, CookieKeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CookieKeyError::Read {
-            path: path.to_path_buf(),
-            source,
+        let lines = crate::config::key_file::read_hex_lines(path).map_err(|source| {
+            CookieKeyError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         let mut keys = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let key = hex::decode(line)
-                .ok()
+        for l in lines {
+            let key = l
+                .bytes
                 .and_then(|b| <[u8; KEY_LEN]>::try_from(b).ok())
                 .ok_or_else(|| CookieKeyError::Malformed {
                     path: path.to_path_buf(),
-                    line: i + 1,
+                    line: l.line,
                 })?;
             keys.push(key);
         }

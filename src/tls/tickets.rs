@@ -51,24 +51,22 @@ impl fmt::Debug for FileTicketer {
 
 impl FileTicketer {
     pub fn load(path: &Path) -> Result<FileTicketer, TicketKeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TicketKeyError::Read {
-            path: path.to_path_buf(),
-            source,
+        let lines = crate::config::key_file::read_hex_lines(path).map_err(|source| {
+            TicketKeyError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         let mut keys = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
+        for l in lines {
             let malformed = || TicketKeyError::Malformed {
                 path: path.to_path_buf(),
-                line: i + 1,
+                line: l.line,
             };
-            let bytes = hex::decode(line).map_err(|_| malformed())?;
-            if bytes.len() != NAME_LEN + KEY_LEN {
-                return Err(malformed());
-            }
+            let bytes = l
+                .bytes
+                .filter(|b| b.len() == NAME_LEN + KEY_LEN)
+                .ok_or_else(malformed)?;
             let mut name = [0u8; NAME_LEN];
             name.copy_from_slice(&bytes[..NAME_LEN]);
             let unbound =

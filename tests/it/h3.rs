@@ -326,16 +326,10 @@ async fn early_connect(endpoint: &quinn::Endpoint, addr: SocketAddr, early: bool
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_http3_0rtt_a_get_is_forwarded_marked_and_a_post_gets_425() {
-    let origin = origin().start().await.unwrap();
-    let edge = start_edge(&h3_config(origin.addr()).replace(
-        "name = \"test1\"\n",
-        "name = \"test1\"\nearly_data = true\n",
-    ))
-    .await;
-    // A long client-edge path: the edge acts on the 0-RTT request (it comes with the client's
-    // first flight) a full round trip, 500 ms, before the client's Finished can arrive.
+/// A client endpoint holding a session to resume with `edge` (tickets read: they come after
+/// the handshake), and a long path to it: the edge acts on a 0-RTT request (it comes with the
+/// client's first flight) a full round trip, 500 ms, before the client's Finished can arrive.
+async fn resumable_over_a_long_path(edge: &TestEdge) -> (edgepop::wan::UdpRelay, quinn::Endpoint) {
     let path = edgepop::wan::UdpRelay::start(
         "127.0.0.1:0".parse().unwrap(),
         edge.addr,
@@ -344,11 +338,21 @@ async fn over_http3_0rtt_a_get_is_forwarded_marked_and_a_post_gets_425() {
     .await
     .unwrap();
     let endpoint = h3_endpoint(true);
-    // A session to resume, with tickets read (they come after the handshake).
     let mut c = early_connect(&endpoint, edge.addr, false).await;
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
-    drop(c);
+    (path, endpoint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http3_0rtt_a_get_is_forwarded_marked_and_a_post_gets_425() {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr()).replace(
+        "name = \"test1\"\n",
+        "name = \"test1\"\nearly_data = true\n",
+    ))
+    .await;
+    let (path, endpoint) = resumable_over_a_long_path(&edge).await;
     let seen = || {
         origin
             .stats()
@@ -418,19 +422,7 @@ async fn over_http3_0rtt_requests_on_a_rate_limited_route_get_425_until_the_hand
         );
     assert!(config.contains("rate_limit"), "{config}");
     let edge = start_edge(&config).await;
-    // As above: a long path, so the 0-RTT request is acted on before the Finished arrives.
-    let path = edgepop::wan::UdpRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        edge.addr,
-        std::time::Duration::from_millis(250),
-    )
-    .await
-    .unwrap();
-    let endpoint = h3_endpoint(true);
-    let mut c = early_connect(&endpoint, edge.addr, false).await;
-    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
-    assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
-    drop(c);
+    let (path, endpoint) = resumable_over_a_long_path(&edge).await;
     // Even a GET: its client's address is not proven yet, so it is neither charged nor let by.
     let mut c = early_connect(&endpoint, path.local_addr(), true).await;
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 425);
