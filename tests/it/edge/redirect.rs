@@ -5,17 +5,21 @@
 use super::*;
 use std::net::SocketAddr;
 
-/// An edge with its TLS listener first and a plain-HTTP redirect listener second.
-async fn redirecting_edge(line: &str) -> (edgepop::demo::origin::Origin, TestEdge, SocketAddr) {
-    let origin = origin().start().await.unwrap();
-    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost", "*.edgepop.test"]).replacen(
+/// Config with its TLS listener first and a plain-HTTP redirect listener (with `line`) second.
+fn redirecting_config(origin: SocketAddr, line: &str) -> String {
+    edge_config(&[("o1", origin, "")], &["localhost", "*.edgepop.test"]).replacen(
         "[[certificates]]",
         &format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_to_https = true\n{line}\n\n[[certificates]]"
         ),
         1,
-    );
-    let edge = start_edge(&config).await;
+    )
+}
+
+/// An edge started from [`redirecting_config`], and its plain listener's address.
+async fn redirecting_edge(line: &str) -> (edgepop::demo::origin::Origin, TestEdge, SocketAddr) {
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&redirecting_config(origin.addr(), line)).await;
     let plain = edge.server.listen_addrs[1];
     (origin, edge, plain)
 }
@@ -277,4 +281,41 @@ async fn a_reload_changes_the_https_port_but_not_a_listener_between_tls_and_plai
     assert_eq!(location(&text), Some("https://localhost:9443/b"));
     let out = curl(edge.addr, "localhost", "/", &[]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_and_challenges_are_logged_without_tls_fields() {
+    let origin = origin().start().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let edge = start_edge(&with_access_log(
+        &redirecting_config(origin.addr(), ""),
+        &path,
+    ))
+    .await;
+    let plain_addr = edge.server.listen_addrs[1];
+    assert_eq!(plain(plain_addr, "localhost", "/a?b=1", &[]).await.0, 301);
+    let (status, _) = plain(
+        plain_addr,
+        "localhost",
+        "/.well-known/acme-challenge/tok",
+        &["-H", "X-Request-Id: mine"],
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_log_lines(&path, 2).await;
+    let lines = log_lines(&path);
+    let redirect = &lines[0];
+    assert_eq!(redirect["status"], 301, "{redirect}");
+    assert_eq!(redirect["outcome"], "https redirect", "{redirect}");
+    assert_eq!(redirect["path"], "/a?b=1", "{redirect}");
+    assert!(redirect.get("tls_handshake").is_none(), "{redirect}");
+    assert!(redirect.get("tls_handshake_ms").is_none(), "{redirect}");
+    let challenge = &lines[1];
+    assert_eq!(challenge["status"], 200, "{challenge}");
+    assert_eq!(challenge["origin"], "o1", "{challenge}");
+    assert!(challenge.get("tls_handshake").is_none(), "{challenge}");
+    // The client's own request ID is replaced, as on TLS listeners.
+    assert_ne!(challenge["request_id"], "mine", "{challenge}");
+    assert_eq!(challenge["request_id"].as_str().map(str::len), Some(32));
 }
