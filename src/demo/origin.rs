@@ -2,7 +2,8 @@
 //! connections and full/resumed handshakes, and can be stopped, restarted, made unhealthy,
 //! made to close idle connections or to send GOAWAY — the faults the pool must survive.
 //!
-//! Paths: `/healthz`; `/bytes/N` streams N bytes; `/echo` streams the request body back;
+//! Paths: `/healthz`; `/bytes/N` streams N bytes; `/echo` streams the request body (and its
+//! trailers) back;
 //! `/headers` returns the request headers as text; `/delay/MS` answers after MS
 //! milliseconds; `/status/N` answers with status N; `/upgrade` (with `Upgrade`) switches
 //! protocols and echoes bytes; `/.well-known/acme-challenge/TOKEN` answers an ACME key
@@ -438,11 +439,17 @@ async fn route(shared: &Shared, mut req: Request<Incoming>, path: &str) -> Respo
         };
     }
     if path == "/echo" {
+        // Trailers come back too; over http/1.1 only the ones the request declares.
+        let declared = req.headers().get(hyper::header::TRAILER).cloned();
         let body = req
             .into_body()
             .map_err(std::io::Error::other)
             .boxed_unsync();
-        return Response::new(body);
+        let mut resp = Response::new(body);
+        if let Some(t) = declared {
+            resp.headers_mut().insert(hyper::header::TRAILER, t);
+        }
+        return resp;
     }
     if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
         let proto = req

@@ -364,7 +364,8 @@ pub(super) fn upstream_request(
 }
 
 /// h2 upstream: absolute URI (becomes :scheme/:authority), no Host header; http/1.1: origin
-/// form with Host, no `TE: trailers`.
+/// form with Host, and a kept `TE: trailers` named in `Connection` (RFC 9110 10.1.4), so an
+/// http/1.1 origin sends its trailers.
 fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -> Request<UpBody> {
     match protocol {
         Protocol::H2 => {
@@ -384,7 +385,10 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
             if let Some(p) = req.uri().path_and_query().cloned() {
                 *req.uri_mut() = Uri::from(p);
             }
-            req.headers_mut().remove(header::TE);
+            if req.headers().contains_key(header::TE) {
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("te"));
+            }
             if !req.headers().contains_key(header::HOST) {
                 if let Ok(h) = HeaderValue::from_str(authority) {
                     req.headers_mut().insert(header::HOST, h);

@@ -1,17 +1,17 @@
 //! Header rewriting: hop-by-hop headers removed in both directions (RFC 9110 7.6.1, plus the
-//! names the Connection header lists), X-Forwarded-For/-Proto and Via set.
+//! names the Connection header lists), X-Forwarded-For/-Proto and Via set. `Trailer` is end to
+//! end (RFC 9110 6.6.2) and stays: an http/1.1 hop sends only the trailer fields it declares.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -35,8 +35,8 @@ pub fn set_request_id(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers` (meaningful end to end
-/// for gRPC over h2).
+/// Removes hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers`: the client takes
+/// trailers, so the origin may send them (gRPC needs it over h2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -120,10 +120,13 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
         strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h.len(), 3, "{h:?}");
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-kept"));
+        // End to end (RFC 9110 6.6.2): an http/1.1 hop sends the trailers it declares.
+        assert_eq!(h.get(header::TRAILER).unwrap(), "x-sum");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 mod linger;
 mod rate_limit;
 mod redirect;
+mod trailers;
 
 async fn one_origin_edge(extra: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
     let origin = origin().start().await.unwrap();

@@ -1,0 +1,76 @@
+//! Trailers through the edge, both ways, to h2 and http/1.1 origins: an h2 client's request
+//! trailers reach the origin (its `/echo` sends them back as response trailers), and an
+//! http/1.1 client that sends `TE: trailers` gets them too. Over http/1.1 a hop carries the
+//! trailer fields its `Trailer` header declares, so that header goes end to end.
+
+use super::*;
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+
+/// A POST to `/echo` whose body is `data` followed by the trailer `x-sum: 7`, declared.
+fn post_with_trailers(h2: bool, data: &'static str) -> hyper::Request<Body> {
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-sum", "7".parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(data.as_bytes()))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let b = hyper::Request::builder().method("POST");
+    let b = if h2 {
+        b.uri("https://localhost/echo")
+            .version(hyper::Version::HTTP_2)
+    } else {
+        b.uri("/echo").header("host", "localhost")
+    };
+    b.header("te", "trailers")
+        .header("trailer", "x-sum")
+        .body(body)
+        .expect("request")
+}
+
+/// The body and the trailers of an answer.
+async fn body_and_trailers(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> (String, Option<hyper::HeaderMap>) {
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    (
+        String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+        trailers,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_and_response_trailers_cross_the_edge_to_h2_and_http1_origins() {
+    for protocol in ["h2", "http1"] {
+        let origin = origin().start().await.unwrap();
+        let extra = format!("protocol = {protocol:?}");
+        let edge = start_edge(&edge_config(
+            &[("o1", origin.addr(), &extra)],
+            &["localhost"],
+        ))
+        .await;
+        for h2_client in [true, false] {
+            let mut c = Client::connect(edge.addr, "localhost", h2_client).await;
+            let resp = c
+                .send(post_with_trailers(h2_client, "abc"))
+                .await
+                .expect("response");
+            assert_eq!(
+                resp.status(),
+                200,
+                "{protocol} origin, h2 client: {h2_client}"
+            );
+            let (body, trailers) = body_and_trailers(resp).await;
+            assert_eq!(body, "abc");
+            let sum = trailers.as_ref().and_then(|t| t.get("x-sum"));
+            assert_eq!(
+                sum.map(|v| v.as_bytes()),
+                Some(&b"7"[..]),
+                "{protocol} origin, h2 client: {h2_client}: {trailers:?}"
+            );
+        }
+    }
+}
