@@ -84,6 +84,17 @@ fuzz_target!(|data: &[u8]| {
     if handle(query, src, transport, map(), &mut resp).is_some() {
         assert!(resp.len() >= 12, "an answer has a header");
         assert!(resp.len() <= limit, "answers fit their transport (UDP: 1232 bytes)");
+        // Over UDP, within what the query allows, when an independent parser can read it:
+        // its EDNS size (512 to 1232), else 512. Every option we add must have been counted.
+        if transport == Transport::Udp {
+            if let Ok(q) = hickory_proto::op::Message::from_vec(query) {
+                let asked = q
+                    .extensions()
+                    .as_ref()
+                    .map_or(512, |e| usize::from(e.max_payload()).clamp(512, 1232));
+                assert!(resp.len() <= asked, "{} > the {asked} bytes asked for", resp.len());
+            }
+        }
         assert_eq!(resp[..2], query[..2], "the id is echoed");
         assert!(resp[2] & 0x80 != 0, "QR is set");
         // Every answer to a QUERY is a well-formed message for an independent parser

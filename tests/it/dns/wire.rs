@@ -234,6 +234,16 @@ fn the_fuzz_seed_corpus_and_random_mutations_never_panic_the_query_path() {
             let mut r = Vec::new();
             if edgepop::dns::query::handle(&p, srcs[round % 2], transport, &map, &mut r).is_some() {
                 assert!(r.len() >= 12 && r.len() <= limit && r[..2] == p[..2]);
+                // As in the fuzz target: within the UDP size the query asks for.
+                if let (Transport::Udp, Ok(q)) =
+                    (transport, hickory_proto::op::Message::from_vec(&p))
+                {
+                    let asked = q
+                        .extensions()
+                        .as_ref()
+                        .map_or(512, |e| usize::from(e.max_payload()).clamp(512, 1232));
+                    assert!(r.len() <= asked, "{} > {asked}", r.len());
+                }
                 answered += 1;
             }
         }
