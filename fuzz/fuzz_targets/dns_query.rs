@@ -23,6 +23,7 @@ regions = "unused.toml"
 nameservers = ["ns1.edgepop.test", "ns2.sub.edgepop.test", "ns.example.net"]
 glue = { "ns1.edgepop.test" = ["192.0.2.53", "2001:db8::53"], "ns2.sub.edgepop.test" = ["192.0.2.54"] }
 nsid = "fuzz"
+max_nocookie_response = 300
 "#;
 
 const REGIONS: &str = r#"

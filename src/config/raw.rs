@@ -167,4 +167,6 @@ pub struct RawDns {
     pub nsid: Option<Spanned<String>>,
     /// Key file for DNS server cookies shared by the sidecars behind one address.
     pub cookie_keys: Option<Spanned<String>>,
+    /// UDP answers larger than this go truncated to queries without a valid server cookie.
+    pub max_nocookie_response: Option<Spanned<i64>>,
 }

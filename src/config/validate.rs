@@ -222,6 +222,9 @@ pub struct DnsConfig {
     pub nsid: Option<String>,
     /// `[dns] cookie_keys`, loaded; `None`: a random secret per process.
     pub cookie_keys: Option<CookieKeys>,
+    /// UDP answers over this size to queries without a valid server cookie are sent
+    /// truncated (128 to 1232); `None`: no such limit.
+    pub max_nocookie_response: Option<u16>,
 }
 
 /// `[dns] cookie_keys`, loaded.
@@ -1071,6 +1074,18 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),
             None => None,
+        },
+        max_nocookie_response: match &d.max_nocookie_response {
+            None => None,
+            Some(n) => match u16::try_from(*n.get_ref()) {
+                Ok(v) if (128..=1232).contains(&v) => Some(v),
+                _ => {
+                    return Err(cx.err(
+                        n,
+                        "max_nocookie_response must be between 128 and 1232 (leave it out for no limit)",
+                    ))
+                }
+            },
         },
         cookie_keys: match &d.cookie_keys {
             Some(s) => {

@@ -124,6 +124,8 @@ pub struct Map {
     pub chaos_id: Option<RrSet>,
     /// Server cookies' key; the same in every map of one process.
     pub cookie_secret: CookieSecret,
+    /// `[dns] max_nocookie_response`.
+    pub max_nocookie_response: Option<u16>,
 }
 
 impl Map {
@@ -263,6 +265,7 @@ pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
         nsid: cx.cfg.nsid.as_ref().map(|n| n.as_bytes().into()),
         chaos_id: cx.cfg.nsid.as_deref().map(chaos_txt).transpose()?,
         cookie_secret: cx.cookie_secret.clone(),
+        max_nocookie_response: cx.cfg.max_nocookie_response,
     })
 }
 

@@ -236,6 +236,14 @@ pub fn handle(
         (Transport::Udp, Some(e)) => e.udp_size.clamp(512, MAX_UDP),
         (Transport::Udp, None) => 512,
     };
+    // gdnsd's `max_nocookie_response`: a UDP source that has not proven itself with a valid
+    // server cookie gets large answers truncated, so it comes back over TCP (no spoofing).
+    if let Some(max) = map.max_nocookie_response {
+        let proven = matches!(r.extra.cookie, Some((_, CookieState::Valid)));
+        if transport == Transport::Udp && !proven {
+            r.limit = r.limit.min(max);
+        }
+    }
     // EDNS first, then the opcode, as BIND and Knot check them.
     if let Some(e) = parsed.edns {
         if e.version > 0 {

@@ -399,6 +399,11 @@ fn nsid_is_printable_ascii_of_at_most_128_characters() {
     ] {
         assert_eq!(check_text(&dns(nsid)).trim(), want, "{nsid}");
     }
+    let small = check_text(&dns("\"x\"\nmax_nocookie_response = 100"));
+    assert_eq!(
+        small.trim(),
+        "e.toml:8:25: max_nocookie_response must be between 128 and 1232 (leave it out for no limit)"
+    );
 }
 
 #[test]

@@ -340,3 +340,34 @@ async fn options_count_toward_the_udp_size_an_answer_must_fit() {
     assert_eq!(addrs(&m).len(), 29);
     assert_fresh_cookie(&m, &CLIENT);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_max_nocookie_response_large_udp_answers_need_a_valid_cookie() {
+    // 20 addresses: header 12 + question 22 + 20 x 16 + OPT 11 = 365 octets.
+    let addresses: Vec<String> = (1..=20).map(|i| format!("\"192.0.2.{i}\"")).collect();
+    let regions = format!(
+        "[[pops]]\nname = \"wide\"\nipv4 = [{}]\n\n[default]\npops = [\"wide\"]\n",
+        addresses.join(", ")
+    );
+    let dns = Dns::start_with(&regions, "max_nocookie_response = 256").await;
+    // No cookie, or only a client cookie: truncated (the second gets its server cookie).
+    let m = udp(&dns, &query_with(&[])).await;
+    assert!(m.truncated() && m.answers().is_empty(), "{m:?}");
+    let m = udp(&dns, &query_with(&option(10, &CLIENT))).await;
+    assert!(m.truncated() && m.answers().is_empty(), "{m:?}");
+    let cookie = assert_fresh_cookie(&m, &CLIENT);
+    // A valid server cookie proves the source: the whole answer over UDP.
+    let m = udp(&dns, &query_with(&option(10, &cookie))).await;
+    assert!(!m.truncated(), "{m:?}");
+    assert_eq!(addrs(&m).len(), 20);
+    // Small answers fit anyway; TCP is never limited.
+    let out = dns.dig(&["nope.edgepop.test", "A", "+nocookie"]).await;
+    assert!(
+        out.contains("status: NXDOMAIN") && !out.contains(" tc"),
+        "{out}"
+    );
+    let m = parse(&dns.raw_tcp(&query_with(&[])).await);
+    assert_eq!(addrs(&m).len(), 20);
+    // dig with its own cookies retries over TCP after the truncated answer and gets it all.
+    assert_eq!(dns.short(&[WWW, "A", "+nocookie"]).await.len(), 20);
+}
