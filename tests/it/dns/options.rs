@@ -265,6 +265,15 @@ async fn sidecars_sharing_a_cookie_key_file_accept_each_others_cookies_across_a_
     );
 }
 
+/// A region file whose one PoP (the default) has `n` IPv4 addresses.
+fn wide_pop(n: u8) -> String {
+    let addresses: Vec<String> = (1..=n).map(|i| format!("\"192.0.2.{i}\"")).collect();
+    format!(
+        "[[pops]]\nname = \"wide\"\nipv4 = [{}]\n\n[default]\npops = [\"wide\"]\n",
+        addresses.join(", ")
+    )
+}
+
 /// A query without a question, only an OPT with `options` (RFC 7873 5.4).
 fn cookie_only_query(options: &[u8]) -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -307,12 +316,7 @@ async fn a_query_with_only_a_cookie_gets_a_server_cookie_or_badcookie() {
 async fn options_count_toward_the_udp_size_an_answer_must_fit() {
     // 29 addresses: header 12 + question 22 + 29 x 16 + OPT 11 = 509 octets, 3 under 512;
     // the answer's cookie (28 octets) takes it over.
-    let addresses: Vec<String> = (1..=29).map(|i| format!("\"192.0.2.{i}\"")).collect();
-    let regions = format!(
-        "[[pops]]\nname = \"wide\"\nipv4 = [{}]\n\n[default]\npops = [\"wide\"]\n",
-        addresses.join(", ")
-    );
-    let dns = Dns::start(&regions).await;
+    let dns = Dns::start(&wide_pop(29)).await;
     let at_512 = |options: &[u8]| {
         let mut q = query_with(options);
         let opt = q.len() - options.len() - 11;
@@ -344,12 +348,7 @@ async fn options_count_toward_the_udp_size_an_answer_must_fit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_max_nocookie_response_large_udp_answers_need_a_valid_cookie() {
     // 20 addresses: header 12 + question 22 + 20 x 16 + OPT 11 = 365 octets.
-    let addresses: Vec<String> = (1..=20).map(|i| format!("\"192.0.2.{i}\"")).collect();
-    let regions = format!(
-        "[[pops]]\nname = \"wide\"\nipv4 = [{}]\n\n[default]\npops = [\"wide\"]\n",
-        addresses.join(", ")
-    );
-    let dns = Dns::start_with(&regions, "max_nocookie_response = 256").await;
+    let dns = Dns::start_with(&wide_pop(20), "max_nocookie_response = 256").await;
     // No cookie, or only a client cookie: truncated (the second gets its server cookie).
     let m = udp(&dns, &query_with(&[])).await;
     assert!(m.truncated() && m.answers().is_empty(), "{m:?}");
