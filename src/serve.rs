@@ -601,7 +601,7 @@ fn bind_listener(
             return Ok((bound, None));
         }
         let addr = bound.local_addr()?;
-        match edge::h3::bind(addr, bound.settings(), tls) {
+        match edge::h3::bind(addr, bound.settings(), tls, l.address.port() != 0) {
             Ok(quic) => return Ok((bound, Some(quic))),
             Err(e @ edge::h3::H3Error::Bind { .. }) => last = Some(e),
             Err(e) => return Err(e.into()),

@@ -665,7 +665,8 @@ impl Response<'_, '_> {
             .flatten()
             .map(|s| s.bytes.len())
             .sum();
-        let truncated = 12 + q_len + body + opt_len > usize::from(self.limit);
+        // Only records are ever dropped: an answer without any is not marked truncated.
+        let truncated = body > 0 && 12 + q_len + body + opt_len > usize::from(self.limit);
         let mut flags = self.flags | (code & 0xF);
         if truncated {
             flags |= 0x0200;

@@ -1,6 +1,7 @@
-//! One client connection after TLS: h2 or http/1.1 by ALPN, served by hyper-util's auto
-//! builder; closed after `idle_timeout` without requests, drained gracefully on shutdown,
-//! with a lingering close for http/1.1 (see `linger`).
+//! One client connection after TLS (or plain HTTP on a `redirect_to_https` listener): h2 or
+//! http/1.1 by ALPN, served by hyper's builder for that protocol only ([`Served`]); closed
+//! after `idle_timeout` without requests, drained gracefully on shutdown, with a lingering
+//! close for http/1.1 (see `linger`).
 
 use super::activity::{Activity, InFlight};
 use super::linger::LingerHint;
@@ -136,6 +137,9 @@ pub async fn serve<S>(
     tokio::pin!(idle_timer);
     let handshake_deadline = tokio::time::sleep(cfg.handshake_timeout);
     tokio::pin!(handshake_deadline);
+    // Armed when an idle connection is told to close: one that cannot close gracefully (an h2
+    // client that never sent its preface waits in hyper's handshake) is dropped then.
+    let mut close_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         // select!: the connection finishing, drain starting, the idle timer, or (0-RTT) the
         // handshake deadline. The idle timer is one timer re-armed when it fires early:
@@ -155,7 +159,17 @@ pub async fn serve<S>(
                 if activity.idle_expired(idle, idle_timer.as_mut()) {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
+                    close_by = Some(Box::pin(tokio::time::sleep(cfg.header_timeout)));
                 }
+            }
+            _ = async {
+                match close_by.as_mut() {
+                    Some(deadline) => deadline.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::debug!(%peer, "idle connection did not close gracefully; dropped");
+                return;
             }
             // A 0-RTT connection is served before its handshake ends; one whose client never
             // sends its Finished is dropped after `handshake_timeout`, as a stalled handshake

@@ -68,12 +68,14 @@ pub struct H3Listener {
     configs: Arc<QuicConfigs>,
 }
 
-/// Binds UDP `address` (the TCP listener's, so one port serves both) with SO_REUSEPORT, and
+/// Binds UDP `address` (the TCP listener's, so one port serves both), with SO_REUSEPORT when
+/// `share_port` (a configured port, which several edgepop processes may share), and
 /// checks that the edge's TLS config works for QUIC before anything advertises HTTP/3.
 pub fn bind(
     address: SocketAddr,
     config: crate::edge::listener::Settings,
     tls: &Arc<rustls::ServerConfig>,
+    share_port: bool,
 ) -> Result<H3Listener, H3Error> {
     let configs = Arc::new(QuicConfigs {
         last: Mutex::new(None),
@@ -84,7 +86,9 @@ pub fn bind(
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
         .map_err(err)?;
     s.set_reuse_address(true).map_err(err)?;
-    s.set_reuse_port(true).map_err(err)?;
+    // Not for a port the TCP bind picked: joining some other socket's SO_REUSEPORT group
+    // there would split QUIC flows with it instead of failing.
+    s.set_reuse_port(share_port).map_err(err)?;
     if address.is_ipv6() {
         s.set_only_v6(true).map_err(err)?;
     }

@@ -332,8 +332,9 @@ async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
-                    return true;
+                    // Refused (a connection-specific field): the stream would stay open
+                    // without END_STREAM, so it is reset instead.
+                    return stream.send_trailers(trailers).is_ok();
                 }
             }
         }

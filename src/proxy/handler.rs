@@ -379,6 +379,8 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
                 *req.uri_mut() = uri;
             }
             req.headers_mut().remove(header::HOST);
+            // An earlier http/1.1 attempt (a failover) may have named TE in Connection.
+            req.headers_mut().remove(header::CONNECTION);
             *req.version_mut() = Version::HTTP_2;
         }
         Protocol::Http1 => {

@@ -61,6 +61,60 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// Removes from a client's trailers the fields a trailer must not carry (RFC 9110 6.5.1:
+/// framing, routing, authentication, cookies, conditionals and the like) and the ones the
+/// edge sets itself, so no origin that merges trailers into the header section can be told a
+/// client address, a request ID or credentials that way (Apache's `MergeTrailers`,
+/// CVE-2013-5704), and no connection-specific field makes an h2 upstream refuse them.
+pub fn strip_trailers(trailers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = trailers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed
+        .iter()
+        .chain(HOP_BY_HOP.iter())
+        .chain(NOT_IN_TRAILERS.iter())
+    {
+        trailers.remove(name);
+    }
+    let conditional: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|k| k.as_str().starts_with("if-"))
+        .cloned()
+        .collect();
+    for name in conditional {
+        trailers.remove(name);
+    }
+}
+
+static NOT_IN_TRAILERS: [HeaderName; 21] = [
+    header::UPGRADE,
+    header::TRAILER,
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::HOST,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::SET_COOKIE,
+    header::CACHE_CONTROL,
+    header::EXPECT,
+    header::MAX_FORWARDS,
+    header::RANGE,
+    header::FORWARDED,
+    header::VIA,
+    header::AGE,
+    HeaderName::from_static("early-data"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-request-id"),
+];
+
 /// Appends the client address to X-Forwarded-For and sets X-Forwarded-Proto (`https`, or
 /// `http` for a request that came in plain HTTP).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
@@ -127,6 +181,28 @@ mod tests {
         assert!(h.contains_key("x-kept"));
         // End to end (RFC 9110 6.6.2): an http/1.1 hop sends the trailers it declares.
         assert_eq!(h.get(header::TRAILER).unwrap(), "x-sum");
+    }
+
+    #[test]
+    fn trailers_lose_what_a_trailer_must_not_carry() {
+        let mut t = HeaderMap::new();
+        for (k, v) in [
+            ("x-sum", "7"),
+            ("grpc-status", "0"),
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("content-length", "9"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("authorization", "Basic x"),
+            ("if-none-match", "*"),
+            ("transfer-encoding", "chunked"),
+        ] {
+            t.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_trailers(&mut t);
+        let mut names: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["grpc-status", "x-sum"]);
     }
 
     #[test]

@@ -257,7 +257,13 @@ impl Body for ClientBody {
                         }
                         Frame::data(this.pending.split(data))
                     }
-                    Err(frame) => frame,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            super::headers::strip_trailers(&mut trailers);
+                            Frame::trailers(trailers)
+                        }
+                        Err(frame) => frame,
+                    },
                 };
                 if this.pending.is_empty() && this.inner.is_end_stream() {
                     // The sender may stop polling once the body says it is at its end.

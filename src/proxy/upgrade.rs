@@ -92,6 +92,8 @@ async fn tunnel(
     let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
     let mut up = upstream_request(rt, plain_body(req), client, authority)?;
+    // A tunnel has no trailers to ask for (and `TE` would have to be named in Connection).
+    up.headers_mut().remove(header::TE);
     up.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up.headers_mut().insert(header::UPGRADE, protocol);
@@ -179,6 +181,7 @@ async fn websocket_over_h2(
     req.extensions_mut().remove::<hyper::ext::Protocol>();
     *req.method_mut() = Method::GET;
     let mut up = upstream_request(rt, plain_body(req), client, authority)?;
+    up.headers_mut().remove(header::TE);
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let h = up.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -2191,3 +2191,35 @@ async fn h2_websockets_count_against_max_connections_per_client() {
     }
     assert_eq!(statuses, [200, 503]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
+    let origin = origin().start().await.unwrap();
+    let config = with_listener_line(
+        &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
+        "idle_timeout = \"300ms\"\nheader_timeout = \"300ms\"",
+    );
+    let edge = start_edge(&config).await;
+    // TLS with ALPN h2, then silence: hyper waits for the preface, and a graceful close
+    // alone would wait with it for ever, holding a connection slot.
+    let mut tls = tls_connect(edge.addr, "localhost", &[b"h2"])
+        .await
+        .expect("TLS");
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await
+    })
+    .await;
+    assert!(read.is_ok(), "still open after 30 s");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            admin_get(edge.admin, "/metrics")
+                .await
+                .1
+                .contains("edgepop_client_connections 0\n")
+        })
+        .await,
+        "its slot was given back"
+    );
+}

@@ -348,7 +348,12 @@ async fn options_count_toward_the_udp_size_an_answer_must_fit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_max_nocookie_response_large_udp_answers_need_a_valid_cookie() {
     // 20 addresses: header 12 + question 22 + 20 x 16 + OPT 11 = 365 octets.
-    let dns = Dns::start_with(&wide_pop(20), "max_nocookie_response = 256").await;
+    let nsid = "n".repeat(100);
+    let dns = Dns::start_with(
+        &wide_pop(20),
+        &format!("max_nocookie_response = 256\nnsid = {nsid:?}"),
+    )
+    .await;
     // No cookie, or only a client cookie: truncated (the second gets its server cookie).
     let m = udp(&dns, &query_with(&[])).await;
     assert!(m.truncated() && m.answers().is_empty(), "{m:?}");
@@ -369,4 +374,13 @@ async fn with_max_nocookie_response_large_udp_answers_need_a_valid_cookie() {
     assert_eq!(addrs(&m).len(), 20);
     // dig with its own cookies retries over TCP after the truncated answer and gets it all.
     assert_eq!(dns.short(&[WWW, "A", "+nocookie"]).await.len(), 20);
+    // An answer with no records is never marked truncated, even over the cap (a long name
+    // and a 100-byte NSID: nothing to drop, nothing to retry for).
+    let long = format!("{}.{}.example.org", "a".repeat(60), "b".repeat(60));
+    let out = dns.dig(&[&long, "A", "+nocookie", "+nsid"]).await;
+    assert!(
+        out.contains("status: REFUSED") && !out.contains(" tc"),
+        "{out}"
+    );
+    assert!(out.contains(&nsid), "{out}");
 }

@@ -74,3 +74,53 @@ async fn request_and_response_trailers_cross_the_edge_to_h2_and_http1_origins() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_trailers_cannot_carry_what_the_edge_sets_or_framing_fields() {
+    for protocol in ["h2", "http1"] {
+        let origin = origin().start().await.unwrap();
+        let extra = format!("protocol = {protocol:?}");
+        let edge = start_edge(&edge_config(
+            &[("o1", origin.addr(), &extra)],
+            &["localhost"],
+        ))
+        .await;
+        let mut trailers = hyper::HeaderMap::new();
+        for (k, v) in [
+            ("x-sum", "7"),
+            ("x-forwarded-for", "203.0.113.66"),
+            ("x-request-id", "forged"),
+            ("cookie", "session=stolen"),
+            ("if-match", "*"),
+        ] {
+            trailers.insert(k, v.parse().unwrap());
+        }
+        let frames = vec![
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("https://localhost/echo")
+            .version(hyper::Version::HTTP_2)
+            .header("te", "trailers")
+            .header(
+                "trailer",
+                "x-sum, x-forwarded-for, x-request-id, cookie, if-match",
+            )
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap();
+        let mut c = Client::connect(edge.addr, "localhost", true).await;
+        let resp = c.send(req).await.expect("response");
+        assert_eq!(resp.status(), 200, "{protocol}");
+        let (body, trailers) = body_and_trailers(resp).await;
+        assert_eq!(body, "abc");
+        let names: Vec<String> = trailers
+            .iter()
+            .flat_map(|t| t.keys())
+            .map(|k| k.to_string())
+            .collect();
+        // Only the harmless one reached the origin (which echoed what it got).
+        assert_eq!(names, vec!["x-sum"], "{protocol}");
+    }
+}
