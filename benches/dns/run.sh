@@ -18,6 +18,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 ECS_OPT="8:00011800c63364"          # family 1, source /24, scope 0, 198.51.100.0
+COOKIE_OPT="10:2464c4abcf10c957"    # a client cookie, as resolvers send (both servers answer it)
 HZ=$(getconf CLK_TCK)
 
 cargo build --release --quiet
@@ -141,6 +142,8 @@ for _ in $(seq 1 "$REPEATS"); do
     run "gdnsd" $GDP $GD_PORT $target -e
     run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
     run "gdnsd +ECS" $GDP $GD_PORT $target -E "$ECS_OPT"
+    run "edgepop +cookie" $EP $EP_PORT $target -E "$COOKIE_OPT"
+    run "gdnsd +cookie" $GDP $GD_PORT $target -E "$COOKIE_OPT"
     if [ -n "$TD" ]; then run "tinydns (no EDNS)" $TD 53 $target; fi
   done
 done
