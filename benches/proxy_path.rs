@@ -21,6 +21,7 @@ fn router() -> Router {
             origins: vec![0],
             max_body_size: None,
             rate_limit: None,
+            hsts: None,
         })
         .collect();
     routes.push(RouteConfig {
@@ -28,6 +29,7 @@ fn router() -> Router {
         origins: vec![0],
         max_body_size: None,
         rate_limit: None,
+        hsts: None,
     });
     Router::new(&routes, None, &std::sync::Arc::default())
 }

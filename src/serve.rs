@@ -166,8 +166,14 @@ fn print_edge_summary(e: &EdgeConfig) {
                 )
             })
             .unwrap_or_default();
+        let hsts = r
+            .hsts
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| format!(", Strict-Transport-Security: {v}"))
+            .unwrap_or_default();
         println!(
-            "  route {} -> {}{limit}",
+            "  route {} -> {}{limit}{hsts}",
             r.hosts.join(","),
             origins.join(" > ")
         );

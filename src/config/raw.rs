@@ -114,6 +114,8 @@ pub struct RawRoute {
     pub max_body_size: Option<Spanned<RawSize>>,
     /// Requests per client over a period, with a burst.
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// `Strict-Transport-Security` for HTTPS answers that have none.
+    pub hsts: Option<Spanned<String>>,
 }
 
 /// `rate_limit = { requests = 100, per = "1s", burst = 200 }`.

@@ -179,6 +179,8 @@ pub struct RouteConfig {
     pub max_body_size: Option<u64>,
     /// Requests one client may make (429 beyond); none: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// `Strict-Transport-Security` added to HTTPS answers that have none.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 /// `[[routes]] rate_limit`: `requests` per `per` for each client, with bursts up to `burst`.
@@ -913,12 +915,36 @@ fn route(
         Some(l) => Some(rate_limit(cx, l)?),
         None => None,
     };
+    let hsts = match &r.hsts {
+        Some(h) => Some(hsts(cx, h)?),
+        None => None,
+    };
     Ok(RouteConfig {
         hosts,
         origins,
         max_body_size,
         rate_limit,
+        hsts,
     })
+}
+
+/// A `Strict-Transport-Security` value (RFC 6797 6.1): a header value with a `max-age`
+/// directive of whole seconds.
+fn hsts(cx: &Ctx, h: &Spanned<String>) -> Result<http::HeaderValue, ConfigError> {
+    let text = h.get_ref().trim();
+    let max_age = text.split(';').map(str::trim).find_map(|d| {
+        let (name, value) = d.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("max-age")
+            .then(|| value.trim().trim_matches('"'))
+    });
+    if !max_age.is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(cx.err(
+            h,
+            "hsts needs a max-age in seconds, e.g. \"max-age=31536000; includeSubDomains\"",
+        ));
+    }
+    http::HeaderValue::from_str(text).map_err(|_| cx.err(h, "hsts is not a valid header value"))
 }
 
 /// Clients a route's rate limiter remembers by default: about 5 MiB.

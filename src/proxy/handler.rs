@@ -188,6 +188,13 @@ async fn forward(
     );
     headers::strip_hop_by_hop(&mut parts.headers, false);
     headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    // Over HTTPS only (RFC 6797 7.2), and the origin's own policy wins.
+    if let (Some(hsts), Some(_)) = (&route.hsts, client.handshake) {
+        parts
+            .headers
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     if rt.server_timing {
         add_server_timing(
             &mut parts.headers,

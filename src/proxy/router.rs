@@ -23,6 +23,8 @@ pub struct Route {
     pub max_body_size: Option<u64>,
     /// Requests per client (429 beyond); none: no limit.
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// `Strict-Transport-Security` for HTTPS answers without one.
+    pub hsts: Option<http::HeaderValue>,
     hosts: Vec<String>,
 }
 
@@ -58,6 +60,7 @@ impl Router {
                 origins: route.origins.clone(),
                 max_body_size: route.max_body_size,
                 rate_limit,
+                hsts: route.hsts.clone(),
                 hosts: route.hosts.clone(),
             });
         }
@@ -121,6 +124,7 @@ mod tests {
             origins: origins.to_vec(),
             max_body_size: None,
             rate_limit: None,
+            hsts: None,
         }
     }
 

@@ -255,6 +255,32 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         ),
         "{stdout}"
     );
+    let hsts = |value: &str| {
+        check_text(&edge_text("", &crt, &key).replacen(
+            "origins = [\"o\"]\n",
+            &format!("origins = [\"o\"]\nhsts = {value:?}\n"),
+            1,
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let with_hsts = edge_text("", &crt, &key).replacen(
+        "origins = [\"o\"]\n",
+        "origins = [\"o\"]\nhsts = \"max-age=600\"\n",
+        1,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "hsts.toml", &with_hsts));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("  route localhost -> o, Strict-Transport-Security: max-age=600"),
+        "{stdout}"
+    );
+    for value in ["includeSubDomains", "max-age=", "max-age=1y"] {
+        assert_eq!(
+            hsts(value).trim(),
+            "e.toml:17:8: hsts needs a max-age in seconds, e.g. \"max-age=31536000; includeSubDomains\"",
+            "{value}"
+        );
+    }
     // One address twice (SO_REUSEPORT would split its connections between them).
     let twice = check_text(&edge_text("", &crt, &key).replacen(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n",

@@ -319,3 +319,50 @@ async fn redirects_and_challenges_are_logged_without_tls_fields() {
     assert_ne!(challenge["request_id"], "mine", "{challenge}");
     assert_eq!(challenge["request_id"].as_str().map(str::len), Some(32));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_routes_hsts_goes_on_https_answers_only() {
+    let origin = origin().start().await.unwrap();
+    let config = redirecting_config(origin.addr(), "").replace(
+        "origins = [\"o1\"]\n",
+        "origins = [\"o1\"]\nhsts = \"max-age=31536000; includeSubDomains\"\n",
+    );
+    assert!(config.contains("hsts"), "{config}");
+    let edge = start_edge(&config).await;
+    let out = curl(edge.addr, "localhost", "/", &["-i", "--http1.1"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("strict-transport-security: max-age=31536000; includeSubDomains\r\n"),
+        "{text}"
+    );
+    let out = curl(edge.addr, "localhost", "/", &["-i", "--http2"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("strict-transport-security: max-age=31536000"),
+        "{text}"
+    );
+    // Not over plain HTTP (RFC 6797 7.2): neither on a redirect nor on an ACME answer.
+    let plain_addr = edge.server.listen_addrs[1];
+    let (status, text) = plain(plain_addr, "localhost", "/", &[]).await;
+    assert_eq!(status, 301);
+    assert!(
+        !text
+            .to_ascii_lowercase()
+            .contains("strict-transport-security"),
+        "{text}"
+    );
+    let (status, text) = plain(
+        plain_addr,
+        "localhost",
+        "/.well-known/acme-challenge/t",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        !text
+            .to_ascii_lowercase()
+            .contains("strict-transport-security"),
+        "{text}"
+    );
+}
