@@ -35,16 +35,21 @@ pub fn set_request_id(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers`: the client takes
-/// trailers, so the origin may send them (gRPC needs it over h2).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let listed: Vec<HeaderName> = headers
+/// The field names a `Connection` header lists (they are hop-by-hop too, RFC 9110 7.6.1).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+        .collect()
+}
+
+/// Removes hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers`: the client takes
+/// trailers, so the origin may send them (gRPC needs it over h2).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let listed = connection_listed(headers);
     let te_trailers = keep_te_trailers
         && headers
             .get_all(header::TE)
@@ -67,13 +72,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 /// client address, a request ID or credentials that way (Apache's `MergeTrailers`,
 /// CVE-2013-5704), and no connection-specific field makes an h2 upstream refuse them.
 pub fn strip_trailers(trailers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = trailers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let listed = connection_listed(trailers);
     for name in listed
         .iter()
         .chain(HOP_BY_HOP.iter())

@@ -8,13 +8,20 @@ use bytes::Bytes;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 
-/// A POST to `/echo` whose body is `data` followed by the trailer `x-sum: 7`, declared.
-fn post_with_trailers(h2: bool, data: &'static str) -> hyper::Request<Body> {
-    let mut trailers = hyper::HeaderMap::new();
-    trailers.insert("x-sum", "7".parse().unwrap());
+/// A POST to `/echo` whose body is `data` followed by `trailers`, all of them declared.
+fn post_with_trailers(
+    h2: bool,
+    data: &'static str,
+    trailers: &[(&'static str, &'static str)],
+) -> hyper::Request<Body> {
+    let mut fields = hyper::HeaderMap::new();
+    for (k, v) in trailers {
+        fields.insert(*k, v.parse().unwrap());
+    }
+    let declared: Vec<&str> = trailers.iter().map(|(k, _)| *k).collect();
     let frames = vec![
         Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(data.as_bytes()))),
-        Ok(Frame::trailers(trailers)),
+        Ok(Frame::trailers(fields)),
     ];
     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
     let b = hyper::Request::builder().method("POST");
@@ -25,9 +32,21 @@ fn post_with_trailers(h2: bool, data: &'static str) -> hyper::Request<Body> {
         b.uri("/echo").header("host", "localhost")
     };
     b.header("te", "trailers")
-        .header("trailer", "x-sum")
+        .header("trailer", declared.join(", "))
         .body(body)
         .expect("request")
+}
+
+/// An edge in front of one origin speaking `protocol` ("h2" or "http1").
+async fn echo_edge(protocol: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
+    let origin = origin().start().await.unwrap();
+    let extra = format!("protocol = {protocol:?}");
+    let edge = start_edge(&edge_config(
+        &[("o1", origin.addr(), &extra)],
+        &["localhost"],
+    ))
+    .await;
+    (origin, edge)
 }
 
 /// The body and the trailers of an answer.
@@ -45,17 +64,11 @@ async fn body_and_trailers(
 #[tokio::test(flavor = "multi_thread")]
 async fn request_and_response_trailers_cross_the_edge_to_h2_and_http1_origins() {
     for protocol in ["h2", "http1"] {
-        let origin = origin().start().await.unwrap();
-        let extra = format!("protocol = {protocol:?}");
-        let edge = start_edge(&edge_config(
-            &[("o1", origin.addr(), &extra)],
-            &["localhost"],
-        ))
-        .await;
+        let (_origin, edge) = echo_edge(protocol).await;
         for h2_client in [true, false] {
             let mut c = Client::connect(edge.addr, "localhost", h2_client).await;
             let resp = c
-                .send(post_with_trailers(h2_client, "abc"))
+                .send(post_with_trailers(h2_client, "abc", &[("x-sum", "7")]))
                 .await
                 .expect("response");
             assert_eq!(
@@ -78,38 +91,18 @@ async fn request_and_response_trailers_cross_the_edge_to_h2_and_http1_origins() 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_trailers_cannot_carry_what_the_edge_sets_or_framing_fields() {
     for protocol in ["h2", "http1"] {
-        let origin = origin().start().await.unwrap();
-        let extra = format!("protocol = {protocol:?}");
-        let edge = start_edge(&edge_config(
-            &[("o1", origin.addr(), &extra)],
-            &["localhost"],
-        ))
-        .await;
-        let mut trailers = hyper::HeaderMap::new();
-        for (k, v) in [
-            ("x-sum", "7"),
-            ("x-forwarded-for", "203.0.113.66"),
-            ("x-request-id", "forged"),
-            ("cookie", "session=stolen"),
-            ("if-match", "*"),
-        ] {
-            trailers.insert(k, v.parse().unwrap());
-        }
-        let frames = vec![
-            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"abc"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let req = hyper::Request::builder()
-            .method("POST")
-            .uri("https://localhost/echo")
-            .version(hyper::Version::HTTP_2)
-            .header("te", "trailers")
-            .header(
-                "trailer",
-                "x-sum, x-forwarded-for, x-request-id, cookie, if-match",
-            )
-            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
-            .unwrap();
+        let (_origin, edge) = echo_edge(protocol).await;
+        let req = post_with_trailers(
+            true,
+            "abc",
+            &[
+                ("x-sum", "7"),
+                ("x-forwarded-for", "203.0.113.66"),
+                ("x-request-id", "forged"),
+                ("cookie", "session=stolen"),
+                ("if-match", "*"),
+            ],
+        );
         let mut c = Client::connect(edge.addr, "localhost", true).await;
         let resp = c.send(req).await.expect("response");
         assert_eq!(resp.status(), 200, "{protocol}");
