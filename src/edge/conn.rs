@@ -3,7 +3,7 @@
 //! after `idle_timeout` without requests, drained gracefully on shutdown, with a lingering
 //! close for http/1.1 (see `linger`).
 
-use super::activity::{Activity, InFlight};
+use super::activity::{Activity, Expired, InFlight, ReadWatch};
 use super::linger::LingerHint;
 use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
@@ -126,14 +126,16 @@ pub async fn serve<S>(
         })
     });
     let io = TokioIo::new(Coalesce::new(
-        WriteDeadline::new(tls, cfg.send_timeout),
+        WriteDeadline::new(ReadWatch::new(tls, activity.clone()), cfg.send_timeout),
         is_h2,
     ));
     let conn = Served::new(io, svc, is_h2, cfg);
     tokio::pin!(conn);
     let idle = cfg.idle_timeout;
+    // http/1.1 heads are timed here (see `activity`); h2 has no head timer.
+    let head = (!is_h2).then_some(cfg.header_timeout);
     let mut draining = false;
-    let idle_timer = tokio::time::sleep(idle);
+    let idle_timer = tokio::time::sleep(head.map_or(idle, |h| h.min(idle)));
     tokio::pin!(idle_timer);
     let handshake_deadline = tokio::time::sleep(cfg.handshake_timeout);
     tokio::pin!(handshake_deadline);
@@ -156,10 +158,17 @@ pub async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = &mut idle_timer, if !draining => {
-                if activity.idle_expired(idle, idle_timer.as_mut()) {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                    close_by = Some(Box::pin(tokio::time::sleep(cfg.header_timeout)));
+                match activity.expired(idle, head, idle_timer.as_mut()) {
+                    None => {}
+                    Some(Expired::Idle) => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                        close_by = Some(Box::pin(tokio::time::sleep(cfg.header_timeout)));
+                    }
+                    Some(Expired::Head) => {
+                        tracing::debug!(%peer, after = ?cfg.header_timeout, "request head timed out");
+                        return;
+                    }
                 }
             }
             _ = async {
@@ -238,7 +247,8 @@ where
         } else {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(cfg.header_timeout)
+                // Timed by `serve` instead, from the head's first byte (see `activity`).
+                .header_read_timeout(None)
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();

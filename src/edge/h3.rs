@@ -419,7 +419,7 @@ impl Connection {
                     }
                 }
                 _ = &mut idle_timer => {
-                    if activity.idle_expired(idle, idle_timer.as_mut()) {
+                    if activity.expired(idle, None, idle_timer.as_mut()).is_some() {
                         tracing::debug!(%peer, "HTTP/3 connection idle; closed");
                         close();
                         return;

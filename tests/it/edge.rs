@@ -2223,3 +2223,65 @@ async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
         "its slot was given back"
     );
 }
+
+/// Reads one `hello\n` response off a raw http/1.1 connection.
+async fn read_hello<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"hello\n") {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin().start().await.unwrap();
+    let config = with_listener_line(
+        &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
+        "idle_timeout = \"60s\"\nheader_timeout = \"200ms\"",
+    );
+    let edge = start_edge(&config).await;
+    let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut tls = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    tls.write_all(get).await.unwrap();
+    assert!(read_hello(&mut tls).await.starts_with("HTTP/1.1 200"));
+    // Idle for five header timeouts: well within idle_timeout, so still open (hyper's own
+    // header timer, started when the response ended, would have closed it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tls.write_all(get).await.unwrap();
+    assert!(read_hello(&mut tls).await.starts_with("HTTP/1.1 200"));
+    // A head that starts and stalls is closed header_timeout after its first byte, long
+    // before idle_timeout.
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: loc").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a stalled head kept its connection for 20 s");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    // The first head of a connection is timed from the start.
+    let mut silent = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "a connection without a request was kept for 20 s"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            admin_get(edge.admin, "/metrics")
+                .await
+                .1
+                .contains("edgepop_client_connections 0\n")
+        })
+        .await,
+        "the slots were given back"
+    );
+}
