@@ -7,9 +7,7 @@
 //! connection). http/1.1 connections are exclusive: a checkout takes an idle connection out
 //! of the pool and the lease puts it back once the response is complete and the connection is
 //! ready again. With nothing free and no room to connect, requests wait in a FIFO (`queue`)
-//! and a freed connection or slot is handed to the oldest. (A connect slot that frees up
-//! is not handed out in order: the waiters it wakes, or a request arriving then, race for
-//! it.)
+//! and a freed connection, stream slot or connect slot is handed to the oldest.
 
 mod conn;
 mod error;
@@ -33,6 +31,7 @@ use crate::config::{OriginConfig, Protocol};
 use crate::tls::certs::CertError;
 use conn::{Conn, Opened, Sender};
 use hyper::client::conn::http1;
+use queue::Handed;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -65,10 +64,6 @@ pub(crate) struct Inner {
     /// Guards only this origin's bookkeeping, held for a few instructions and never across an
     /// await: no request of another origin ever waits on it.
     state: Mutex<State>,
-    /// Wakes queued requests to look again when a connect slot may have come free, or the
-    /// pool ends. A freed connection or stream slot needs no wake-up: it is handed to the
-    /// request at the head of the queue (`State::queue`).
-    capacity: Notify,
     /// Entries in `State::queue`, readable without the lock (see `release_h2`).
     queued: AtomicUsize,
     /// Wakes `wait_warm` when the number of open connections may have changed.
@@ -155,7 +150,6 @@ impl Pool {
                 tls: tokio_rustls::TlsConnector::from(tls),
                 tunnel_tls: tokio_rustls::TlsConnector::from(tunnel_tls),
                 state: Mutex::new(State::default()),
-                capacity: Notify::new(),
                 queued: AtomicUsize::new(0),
                 warmed: Notify::new(),
                 maintain: Notify::new(),
@@ -246,57 +240,56 @@ impl Pool {
             origin: inner.origin.name.clone(),
         };
         let mut ticket: Option<queue::Ticket> = None;
+        // Room to open a connection: claimed here when nobody waits, else handed over in turn.
+        let mut slot: Option<ConnectSlot> = None;
         // After a refused connect: no new attempt before then, though a connection handed
         // over is taken. The queue timeout does not apply meanwhile: the connect timeout does.
         let mut pause: Option<Instant> = None;
         loop {
-            let capacity = inner.capacity.notified();
-            tokio::pin!(capacity);
-            capacity.as_mut().enable();
-            if pause.is_some_and(|p| Instant::now() >= p) {
-                pause = None;
-            }
-            // A ticket that left the line; dropped once the lock is let go.
-            let mut left = None;
-            let slot = {
-                let mut st = inner.lock();
-                match ticket.as_mut() {
-                    Some(t) => {
-                        if let Ok(lease) = t.rx.try_recv() {
-                            return Ok(lease);
-                        }
-                    }
-                    None => {
-                        if let Some(lease) = inner.take_unqueued(&mut st, started) {
-                            return Ok(lease);
-                        }
-                    }
-                }
+            if slot.is_none() {
                 if inner.shutdown.is_cancelled() {
                     return Err(closed());
                 }
-                let slot = pause
-                    .is_none()
-                    .then(|| inner.claim_connect(&mut st))
-                    .flatten();
-                match (&slot, ticket.take()) {
-                    // Connecting: out of the line, so a freed connection goes to the next.
-                    (Some(_), Some(t)) => {
-                        inner.dequeue(&mut st, t.id);
-                        left = Some(t);
+                // A ticket that left the line; dropped once the lock is let go, as is
+                // anything it still holds.
+                let mut left = None;
+                {
+                    let mut st = inner.lock();
+                    match ticket.as_mut() {
+                        Some(t) => match t.rx.try_recv() {
+                            Ok(Handed::Lease(lease)) => return Ok(lease),
+                            Ok(Handed::Connect(s)) => {
+                                slot = Some(s);
+                                left = ticket.take();
+                            }
+                            Err(_) => {}
+                        },
+                        None => {
+                            if let Some(lease) = inner.take_unqueued(&mut st, started) {
+                                return Ok(lease);
+                            }
+                            if pause.is_none() && st.queue.none_waiting() {
+                                slot = inner.claim_connect(&mut st);
+                            }
+                            if slot.is_none() {
+                                // Its place in line; what frees up is handed to it in turn
+                                // (at once, if there is room now).
+                                ticket = Some(inner.enqueue(&mut st, started));
+                            }
+                        }
                     }
-                    (Some(_), None) => {}
-                    (None, Some(t)) => ticket = Some(t),
-                    (None, None) => ticket = Some(inner.enqueue(&mut st, started)),
                 }
-                slot
-            };
-            drop(left);
-            if let Some(slot) = slot {
+                drop(left);
+            }
+            if let Some(s) = slot.take() {
+                if let Some(p) = pause.take() {
+                    // Handed over during the pause: kept through it.
+                    tokio::time::sleep_until(p).await;
+                }
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
                 // those bytes on every queued request, though few of them connect.
-                match Box::pin(inner.open_for_request(started, slot)).await {
+                match Box::pin(inner.open_for_request(started, s)).await {
                     // Refused or reset while the origin restarts: nothing was sent, so keep
                     // trying (or take a connection that frees up) until the connect timeout,
                     // rather than fail a request the origin will be able to serve shortly.
@@ -317,11 +310,24 @@ impl Pool {
                 continue;
             };
             tokio::select! {
-                handed = &mut t.rx => return handed.map_err(|_| closed()),
-                _ = capacity.as_mut() => {}
+                handed = &mut t.rx => match handed {
+                    Ok(Handed::Lease(lease)) => return Ok(lease),
+                    Ok(Handed::Connect(s)) => {
+                        slot = Some(s);
+                        ticket = None;
+                    }
+                    Err(_) => return Err(closed()),
+                },
                 _ = tokio::time::sleep_until(pause.unwrap_or(deadline)) => {
-                    if pause.is_none() {
-                        return inner.give_up_waiting(t);
+                    if pause.take().is_none() {
+                        match inner.give_up_waiting(t)? {
+                            Handed::Lease(lease) => return Ok(lease),
+                            // Room came just as the wait ended: used.
+                            Handed::Connect(s) => {
+                                slot = Some(s);
+                                ticket = None;
+                            }
+                        }
                     }
                 }
             }
@@ -342,19 +348,27 @@ impl Pool {
             c.flags.draining.store(true, Ordering::Release);
         }
         drop(st);
-        self.inner.capacity.notify_waiters();
         self.inner.warmed.notify_waiters();
     }
 }
 
-/// A claimed connect slot (`connecting` counted); see `Inner::claim_connect`.
-struct ConnectSlot<'a> {
-    inner: &'a Inner,
+/// A claimed connect slot (`connecting` counted); see `Inner::claim_connect`. Dropped
+/// unused, it goes to the next request in line (it takes the pool's lock: never dropped
+/// under it).
+struct ConnectSlot {
+    inner: Arc<Inner>,
     /// The connection opened and now counts as open.
     taken: bool,
 }
 
-impl Drop for ConnectSlot<'_> {
+impl ConnectSlot {
+    /// For a slot given back under the lock: the caller uncounts it.
+    fn forget(mut self) {
+        self.taken = true;
+    }
+}
+
+impl Drop for ConnectSlot {
     fn drop(&mut self) {
         if !self.taken {
             self.inner.cancel_connect();
@@ -490,14 +504,24 @@ impl Inner {
         }
     }
 
-    /// Hands free connections or stream slots to queued requests, oldest first.
+    /// Hands free connections, stream slots, then connect slots to queued requests, oldest
+    /// first.
     fn serve_queue(self: &Arc<Self>, st: &mut State) {
         while let Some(started) = st.queue.front_started() {
-            let Some(lease) = self.take_locked(st, started) else {
-                break;
+            let handed = match self.take_locked(st, started) {
+                Some(lease) => Handed::Lease(lease),
+                None => match self.claim_connect(st) {
+                    Some(slot) => Handed::Connect(slot),
+                    None => break,
+                },
             };
-            if let Err(lease) = st.queue.hand(lease) {
-                self.untake(st, lease);
+            match st.queue.hand(handed) {
+                Ok(()) => {}
+                Err(Handed::Lease(lease)) => self.untake(st, lease),
+                Err(Handed::Connect(slot)) => {
+                    slot.forget();
+                    st.connecting -= 1;
+                }
             }
         }
         self.queued.store(st.queue.entries(), Ordering::Relaxed);
@@ -519,12 +543,12 @@ impl Inner {
         self.queued.store(st.queue.entries(), Ordering::Relaxed);
     }
 
-    /// The queue timeout passed: leave the queue, unless a connection was handed over just
-    /// now (it is taken).
-    fn give_up_waiting(&self, ticket: &mut queue::Ticket) -> Result<Lease, CheckoutError> {
+    /// The queue timeout passed: leave the queue, unless a connection or connect slot was
+    /// handed over just now (it is taken).
+    fn give_up_waiting(&self, ticket: &mut queue::Ticket) -> Result<Handed, CheckoutError> {
         let mut st = self.lock();
-        if let Ok(lease) = ticket.rx.try_recv() {
-            return Ok(lease);
+        if let Ok(handed) = ticket.rx.try_recv() {
+            return Ok(handed);
         }
         self.dequeue(&mut st, ticket.id);
         drop(st);
@@ -541,19 +565,21 @@ impl Inner {
         self.lock().reserve_connect(self.origin.max_connections)
     }
 
-    /// Gives back a connect slot whose connect failed or was abandoned; waiters may use it.
-    fn cancel_connect(&self) {
-        self.lock().connecting -= 1;
-        self.capacity.notify_waiters();
+    /// Gives back a connect slot whose connect failed or was abandoned: the next request in
+    /// line gets it.
+    fn cancel_connect(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.connecting -= 1;
+        self.serve_queue(&mut st);
     }
 
     /// A connect slot for a request, given back if the connect fails or the request is
     /// cancelled while connecting (else each cancelled connect would lower the limit for good).
-    fn claim_connect(&self, st: &mut State) -> Option<ConnectSlot<'_>> {
+    fn claim_connect(self: &Arc<Self>, st: &mut State) -> Option<ConnectSlot> {
         // `then`, not `then_some`: an unclaimed slot must never exist, its drop gives one back.
         st.reserve_connect(self.origin.max_connections)
             .then(|| ConnectSlot {
-                inner: self,
+                inner: self.clone(),
                 taken: false,
             })
     }
@@ -561,7 +587,7 @@ impl Inner {
     async fn open_for_request(
         self: &Arc<Self>,
         started: Instant,
-        mut slot: ConnectSlot<'_>,
+        mut slot: ConnectSlot,
     ) -> Result<Lease, CheckoutError> {
         match conn::open(self).await {
             Ok(Opened { conn, h1 }) => {
@@ -573,13 +599,16 @@ impl Inner {
                 };
                 self.stats.opened.fetch_add(1, Ordering::Relaxed);
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                let live;
                 {
                     let mut st = self.lock();
                     st.connecting -= 1;
                     // Already closed again (its driver ended before we got here): not counted
-                    // as open; the request finds it closed and retries elsewhere.
-                    live = st.count_open(&conn);
+                    // as open; the request finds it closed and retries elsewhere, and its
+                    // connect slot goes to the next in line.
+                    let live = st.count_open(&conn);
+                    if !live {
+                        self.serve_queue(&mut st);
+                    }
                     self.enter();
                     match self.origin.protocol {
                         // Without pooling nobody else may use it; it closes with the lease.
@@ -591,10 +620,6 @@ impl Inner {
                         Protocol::H2 => {}
                         Protocol::Http1 => st.busy_h1 += 1,
                     }
-                }
-                if !live {
-                    // Its connect slot is free again and nothing else says so.
-                    self.capacity.notify_waiters();
                 }
                 self.warmed.notify_waiters();
                 Ok(Lease::new(self.clone(), conn, h1, warmth, started))
@@ -614,9 +639,9 @@ impl Inner {
         st.connecting -= 1;
         if !st.count_open(&opened.conn) {
             // Closed before it was counted: its connect slot is free again.
+            self.serve_queue(&mut st);
             drop(st);
             self.maintain.notify_one();
-            self.capacity.notify_waiters();
             return;
         }
         match (opened.h1, &opened.conn.sender) {
@@ -631,7 +656,7 @@ impl Inner {
     }
 
     /// Called by the driver task when a connection has ended, however it ended.
-    fn on_closed(&self, id: u64, flags: &conn::ConnFlags) {
+    fn on_closed(self: &Arc<Self>, id: u64, flags: &conn::ConnFlags) {
         let draining = flags.draining.load(Ordering::Acquire);
         if !draining {
             // Closed by the origin or the network, not by us: if it was idle, that is what
@@ -650,10 +675,11 @@ impl Inner {
         }
         st.h2.retain(|c| c.id != id);
         st.idle_h1.retain(|(c, _)| c.id != id);
+        // Room to connect again, for the next request in line.
+        self.serve_queue(&mut st);
         drop(st);
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.maintain.notify_one();
-        self.capacity.notify_waiters();
         self.warmed.notify_waiters();
     }
 

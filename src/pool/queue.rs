@@ -1,24 +1,32 @@
-//! The line of requests waiting for a connection, oldest first. A connection or stream slot
-//! that frees up is handed to the request at its head directly, under the pool's lock, so a
-//! request that arrives later cannot take it first: the one that waited longest is served
-//! first, as in HAProxy's queue. Requests that gave up are skipped.
+//! The line of requests waiting for a connection, oldest first. A connection, stream slot or
+//! connect slot that frees up is handed to the request at its head directly, under the pool's
+//! lock, so a request that arrives later cannot take it first: the one that waited longest is
+//! served first, as in HAProxy's queue. Requests that gave up are skipped.
 
 use super::lease::Lease;
+use super::ConnectSlot;
 use std::collections::VecDeque;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// What a queued request is handed: a connection (or h2 stream slot) to use, or room under
+/// `max_connections` to open one.
+pub(super) enum Handed {
+    Lease(Lease),
+    Connect(ConnectSlot),
+}
 
 /// A queued request: where its connection goes, and when it asked (for `Lease::waited`).
 struct Waiter {
     id: u64,
     started: Instant,
-    tx: oneshot::Sender<Lease>,
+    tx: oneshot::Sender<Handed>,
 }
 
 /// A request's place in the line.
 pub(super) struct Ticket {
     pub id: u64,
-    pub rx: oneshot::Receiver<Lease>,
+    pub rx: oneshot::Receiver<Handed>,
 }
 
 #[derive(Default)]
@@ -65,12 +73,13 @@ impl Queue {
         Ticket { id, rx }
     }
 
-    /// Gives `lease` to the request at the head; hands it back if that request went away
-    /// meanwhile (the caller then undoes the lease, which must not drop under the lock).
-    pub fn hand(&mut self, lease: Lease) -> Result<(), Lease> {
+    /// Gives `what` to the request at the head; hands it back if that request went away
+    /// meanwhile (the caller then undoes it: neither a lease nor a slot may drop under the
+    /// lock).
+    pub fn hand(&mut self, what: Handed) -> Result<(), Handed> {
         match self.waiters.pop_front() {
-            Some(w) => w.tx.send(lease),
-            None => Err(lease),
+            Some(w) => w.tx.send(what),
+            None => Err(what),
         }
     }
 

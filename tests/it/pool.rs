@@ -549,6 +549,7 @@ async fn a_freed_connection_goes_to_the_oldest_queued_request_not_a_newcomer() {
     )
     .await;
     oldest_first(&pool).await;
+    assert_eq!(pool.snapshot().opened_total, 1);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -565,6 +566,82 @@ async fn a_freed_h2_stream_goes_to_the_oldest_queued_request_not_a_newcomer() {
     assert_eq!(response.status(), 200);
     drop((response, guard));
     oldest_first(&pool).await;
+    assert_eq!(pool.snapshot().opened_total, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_freed_connect_slot_goes_to_the_oldest_queued_request_not_a_newcomer() {
+    use futures_util::FutureExt;
+    let origin = origin().http1_only().start().await.unwrap();
+    let pool = warm_pool(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 0\nmax_connections = 1\nqueue_timeout = \"10s\"",
+    )
+    .await;
+    // The only connect slot, taken by a request that is connecting (polled once: its
+    // handshake is under way).
+    let mut connecting = Box::pin(pool.checkout(false));
+    assert!((&mut connecting).now_or_never().is_none());
+    assert_eq!(pool.snapshot().connecting, 1);
+    let (order, waiters) = queue_three(&pool).await;
+    // That request goes away: its slot is free, and a newcomer asks before any waiter runs.
+    drop(connecting);
+    let mut newcomer = Box::pin(take_in_turn(&pool, &order, 3));
+    assert!(
+        (&mut newcomer).now_or_never().is_none(),
+        "a newcomer took the connect slot first"
+    );
+    finish_in_order(waiters, newcomer, &order).await;
+    assert_eq!(pool.snapshot().opened_total, 1);
+}
+
+type Order = Arc<std::sync::Mutex<Vec<usize>>>;
+
+/// A checkout that notes its turn in `order` once it has a connection.
+fn take_in_turn(
+    pool: &edgepop::pool::Pool,
+    order: &Order,
+    i: usize,
+) -> impl std::future::Future<Output = Result<(), edgepop::pool::CheckoutError>> + Send + 'static {
+    let (p, order) = (pool.clone(), order.clone());
+    async move {
+        let lease = p.checkout(false).await;
+        order.lock().unwrap().push(i);
+        lease.map(|_| ())
+    }
+}
+
+/// Three checkouts waiting in line, in order.
+async fn queue_three(
+    pool: &edgepop::pool::Pool,
+) -> (
+    Order,
+    Vec<tokio::task::JoinHandle<Result<(), edgepop::pool::CheckoutError>>>,
+) {
+    let order = Order::default();
+    let mut waiters = Vec::new();
+    // A request that is connecting counts as waiting too.
+    let before = pool.snapshot().waiting;
+    for i in 0..3 {
+        waiters.push(tokio::spawn(take_in_turn(pool, &order, i)));
+        run_others_until(|| pool.snapshot().waiting == before + i + 1).await;
+    }
+    (order, waiters)
+}
+
+/// The three waiters, then the newcomer, each got a connection, in that order.
+async fn finish_in_order(
+    mut waiters: Vec<tokio::task::JoinHandle<Result<(), edgepop::pool::CheckoutError>>>,
+    newcomer: impl std::future::Future<Output = Result<(), edgepop::pool::CheckoutError>>
+        + Send
+        + 'static,
+    order: &Order,
+) {
+    waiters.push(tokio::spawn(newcomer));
+    for w in waiters {
+        assert!(w.await.unwrap().is_ok());
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
 }
 
 /// Three requests queue for the pool's only connection (or stream); it comes back while they
@@ -574,25 +651,14 @@ async fn a_freed_h2_stream_goes_to_the_oldest_queued_request_not_a_newcomer() {
 async fn oldest_first(pool: &edgepop::pool::Pool) {
     use futures_util::FutureExt;
     let held = pool.checkout(false).await.unwrap();
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut waiters = Vec::new();
-    for i in 0..3 {
-        let (p, order) = (pool.clone(), order.clone());
-        waiters.push(tokio::spawn(async move {
-            let lease = p.checkout(false).await;
-            order.lock().unwrap().push(i);
-            lease.map(|_| ())
-        }));
-        run_others_until(|| pool.snapshot().waiting == i + 1).await;
-    }
+    let (order, waiters) = queue_three(pool).await;
     drop(held);
-    let newcomer = pool.checkout(false).now_or_never();
-    assert!(newcomer.is_none(), "a newcomer took the connection first");
-    for w in waiters {
-        assert!(w.await.unwrap().is_ok());
-    }
-    assert_eq!(*order.lock().unwrap(), [0, 1, 2]);
-    assert_eq!(pool.snapshot().opened_total, 1);
+    let mut newcomer = Box::pin(take_in_turn(pool, &order, 3));
+    assert!(
+        (&mut newcomer).now_or_never().is_none(),
+        "a newcomer took the connection first"
+    );
+    finish_in_order(waiters, newcomer, &order).await;
 }
 
 fn get_request() -> hyper::Request<edgepop::pool::UpstreamBody> {
