@@ -22,6 +22,8 @@ fn router() -> Router {
             max_body_size: None,
             rate_limit: None,
             hsts: None,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         })
         .collect();
     routes.push(RouteConfig {
@@ -30,6 +32,8 @@ fn router() -> Router {
         max_body_size: None,
         rate_limit: None,
         hsts: None,
+        request_headers: Default::default(),
+        response_headers: Default::default(),
     });
     Router::new(&routes, None, &std::sync::Arc::default())
 }

@@ -172,12 +172,37 @@ fn print_edge_summary(e: &EdgeConfig) {
             .and_then(|v| v.to_str().ok())
             .map(|v| format!(", Strict-Transport-Security: {v}"))
             .unwrap_or_default();
+        let edits = [
+            ("request", &r.request_headers),
+            ("response", &r.response_headers),
+        ]
+        .into_iter()
+        .filter(|(_, e)| !e.is_empty())
+        .map(|(side, e)| format!(", {side} headers: {}", describe_edits(e)))
+        .collect::<String>();
         println!(
-            "  route {} -> {}{limit}{hsts}",
+            "  route {} -> {}{limit}{hsts}{edits}",
             r.hosts.join(","),
             origins.join(" > ")
         );
     }
+}
+
+/// `remove a, b; set c: v` for `check`.
+fn describe_edits(e: &crate::config::HeaderEdits) -> String {
+    let remove = (!e.remove.is_empty()).then(|| {
+        let names: Vec<&str> = e.remove.iter().map(|n| n.as_str()).collect();
+        format!("remove {}", names.join(", "))
+    });
+    let set = (!e.set.is_empty()).then(|| {
+        let fields: Vec<String> = e
+            .set
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("<binary>")))
+            .collect();
+        format!("set {}", fields.join(", "))
+    });
+    remove.into_iter().chain(set).collect::<Vec<_>>().join("; ")
 }
 
 /// A running edge: listeners, pools and admin, in this process.

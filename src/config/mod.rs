@@ -11,8 +11,8 @@ mod validate;
 pub use error::{ConfigError, Location};
 pub use validate::{
     AccessLogTarget, AdminConfig, CertificateConfig, Config, CookieKeys, DnsConfig, EdgeConfig,
-    Glue, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol, RateLimit, Role,
-    RouteConfig,
+    Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol, RateLimit,
+    Role, RouteConfig,
 };
 
 use std::path::Path;

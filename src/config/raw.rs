@@ -116,7 +116,18 @@ pub struct RawRoute {
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     /// `Strict-Transport-Security` for HTTPS answers that have none.
     pub hsts: Option<Spanned<String>>,
+    /// Fields set (replaced) on requests to the origin: name -> value.
+    pub request_headers: Option<Spanned<RawHeaders>>,
+    /// Fields removed from requests to the origin.
+    pub remove_request_headers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Fields set (replaced) on the origin's answers.
+    pub response_headers: Option<Spanned<RawHeaders>>,
+    /// Fields removed from the origin's answers.
+    pub remove_response_headers: Option<Spanned<Vec<Spanned<String>>>>,
 }
+
+/// `request_headers` / `response_headers`: field name -> value.
+pub type RawHeaders = std::collections::BTreeMap<String, Spanned<String>>;
 
 /// `rate_limit = { requests = 100, per = "1s", burst = 200 }`.
 #[derive(Debug, Deserialize)]

@@ -181,6 +181,24 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimit>,
     /// `Strict-Transport-Security` added to HTTPS answers that have none.
     pub hsts: Option<http::HeaderValue>,
+    /// Fields removed, then set, on requests to the origin.
+    pub request_headers: HeaderEdits,
+    /// Fields removed, then set, on the origin's answers.
+    pub response_headers: HeaderEdits,
+}
+
+/// Header fields a route removes and sets (replacing any there) on one direction of its
+/// traffic. Never framing, hop-by-hop or (on requests) the fields the edge sets itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderEdits {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty()
+    }
 }
 
 /// `[[routes]] rate_limit`: `requests` per `per` for each client, with bursts up to `burst`.
@@ -919,13 +937,131 @@ fn route(
         Some(h) => Some(hsts(cx, h)?),
         None => None,
     };
+    let request_headers = header_edits(
+        cx,
+        (&r.request_headers, "request_headers"),
+        (&r.remove_request_headers, "remove_request_headers"),
+        Direction::Request,
+    )?;
+    let response_headers = header_edits(
+        cx,
+        (&r.response_headers, "response_headers"),
+        (&r.remove_response_headers, "remove_response_headers"),
+        Direction::Response,
+    )?;
     Ok(RouteConfig {
         hosts,
         origins,
         max_body_size,
         rate_limit,
         hsts,
+        request_headers,
+        response_headers,
     })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
+}
+
+/// Framing and hop-by-hop fields: the connection's business, not a route's.
+const FRAMING_FIELDS: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "trailer",
+];
+
+/// What the edge itself tells the origin: the route's host, the client's address and scheme,
+/// the request ID, 0-RTT and the Via chain.
+const EDGE_REQUEST_FIELDS: [&str; 6] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "early-data",
+    "via",
+];
+
+/// A field name a route may set or remove in `direction`.
+fn editable_name<T>(
+    cx: &Ctx,
+    at: &Spanned<T>,
+    key: &str,
+    name: &str,
+    direction: Direction,
+) -> Result<http::HeaderName, ConfigError> {
+    let parsed = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| cx.err(at, format!("{key}: {name:?} is not a valid header name")))?;
+    let n = parsed.as_str();
+    if FRAMING_FIELDS.contains(&n) {
+        return Err(cx.err(
+            at,
+            format!(
+                "{key}: {name:?} belongs to the connection's framing; it cannot be changed here"
+            ),
+        ));
+    }
+    if direction == Direction::Request && EDGE_REQUEST_FIELDS.contains(&n) {
+        return Err(cx.err(
+            at,
+            format!("{key}: {name:?} is set by the edge; it cannot be changed here"),
+        ));
+    }
+    Ok(parsed)
+}
+
+type RawSet<'a> = (&'a Option<Spanned<RawHeaders>>, &'static str);
+type RawRemove<'a> = (&'a Option<Spanned<Vec<Spanned<String>>>>, &'static str);
+
+/// A route's `*_headers` table and `remove_*_headers` list for one direction.
+fn header_edits(
+    cx: &Ctx,
+    (set, set_key): RawSet<'_>,
+    (remove, remove_key): RawRemove<'_>,
+    direction: Direction,
+) -> Result<HeaderEdits, ConfigError> {
+    let mut edits = HeaderEdits::default();
+    for name in remove.iter().flat_map(|l| l.get_ref()) {
+        let n = editable_name(cx, name, remove_key, name.get_ref(), direction)?;
+        if edits.remove.contains(&n) {
+            return Err(cx.err(name, format!("{remove_key}: {n:?} is listed twice")));
+        }
+        edits.remove.push(n);
+    }
+    for (name, value) in set.iter().flat_map(|t| t.get_ref()) {
+        let n = editable_name(cx, value, set_key, name, direction)?;
+        if edits.set.iter().any(|(have, _)| have == n) {
+            return Err(cx.err(value, format!("{set_key}: {n:?} is given twice")));
+        }
+        if edits.remove.contains(&n) {
+            return Err(cx.err(
+                value,
+                format!("{n:?} is both in {set_key} and in {remove_key}"),
+            ));
+        }
+        let text = value.get_ref();
+        let printable = text
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        let v = printable
+            .then(|| http::HeaderValue::from_str(text).ok())
+            .flatten()
+            .ok_or_else(|| {
+            cx.err(
+                value,
+                format!("{set_key}: the value of {name:?} is not a valid header value (visible ASCII, spaces and tabs)"),
+            )
+        })?;
+        edits.set.push((n, v));
+    }
+    Ok(edits)
 }
 
 /// A `Strict-Transport-Security` value (RFC 6797 6.1): a header value with a `max-age`

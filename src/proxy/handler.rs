@@ -16,6 +16,7 @@ use super::headers;
 use super::request_body::ClientIn;
 use super::request_body::{BodyProgress, ClientBody, ClientBodyError};
 use super::router::normalize_host;
+use super::router::Route;
 use super::Runtime;
 use super::{ClientConn, ClientLimits};
 use crate::access_log::PendingLog;
@@ -170,6 +171,7 @@ async fn forward(
             req,
             client,
             &authority,
+            route,
             &candidates,
             log,
         ))
@@ -177,7 +179,7 @@ async fn forward(
     }
     let client_version = req.version();
     let (req, progress) = client_body(req, limits.body_timeout, route.max_body_size);
-    let upstream = upstream_request(rt, req, client, &authority)?;
+    let upstream = upstream_request(rt, req, client, &authority, route)?;
     let started = Instant::now();
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
@@ -186,8 +188,12 @@ async fn forward(
         parts.status.as_u16(),
         upstream_ttfb.saturating_sub(sent.waited),
     );
-    headers::strip_hop_by_hop(&mut parts.headers, false);
-    headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    headers::from_origin(
+        &mut parts.headers,
+        parts.version,
+        &rt.via,
+        &route.response_headers,
+    );
     // Over HTTPS only (RFC 6797 7.2), and the origin's own policy wins.
     if let (Some(hsts), Some(_)) = (&route.hsts, client.handshake) {
         parts
@@ -334,6 +340,7 @@ pub(super) fn upstream_request(
     req: Request<UpBody>,
     client: &ClientConn,
     authority: &str,
+    route: &Route,
 ) -> Result<Request<UpBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -363,6 +370,7 @@ pub(super) fn upstream_request(
         client.handshake.is_some(),
     );
     headers::append_via(&mut parts.headers, client_version, &rt.via);
+    headers::apply_edits(&mut parts.headers, &route.request_headers);
     let host =
         HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid Host"))?;
     parts.headers.insert(header::HOST, host);

@@ -1,7 +1,9 @@
 //! Header rewriting: hop-by-hop headers removed in both directions (RFC 9110 7.6.1, plus the
-//! names the Connection header lists), X-Forwarded-For/-Proto and Via set. `Trailer` is end to
+//! names the Connection header lists), X-Forwarded-For/-Proto and Via set, a route's own
+//! edits applied. `Trailer` is end to
 //! end (RFC 9110 6.6.2) and stays: an http/1.1 hop sends only the trailer fields it declares.
 
+use crate::config::HeaderEdits;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -135,6 +137,29 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     }
     let proto = if tls { "https" } else { "http" };
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// A route's own edits: its fields removed, then set (replacing any of that name).
+pub fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
+    for name in &edits.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &edits.set {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+/// An origin's response head made ready for the client: hop-by-hop fields out, this hop in
+/// Via, then the route's edits (which may take Via out again).
+pub fn from_origin(
+    headers: &mut HeaderMap,
+    version: hyper::Version,
+    via_name: &HeaderValue,
+    edits: &HeaderEdits,
+) {
+    strip_hop_by_hop(headers, false);
+    append_via(headers, version, via_name);
+    apply_edits(headers, edits);
 }
 
 /// Appends this hop to Via (`1.1 edgepop-<pop>` or `2 edgepop-<pop>`).

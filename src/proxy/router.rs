@@ -2,7 +2,7 @@
 //! configuration and swapped whole on reload.
 
 use super::rate_limit::RateLimiter;
-use crate::config::RouteConfig;
+use crate::config::{HeaderEdits, RouteConfig};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -25,6 +25,10 @@ pub struct Route {
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// `Strict-Transport-Security` for HTTPS answers without one.
     pub hsts: Option<http::HeaderValue>,
+    /// Fields removed and set on requests to the origin.
+    pub request_headers: HeaderEdits,
+    /// Fields removed and set on the origin's answers.
+    pub response_headers: HeaderEdits,
     hosts: Vec<String>,
 }
 
@@ -61,6 +65,8 @@ impl Router {
                 max_body_size: route.max_body_size,
                 rate_limit,
                 hsts: route.hsts.clone(),
+                request_headers: route.request_headers.clone(),
+                response_headers: route.response_headers.clone(),
                 hosts: route.hosts.clone(),
             });
         }
@@ -125,6 +131,8 @@ mod tests {
             max_body_size: None,
             rate_limit: None,
             hsts: None,
+            request_headers: HeaderEdits::default(),
+            response_headers: HeaderEdits::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use super::error::ProxyError;
 use super::handler::{plain_body, upstream_request};
 use super::headers;
 use super::request_body::ClientIn;
+use super::router::Route;
 use super::ClientConn;
 use super::Runtime;
 use crate::access_log::PendingLog;
@@ -66,13 +67,14 @@ pub async fn forward(
     req: Request<ClientIn>,
     client: &ClientConn,
     authority: &str,
+    route: &Route,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if is_h2_websocket(&req) {
-        websocket_over_h2(rt, req, client, authority, candidates, log).await
+        websocket_over_h2(rt, req, client, authority, route, candidates, log).await
     } else {
-        tunnel(rt, req, client, authority, candidates, log).await
+        tunnel(rt, req, client, authority, route, candidates, log).await
     }
 }
 
@@ -83,6 +85,7 @@ async fn tunnel(
     mut req: Request<ClientIn>,
     client: &ClientConn,
     authority: &str,
+    route: &Route,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -91,7 +94,7 @@ async fn tunnel(
     };
     let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
-    let mut up = upstream_request(rt, plain_body(req), client, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), client, authority, route)?;
     // A tunnel has no trailers to ask for (and `TE` would have to be named in Connection).
     up.headers_mut().remove(header::TE);
     up.headers_mut()
@@ -115,8 +118,12 @@ async fn tunnel(
     let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
-    headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    headers::from_origin(
+        &mut parts.headers,
+        parts.version,
+        &rt.via,
+        &route.response_headers,
+    );
     let Some(upstream_side) = upstream_side else {
         // The origin declined the upgrade: an ordinary response.
         expect_length(&mut log, &parts.headers);
@@ -162,6 +169,7 @@ async fn websocket_over_h2(
     mut req: Request<ClientIn>,
     client: &ClientConn,
     authority: &str,
+    route: &Route,
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -180,7 +188,7 @@ async fn websocket_over_h2(
     let client_side = hyper::upgrade::on(&mut req);
     req.extensions_mut().remove::<hyper::ext::Protocol>();
     *req.method_mut() = Method::GET;
-    let mut up = upstream_request(rt, plain_body(req), client, authority)?;
+    let mut up = upstream_request(rt, plain_body(req), client, authority, route)?;
     up.headers_mut().remove(header::TE);
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let h = up.headers_mut();
@@ -234,8 +242,12 @@ async fn websocket_over_h2(
     }
     if !switched {
         let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        headers::append_via(&mut parts.headers, parts.version, &rt.via);
+        headers::from_origin(
+            &mut parts.headers,
+            parts.version,
+            &rt.via,
+            &route.response_headers,
+        );
         parts.version = Version::HTTP_2;
         expect_length(&mut log, &parts.headers);
         let body = UpstreamBody::new(body, None, origin.idle_timeout, None, log).boxed();
@@ -243,9 +255,13 @@ async fn websocket_over_h2(
     }
     let upstream_side = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
     parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
-    headers::append_via(&mut parts.headers, parts.version, &rt.via);
+    headers::from_origin(
+        &mut parts.headers,
+        parts.version,
+        &rt.via,
+        &route.response_headers,
+    );
     parts.status = StatusCode::OK;
     parts.version = Version::HTTP_2;
     spawn_splice(hold, client_side, upstream_side, log, pool);

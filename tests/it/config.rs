@@ -281,6 +281,57 @@ fn bad_values_are_reported_with_file_line_and_reason() {
             "{value}"
         );
     }
+    let dir = tempfile::tempdir().unwrap();
+    let with_edits = edge_text("", &crt, &key).replacen(
+        "origins = [\"o\"]\n",
+        "origins = [\"o\"]\nrequest_headers = { \"X-Edge\" = \"tyo1\" }\nremove_response_headers = [\"Server\", \"X-Powered-By\"]\n",
+        1,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "edits.toml", &with_edits));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("  route localhost -> o, request headers: set x-edge: tyo1, response headers: remove server, x-powered-by"),
+        "{stdout}"
+    );
+    let edits = |line: &str| {
+        check_text(&edge_text("", &crt, &key).replacen(
+            "origins = [\"o\"]\n",
+            &format!("origins = [\"o\"]\n{line}\n"),
+            1,
+        ))
+    };
+    for (line, error) in [
+        (
+            r#"request_headers = { "Host" = "a.test" }"#,
+            r#"e.toml:17:30: request_headers: "Host" is set by the edge; it cannot be changed here"#,
+        ),
+        (
+            r#"remove_request_headers = ["X-Forwarded-For"]"#,
+            r#"e.toml:17:27: remove_request_headers: "X-Forwarded-For" is set by the edge; it cannot be changed here"#,
+        ),
+        (
+            r#"remove_response_headers = ["Content-Length"]"#,
+            r#"e.toml:17:28: remove_response_headers: "Content-Length" belongs to the connection's framing; it cannot be changed here"#,
+        ),
+        (
+            r#"response_headers = { "X Y" = "1" }"#,
+            r#"e.toml:17:30: response_headers: "X Y" is not a valid header name"#,
+        ),
+        (
+            r#"response_headers = { "X-Y" = "café" }"#,
+            r#"e.toml:17:30: response_headers: the value of "X-Y" is not a valid header value (visible ASCII, spaces and tabs)"#,
+        ),
+        (
+            "response_headers = { \"X-Y\" = \"1\" }\nremove_response_headers = [\"x-y\"]",
+            r#"e.toml:17:30: "x-y" is both in response_headers and in remove_response_headers"#,
+        ),
+        (
+            r#"response_headers = { "X-Y" = "1", "x-y" = "2" }"#,
+            r#"e.toml:17:43: response_headers: "x-y" is given twice"#,
+        ),
+    ] {
+        assert_eq!(edits(line).trim(), error, "{line}");
+    }
     // One address twice (SO_REUSEPORT would split its connections between them).
     let twice = check_text(&edge_text("", &crt, &key).replacen(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n",

@@ -5,6 +5,7 @@ use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod headers;
 mod linger;
 mod rate_limit;
 mod redirect;
