@@ -89,7 +89,8 @@ impl Activity {
     ) -> Option<Expired> {
         let now = Instant::now();
         let Some(idle_for) = self.idle_for(now) else {
-            timer.reset(now + idle);
+            // Within `head` too: a head that starts once this request ends is seen in time.
+            timer.reset(now + head.map_or(idle, |h| h.min(idle)));
             return None;
         };
         let Some(head) = head else {
@@ -129,14 +130,17 @@ pub enum Expired {
 }
 
 /// Tells the connection's [`Activity`] when the client sends bytes (http/1.1: the start of a
-/// request head when none is in flight).
+/// request head when none is in flight). Bytes of the next head that come in while a request
+/// is still in flight (pipelining) are not seen: that head is timed as idle time, so it is
+/// cut after `idle_timeout` at the latest.
 pub struct ReadWatch<T> {
     io: T,
-    activity: Arc<Activity>,
+    /// None: nobody times heads (h2), so reads are not watched.
+    activity: Option<Arc<Activity>>,
 }
 
 impl<T> ReadWatch<T> {
-    pub fn new(io: T, activity: Arc<Activity>) -> Self {
+    pub fn new(io: T, activity: Option<Arc<Activity>>) -> Self {
         ReadWatch { io, activity }
     }
 }
@@ -149,8 +153,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadWatch<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.bytes_read();
+        if let Some(a) = &self.activity {
+            if buf.filled().len() > before {
+                a.bytes_read();
+            }
         }
         r
     }

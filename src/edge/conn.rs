@@ -126,7 +126,10 @@ pub async fn serve<S>(
         })
     });
     let io = TokioIo::new(Coalesce::new(
-        WriteDeadline::new(ReadWatch::new(tls, activity.clone()), cfg.send_timeout),
+        WriteDeadline::new(
+            ReadWatch::new(tls, (!is_h2).then(|| activity.clone())),
+            cfg.send_timeout,
+        ),
         is_h2,
     ));
     let conn = Served::new(io, svc, is_h2, cfg);
@@ -157,9 +160,13 @@ pub async fn serve<S>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = &mut idle_timer, if !draining => {
+            // Also while draining: a half-sent head keeps hyper from closing gracefully.
+            _ = &mut idle_timer => {
                 match activity.expired(idle, head, idle_timer.as_mut()) {
                     None => {}
+                    Some(Expired::Idle) if draining => {
+                        idle_timer.as_mut().reset(Instant::now() + idle);
+                    }
                     Some(Expired::Idle) => {
                         draining = true;
                         conn.as_mut().graceful_shutdown();

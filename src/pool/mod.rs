@@ -247,14 +247,16 @@ impl Pool {
         let mut pause: Option<Instant> = None;
         loop {
             if slot.is_none() {
-                if inner.shutdown.is_cancelled() {
-                    return Err(closed());
-                }
                 // A ticket that left the line; dropped once the lock is let go, as is
                 // anything it still holds.
                 let mut left = None;
                 {
                     let mut st = inner.lock();
+                    // Under the lock: `shutdown` cancels, then clears the line under it, so a
+                    // request either sees the pool closed here or is in the line it clears.
+                    if inner.shutdown.is_cancelled() {
+                        return Err(closed());
+                    }
                     match ticket.as_mut() {
                         Some(t) => match t.rx.try_recv() {
                             Ok(Handed::Lease(lease)) => return Ok(lease),
@@ -285,6 +287,9 @@ impl Pool {
                 if let Some(p) = pause.take() {
                     // Handed over during the pause: kept through it.
                     tokio::time::sleep_until(p).await;
+                }
+                if inner.shutdown.is_cancelled() {
+                    return Err(closed());
                 }
                 // Boxed: a connect holds a whole TLS handshake (~10 KiB). Inline it would make
                 // every request's future that large; boxing the whole wait instead copied
@@ -576,6 +581,9 @@ impl Inner {
     /// A connect slot for a request, given back if the connect fails or the request is
     /// cancelled while connecting (else each cancelled connect would lower the limit for good).
     fn claim_connect(self: &Arc<Self>, st: &mut State) -> Option<ConnectSlot> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
         // `then`, not `then_some`: an unclaimed slot must never exist, its drop gives one back.
         st.reserve_connect(self.origin.max_connections)
             .then(|| ConnectSlot {

@@ -2225,12 +2225,12 @@ async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
     );
 }
 
-/// Reads one `hello\n` response off a raw http/1.1 connection.
-async fn read_hello<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+/// Reads one response whose body ends with `end` off a raw http/1.1 connection.
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, end: &str) -> String {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !got.ends_with(b"hello\n") {
+    while !got.ends_with(end.as_bytes()) {
         let n = s.read(&mut buf).await.expect("read");
         assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
@@ -2252,12 +2252,20 @@ async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_t
         .await
         .expect("TLS");
     tls.write_all(get).await.unwrap();
-    assert!(read_hello(&mut tls).await.starts_with("HTTP/1.1 200"));
+    assert!(read_until(&mut tls, "hello\n")
+        .await
+        .starts_with("HTTP/1.1 200"));
     // Idle for five header timeouts: well within idle_timeout, so still open (hyper's own
     // header timer, started when the response ended, would have closed it).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    tls.write_all(get).await.unwrap();
-    assert!(read_hello(&mut tls).await.starts_with("HTTP/1.1 200"));
+    // A response that outlasts the header timeout: the timer, firing meanwhile, still looks
+    // again in time for the next head.
+    tls.write_all(b"GET /delay/600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until(&mut tls, "delayed\n")
+        .await
+        .starts_with("HTTP/1.1 200"));
     // A head that starts and stalls is closed header_timeout after its first byte, long
     // before idle_timeout.
     tls.write_all(b"GET / HTTP/1.1\r\nHost: loc").await.unwrap();
@@ -2285,4 +2293,23 @@ async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_t
         .await,
         "the slots were given back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_head_does_not_hold_up_a_drain() {
+    use tokio::io::AsyncWriteExt;
+    let origin = origin().start().await.unwrap();
+    let config = with_listener_line(
+        &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
+        "header_timeout = \"300ms\"\ndrain_timeout = \"60s\"",
+    );
+    let edge = start_edge(&config).await;
+    let mut tls = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    tls.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    // hyper cannot close a connection mid-head gracefully; the head's timer ends it.
+    tokio::time::timeout(Duration::from_secs(20), edge.server.drain())
+        .await
+        .expect("drain waited for a stalled head");
 }
