@@ -1,6 +1,6 @@
 //! The client side of the edge: `listener` accepts TCP and runs the TLS handshake under a
-//! timeout; `conn` serves h1 and h2 on the result with hyper-util's auto builder, idle timeout
-//! and graceful drain; `write_deadline` closes connections a client stops reading; `linger`
+//! timeout; `conn` serves h1 or h2 (by ALPN) on the result with hyper, idle timeout and
+//! graceful drain, `streams` running an h2 connection's streams on its own task; `write_deadline` closes connections a client stops reading; `linger`
 //! keeps reading from an http/1.1 client still uploading after its answer, so it gets it;
 //! `h3` serves HTTP/3 (QUIC) on a listener's port; `proxy_protocol` reads the client's address
 //! from a TCP balancer's header and `client_limit` caps the connections of one client.
@@ -12,6 +12,7 @@ pub mod h3;
 pub mod linger;
 pub mod listener;
 pub mod proxy_protocol;
+mod streams;
 mod write_deadline;
 
 pub use listener::{bind, Listener, Settings};
