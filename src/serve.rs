@@ -188,20 +188,13 @@ fn print_edge_summary(e: &EdgeConfig) {
     }
 }
 
-/// `remove a, b; set c: v` for `check`.
+/// `remove a, b; set c` for `check`: names only, as a value may be a secret the origin checks.
 fn describe_edits(e: &crate::config::HeaderEdits) -> String {
-    let remove = (!e.remove.is_empty()).then(|| {
-        let names: Vec<&str> = e.remove.iter().map(|n| n.as_str()).collect();
-        format!("remove {}", names.join(", "))
-    });
-    let set = (!e.set.is_empty()).then(|| {
-        let fields: Vec<String> = e
-            .set
-            .iter()
-            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("<binary>")))
-            .collect();
-        format!("set {}", fields.join(", "))
-    });
+    let list = |verb: &str, names: Vec<&str>| {
+        (!names.is_empty()).then(|| format!("{verb} {}", names.join(", ")))
+    };
+    let remove = list("remove", e.remove.iter().map(|n| n.as_str()).collect());
+    let set = list("set", e.set.iter().map(|(n, _)| n.as_str()).collect());
     remove.into_iter().chain(set).collect::<Vec<_>>().join("; ")
 }
 

@@ -966,11 +966,14 @@ enum Direction {
     Response,
 }
 
-/// Framing and hop-by-hop fields: the connection's business, not a route's.
-const FRAMING_FIELDS: [&str; 8] = [
+/// Framing and hop-by-hop fields (the proxy's own hop-by-hop list and the framing ones): the
+/// connection's business, not a route's.
+const FRAMING_FIELDS: [&str; 10] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
     "te",
     "transfer-encoding",
     "upgrade",
@@ -978,16 +981,22 @@ const FRAMING_FIELDS: [&str; 8] = [
     "trailer",
 ];
 
-/// What the edge itself tells the origin: the route's host, the client's address and scheme,
-/// the request ID, 0-RTT and the Via chain.
-const EDGE_REQUEST_FIELDS: [&str; 6] = [
+/// What the edge itself tells the origin: the client's host, address and scheme, the
+/// request ID and 0-RTT.
+const EDGE_REQUEST_FIELDS: [&str; 5] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-id",
     "early-data",
-    "via",
 ];
+
+/// What the edge or its HTTP stack sets on answers after a route's edits would run.
+const EDGE_RESPONSE_FIELDS: [&str; 2] = ["alt-svc", "date"];
+
+/// Longest value a route may set: far below any server's header limits, so a mistake is
+/// caught by `check` instead of as a 431 from the origin.
+const MAX_EDIT_VALUE: usize = 4096;
 
 /// A field name a route may set or remove in `direction`.
 fn editable_name<T>(
@@ -1008,7 +1017,17 @@ fn editable_name<T>(
             ),
         ));
     }
-    if direction == Direction::Request && EDGE_REQUEST_FIELDS.contains(&n) {
+    if n.starts_with("sec-websocket-") {
+        return Err(cx.err(
+            at,
+            format!("{key}: {name:?} belongs to WebSocket handshakes; it cannot be changed here"),
+        ));
+    }
+    let edge_set = match direction {
+        Direction::Request => EDGE_REQUEST_FIELDS.contains(&n),
+        Direction::Response => EDGE_RESPONSE_FIELDS.contains(&n),
+    };
+    if edge_set {
         return Err(cx.err(
             at,
             format!("{key}: {name:?} is set by the edge; it cannot be changed here"),
@@ -1046,7 +1065,31 @@ fn header_edits(
                 format!("{n:?} is both in {set_key} and in {remove_key}"),
             ));
         }
+        if direction == Direction::Response && n == http::header::SET_COOKIE {
+            return Err(cx.err(
+                value,
+                format!("{set_key}: \"Set-Cookie\" would replace every cookie the origin sets"),
+            ));
+        }
         let text = value.get_ref();
+        if text.is_empty() {
+            return Err(cx.err(
+                value,
+                format!("{set_key}: {name:?} has an empty value (to take a field out, name it in {remove_key})"),
+            ));
+        }
+        if text.starts_with([' ', '\t']) || text.ends_with([' ', '\t']) {
+            return Err(cx.err(
+                value,
+                format!("{set_key}: the value of {name:?} starts or ends with white space (h2 and HTTP/3 peers refuse such a field)"),
+            ));
+        }
+        if text.len() > MAX_EDIT_VALUE {
+            return Err(cx.err(
+                value,
+                format!("{set_key}: the value of {name:?} is longer than {MAX_EDIT_VALUE} bytes"),
+            ));
+        }
         let printable = text
             .bytes()
             .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));

@@ -10,6 +10,7 @@ use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
 use crate::metrics::ClientHandshake;
 use crate::proxy::body::Holding;
+use crate::proxy::request_body::{ClientIn, H2Body};
 use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, redirect, ClientConn, Runtime};
 use crate::tls::coalesce::Coalesce;
@@ -116,7 +117,10 @@ pub async fn serve<S>(
         // Boxed: the request's future (4.5 KiB) is then moved as a pointer when hyper spawns
         // its stream task, not copied several times over.
         Box::pin(async move {
-            let req = req.map(crate::proxy::request_body::ClientIn::Hyper);
+            let req = req.map(|body| match is_h2 {
+                true => ClientIn::H2(H2Body::new(body)),
+                false => ClientIn::Hyper(body),
+            });
             let mut resp = match redirect {
                 Some(port) => redirect::to_https(&rt, req, client, port),
                 None => handler::handle(&rt, req, client, limits).await,

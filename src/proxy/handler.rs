@@ -178,7 +178,7 @@ async fn forward(
         .await;
     }
     let client_version = req.version();
-    let (req, progress) = client_body(req, limits.body_timeout, route.max_body_size);
+    let (req, progress) = client_body(req, limits.body_timeout, route);
     let upstream = upstream_request(rt, req, client, &authority, route)?;
     let started = Instant::now();
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
@@ -188,12 +188,7 @@ async fn forward(
         parts.status.as_u16(),
         upstream_ttfb.saturating_sub(sent.waited),
     );
-    headers::from_origin(
-        &mut parts.headers,
-        parts.version,
-        &rt.via,
-        &route.response_headers,
-    );
+    headers::from_origin(&mut parts.headers, parts.version, &rt.via);
     // Over HTTPS only (RFC 6797 7.2), and the origin's own policy wins.
     if let (Some(hsts), Some(_)) = (&route.hsts, client.handshake) {
         parts
@@ -210,6 +205,8 @@ async fn forward(
             sent.warmth,
         );
     }
+    // Last, so the route's edits see (and may remove) everything the edge added.
+    headers::apply_edits(&mut parts.headers, &route.response_headers);
     parts.version = client_version;
     let log = log.take().map(|mut l| {
         l.expect_bytes(
@@ -305,7 +302,7 @@ pub(super) fn plain_body(req: Request<ClientIn>) -> Request<UpBody> {
 fn client_body(
     req: Request<ClientIn>,
     idle: Duration,
-    max: Option<u64>,
+    route: &Route,
 ) -> (Request<UpBody>, Option<Arc<BodyProgress>>) {
     use http_body::Body;
     if req.body().is_end_stream() {
@@ -316,7 +313,8 @@ fn client_body(
         .extensions
         .get::<crate::edge::linger::LingerHint>()
         .cloned();
-    let (body, progress) = ClientBody::new(body, idle, max, linger);
+    let edited = (!route.request_headers.is_empty()).then(|| route.request_headers.clone());
+    let (body, progress) = ClientBody::new(body, idle, route.max_body_size, linger, edited);
     (
         Request::from_parts(parts, body.boxed_unsync()),
         Some(progress),

@@ -149,17 +149,20 @@ pub fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
     }
 }
 
+/// Takes the fields a route edits out of a client's trailers, so a trailer cannot bring back
+/// what the route removes or override what it sets (at an origin that merges trailers into
+/// the header section).
+pub fn strip_edited(trailers: &mut HeaderMap, edits: &HeaderEdits) {
+    for name in edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n)) {
+        trailers.remove(name);
+    }
+}
+
 /// An origin's response head made ready for the client: hop-by-hop fields out, this hop in
-/// Via, then the route's edits (which may take Via out again).
-pub fn from_origin(
-    headers: &mut HeaderMap,
-    version: hyper::Version,
-    via_name: &HeaderValue,
-    edits: &HeaderEdits,
-) {
+/// Via. The route's edits come after whatever else the edge adds.
+pub fn from_origin(headers: &mut HeaderMap, version: hyper::Version, via_name: &HeaderValue) {
     strip_hop_by_hop(headers, false);
     append_via(headers, version, via_name);
-    apply_edits(headers, edits);
 }
 
 /// Appends this hop to Via (`1.1 edgepop-<pop>` or `2 edgepop-<pop>`).

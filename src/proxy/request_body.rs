@@ -16,8 +16,54 @@ use tokio::time::{Instant, Sleep};
 /// HTTP/3's. An enum, so hyper's requests allocate nothing for it; HTTP/3's larger body is
 /// boxed so it does not grow every request's future.
 pub enum ClientIn {
+    /// http/1.1 (its lingering close covers an answer that comes before the body's end).
     Hyper(hyper::body::Incoming),
+    H2(H2Body),
     H3(Box<crate::edge::h3::H3Body>),
+}
+
+/// Bytes of an h2 request body read after its answer before the stream is reset anyway.
+const DRAIN_MAX: usize = 1 << 20;
+/// Longest pause between frames of such a body.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// An h2 request body that, dropped before its end (the answer came first: 413, 429, an
+/// origin's early answer), is read to its end by a task of its own, up to [`DRAIN_MAX`]
+/// bytes with pauses of up to [`DRAIN_IDLE`], so the stream ends cleanly. hyper would reset
+/// the stream (NO_ERROR, which RFC 9113 8.1 allows) while the client still sends, and clients
+/// that do not expect an early answer then fail instead of showing it: curl 7.88 reports
+/// "Stream error in the HTTP/2 framing layer" for most early 413s. nginx discards the rest
+/// of such a body too; http/1.1 has the lingering close (`edge::linger`).
+pub struct H2Body(Option<hyper::body::Incoming>);
+
+impl H2Body {
+    pub fn new(body: hyper::body::Incoming) -> Self {
+        H2Body(Some(body))
+    }
+}
+
+impl Drop for H2Body {
+    fn drop(&mut self) {
+        let Some(body) = self.0.take() else { return };
+        if body.is_end_stream() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(drain(body));
+        }
+    }
+}
+
+/// Reads and discards what is left of a body, within [`DRAIN_MAX`] and [`DRAIN_IDLE`].
+async fn drain(mut body: hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    let mut read = 0usize;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+        read += frame.data_ref().map_or(0, Bytes::len);
+        if read > DRAIN_MAX {
+            return;
+        }
+    }
 }
 
 impl Body for ClientIn {
@@ -32,6 +78,10 @@ impl Body for ClientIn {
             ClientIn::Hyper(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
+            ClientIn::H2(H2Body(Some(b))) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            ClientIn::H2(H2Body(None)) => Poll::Ready(None),
             ClientIn::H3(b) => Pin::new(b.as_mut()).poll_frame(cx),
         }
     }
@@ -39,6 +89,7 @@ impl Body for ClientIn {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientIn::Hyper(b) => b.is_end_stream(),
+            ClientIn::H2(H2Body(b)) => b.as_ref().is_none_or(Body::is_end_stream),
             ClientIn::H3(b) => b.is_end_stream(),
         }
     }
@@ -46,6 +97,7 @@ impl Body for ClientIn {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientIn::Hyper(b) => b.size_hint(),
+            ClientIn::H2(H2Body(b)) => b.as_ref().map(Body::size_hint).unwrap_or_default(),
             ClientIn::H3(b) => b.size_hint(),
         }
     }
@@ -187,6 +239,8 @@ pin_project_lite::pin_project! {
         // Told when the body has been read to its end (an http/1.1 connection then need not
         // linger for it).
         linger: Option<crate::edge::linger::LingerHint>,
+        // The route's edited request fields, kept out of the trailers.
+        edited: Option<std::sync::Arc<crate::config::HeaderEdits>>,
     }
 }
 
@@ -197,6 +251,7 @@ impl ClientBody {
         idle: Duration,
         max: Option<u64>,
         linger: Option<crate::edge::linger::LingerHint>,
+        edited: Option<std::sync::Arc<crate::config::HeaderEdits>>,
     ) -> (Self, std::sync::Arc<BodyProgress>) {
         let progress = std::sync::Arc::new(BodyProgress {
             state: std::sync::atomic::AtomicU8::new(STREAMING),
@@ -217,6 +272,7 @@ impl ClientBody {
             max,
             progress: progress.clone(),
             linger,
+            edited,
         };
         (body, progress)
     }
@@ -260,6 +316,9 @@ impl Body for ClientBody {
                     Err(frame) => match frame.into_trailers() {
                         Ok(mut trailers) => {
                             super::headers::strip_trailers(&mut trailers);
+                            if let Some(e) = this.edited.as_deref() {
+                                super::headers::strip_edited(&mut trailers, e);
+                            }
                             Frame::trailers(trailers)
                         }
                         Err(frame) => frame,

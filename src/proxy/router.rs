@@ -25,8 +25,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// `Strict-Transport-Security` for HTTPS answers without one.
     pub hsts: Option<http::HeaderValue>,
-    /// Fields removed and set on requests to the origin.
-    pub request_headers: HeaderEdits,
+    /// Fields removed and set on requests to the origin (and kept out of client trailers).
+    pub request_headers: Arc<HeaderEdits>,
     /// Fields removed and set on the origin's answers.
     pub response_headers: HeaderEdits,
     hosts: Vec<String>,
@@ -65,7 +65,7 @@ impl Router {
                 max_body_size: route.max_body_size,
                 rate_limit,
                 hsts: route.hsts.clone(),
-                request_headers: route.request_headers.clone(),
+                request_headers: Arc::new(route.request_headers.clone()),
                 response_headers: route.response_headers.clone(),
                 hosts: route.hosts.clone(),
             });

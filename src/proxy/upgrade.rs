@@ -118,12 +118,8 @@ async fn tunnel(
     let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
-    headers::from_origin(
-        &mut parts.headers,
-        parts.version,
-        &rt.via,
-        &route.response_headers,
-    );
+    headers::from_origin(&mut parts.headers, parts.version, &rt.via);
+    headers::apply_edits(&mut parts.headers, &route.response_headers);
     let Some(upstream_side) = upstream_side else {
         // The origin declined the upgrade: an ordinary response.
         expect_length(&mut log, &parts.headers);
@@ -242,12 +238,8 @@ async fn websocket_over_h2(
     }
     if !switched {
         let (mut parts, body) = resp.into_parts();
-        headers::from_origin(
-            &mut parts.headers,
-            parts.version,
-            &rt.via,
-            &route.response_headers,
-        );
+        headers::from_origin(&mut parts.headers, parts.version, &rt.via);
+        headers::apply_edits(&mut parts.headers, &route.response_headers);
         parts.version = Version::HTTP_2;
         expect_length(&mut log, &parts.headers);
         let body = UpstreamBody::new(body, None, origin.idle_timeout, None, log).boxed();
@@ -256,12 +248,8 @@ async fn websocket_over_h2(
     let upstream_side = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
     parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
-    headers::from_origin(
-        &mut parts.headers,
-        parts.version,
-        &rt.via,
-        &route.response_headers,
-    );
+    headers::from_origin(&mut parts.headers, parts.version, &rt.via);
+    headers::apply_edits(&mut parts.headers, &route.response_headers);
     parts.status = StatusCode::OK;
     parts.version = Version::HTTP_2;
     spawn_splice(hold, client_side, upstream_side, log, pool);

@@ -1,5 +1,6 @@
 //! Lingering close: an http/1.1 client answered early (413) while it is still uploading gets
-//! the whole answer and a clean close, not a connection reset.
+//! the whole answer and a clean close, not a connection reset; an h2 client's stream is read
+//! to its end after such an answer, not reset under it.
 
 use super::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -120,5 +121,40 @@ async fn a_client_still_sending_reads_the_whole_413_then_a_clean_close() {
             .await,
             "round {round}: the lingering connection did not end when the client closed"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_uploading_over_h2_gets_the_early_413_not_a_stream_error() {
+    let (_origin, edge) = small_body_edge().await;
+    // 200 KiB: curl is still sending when the 413 comes. A stream reset then (hyper's
+    // NO_ERROR reset) made curl 7.88 fail with "Stream error in the HTTP/2 framing layer" in
+    // most rounds.
+    let file = edge.dir.path().join("upload.bin");
+    std::fs::write(&file, vec![b'x'; 200 << 10]).unwrap();
+    let data = format!("@{}", file.display());
+    for round in 0..20 {
+        let args = [
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data-binary",
+            &data,
+        ];
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            curl(edge.addr, "localhost", "/", &args),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: curl hung"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "413",
+            "round {round}: stderr {stderr}"
+        );
+        assert!(out.status.success(), "round {round}: stderr {stderr}");
     }
 }

@@ -9,7 +9,7 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 
 /// A POST to `/echo` whose body is `data` followed by `trailers`, all of them declared.
-fn post_with_trailers(
+pub(super) fn post_with_trailers(
     h2: bool,
     data: &'static str,
     trailers: &[(&'static str, &'static str)],
@@ -50,7 +50,7 @@ async fn echo_edge(protocol: &str) -> (edgepop::demo::origin::Origin, TestEdge) 
 }
 
 /// The body and the trailers of an answer.
-async fn body_and_trailers(
+pub(super) async fn body_and_trailers(
     resp: hyper::Response<hyper::body::Incoming>,
 ) -> (String, Option<hyper::HeaderMap>) {
     let collected = resp.into_body().collect().await.expect("body");
