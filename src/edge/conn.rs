@@ -346,7 +346,15 @@ where
                 conn,
             } => {
                 let _ = streams.poll_run(cx);
-                woken.poll(cx, |cx| conn.poll(cx))
+                let mut conn = conn;
+                let r = woken.poll(cx, |cx| conn.as_mut().poll(cx));
+                // Streams the connection just started run now, not after a turn of the
+                // runtime (and what they write goes out in this poll too).
+                if r.is_pending() && streams.has_started() {
+                    let _ = streams.poll_run(cx);
+                    return woken.poll(cx, |cx| conn.as_mut().poll(cx));
+                }
+                r
             }
         }
     }

@@ -6,12 +6,14 @@
 //! connection itself, so what the streams write goes out in the same poll. A connection's
 //! streams then share one task (and core); connections still spread over the runtime. The
 //! connection is polled only when it was woken ([`Woken`]), not whenever a stream was. A
-//! drain waits for the streams with their connection, and (a bug) a stream that panicked
-//! would end its connection, not the process.
+//! drain waits for the streams with their connection. A stream that panics (a bug) ends
+//! alone, as its own task would: the connection and its other streams go on.
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -36,6 +38,11 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        let fut = AssertUnwindSafe(fut).catch_unwind().map(|r| {
+            if r.is_err() {
+                tracing::error!("an h2 stream panicked; its connection goes on");
+            }
+        });
         self.0
             .started
             .lock()
@@ -65,6 +72,16 @@ impl Streams {
         (streams, exec)
     }
 
+    /// Streams hyper started that have not run yet.
+    pub fn has_started(&self) -> bool {
+        !self
+            .shared
+            .started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
     /// Runs the streams that can make progress; pending for as long as the connection lives
     /// (its task is woken when a stream can go on or a new one starts).
     pub fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -85,6 +102,23 @@ impl Streams {
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// Streams queued but never run hold the executor (hyper gives each stream a copy), which
+/// holds the queue: dropped here, or that cycle would keep them, with their requests'
+/// connection slots and runtime, for good.
+impl Drop for Streams {
+    fn drop(&mut self) {
+        let started = std::mem::take(
+            &mut *self
+                .shared
+                .started
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        // Outside the lock, which a stream's drop may want.
+        drop(started);
     }
 }
 
@@ -194,6 +228,44 @@ mod tests {
         });
         assert!(r.is_pending());
         polled
+    }
+
+    #[tokio::test]
+    async fn streams_never_run_are_freed_with_the_connection() {
+        struct Flag(Arc<AtomicUsize>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (streams, exec) = Streams::new();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        // As hyper's streams do, each holds a copy of the executor.
+        let (held, flag) = (exec.clone(), Flag(dropped.clone()));
+        exec.execute(async move {
+            let _keep = (held, flag);
+            std::future::pending::<()>().await;
+        });
+        drop((streams, exec));
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_alone() {
+        let (mut streams, exec) = Streams::new();
+        let done = Arc::new(AtomicUsize::new(0));
+        exec.execute(async { panic!("a bug in one stream") });
+        let other = done.clone();
+        exec.execute(async move {
+            other.fetch_add(1, Ordering::SeqCst);
+        });
+        std::future::poll_fn(|cx| {
+            assert!(streams.poll_run(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        assert!(streams.running.is_empty());
     }
 
     #[test]

@@ -26,10 +26,14 @@ pub enum ClientIn {
 const DRAIN_MAX: usize = 1 << 20;
 /// Longest pause between frames of such a body.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// Longest such a body is read for, however it trickles (empty DATA frames included): an
+/// open stream keeps its connection from closing, a drain of the edge included.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// An h2 request body that, dropped before its end (the answer came first: 413, 429, an
 /// origin's early answer), is read to its end by a task of its own, up to [`DRAIN_MAX`]
-/// bytes with pauses of up to [`DRAIN_IDLE`], so the stream ends cleanly. hyper would reset
+/// bytes with pauses of up to [`DRAIN_IDLE`], for [`DRAIN_TIME`] at most, so the stream ends
+/// cleanly. hyper would reset
 /// the stream (NO_ERROR, which RFC 9113 8.1 allows) while the client still sends, and clients
 /// that do not expect an early answer then fail instead of showing it: curl 7.88 reports
 /// "Stream error in the HTTP/2 framing layer" for most early 413s. nginx discards the rest
@@ -54,13 +58,19 @@ impl Drop for H2Body {
     }
 }
 
-/// Reads and discards what is left of a body, within [`DRAIN_MAX`] and [`DRAIN_IDLE`].
+/// Reads and discards what is left of a body, within [`DRAIN_MAX`], [`DRAIN_IDLE`] and
+/// [`DRAIN_TIME`].
 async fn drain(mut body: hyper::body::Incoming) {
     use http_body_util::BodyExt;
+    let end = Instant::now() + DRAIN_TIME;
     let mut read = 0usize;
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+    loop {
+        let pause_end = (Instant::now() + DRAIN_IDLE).min(end);
+        let Ok(Some(Ok(frame))) = tokio::time::timeout_at(pause_end, body.frame()).await else {
+            return;
+        };
         read += frame.data_ref().map_or(0, Bytes::len);
-        if read > DRAIN_MAX {
+        if read >= DRAIN_MAX {
             return;
         }
     }
