@@ -1017,13 +1017,7 @@ async fn upgrade_requests_get_a_tunnel_to_the_origin_whatever_the_pool_protocol(
         }
         drop(c);
         assert!(
-            eventually(Duration::from_secs(5), || async {
-                admin_get(edge.admin, "/metrics")
-                    .await
-                    .1
-                    .contains("edgepop_client_connections 0")
-            })
-            .await,
+            no_client_connections(edge.admin).await,
             "{protocol}: the slot is given back when the tunnel ends"
         );
         // An origin that does not switch: its answer is passed on as is.
@@ -1428,11 +1422,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
     // The edge closes the connection the client stopped reading (no other client is
     // connected) ...
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            let (_, m) = admin_get(edge.admin, "/metrics").await;
-            m.lines().any(|l| l == "edgepop_client_connections 0")
-        })
-        .await,
+        no_client_connections(edge.admin).await,
         "the stuck client connection was not closed"
     );
     // ... and the one upstream connection comes back.
@@ -1487,11 +1477,7 @@ async fn a_slow_download_is_not_idle_time_for_the_client_connection() {
     assert_eq!(c.get("localhost", "/").await, (200, "hello\n".into()));
     // Now idle: the timer, re-armed while the download ran, ends the connection.
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            let (_, m) = admin_get(edge.admin, "/metrics").await;
-            m.lines().any(|l| l == "edgepop_client_connections 0")
-        })
-        .await,
+        no_client_connections(edge.admin).await,
         "the connection was not closed once idle"
     );
 }
@@ -2193,14 +2179,20 @@ async fn h2_websockets_count_against_max_connections_per_client() {
     assert_eq!(statuses, [200, 503]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
+/// An edge in front of one origin, its listener with `line` too.
+async fn listener_edge(line: &str) -> (edgepop::demo::origin::Origin, TestEdge) {
     let origin = origin().start().await.unwrap();
     let config = with_listener_line(
         &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
-        "idle_timeout = \"300ms\"\nheader_timeout = \"300ms\"",
+        line,
     );
-    let edge = start_edge(&config).await;
+    (origin, start_edge(&config).await)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
+    let (_origin, edge) =
+        listener_edge("idle_timeout = \"300ms\"\nheader_timeout = \"300ms\"").await;
     // TLS with ALPN h2, then silence: hyper waits for the preface, and a graceful close
     // alone would wait with it for ever, holding a connection slot.
     let mut tls = tls_connect(edge.addr, "localhost", &[b"h2"])
@@ -2214,13 +2206,7 @@ async fn an_h2_client_that_never_sends_its_preface_is_closed_once_idle() {
     .await;
     assert!(read.is_ok(), "still open after 30 s");
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            admin_get(edge.admin, "/metrics")
-                .await
-                .1
-                .contains("edgepop_client_connections 0\n")
-        })
-        .await,
+        no_client_connections(edge.admin).await,
         "its slot was given back"
     );
 }
@@ -2241,12 +2227,7 @@ async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, end: &str) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = origin().start().await.unwrap();
-    let config = with_listener_line(
-        &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
-        "idle_timeout = \"60s\"\nheader_timeout = \"200ms\"",
-    );
-    let edge = start_edge(&config).await;
+    let (_origin, edge) = listener_edge("idle_timeout = \"60s\"\nheader_timeout = \"200ms\"").await;
     let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut tls = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
         .await
@@ -2284,13 +2265,7 @@ async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_t
         "a connection without a request was kept for 20 s"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            admin_get(edge.admin, "/metrics")
-                .await
-                .1
-                .contains("edgepop_client_connections 0\n")
-        })
-        .await,
+        no_client_connections(edge.admin).await,
         "the slots were given back"
     );
 }
@@ -2298,12 +2273,8 @@ async fn an_idle_http1_connection_waits_idle_timeout_and_a_started_head_header_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_head_does_not_hold_up_a_drain() {
     use tokio::io::AsyncWriteExt;
-    let origin = origin().start().await.unwrap();
-    let config = with_listener_line(
-        &edge_config(&[("o1", origin.addr(), "")], &["localhost"]),
-        "header_timeout = \"300ms\"\ndrain_timeout = \"60s\"",
-    );
-    let edge = start_edge(&config).await;
+    let (_origin, edge) =
+        listener_edge("header_timeout = \"300ms\"\ndrain_timeout = \"60s\"").await;
     let mut tls = tls_connect(edge.addr, "localhost", &[b"http/1.1"])
         .await
         .expect("TLS");

@@ -292,11 +292,7 @@ async fn http3_enforces_the_tcp_sides_limits() {
     // whatever QUIC keep-alives say.
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 200);
     assert!(
-        eventually(std::time::Duration::from_secs(5), || async {
-            let (_, m) = admin_get(edge.admin, "/metrics").await;
-            m.lines().any(|l| l == "edgepop_client_connections 0")
-        })
-        .await,
+        no_client_connections(edge.admin).await,
         "an idle HTTP/3 connection stayed open"
     );
 }

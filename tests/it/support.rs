@@ -266,6 +266,15 @@ pub async fn pools_json(admin: SocketAddr) -> serde_json::Value {
 }
 
 /// Polls `f` until it returns true or `limit` passes (no fixed sleeps).
+/// Waits (up to 10 s) until the edge has no client connection open.
+pub async fn no_client_connections(admin: SocketAddr) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        m.lines().any(|l| l == "edgepop_client_connections 0")
+    })
+    .await
+}
+
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,

@@ -40,38 +40,9 @@ async fn curl_uploading_over_max_body_size_gets_413_not_a_reset() {
     let chunked: &[&str] = &["-H", "Transfer-Encoding: chunked"];
     for round in 0..10 {
         for (what, extra) in [("content-length", declared), ("chunked", chunked)] {
-            let mut args = vec![
-                "--http1.1",
-                "--limit-rate",
-                "50M",
-                "-H",
-                "Expect:",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--data-binary",
-                &data,
-            ];
+            let mut args = vec!["--http1.1", "--limit-rate", "50M", "-H", "Expect:"];
             args.extend_from_slice(extra);
-            let out = tokio::time::timeout(
-                Duration::from_secs(60),
-                curl(edge.addr, "localhost", "/", &args),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("{what} round {round}: curl hung"));
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                "413",
-                "{what} round {round}: curl {:?}, stderr {stderr}",
-                out.status
-            );
-            assert!(
-                out.status.success(),
-                "{what} round {round}: curl {:?}, stderr {stderr}",
-                out.status
-            );
+            curl_gets_413(&edge, &data, &args, &format!("{what} round {round}")).await;
         }
     }
 }
@@ -114,11 +85,7 @@ async fn a_client_still_sending_reads_the_whole_413_then_a_clean_close() {
         // The edge lingers (keeping the connection's slot) until this client closes.
         drop(tls);
         assert!(
-            eventually(Duration::from_secs(5), || async {
-                let (_, m) = admin_get(edge.admin, "/metrics").await;
-                m.lines().any(|l| l == "edgepop_client_connections 0")
-            })
-            .await,
+            no_client_connections(edge.admin).await,
             "round {round}: the lingering connection did not end when the client closed"
         );
     }
@@ -134,27 +101,37 @@ async fn curl_uploading_over_h2_gets_the_early_413_not_a_stream_error() {
     std::fs::write(&file, vec![b'x'; 200 << 10]).unwrap();
     let data = format!("@{}", file.display());
     for round in 0..20 {
-        let args = [
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--data-binary",
-            &data,
-        ];
-        let out = tokio::time::timeout(
-            Duration::from_secs(60),
-            curl(edge.addr, "localhost", "/", &args),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("round {round}: curl hung"));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "413",
-            "round {round}: stderr {stderr}"
-        );
-        assert!(out.status.success(), "round {round}: stderr {stderr}");
+        curl_gets_413(&edge, &data, &["--http2"], &format!("round {round}")).await;
     }
+}
+
+/// curl uploads `data` (`@file`) with `args` and reports a 413, and no error of its own.
+async fn curl_gets_413(edge: &TestEdge, data: &str, args: &[&str], what: &str) {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        data,
+    ]);
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        curl(edge.addr, "localhost", "/", &all),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: curl hung"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "413",
+        "{what}: curl {:?}, stderr {stderr}",
+        out.status
+    );
+    assert!(
+        out.status.success(),
+        "{what}: curl {:?}, stderr {stderr}",
+        out.status
+    );
 }
