@@ -138,8 +138,13 @@ fn print_edge_summary(e: &EdgeConfig) {
         );
     }
     for o in &e.origins {
+        let client_cert = o
+            .client_auth
+            .as_ref()
+            .map(|a| format!(" client_cert={}", a.cert.display()))
+            .unwrap_or_default();
         println!(
-            "  origin {} {} sni={} {} warm={} max={}",
+            "  origin {} {} sni={} {} warm={} max={}{client_cert}",
             o.name,
             o.address,
             o.server_name.to_str(),

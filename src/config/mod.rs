@@ -10,9 +10,9 @@ mod validate;
 
 pub use error::{ConfigError, Location};
 pub use validate::{
-    AccessLogTarget, AdminConfig, CertificateConfig, Config, CookieKeys, DnsConfig, EdgeConfig,
-    Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol, RateLimit,
-    Role, RouteConfig,
+    AccessLogTarget, AdminConfig, CertificateConfig, ClientAuth, Config, CookieKeys, DnsConfig,
+    EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol,
+    RateLimit, Role, RouteConfig,
 };
 
 use std::path::Path;

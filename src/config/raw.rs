@@ -83,6 +83,10 @@ pub struct RawOrigin {
     pub address: Spanned<String>,
     pub server_name: Spanned<String>,
     pub ca: Option<Spanned<String>>,
+    /// Certificate chain (PEM) the edge presents to an origin that asks for one.
+    pub client_cert: Option<Spanned<String>>,
+    /// Its private key (PEM).
+    pub client_key: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
     pub warm_connections: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,

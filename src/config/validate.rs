@@ -132,6 +132,16 @@ impl Protocol {
     }
 }
 
+/// `[[origins]] client_cert` and `client_key`: checked to belong together when loaded; read
+/// again by the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SHA-256 of both files: a reload with changed files is a changed origin.
+    pub digest: [u8; 32],
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginConfig {
     pub name: String,
@@ -142,6 +152,8 @@ pub struct OriginConfig {
     /// SHA-256 of the CA file's bytes: a reload with a changed CA is a changed origin, so its
     /// pool is rebuilt with the new trust store.
     pub ca_digest: Option<[u8; 32]>,
+    /// The certificate the edge presents when the origin asks (mutual TLS).
+    pub client_auth: Option<ClientAuth>,
     pub protocol: Protocol,
     /// Connections kept open at all times when this origin is a route's first choice.
     pub warm_connections: usize,
@@ -709,22 +721,63 @@ fn certificate(cx: &Ctx, c: &Spanned<RawCertificate>) -> Result<CertificateConfi
         .collect::<Result<Vec<_>, _>>()?;
     let cert_path = PathBuf::from(c.cert.get_ref());
     let key_path = PathBuf::from(c.key.get_ref());
-    let key = certs::load_certified_key(&cert_path, &key_path).map_err(|e| {
-        let at = match e {
-            certs::CertError::Key { .. }
-            | certs::CertError::NoKey { .. }
-            | certs::CertError::Mismatch { .. } => cx.at(&c.key),
-            _ => cx.at(&c.cert),
-        };
-        let reason = e.to_string();
-        ConfigError::invalid_because(at, reason, e)
-    })?;
+    let key = certs::load_certified_key(&cert_path, &key_path)
+        .map_err(|e| key_pair_error(cx, e, &c.cert, &c.key))?;
     Ok(CertificateConfig {
         names,
         cert_path,
         key_path,
         key: Arc::new(key),
     })
+}
+
+/// A certificate/key pair that failed to load, reported at the key's line when the key is at
+/// fault, else at the certificate's.
+fn key_pair_error(
+    cx: &Ctx,
+    e: certs::CertError,
+    cert: &Spanned<String>,
+    key: &Spanned<String>,
+) -> ConfigError {
+    let at = match e {
+        certs::CertError::Key { .. }
+        | certs::CertError::NoKey { .. }
+        | certs::CertError::Mismatch { .. } => cx.at(key),
+        _ => cx.at(cert),
+    };
+    let reason = e.to_string();
+    ConfigError::invalid_because(at, reason, e)
+}
+
+/// SHA-256 of the files' bytes, in order.
+fn files_digest(paths: &[&std::path::Path]) -> std::io::Result<[u8; 32]> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in paths {
+        ctx.update(&std::fs::read(p)?);
+    }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(ctx.finish().as_ref());
+    Ok(digest)
+}
+
+/// `client_cert` + `client_key`, both or neither, loaded once to check them.
+fn client_auth(cx: &Ctx, o: &RawOrigin) -> Result<Option<ClientAuth>, ConfigError> {
+    let (cert, key) = match (&o.client_cert, &o.client_key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(c), None) => return Err(cx.err(c, "client_cert needs client_key")),
+        (None, Some(k)) => return Err(cx.err(k, "client_key needs client_cert")),
+    };
+    let (cert_path, key_path) = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
+    certs::load_certified_key(&cert_path, &key_path)
+        .map_err(|e| key_pair_error(cx, e, cert, key))?;
+    let digest = files_digest(&[&cert_path, &key_path])
+        .map_err(|e| cx.err(cert, format!("cannot read client_cert or client_key: {e}")))?;
+    Ok(Some(ClientAuth {
+        cert: cert_path,
+        key: key_path,
+        digest,
+    }))
 }
 
 fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError> {
@@ -762,19 +815,17 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
                 ConfigError::invalid_because(cx.at(ca), reason, e)
             };
             certs::load_roots(&p).map_err(invalid)?;
-            let bytes = std::fs::read(&p).map_err(|e| {
+            let digest = files_digest(&[&p]).map_err(|e| {
                 invalid(certs::CertError::Ca {
                     path: p.clone(),
                     source: rustls::pki_types::pem::Error::Io(e),
                 })
             })?;
-            let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
-            let mut digest = [0u8; 32];
-            digest.copy_from_slice(d.as_ref());
             (Some(p), Some(digest))
         }
         None => (None, None),
     };
+    let client_auth = client_auth(cx, o)?;
     let protocol = match o.protocol.as_ref().map(|p| p.get_ref().as_str()) {
         None | Some("h2") => Protocol::H2,
         Some("http1") | Some("http/1.1") => Protocol::Http1,
@@ -857,6 +908,7 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         server_name,
         ca,
         ca_digest,
+        client_auth,
         protocol,
         warm_connections: warm,
         standby_connections: standby,

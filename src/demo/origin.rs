@@ -58,6 +58,8 @@ pub struct OriginBuilder {
     keep_alive_timeout_header: Option<u64>,
     max_streams: Option<u32>,
     name: String,
+    /// Ask every client for a certificate signed by this CA (mutual TLS).
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,8 @@ pub enum OriginError {
     Cert(#[from] certs::CertError),
     #[error("test origin TLS config: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("test origin client certificate check: {0}")]
+    ClientVerifier(#[from] rustls::server::VerifierBuilderError),
     #[error("binding test origin {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -87,6 +91,7 @@ impl OriginBuilder {
             keep_alive_timeout_header: None,
             max_streams: None,
             name: "origin".into(),
+            client_ca: None,
         }
     }
 
@@ -123,6 +128,13 @@ impl OriginBuilder {
         self
     }
 
+    /// Require a client certificate signed by the CA in `ca` (PEM): a client without one fails
+    /// the handshake.
+    pub fn require_client_cert(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(ca.into());
+        self
+    }
+
     /// Announce `Keep-Alive: timeout=N` on http/1.1 responses.
     pub fn keep_alive_header(mut self, secs: u64) -> Self {
         self.keep_alive_timeout_header = Some(secs);
@@ -131,10 +143,21 @@ impl OriginBuilder {
 
     pub async fn start(self) -> Result<Origin, OriginError> {
         let key = certs::load_certified_key(&self.cert, &self.key)?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider_arc())
-            .with_protocol_versions(crate::tls::VERSIONS)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(OneCert(Arc::new(key))));
+        let builder = rustls::ServerConfig::builder_with_provider(crate::tls::provider_arc())
+            .with_protocol_versions(crate::tls::VERSIONS)?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = Arc::new(certs::load_roots(ca)?);
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots,
+                    crate::tls::provider_arc(),
+                )
+                .build()?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder.with_cert_resolver(Arc::new(OneCert(Arc::new(key))));
         cfg.alpn_protocols = self.alpn.clone();
         cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
         let shared = Arc::new(Shared {

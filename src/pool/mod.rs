@@ -136,12 +136,14 @@ impl Pool {
             &origin.server_name.to_str(),
             origin.ca.as_deref(),
             origin.protocol,
+            origin.client_auth.as_ref(),
         )?;
         let tunnel_tls = crate::tls::client::shared_client_config(
             &origin.address,
             &origin.server_name.to_str(),
             origin.ca.as_deref(),
             crate::config::Protocol::Http1,
+            origin.client_auth.as_ref(),
         )?;
         Ok(Pool {
             inner: Arc::new(Inner {

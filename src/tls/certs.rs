@@ -57,10 +57,9 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
     Ok(chain)
 }
 
-/// Loads a chain and its key and checks that the key belongs to the first certificate.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
-    let chain = load_chain(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| match source {
+/// Reads the first private key of a PEM file.
+pub fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_file(key).map_err(|source| match source {
         rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
             path: key.to_path_buf(),
         },
@@ -68,7 +67,13 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertE
             path: key.to_path_buf(),
             source,
         },
-    })?;
+    })
+}
+
+/// Loads a chain and its key and checks that the key belongs to the first certificate.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
+    let chain = load_chain(cert)?;
+    let der = load_key(key)?;
     let provider = super::provider();
     CertifiedKey::from_der(chain, der, &provider).map_err(|source| CertError::Mismatch {
         cert: cert.to_path_buf(),

@@ -1,9 +1,11 @@
 //! Upstream TLS: certificates verified against the origin's `ca` (or the system's roots) and
-//! `server_name`; one session cache per config so reconnects resume.
+//! `server_name`, the origin's `client_cert` presented when it asks; one session cache per
+//! config so reconnects resume.
 
 use super::certs::{self, CertError};
-use crate::config::Protocol;
-use rustls::RootCertStore;
+use crate::config::{ClientAuth, Protocol};
+use rustls::client::WantsClientCert;
+use rustls::{ConfigBuilder, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,23 +14,42 @@ use std::sync::Arc;
 pub fn client_config(
     ca: Option<&Path>,
     protocol: Protocol,
+    client_auth: Option<&ClientAuth>,
 ) -> Result<rustls::ClientConfig, CertError> {
     let roots = match ca {
         Some(p) => certs::load_roots(p)?,
         None => certs::default_roots(),
     };
-    let mut cfg = client_config_with_roots(roots, &[protocol.alpn()]);
+    let builder = builder(roots);
+    let mut cfg = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some(a) => {
+            let chain = certs::load_chain(&a.cert)?;
+            let key = certs::load_key(&a.key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|source| CertError::Mismatch {
+                    cert: a.cert.clone(),
+                    key: a.key.clone(),
+                    source,
+                })?
+        }
+    };
+    cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
     cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
     Ok(cfg)
 }
 
-/// A client config that trusts `roots` only; used by tests, the probe and health checks.
-pub fn client_config_with_roots(roots: RootCertStore, alpn: &[&[u8]]) -> rustls::ClientConfig {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(super::provider_arc())
+fn builder(roots: RootCertStore) -> ConfigBuilder<rustls::ClientConfig, WantsClientCert> {
+    rustls::ClientConfig::builder_with_provider(super::provider_arc())
         .with_protocol_versions(super::VERSIONS)
         .expect("ring supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
-        .with_no_client_auth();
+}
+
+/// A client config that trusts `roots` only; used by tests, the probe and health checks.
+pub fn client_config_with_roots(roots: RootCertStore, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut cfg = builder(roots).with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     cfg
 }
@@ -44,6 +65,8 @@ struct ConfigKey {
     server_name: String,
     ca: Option<Vec<u8>>,
     protocol: Protocol,
+    /// Digest of the client certificate and key files.
+    client_auth: Option<[u8; 32]>,
 }
 
 type Registry = std::sync::Mutex<std::collections::HashMap<ConfigKey, SharedClientConfig>>;
@@ -61,6 +84,7 @@ pub fn shared_client_config(
     server_name: &str,
     ca: Option<&Path>,
     protocol: Protocol,
+    client_auth: Option<&ClientAuth>,
 ) -> Result<SharedClientConfig, CertError> {
     let ca_bytes = match ca {
         Some(p) => Some(std::fs::read(p).map_err(|e| CertError::Ca {
@@ -74,13 +98,14 @@ pub fn shared_client_config(
         server_name: server_name.to_string(),
         ca: ca_bytes,
         protocol,
+        client_auth: client_auth.map(|a| a.digest),
     };
     // Held only at pool construction (start-up and reload), never on a request path.
     let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(cfg) = map.get(&key) {
         return Ok(cfg.clone());
     }
-    let cfg = Arc::new(client_config(ca, protocol)?);
+    let cfg = Arc::new(client_config(ca, protocol, client_auth)?);
     map.insert(key, cfg.clone());
     Ok(cfg)
 }

@@ -361,6 +361,44 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         edits(&long).trim(),
         r#"e.toml:17:29: request_headers: the value of "X-Y" is longer than 4096 bytes"#
     );
+    // Origin client certificates: both halves, and a key that belongs to the certificate.
+    let c = certs();
+    let (ocrt, okey) = (c.join("origin.crt"), c.join("origin.key"));
+    assert_eq!(
+        check_text(&edge_text(
+            &format!("client_cert = \"{}\"", ocrt.display()),
+            &crt,
+            &key
+        ))
+        .trim(),
+        "e.toml:13:15: client_cert needs client_key"
+    );
+    let mismatched = check_text(&edge_text(
+        &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"",
+            ocrt.display(),
+            c.join("edge.key").display()
+        ),
+        &crt,
+        &key,
+    ));
+    assert!(mismatched.starts_with("e.toml:14:14: "), "{mismatched}");
+    let dir = tempfile::tempdir().unwrap();
+    let with_client_cert = edge_text(
+        &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"",
+            ocrt.display(),
+            okey.display()
+        ),
+        &crt,
+        &key,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "mtls.toml", &with_client_cert));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("client_cert={}", ocrt.display())),
+        "{stdout}"
+    );
     // One address twice (SO_REUSEPORT would split its connections between them).
     let twice = check_text(&edge_text("", &crt, &key).replacen(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n",

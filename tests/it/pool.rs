@@ -670,3 +670,65 @@ fn get_request() -> hyper::Request<edgepop::pool::UpstreamBody> {
         .body(body)
         .unwrap()
 }
+
+/// A CA and a client certificate it signed (for mutual TLS with an origin), written to `dir`
+/// as `<name>-ca.crt`, `<name>.crt` and `<name>.key`.
+fn client_cert(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let key = rcgen::KeyPair::generate().expect("client key");
+    let mut params =
+        rcgen::CertificateParams::new(vec!["edge.edgepop.test".to_string()]).expect("client");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("client cert");
+    let ca_path = write_file(dir, &format!("{name}-ca.crt"), &ca.pem());
+    let crt = write_file(dir, &format!("{name}.crt"), &cert.pem());
+    let key_path = write_file(dir, &format!("{name}.key"), &key.serialize_pem());
+    let lines = format!(
+        "client_cert = \"{}\"\nclient_key = \"{}\"",
+        crt.display(),
+        key_path.display()
+    );
+    (ca_path, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_asks_for_a_client_certificate_gets_the_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, ours) = client_cert(dir.path(), "edge");
+    let (_, theirs) = client_cert(dir.path(), "other");
+    // The origin accepts only clients with a certificate from the edge's CA (Cloudflare's
+    // "authenticated origin pulls").
+    let origin = origin().require_client_cert(&ca).start().await.unwrap();
+    for (what, lines, status) in [
+        ("the edge's certificate", ours.as_str(), 200),
+        ("no certificate", "", 502),
+        ("another CA's certificate", theirs.as_str(), 502),
+    ] {
+        for protocol in ["h2", "http1"] {
+            let extra = format!("protocol = \"{protocol}\"\nwarm_connections = 1\n{lines}");
+            let edge = single_origin_edge(origin.addr(), &extra).await;
+            let mut c = Client::connect(edge.addr, "localhost", true).await;
+            assert_eq!(
+                c.get("localhost", "/").await.0,
+                status,
+                "{what}, {protocol}: {}",
+                pools_json(edge.admin).await
+            );
+            if status == 200 {
+                // The warm connection was made with it too.
+                assert!(
+                    eventually(Duration::from_secs(5), || async {
+                        pool_field(edge.admin, 0, "open").await.as_u64() >= Some(1)
+                    })
+                    .await
+                );
+            }
+        }
+    }
+}
