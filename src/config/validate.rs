@@ -132,14 +132,31 @@ impl Protocol {
     }
 }
 
-/// `[[origins]] client_cert` and `client_key`: checked to belong together when loaded; read
-/// again by the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[[origins]] client_cert` and `client_key`, read once (so the pair checked is the pair
+/// used) and checked to belong together.
+#[derive(Clone)]
 pub struct ClientAuth {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub key_der: Arc<rustls_pki_types::PrivateKeyDer<'static>>,
     /// SHA-256 of both files: a reload with changed files is a changed origin.
     pub digest: [u8; 32],
+}
+
+impl PartialEq for ClientAuth {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.cert, &self.key, self.digest) == (&other.cert, &other.key, other.digest)
+    }
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -749,18 +766,19 @@ fn key_pair_error(
     ConfigError::invalid_because(at, reason, e)
 }
 
-/// SHA-256 of the files' bytes, in order.
-fn files_digest(paths: &[&std::path::Path]) -> std::io::Result<[u8; 32]> {
+/// SHA-256 of byte strings, in order.
+fn digest(parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for p in paths {
-        ctx.update(&std::fs::read(p)?);
+    for p in parts {
+        ctx.update(p);
     }
     let mut digest = [0u8; 32];
     digest.copy_from_slice(ctx.finish().as_ref());
-    Ok(digest)
+    digest
 }
 
-/// `client_cert` + `client_key`, both or neither, loaded once to check them.
+/// `client_cert` + `client_key`, both or neither: each file read once, parsed, and checked
+/// to belong together.
 fn client_auth(cx: &Ctx, o: &RawOrigin) -> Result<Option<ClientAuth>, ConfigError> {
     let (cert, key) = match (&o.client_cert, &o.client_key) {
         (None, None) => return Ok(None),
@@ -768,15 +786,27 @@ fn client_auth(cx: &Ctx, o: &RawOrigin) -> Result<Option<ClientAuth>, ConfigErro
         (Some(c), None) => return Err(cx.err(c, "client_cert needs client_key")),
         (None, Some(k)) => return Err(cx.err(k, "client_key needs client_cert")),
     };
-    let (cert_path, key_path) = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
-    certs::load_certified_key(&cert_path, &key_path)
-        .map_err(|e| key_pair_error(cx, e, cert, key))?;
-    let digest = files_digest(&[&cert_path, &key_path])
-        .map_err(|e| cx.err(cert, format!("cannot read client_cert or client_key: {e}")))?;
+    let read = |s: &Spanned<String>| {
+        let p = PathBuf::from(s.get_ref());
+        let bytes = std::fs::read(&p)
+            .map_err(|e| cx.err(s, format!("cannot read {}: {e}", p.display())))?;
+        Ok::<_, ConfigError>((p, bytes))
+    };
+    let ((cert_path, cert_pem), (key_path, key_pem)) = (read(cert)?, read(key)?);
+    let pair_error = |e| key_pair_error(cx, e, cert, key);
+    let chain = certs::chain_from_pem(&cert_path, &cert_pem).map_err(pair_error)?;
+    let key_der = certs::key_from_pem(&key_path, &key_pem).map_err(pair_error)?;
+    certs::certified_key(
+        (&cert_path, chain.clone()),
+        (&key_path, key_der.clone_key()),
+    )
+    .map_err(pair_error)?;
     Ok(Some(ClientAuth {
+        digest: digest(&[&cert_pem, &key_pem]),
         cert: cert_path,
         key: key_path,
-        digest,
+        chain,
+        key_der: Arc::new(key_der),
     }))
 }
 
@@ -815,13 +845,13 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
                 ConfigError::invalid_because(cx.at(ca), reason, e)
             };
             certs::load_roots(&p).map_err(invalid)?;
-            let digest = files_digest(&[&p]).map_err(|e| {
+            let bytes = std::fs::read(&p).map_err(|e| {
                 invalid(certs::CertError::Ca {
                     path: p.clone(),
                     source: rustls::pki_types::pem::Error::Io(e),
                 })
             })?;
-            (Some(p), Some(digest))
+            (Some(p), Some(digest(&[&bytes])))
         }
         None => (None, None),
     };

@@ -72,6 +72,12 @@ pub(super) struct ConnFlags {
     pub draining: AtomicBool,
     /// Milliseconds since the pool's epoch when the last exchange on it ended.
     pub last_used_ms: AtomicU64,
+    /// Milliseconds since the pool's epoch when it opened.
+    pub opened_ms: u64,
+    /// Set when the origin first answered a request on it: until then a TLS 1.3 handshake is
+    /// no proof the origin took the connection (it refuses a client certificate only after
+    /// the client's side of the handshake is done).
+    pub answered: AtomicBool,
     /// Cancelled to close the connection now (an unanswered PING); ends the h2 driver.
     pub kill: tokio_util::sync::CancellationToken,
 }
@@ -148,11 +154,15 @@ pub(super) async fn connect_tls(
     connector
         .connect(cfg.server_name.clone(), tcp)
         .await
-        .map_err(|source| ConnectError::Tls {
-            address: cfg.address.clone(),
-            server_name: cfg.server_name.to_str().into_owned(),
-            source,
-        })
+        .map_err(|source| tls_error(cfg, source))
+}
+
+pub(super) fn tls_error(cfg: &OriginConfig, source: std::io::Error) -> ConnectError {
+    ConnectError::Tls {
+        address: cfg.address.clone(),
+        server_name: cfg.server_name.to_str().into_owned(),
+        source,
+    }
 }
 
 async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
@@ -261,6 +271,8 @@ impl Conn {
                 counted: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 last_used_ms: AtomicU64::new(inner.now_ms()),
+                opened_ms: inner.now_ms(),
+                answered: AtomicBool::new(false),
                 kill,
             }),
             retire_at: opened_at + jittered_age(inner.origin.max_connection_age),
@@ -286,6 +298,7 @@ where
         if let Err(e) = driver.await {
             tracing::debug!(origin = %pool.origin.name, conn = id, error = %e, "upstream connection ended with error");
             pool.stats.set_last_error(format!("connection closed: {e}"));
+            pool.note_failed_if_unanswered(&flags);
         }
         flags.closed.store(true, Ordering::Release);
         // Stops the pinger too.

@@ -8,6 +8,7 @@ use rand::Rng;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -32,8 +33,13 @@ pub(super) async fn run(inner: Arc<Inner>) {
         if let Some(rtt) = inner.sample_ping_rtt() {
             inner.stats.record_ping_rtt(rtt);
         }
-        let wanted = reserve_deficit(&inner);
-        let mut failed = open_n(&inner, wanted).await;
+        // Connections that died right after opening count as failed connects: back off
+        // before opening more.
+        let mut failed = inner.failed_after_open.swap(0, Ordering::AcqRel) > 0;
+        let wanted = if failed { 0 } else { reserve_deficit(&inner) };
+        if !failed {
+            failed = open_n(&inner, wanted).await;
+        }
         if !failed {
             failed = rotate(&inner).await;
         }
@@ -78,11 +84,27 @@ fn needs_probe(inner: &Inner) -> bool {
     !inner.health.is_up() && inner.origin.health_path.is_none() && inner.target() == 0
 }
 
+/// How long a connect check waits after the handshake for the origin to refuse it.
+const PROBE_SETTLE: Duration = Duration::from_millis(200);
+
 /// A connect check: TCP and TLS to the origin, then closed; counts toward `healthy_after`.
+/// Under TLS 1.3 an origin refuses a client certificate only after the handshake, with an
+/// alert, so the check also waits briefly for that (a read that fails or finds the
+/// connection closed); silence or data (an h2 server's SETTINGS) passes.
 async fn probe(inner: &Arc<Inner>) {
     let check = async {
         let tcp = conn::connect_tcp(&inner.origin.address).await?;
-        conn::connect_tls(&inner.origin, &inner.tls, tcp).await
+        let mut tls = conn::connect_tls(&inner.origin, &inner.tls, tcp).await?;
+        let mut byte = [0u8; 1];
+        let refused = match tokio::time::timeout(PROBE_SETTLE, tls.read(&mut byte)).await {
+            Ok(Ok(0)) => Some(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            Ok(Err(e)) => Some(e),
+            Ok(Ok(_)) | Err(_) => None,
+        };
+        match refused {
+            Some(source) => Err(conn::tls_error(&inner.origin, source)),
+            None => Ok(()),
+        }
     };
     match conn::within_connect_timeout(&inner.origin, check).await {
         Ok(_) => inner.note_success(),

@@ -49,6 +49,24 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
             path: path.to_path_buf(),
             source,
         })?;
+    non_empty(path, chain)
+}
+
+/// Every certificate of PEM text read from `path`, in order.
+pub fn chain_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CertError::Cert {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    non_empty(path, chain)
+}
+
+fn non_empty(
+    path: &Path,
+    chain: Vec<CertificateDer<'static>>,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
     if chain.is_empty() {
         return Err(CertError::NoCert {
             path: path.to_path_buf(),
@@ -57,9 +75,13 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
     Ok(chain)
 }
 
-/// Reads the first private key of a PEM file.
-pub fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    PrivateKeyDer::from_pem_file(key).map_err(|source| match source {
+/// The first private key of PEM text read from `key`.
+pub fn key_from_pem(key: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| key_error(key, source))
+}
+
+fn key_error(key: &Path, source: rustls::pki_types::pem::Error) -> CertError {
+    match source {
         rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
             path: key.to_path_buf(),
         },
@@ -67,19 +89,27 @@ pub fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
             path: key.to_path_buf(),
             source,
         },
-    })
+    }
 }
 
-/// Loads a chain and its key and checks that the key belongs to the first certificate.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
-    let chain = load_chain(cert)?;
-    let der = load_key(key)?;
+/// Checks that `key` belongs to the first certificate of `chain`.
+pub fn certified_key(
+    (cert, chain): (&Path, Vec<CertificateDer<'static>>),
+    (key, der): (&Path, PrivateKeyDer<'static>),
+) -> Result<CertifiedKey, CertError> {
     let provider = super::provider();
     CertifiedKey::from_der(chain, der, &provider).map_err(|source| CertError::Mismatch {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
         source,
     })
+}
+
+/// Loads a chain and its key and checks that the key belongs to the first certificate.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
+    let chain = load_chain(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| key_error(key, source))?;
+    certified_key((cert, chain), (key, der))
 }
 
 /// The trust used when no CA file is configured: the system's store (as curl and nginx

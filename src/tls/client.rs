@@ -23,17 +23,13 @@ pub fn client_config(
     let builder = builder(roots);
     let mut cfg = match client_auth {
         None => builder.with_no_client_auth(),
-        Some(a) => {
-            let chain = certs::load_chain(&a.cert)?;
-            let key = certs::load_key(&a.key)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|source| CertError::Mismatch {
-                    cert: a.cert.clone(),
-                    key: a.key.clone(),
-                    source,
-                })?
-        }
+        Some(a) => builder
+            .with_client_auth_cert(a.chain.clone(), a.key_der.clone_key())
+            .map_err(|source| CertError::Mismatch {
+                cert: a.cert.clone(),
+                key: a.key.clone(),
+                source,
+            })?,
     };
     cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
     cfg.resumption = rustls::client::Resumption::in_memory_sessions(4096);
