@@ -139,6 +139,21 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
             path: path.to_path_buf(),
             source,
         })?;
+    roots_of(path, certs)
+}
+
+/// A root store from a CA bundle's PEM text, read from `path`.
+pub fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, CertError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CertError::Ca {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    roots_of(path, certs)
+}
+
+fn roots_of(path: &Path, certs: Vec<CertificateDer<'static>>) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {

@@ -10,14 +10,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Builds the client config for one origin: ALPN is pinned to the configured protocol, and
-/// sessions are cached so reconnects resume.
-pub fn client_config(
-    ca: Option<&Path>,
+/// sessions are cached so reconnects resume. `ca`: a CA file and its bytes.
+fn client_config(
+    ca: Option<(&Path, &[u8])>,
     protocol: Protocol,
     client_auth: Option<&ClientAuth>,
 ) -> Result<rustls::ClientConfig, CertError> {
     let roots = match ca {
-        Some(p) => certs::load_roots(p)?,
+        Some((path, pem)) => certs::roots_from_pem(path, pem)?,
         None => certs::default_roots(),
     };
     let builder = builder(roots);
@@ -65,10 +65,13 @@ struct ConfigKey {
     client_auth: Option<[u8; 32]>,
 }
 
-type Registry = std::sync::Mutex<std::collections::HashMap<ConfigKey, SharedClientConfig>>;
+type Registry =
+    std::sync::Mutex<std::collections::HashMap<ConfigKey, std::sync::Weak<rustls::ClientConfig>>>;
 
 /// Process-wide: one config (hence one TLS session cache) per server name + address + CA +
-/// protocol, shared by every worker thread and kept across reloads, so reconnects resume.
+/// protocol + client certificate, shared by every worker thread and kept across reloads (a
+/// reload builds its pools while the old ones still hold their configs), so reconnects
+/// resume. Held weakly: a config no pool uses (an old client key, say) is dropped.
 fn registry() -> &'static Registry {
     static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
     REGISTRY.get_or_init(Default::default)
@@ -98,10 +101,12 @@ pub fn shared_client_config(
     };
     // Held only at pool construction (start-up and reload), never on a request path.
     let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(cfg) = map.get(&key) {
-        return Ok(cfg.clone());
+    if let Some(cfg) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(cfg);
     }
-    let cfg = Arc::new(client_config(ca, protocol, client_auth)?);
-    map.insert(key, cfg.clone());
+    map.retain(|_, cfg| cfg.strong_count() > 0);
+    let ca_pem = ca.zip(key.ca.as_deref());
+    let cfg = Arc::new(client_config(ca_pem, protocol, client_auth)?);
+    map.insert(key, Arc::downgrade(&cfg));
     Ok(cfg)
 }
