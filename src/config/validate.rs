@@ -759,6 +759,7 @@ fn key_pair_error(
     let at = match e {
         certs::CertError::Key { .. }
         | certs::CertError::NoKey { .. }
+        | certs::CertError::EncryptedKey { .. }
         | certs::CertError::Mismatch { .. } => cx.at(key),
         _ => cx.at(cert),
     };

@@ -24,6 +24,8 @@ pub enum CertError {
     },
     #[error("key file {} holds no private key", path.display())]
     NoKey { path: PathBuf },
+    #[error("key file {} holds an encrypted key, which is not supported (decrypt it with `openssl pkey -in KEY -out PLAIN`)", path.display())]
+    EncryptedKey { path: PathBuf },
     #[error("key {} does not fit certificate {}: {source}", key.display(), cert.display())]
     Mismatch {
         cert: PathBuf,
@@ -77,7 +79,21 @@ fn non_empty(
 
 /// The first private key of PEM text read from `key`.
 pub fn key_from_pem(key: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, CertError> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|source| key_error(key, source))
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| {
+        // PKCS#8 "ENCRYPTED PRIVATE KEY" and OpenSSL's "Proc-Type: 4,ENCRYPTED" headers.
+        let encrypted = pem.windows(9).any(|w| w == b"ENCRYPTED");
+        match source {
+            rustls::pki_types::pem::Error::NoItemsFound
+            | rustls::pki_types::pem::Error::Base64Decode(_)
+                if encrypted =>
+            {
+                CertError::EncryptedKey {
+                    path: key.to_path_buf(),
+                }
+            }
+            source => key_error(key, source),
+        }
+    })
 }
 
 fn key_error(key: &Path, source: rustls::pki_types::pem::Error) -> CertError {
@@ -108,7 +124,9 @@ pub fn certified_key(
 /// Loads a chain and its key and checks that the key belongs to the first certificate.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
     let chain = load_chain(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| key_error(key, source))?;
+    let pem =
+        std::fs::read(key).map_err(|e| key_error(key, rustls::pki_types::pem::Error::Io(e)))?;
+    let der = key_from_pem(key, &pem)?;
     certified_key((cert, chain), (key, der))
 }
 

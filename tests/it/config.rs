@@ -384,6 +384,27 @@ fn bad_values_are_reported_with_file_line_and_reason() {
     ));
     assert!(mismatched.starts_with("e.toml:14:14: "), "{mismatched}");
     let dir = tempfile::tempdir().unwrap();
+    let encrypted = write_file(
+        dir.path(),
+        "enc.key",
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0wQTApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    );
+    assert_eq!(
+        check_text(&edge_text(
+            &format!(
+                "client_cert = \"{}\"\nclient_key = \"{}\"",
+                ocrt.display(),
+                encrypted.display()
+            ),
+            &crt,
+            &key,
+        ))
+        .trim(),
+        format!(
+            "e.toml:14:14: key file {} holds an encrypted key, which is not supported (decrypt it with `openssl pkey -in KEY -out PLAIN`)",
+            encrypted.display()
+        )
+    );
     let with_client_cert = edge_text(
         &format!(
             "client_cert = \"{}\"\nclient_key = \"{}\"",
