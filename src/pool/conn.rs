@@ -72,12 +72,6 @@ pub(super) struct ConnFlags {
     pub draining: AtomicBool,
     /// Milliseconds since the pool's epoch when the last exchange on it ended.
     pub last_used_ms: AtomicU64,
-    /// Milliseconds since the pool's epoch when it opened.
-    pub opened_ms: u64,
-    /// Set when the origin first answered a request on it: until then a TLS 1.3 handshake is
-    /// no proof the origin took the connection (it refuses a client certificate only after
-    /// the client's side of the handshake is done).
-    pub answered: AtomicBool,
     /// Cancelled to close the connection now (an unanswered PING); ends the h2 driver.
     pub kill: tokio_util::sync::CancellationToken,
 }
@@ -107,9 +101,89 @@ pub(super) struct Opened {
 }
 
 /// Opens a connection and spawns its driver; the driver tells the pool when it ends.
-pub(super) async fn open(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
-    within_connect_timeout(&inner.origin, open_inner(inner)).await
+/// Opens a connection: TCP and TLS under the origin's `connect_timeout`, then, for a warm
+/// connection (`settle`), the wait of [`settle`], then the protocol handshake.
+pub(super) async fn open(inner: &Arc<Inner>, settle: bool) -> Result<Opened, ConnectError> {
+    let cfg = &inner.origin;
+    let (mut tls, times) = within_connect_timeout(cfg, connect(inner)).await?;
+    if settle {
+        settle_after_handshake(cfg, &mut tls, times.1).await?;
+    }
+    within_connect_timeout(cfg, handshake(inner, tls)).await
 }
+
+/// TCP and TLS to the origin, with the times each took.
+async fn connect(
+    inner: &Arc<Inner>,
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        (Duration, Duration),
+    ),
+    ConnectError,
+> {
+    let cfg = &inner.origin;
+    let t0 = Instant::now();
+    let tcp = connect_tcp(&cfg.address).await?;
+    let t1 = Instant::now();
+    let tls = connect_tls(cfg, &inner.tls, tcp).await?;
+    let times = (t1 - t0, t1.elapsed());
+    inner.stats.record_connect_times(times.0, times.1);
+    Ok((tls, times))
+}
+
+/// Under TLS 1.3 an origin that asks for a client certificate refuses a missing or wrong one
+/// only after the client's side of the handshake is done, with an alert that comes a round
+/// trip later: a refused connection would look open, and a pool would re-dial it in a loop
+/// while the origin looked healthy. So a warm connection (opened in the background: no
+/// request waits) waits up to twice its handshake time (50 ms to 1 s) for that alert,
+/// reading TLS records without taking any application data: data (an h2 server's SETTINGS)
+/// or silence passes, an alert or a close fails the connect. Request connects and TLS 1.2
+/// (which refuses inside the handshake) do not wait.
+pub(super) async fn settle_after_handshake(
+    cfg: &OriginConfig,
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    handshake: Duration,
+) -> Result<(), ConnectError> {
+    let (tcp, session) = tls.get_mut();
+    if session.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Ok(());
+    }
+    let deadline = Instant::now() + (handshake * 2).clamp(SETTLE_MIN, SETTLE_MAX);
+    let refused = |e: std::io::Error| tls_error(cfg, e);
+    let mut buf = [0u8; 4096];
+    loop {
+        if tokio::time::timeout_at(deadline, tcp.readable())
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let n = match tcp.try_read(&mut buf) {
+            Ok(0) => return Err(refused(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(refused(e)),
+        };
+        let mut records = &buf[..n];
+        while !records.is_empty() {
+            session.read_tls(&mut records).map_err(refused)?;
+            let state = session
+                .process_new_packets()
+                .map_err(|e| refused(std::io::Error::other(e)))?;
+            if state.plaintext_bytes_to_read() > 0 {
+                return Ok(());
+            }
+            if state.peer_has_closed() {
+                return Err(refused(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// Bounds of [`settle_after_handshake`]'s wait.
+const SETTLE_MIN: Duration = Duration::from_millis(50);
+const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Runs `open` (TCP, TLS, protocol handshake) under the origin's `connect_timeout`.
 pub(super) async fn within_connect_timeout<T>(
@@ -165,13 +239,13 @@ pub(super) fn tls_error(cfg: &OriginConfig, source: std::io::Error) -> ConnectEr
     }
 }
 
-async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
+/// The protocol handshake over a new TLS connection.
+async fn handshake(
+    inner: &Arc<Inner>,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<Opened, ConnectError> {
     let cfg = &inner.origin;
-    let t0 = Instant::now();
-    let tcp = connect_tcp(&cfg.address).await?;
-    let t1 = Instant::now();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    let tls = connect_tls(cfg, &inner.tls, tcp).await?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0);
     let (_, session) = tls.get_ref();
     let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let negotiated_h2 = session.alpn_protocol() == Some(b"h2");
@@ -181,7 +255,6 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Opened, ConnectError> {
         });
     }
     inner.stats.record_handshake(resumed);
-    inner.stats.record_connect_times(t1 - t0, t1.elapsed());
     let id = inner.next_id();
     let opened_at = Instant::now();
     match cfg.protocol {
@@ -271,8 +344,6 @@ impl Conn {
                 counted: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 last_used_ms: AtomicU64::new(inner.now_ms()),
-                opened_ms: inner.now_ms(),
-                answered: AtomicBool::new(false),
                 kill,
             }),
             retire_at: opened_at + jittered_age(inner.origin.max_connection_age),
@@ -298,7 +369,6 @@ where
         if let Err(e) = driver.await {
             tracing::debug!(origin = %pool.origin.name, conn = id, error = %e, "upstream connection ended with error");
             pool.stats.set_last_error(format!("connection closed: {e}"));
-            pool.note_failed_if_unanswered(&flags);
         }
         flags.closed.store(true, Ordering::Release);
         // Stops the pinger too.

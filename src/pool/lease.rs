@@ -129,11 +129,6 @@ impl Lease {
         };
         match result {
             Ok(resp) => {
-                self.slot
-                    .conn
-                    .flags
-                    .answered
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Some(t) = resp
                     .headers()
                     .get("keep-alive")

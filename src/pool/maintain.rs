@@ -8,7 +8,6 @@ use rand::Rng;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -33,13 +32,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
         if let Some(rtt) = inner.sample_ping_rtt() {
             inner.stats.record_ping_rtt(rtt);
         }
-        // Connections that died right after opening count as failed connects: back off
-        // before opening more.
-        let mut failed = inner.failed_after_open.swap(0, Ordering::AcqRel) > 0;
-        let wanted = if failed { 0 } else { reserve_deficit(&inner) };
-        if !failed {
-            failed = open_n(&inner, wanted).await;
-        }
+        let wanted = reserve_deficit(&inner);
+        let mut failed = open_n(&inner, wanted).await;
         if !failed {
             failed = rotate(&inner).await;
         }
@@ -84,30 +78,22 @@ fn needs_probe(inner: &Inner) -> bool {
     !inner.health.is_up() && inner.origin.health_path.is_none() && inner.target() == 0
 }
 
-/// How long a connect check waits after the handshake for the origin to refuse it.
-const PROBE_SETTLE: Duration = Duration::from_millis(200);
-
-/// A connect check: TCP and TLS to the origin, then closed; counts toward `healthy_after`.
-/// Under TLS 1.3 an origin refuses a client certificate only after the handshake, with an
-/// alert, so the check also waits briefly for that (a read that fails or finds the
-/// connection closed); silence or data (an h2 server's SETTINGS) passes.
+/// A connect check: TCP and TLS to the origin (under `connect_timeout`), the wait for a
+/// refused client certificate (`conn::settle_after_handshake`), then closed; counts toward
+/// `healthy_after`.
 async fn probe(inner: &Arc<Inner>) {
     let check = async {
-        let tcp = conn::connect_tcp(&inner.origin.address).await?;
-        let mut tls = conn::connect_tls(&inner.origin, &inner.tls, tcp).await?;
-        let mut byte = [0u8; 1];
-        let refused = match tokio::time::timeout(PROBE_SETTLE, tls.read(&mut byte)).await {
-            Ok(Ok(0)) => Some(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-            Ok(Err(e)) => Some(e),
-            Ok(Ok(_)) | Err(_) => None,
+        let connect = async {
+            let t = Instant::now();
+            let tcp = conn::connect_tcp(&inner.origin.address).await?;
+            let tls = conn::connect_tls(&inner.origin, &inner.tls, tcp).await?;
+            Ok((tls, t.elapsed()))
         };
-        match refused {
-            Some(source) => Err(conn::tls_error(&inner.origin, source)),
-            None => Ok(()),
-        }
+        let (mut tls, took) = conn::within_connect_timeout(&inner.origin, connect).await?;
+        conn::settle_after_handshake(&inner.origin, &mut tls, took).await
     };
-    match conn::within_connect_timeout(&inner.origin, check).await {
-        Ok(_) => inner.note_success(),
+    match check.await {
+        Ok(()) => inner.note_success(),
         Err(e) => {
             inner.stats.record_failure(&e);
             inner.note_failure();
@@ -120,13 +106,12 @@ async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
     if n == 0 {
         return false;
     }
-    let results = futures_util::future::join_all((0..n).map(|_| conn::open(inner))).await;
+    let results = futures_util::future::join_all((0..n).map(|_| conn::open(inner, true))).await;
     let mut failed = false;
     for r in results {
         match r {
             Ok(opened) => {
-                inner.add_idle(opened);
-                if inner.origin.health_path.is_none() {
+                if inner.add_idle(opened) && inner.origin.health_path.is_none() {
                     inner.note_success();
                 }
             }

@@ -70,9 +70,6 @@ pub(crate) struct Inner {
     warmed: Notify,
     /// Wakes the maintenance task (a connection closed, a lease failed).
     maintain: Notify,
-    /// Connections that failed soon after opening, before any answer (see
-    /// `note_failed_if_unanswered`): the maintenance task backs off as after failed connects.
-    failed_after_open: AtomicUsize,
     next_id: AtomicU64,
     waiting: AtomicUsize,
     /// Zero point of the millisecond timestamps kept in atomics.
@@ -158,7 +155,6 @@ impl Pool {
                 queued: AtomicUsize::new(0),
                 warmed: Notify::new(),
                 maintain: Notify::new(),
-                failed_after_open: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 waiting: AtomicUsize::new(0),
                 epoch: Instant::now(),
@@ -603,7 +599,8 @@ impl Inner {
         started: Instant,
         mut slot: ConnectSlot,
     ) -> Result<Lease, CheckoutError> {
-        match conn::open(self).await {
+        // No settle wait: a request is waiting (its own answer tells if the origin took it).
+        match conn::open(self, false).await {
             Ok(Opened { conn, h1 }) => {
                 slot.taken = true;
                 let warmth = if conn.resumed {
@@ -647,8 +644,9 @@ impl Inner {
         }
     }
 
-    /// Adds a connection opened by the maintenance task as idle capacity.
-    fn add_idle(self: &Arc<Self>, opened: Opened) {
+    /// Adds a connection opened by the maintenance task as idle capacity; false if it had
+    /// closed already.
+    fn add_idle(self: &Arc<Self>, opened: Opened) -> bool {
         let mut st = self.lock();
         st.connecting -= 1;
         if !st.count_open(&opened.conn) {
@@ -656,7 +654,7 @@ impl Inner {
             self.serve_queue(&mut st);
             drop(st);
             self.maintain.notify_one();
-            return;
+            return false;
         }
         match (opened.h1, &opened.conn.sender) {
             (Some(send), _) => st.idle_h1.push((opened.conn, send)),
@@ -667,25 +665,7 @@ impl Inner {
         drop(st);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.warmed.notify_waiters();
-    }
-
-    /// A connection ended with an error: one that never carried an answer and failed within
-    /// the connect timeout of opening failed to connect, though its handshake completed (an
-    /// origin refusing the client certificate under TLS 1.3, or dropping connections at
-    /// once). Counted as a failed connect, for health and the maintenance task's backoff, so
-    /// such an origin is not re-dialled in a tight loop and can be marked down.
-    fn note_failed_if_unanswered(&self, flags: &conn::ConnFlags) {
-        // Killed by the edge (a request given up, a PING unanswered): not the origin's doing.
-        if flags.kill.is_cancelled() {
-            return;
-        }
-        let age = self.now_ms().saturating_sub(flags.opened_ms);
-        let soon = u128::from(age) < self.origin.connect_timeout.as_millis();
-        if soon && !flags.answered.load(Ordering::Relaxed) {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            self.note_failure();
-            self.failed_after_open.fetch_add(1, Ordering::AcqRel);
-        }
+        true
     }
 
     /// Called by the driver task when a connection has ended, however it ended.
