@@ -267,7 +267,7 @@ impl EdgeServer {
         let warm_wait = edge_cfg
             .origins
             .iter()
-            .map(|o| o.connect_timeout)
+            .map(|o| crate::pool::warm_open_limit(o.connect_timeout))
             .max()
             .unwrap_or(Duration::from_secs(3));
         let warmed =
@@ -418,7 +418,7 @@ impl EdgeServer {
         futures_util::future::join_all(
             fresh
                 .iter()
-                .map(|p| p.wait_warm(p.origin().connect_timeout)),
+                .map(|p| p.wait_warm(crate::pool::warm_open_limit(p.origin().connect_timeout))),
         )
         .await;
         let retired: Vec<Pool> = old

@@ -1,5 +1,6 @@
 //! One upstream connection: TCP (keepalive, nodelay) + verified TLS + an h2 (`h2` crate) or
-//! http/1.1 (hyper) handshake, all under the origin's connect timeout, and the task that
+//! http/1.1 (hyper) handshake, each part under the origin's connect timeout (with, for warm
+//! connections, a short wait for a refused client certificate in between), and the task that
 //! drives it.
 
 use super::error::ConnectError;
@@ -100,16 +101,18 @@ pub(super) struct Opened {
     pub h1: Option<http1::SendRequest<UpstreamBody>>,
 }
 
-/// Opens a connection and spawns its driver; the driver tells the pool when it ends.
-/// Opens a connection: TCP and TLS under the origin's `connect_timeout`, then, for a warm
-/// connection (`settle`), the wait of [`settle`], then the protocol handshake.
+/// Opens a connection and spawns its driver (which tells the pool when it ends): TCP and TLS
+/// under the origin's `connect_timeout`, then, for a warm connection (`settle`), the wait of
+/// [`settle_after_handshake`], then the protocol handshake.
 pub(super) async fn open(inner: &Arc<Inner>, settle: bool) -> Result<Opened, ConnectError> {
     let cfg = &inner.origin;
     let (mut tls, times) = within_connect_timeout(cfg, connect(inner)).await?;
+    // Open from here: the origin's idle clock runs from its side of the handshake.
+    let opened_at = Instant::now();
     if settle {
         settle_after_handshake(cfg, &mut tls, times.1).await?;
     }
-    within_connect_timeout(cfg, handshake(inner, tls)).await
+    within_connect_timeout(cfg, handshake(inner, tls, opened_at)).await
 }
 
 /// TCP and TLS to the origin, with the times each took.
@@ -151,39 +154,46 @@ pub(super) async fn settle_after_handshake(
     }
     let deadline = Instant::now() + (handshake * 2).clamp(SETTLE_MIN, SETTLE_MAX);
     let refused = |e: std::io::Error| tls_error(cfg, e);
-    let mut buf = [0u8; 4096];
+    let closed = || refused(std::io::ErrorKind::UnexpectedEof.into());
     loop {
+        // What is buffered first: the handshake may have read past its end already.
+        let state = session
+            .process_new_packets()
+            .map_err(|e| refused(std::io::Error::other(e)))?;
+        if state.plaintext_bytes_to_read() > 0 {
+            return Ok(());
+        }
+        if state.peer_has_closed() {
+            return Err(closed());
+        }
         if tokio::time::timeout_at(deadline, tcp.readable())
             .await
             .is_err()
         {
             return Ok(());
         }
-        let n = match tcp.try_read(&mut buf) {
-            Ok(0) => return Err(refused(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        // Straight from the socket into rustls: nothing it has not taken leaves the kernel.
+        match session.read_tls(&mut TryRead(tcp)) {
+            Ok(0) => return Err(closed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(refused(e)),
-        };
-        let mut records = &buf[..n];
-        while !records.is_empty() {
-            session.read_tls(&mut records).map_err(refused)?;
-            let state = session
-                .process_new_packets()
-                .map_err(|e| refused(std::io::Error::other(e)))?;
-            if state.plaintext_bytes_to_read() > 0 {
-                return Ok(());
-            }
-            if state.peer_has_closed() {
-                return Err(refused(std::io::ErrorKind::UnexpectedEof.into()));
-            }
         }
+    }
+}
+
+/// A non-blocking read of a tokio socket, for rustls' `read_tls`.
+struct TryRead<'a>(&'a TcpStream);
+
+impl std::io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
     }
 }
 
 /// Bounds of [`settle_after_handshake`]'s wait.
 const SETTLE_MIN: Duration = Duration::from_millis(50);
-const SETTLE_MAX: Duration = Duration::from_secs(1);
+pub(super) const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// Runs `open` (TCP, TLS, protocol handshake) under the origin's `connect_timeout`.
 pub(super) async fn within_connect_timeout<T>(
@@ -243,6 +253,7 @@ pub(super) fn tls_error(cfg: &OriginConfig, source: std::io::Error) -> ConnectEr
 async fn handshake(
     inner: &Arc<Inner>,
     tls: tokio_rustls::client::TlsStream<TcpStream>,
+    opened_at: Instant,
 ) -> Result<Opened, ConnectError> {
     let cfg = &inner.origin;
     let fd = std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0);
@@ -256,7 +267,6 @@ async fn handshake(
     }
     inner.stats.record_handshake(resumed);
     let id = inner.next_id();
-    let opened_at = Instant::now();
     match cfg.protocol {
         Protocol::H2 => {
             let kill = tokio_util::sync::CancellationToken::new();
@@ -343,7 +353,11 @@ impl Conn {
                 closed: AtomicBool::new(false),
                 counted: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
-                last_used_ms: AtomicU64::new(inner.now_ms()),
+                last_used_ms: AtomicU64::new(
+                    inner
+                        .now_ms()
+                        .saturating_sub(opened_at.elapsed().as_millis() as u64),
+                ),
                 kill,
             }),
             retire_at: opened_at + jittered_age(inner.origin.max_connection_age),

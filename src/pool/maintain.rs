@@ -111,8 +111,15 @@ async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
     for r in results {
         match r {
             Ok(opened) => {
-                if inner.add_idle(opened) && inner.origin.health_path.is_none() {
-                    inner.note_success();
+                if inner.add_idle(opened) {
+                    if inner.origin.health_path.is_none() {
+                        inner.note_success();
+                    }
+                } else {
+                    // Closed before it could be counted (refused late): a failed connect.
+                    failed = true;
+                    inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    inner.note_failure();
                 }
             }
             Err(e) => {

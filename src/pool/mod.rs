@@ -42,6 +42,12 @@ use tokio::time::Instant;
 /// SETTINGS_MAX_CONCURRENT_STREAMS when that is smaller (`Conn::stream_capacity`).
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
+/// Longest a warm connection takes to open: TCP and TLS, the settle wait, the protocol
+/// handshake (see `conn::open`).
+pub fn warm_open_limit(connect_timeout: Duration) -> Duration {
+    connect_timeout * 2 + conn::SETTLE_MAX
+}
+
 /// Pause between a request's connect attempts while the origin refuses connections.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Streams an h2 connection takes before the pool spreads requests over its other
