@@ -845,13 +845,13 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
                 let reason = e.to_string();
                 ConfigError::invalid_because(cx.at(ca), reason, e)
             };
-            certs::load_roots(&p).map_err(invalid)?;
             let bytes = std::fs::read(&p).map_err(|e| {
                 invalid(certs::CertError::Ca {
                     path: p.clone(),
                     source: rustls::pki_types::pem::Error::Io(e),
                 })
             })?;
+            certs::roots_from_pem(&p, &bytes).map_err(invalid)?;
             (Some(p), Some(digest(&[&bytes])))
         }
         None => (None, None),

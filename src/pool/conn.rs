@@ -105,34 +105,32 @@ pub(super) struct Opened {
 /// under the origin's `connect_timeout`, then, for a warm connection (`settle`), the wait of
 /// [`settle_after_handshake`], then the protocol handshake.
 pub(super) async fn open(inner: &Arc<Inner>, settle: bool) -> Result<Opened, ConnectError> {
-    let cfg = &inner.origin;
-    let (mut tls, times) = within_connect_timeout(cfg, connect(inner)).await?;
-    // Open from here: the origin's idle clock runs from its side of the handshake.
-    let opened_at = Instant::now();
-    if settle {
-        settle_after_handshake(cfg, &mut tls, times.1).await?;
-    }
-    within_connect_timeout(cfg, handshake(inner, tls, opened_at)).await
+    let (tls, opened_at) = connect(inner, settle).await?;
+    within_connect_timeout(&inner.origin, handshake(inner, tls, opened_at)).await
 }
 
-/// TCP and TLS to the origin, with the times each took.
-async fn connect(
+/// TCP and TLS to the origin under its `connect_timeout`, then, with `settle`, the wait of
+/// [`settle_after_handshake`]; the TLS stream and when its handshake ended (from then on the
+/// origin's idle clock runs).
+pub(super) async fn connect(
     inner: &Arc<Inner>,
-) -> Result<
-    (
-        tokio_rustls::client::TlsStream<TcpStream>,
-        (Duration, Duration),
-    ),
-    ConnectError,
-> {
+    settle: bool,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Instant), ConnectError> {
     let cfg = &inner.origin;
-    let t0 = Instant::now();
-    let tcp = connect_tcp(&cfg.address).await?;
-    let t1 = Instant::now();
-    let tls = connect_tls(cfg, &inner.tls, tcp).await?;
-    let times = (t1 - t0, t1.elapsed());
-    inner.stats.record_connect_times(times.0, times.1);
-    Ok((tls, times))
+    let tcp_tls = async {
+        let t0 = Instant::now();
+        let tcp = connect_tcp(&cfg.address).await?;
+        let t1 = Instant::now();
+        let tls = connect_tls(cfg, &inner.tls, tcp).await?;
+        inner.stats.record_connect_times(t1 - t0, t1.elapsed());
+        Ok((tls, t1.elapsed()))
+    };
+    let (mut tls, handshake) = within_connect_timeout(cfg, tcp_tls).await?;
+    let opened_at = Instant::now();
+    if settle {
+        settle_after_handshake(cfg, &mut tls, handshake).await?;
+    }
+    Ok((tls, opened_at))
 }
 
 /// Under TLS 1.3 an origin that asks for a client certificate refuses a missing or wrong one
@@ -143,7 +141,7 @@ async fn connect(
 /// reading TLS records without taking any application data: data (an h2 server's SETTINGS)
 /// or silence passes, an alert or a close fails the connect. Request connects and TLS 1.2
 /// (which refuses inside the handshake) do not wait.
-pub(super) async fn settle_after_handshake(
+async fn settle_after_handshake(
     cfg: &OriginConfig,
     tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
     handshake: Duration,
@@ -241,7 +239,7 @@ pub(super) async fn connect_tls(
         .map_err(|source| tls_error(cfg, source))
 }
 
-pub(super) fn tls_error(cfg: &OriginConfig, source: std::io::Error) -> ConnectError {
+fn tls_error(cfg: &OriginConfig, source: std::io::Error) -> ConnectError {
     ConnectError::Tls {
         address: cfg.address.clone(),
         server_name: cfg.server_name.to_str().into_owned(),

@@ -82,18 +82,8 @@ fn needs_probe(inner: &Inner) -> bool {
 /// refused client certificate (`conn::settle_after_handshake`), then closed; counts toward
 /// `healthy_after`.
 async fn probe(inner: &Arc<Inner>) {
-    let check = async {
-        let connect = async {
-            let t = Instant::now();
-            let tcp = conn::connect_tcp(&inner.origin.address).await?;
-            let tls = conn::connect_tls(&inner.origin, &inner.tls, tcp).await?;
-            Ok((tls, t.elapsed()))
-        };
-        let (mut tls, took) = conn::within_connect_timeout(&inner.origin, connect).await?;
-        conn::settle_after_handshake(&inner.origin, &mut tls, took).await
-    };
-    match check.await {
-        Ok(()) => inner.note_success(),
+    match conn::connect(inner, true).await {
+        Ok(_) => inner.note_success(),
         Err(e) => {
             inner.stats.record_failure(&e);
             inner.note_failure();

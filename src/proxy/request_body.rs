@@ -12,12 +12,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-/// A client's request body, whichever protocol brought it: hyper's (http/1.1 and h2) or
+/// A client's request body, whichever protocol brought it: hyper's (http/1.1 or h2) or
 /// HTTP/3's. An enum, so hyper's requests allocate nothing for it; HTTP/3's larger body is
 /// boxed so it does not grow every request's future.
 pub enum ClientIn {
     /// http/1.1 (its lingering close covers an answer that comes before the body's end).
     Hyper(hyper::body::Incoming),
+    /// h2: read to its end after an early answer ([`H2Body`]).
     H2(H2Body),
     H3(Box<crate::edge::h3::H3Body>),
 }
