@@ -2,6 +2,7 @@
 //! one system call and `sendmmsg` returns all the answers in one, so under load the cost of
 //! the two system calls is shared by the whole batch. Used by the UDP workers in `server`.
 
+use super::pktinfo::{self, Control};
 use super::query::{self, Transport};
 use super::DnsState;
 use std::net::UdpSocket;
@@ -14,8 +15,16 @@ pub const BATCH: usize = 32;
 /// then fails to parse like any other malformed packet.
 const QUERY_MAX: usize = 4096;
 
-/// The receive loop of one worker; returns when `stop` is set.
-pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: usize) {
+/// The receive loop of one worker; returns when `stop` is set. `reply_source`: the socket is
+/// bound to a wildcard address and has `pktinfo` enabled, so each answer names the address
+/// its query was sent to as its source.
+pub fn udp_loop(
+    sock: &UdpSocket,
+    state: &DnsState,
+    stop: &AtomicBool,
+    batch: usize,
+    reply_source: bool,
+) {
     let batch = batch.clamp(1, 256);
     let fd = sock.as_raw_fd();
     let stats = state.stats();
@@ -34,6 +43,9 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
     let mut send_iov = iov.clone();
     let mut send_msgs = msgs.clone();
+    let controls = if reply_source { batch } else { 0 };
+    let mut recv_ctl = vec![Control::default(); controls];
+    let mut send_ctl = vec![Control::default(); controls];
     // Headers the kernel wrote into last round; only those need resetting.
     let mut dirty = batch;
     loop {
@@ -46,6 +58,10 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
             msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
             msgs[i].msg_hdr.msg_iov = &mut iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            if let Some(ctl) = recv_ctl.get_mut(i) {
+                msgs[i].msg_hdr.msg_control = ctl.as_mut_ptr();
+                msgs[i].msg_hdr.msg_controllen = Control::capacity() as _;
+            }
             msgs[i].msg_len = 0;
         }
         dirty = 0;
@@ -101,6 +117,17 @@ pub fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool, batch: us
                 send_msgs[answers].msg_hdr.msg_namelen = msgs[i].msg_hdr.msg_namelen;
                 send_msgs[answers].msg_hdr.msg_iov = &mut send_iov[answers];
                 send_msgs[answers].msg_hdr.msg_iovlen = 1;
+                if let Some(ctl) = send_ctl.get_mut(answers) {
+                    // SAFETY: the kernel wrote `msgs[i]`'s control bytes into `recv_ctl[i]`
+                    // (aligned, `msg_controllen` of them) in the receive above.
+                    let len = unsafe { pktinfo::reply_source(&msgs[i].msg_hdr, ctl) };
+                    send_msgs[answers].msg_hdr.msg_control = if len == 0 {
+                        std::ptr::null_mut()
+                    } else {
+                        ctl.as_mut_ptr()
+                    };
+                    send_msgs[answers].msg_hdr.msg_controllen = len as _;
+                }
                 answers += 1;
             }
         }

@@ -10,6 +10,8 @@ pub mod cookie;
 pub mod geo;
 pub mod health;
 pub mod map;
+#[cfg(target_os = "linux")]
+mod pktinfo;
 pub mod query;
 pub mod server;
 pub mod stats;

@@ -93,6 +93,10 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, ServerErr
     s.set_reuse_port(reuse_port).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
     dont_fragment(&s, addr.is_ipv4());
+    #[cfg(target_os = "linux")]
+    if addr.ip().is_unspecified() {
+        super::pktinfo::enable(&s, addr.is_ipv4()).map_err(err)?;
+    }
     Ok(s.into())
 }
 
@@ -219,7 +223,8 @@ fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(super::batch::BATCH);
-    super::batch::udp_loop(sock, state, stop, batch)
+    let reply_source = sock.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+    super::batch::udp_loop(sock, state, stop, batch, reply_source)
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -741,6 +741,84 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
     .await;
 }
 
+/// One query over UDP from a fresh socket (a new source port, so the kernel's address hash
+/// spreads them over the workers) to `to`; the answer's id and the address it came from.
+async fn ask_from_fresh_port(to: std::net::SocketAddr, id: u16) -> (u16, std::net::SocketAddr) {
+    let local = if to.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    };
+    let s = tokio::net::UdpSocket::bind(local).await.expect("bind");
+    let mut q = query(WWW, RecordType::A, None);
+    q.set_id(id);
+    s.send_to(&q.to_vec().expect("encode"), to)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 2048];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to a query sent to {to}"))
+        .expect("recv");
+    let m = hickory_proto::op::Message::from_vec(&buf[..n]).expect("parse");
+    (m.id(), from)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
+    // A host's other addresses are 127.0.0.2 and up here (all of 127/8 is local): without
+    // the query's destination as the source, the kernel answers from 127.0.0.1 and dig,
+    // like any resolver, drops the answer. `[::]` takes IPv4 clients too (mapped).
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let dns = Dns::start_config(&basic_regions(), |r| {
+            config_text(r, "udp_workers = 2").replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{listen}\""),
+            )
+        })
+        .await;
+        let port = dns.port();
+        let out = run(
+            "dig",
+            &["@127.0.0.2", "-p", &port, "+time=2", "+tries=1", WWW, "A"],
+        )
+        .await;
+        assert!(
+            out.contains("status: NOERROR")
+                && out.contains("192.0.2.3")
+                && !out.contains("unexpected source"),
+            "{listen}: {out}"
+        );
+        let mut targets: Vec<std::net::SocketAddr> = (2..7)
+            .map(|i| format!("127.0.0.{i}:{port}").parse().expect("addr"))
+            .collect();
+        if listen.starts_with('[') {
+            targets.push(format!("[::1]:{port}").parse().expect("addr"));
+        }
+        for i in 0..40u16 {
+            let to = targets[usize::from(i) % targets.len()];
+            assert_eq!(ask_from_fresh_port(to, i).await, (i, to), "{listen}");
+        }
+        // TCP answers on the connection's own address.
+        let out = run(
+            "dig",
+            &[
+                "@127.0.0.3",
+                "-p",
+                &port,
+                "+time=2",
+                "+tries=1",
+                "+tcp",
+                "+short",
+                WWW,
+                "A",
+            ],
+        )
+        .await;
+        assert_eq!(out.trim(), "192.0.2.3", "{listen}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pops_are_checked_over_https_on_the_edges_admin_port_as_in_design() {
     use crate::support;
