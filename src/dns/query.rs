@@ -22,6 +22,8 @@ const ECS: u16 = 8;
 const COOKIE: u16 = 10;
 const KEEPALIVE: u16 = 11;
 const CHAOS: u16 = 3;
+/// The header flag "authoritative answer".
+const AA: u16 = 0x0400;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -192,8 +194,9 @@ pub fn handle(
         return None; // a response: never answer it (reflection loops)
     }
     let opcode = (flags >> 11) & 0xF;
-    // Echoed: opcode, RD, CD. Set: QR, AA.
-    let base_flags = 0x8000 | (flags & 0x7800) | 0x0400 | (flags & 0x0100) | (flags & 0x0010);
+    // Echoed: opcode, RD, CD. Set: QR; AA only on answers from the zone (and the CHAOS
+    // identity), not on REFUSED/FORMERR/NOTIMP/BADVERS, as BIND, Knot and gdnsd.
+    let base_flags = 0x8000 | (flags & 0x7800) | (flags & 0x0100) | (flags & 0x0010);
     let mut r = Response {
         out,
         id,
@@ -274,6 +277,7 @@ pub fn handle(
         return Some(match chaos_identity(qwire, rtype, map) {
             Some(set) => {
                 r.answers[0] = Some(set);
+                r.flags |= AA;
                 r.finish(Rcode::NoError, transport, qtype)
             }
             None => r.finish(Rcode::Refused, transport, qtype),
@@ -287,6 +291,7 @@ pub fn handle(
     if !in_zone(qwire, &zone.apex_wire) {
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
+    r.flags |= AA;
     let kind = zone
         .names
         .iter()
@@ -315,11 +320,14 @@ pub fn handle(
                 _ if pop.a.count > 0 => &pop.a,
                 _ => &pop.aaaa,
             };
+            // The scope goes with an empty answer too (a PoP without addresses of the
+            // family): NODATA here holds for this client's networks only, and scope 0 would
+            // have resolvers cache it for everyone (RFC 7871 7.2.1).
+            if at.is_some() {
+                r.scope = hit.scope;
+            }
             if set.count > 0 {
                 r.answers[0] = Some(set);
-                if at.is_some() {
-                    r.scope = hit.scope;
-                }
                 if let Some(c) = class.hits.get(pos) {
                     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -387,7 +395,16 @@ fn glue(zone: &super::map::Zone) -> Option<&RrSet> {
 /// packet's source. Returns the hit and, when ECS decided, the ECS (so SCOPE is set).
 fn locate(map: &Map, src: IpAddr, ecs: Option<Ecs>) -> (Hit, Option<Ecs>) {
     match ecs {
-        Some(e) if e.source > 0 => (map.geo.lookup(e.addr), Some(e)),
+        Some(e) if e.source > 0 => match e.addr {
+            // An IPv4 client written as IPv6 (`::ffff:a.b.c.d`, at least /96) is located as
+            // IPv4, as its packets would be; the scope is given back in IPv6 bits.
+            IpAddr::V6(v6) if e.source >= 96 && v6.to_ipv4_mapped().is_some() => {
+                let mut hit = map.geo.lookup(canonical(e.addr));
+                hit.scope = hit.scope.saturating_add(96).min(128);
+                (hit, Some(e))
+            }
+            addr => (map.geo.lookup(addr), Some(e)),
+        },
         _ => (map.geo.lookup(canonical(src)), None),
     }
 }
@@ -482,7 +499,17 @@ fn parse<'a>(
             continue;
         }
         if parsed.edns.is_some() || !owner_root {
-            return Err(()); // RFC 6891 6.1.1: one OPT, owned by the root
+            // RFC 6891 6.1.1: one OPT, owned by the root. FORMERR, but still with the
+            // question and an OPT (the first one's options), as for a malformed option.
+            let e = parsed.edns.get_or_insert(Edns {
+                udp_size: 512,
+                version: 0,
+                dnssec_ok: false,
+                options: Options::default(),
+                malformed: true,
+            });
+            e.malformed = true;
+            continue;
         }
         let version = (ttl >> 16) as u8;
         // The options of a later EDNS version mean nothing to us: BADVERS gets a bare OPT.

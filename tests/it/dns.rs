@@ -137,6 +137,33 @@ async fn dig_and_kdig_see_the_ecs_option_echoed_with_its_scope() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_empty_answer_and_an_ipv4_mapped_subnet_carry_the_regions_scope() {
+    let dns = Dns::start(&basic_regions()).await;
+    // 10.1.0.0/16 ("nested": home1, no IPv6) sits in 10.0.0.0/8 ("south": south1 has
+    // IPv6). Its NODATA for AAAA holds for the /16 only: scope 0 would have a resolver
+    // cache "no AAAA" for all of its clients, south's included.
+    let m = dns
+        .ask(&query(WWW, RecordType::AAAA, Some(("10.1.2.0", 24))))
+        .await;
+    assert_eq!((m.answers().len(), m.name_servers().len()), (0, 1));
+    assert_eq!(ecs_of(&m), Some((1, 24, 16, vec![10, 1, 2])));
+    let m = dns
+        .ask(&query(WWW, RecordType::AAAA, Some(("10.2.0.0", 16))))
+        .await;
+    assert_eq!(addrs(&m), vec!["2001:db8::2"]);
+    // An IPv4 client written as IPv6 is located as IPv4; the scope comes back in IPv6 bits.
+    let m = dns
+        .ask(&query(WWW, RecordType::A, Some(("::ffff:10.1.2.0", 120))))
+        .await;
+    assert_eq!(addrs(&m), vec!["192.0.2.3"]);
+    let (family, source, scope, _) = ecs_of(&m).expect("ecs");
+    assert_eq!((family, source, scope), (2, 120, 96 + 16));
+    // dig agrees.
+    let out = dns.dig(&[WWW, "AAAA", "+subnet=10.1.2.0/24"]).await;
+    assert!(out.contains("CLIENT-SUBNET: 10.1.2.0/24/16"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_apex_has_soa_and_ns_and_negative_answers_carry_the_soa() {
     let dns = Dns::start(&basic_regions()).await;
     let soa = dns.dig(&[ZONE, "SOA"]).await;

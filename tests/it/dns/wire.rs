@@ -114,6 +114,73 @@ async fn edns_and_ecs_errors_get_the_rcodes_the_rfcs_ask_for() {
     assert!(out.contains("status: REFUSED"), "{out}");
 }
 
+/// The header's AA flag, question count and additional count of an answer.
+fn aa_qd_ar(resp: &[u8]) -> (bool, u16, u16) {
+    (
+        resp[2] & 0x04 != 0,
+        u16::from_be_bytes([resp[4], resp[5]]),
+        u16::from_be_bytes([resp[10], resp[11]]),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aa_marks_only_answers_from_the_zone_and_a_formerr_for_opt_keeps_question_and_opt() {
+    let dns = Dns::start_with(&basic_regions(), "nsid = \"dns1\"").await;
+    let wait = Duration::from_secs(2);
+    let send = |b: Vec<u8>| {
+        let addr = dns.addr();
+        async move { Dns::probe_raw(addr, &b, wait).await.expect("an answer") }
+    };
+    let bytes = |name: &str, t: RecordType| query(name, t, None).to_vec().expect("encode");
+    // From the zone: NOERROR, NODATA and NXDOMAIN are authoritative.
+    for (name, t, code) in [
+        (WWW, RecordType::A, 0),
+        (WWW, RecordType::MX, 0),
+        ("nope.edgepop.test", RecordType::A, 3),
+    ] {
+        let r = send(bytes(name, t)).await;
+        assert_eq!((rcode(&r), aa_qd_ar(&r).0), (code, true), "{name} {t}");
+    }
+    // Not about the zone: REFUSED, NOTIMP, FORMERR and BADVERS are not.
+    let mut notimp = bytes(WWW, RecordType::A);
+    notimp[2] = (notimp[2] & 0x87) | (3 << 3);
+    let mut two_questions = bytes(WWW, RecordType::A);
+    let question = two_questions[12..].to_vec();
+    two_questions[5] = 2;
+    two_questions.extend_from_slice(&question);
+    for (what, q, code) in [
+        ("out of zone", bytes("example.com", RecordType::A), 5),
+        ("opcode 3", notimp, 4),
+        ("two questions", two_questions, 1),
+    ] {
+        let r = send(q).await;
+        assert_eq!((rcode(&r), aa_qd_ar(&r).0), (code, false), "{what}");
+    }
+    let r = send(with_opt(&opt_record(1, &[]))).await;
+    assert!(!aa_qd_ar(&r).0, "BADVERS");
+    // The CHAOS identity is ours to answer.
+    let out = dns.dig(&["id.server", "TXT", "CH"]).await;
+    assert!(
+        out.contains("flags: qr aa rd;") && out.contains("dns1"),
+        "{out}"
+    );
+    // Two OPT records, or an OPT not owned by the root: FORMERR that still echoes the
+    // question and carries an OPT (RFC 6891 6.1.1), so resolvers keep using EDNS.
+    let mut two = with_opt(&opt_record(0, &[]));
+    two[11] = 2;
+    two.extend_from_slice(&opt_record(0, &[]));
+    let mut not_root = with_opt(&[]);
+    not_root.extend_from_slice(&[3, b'w', b'w', b'w', 0xc0, 12]);
+    not_root.extend_from_slice(&opt_record(0, &[])[1..]);
+    for (what, q) in [("two OPTs", two), ("OPT owned by a name", not_root)] {
+        let r = send(q).await;
+        assert_eq!(rcode(&r), 1, "{what}");
+        assert_eq!(aa_qd_ar(&r), (false, 1, 1), "{what}: question and OPT");
+        let m = hickory_proto::op::Message::from_vec(&r).expect("parse");
+        assert!(m.extensions().is_some(), "{what}: OPT");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_packets_never_crash_the_server_and_it_keeps_answering() {
     let dns = Dns::start(&basic_regions()).await;
