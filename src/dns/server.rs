@@ -4,6 +4,7 @@
 
 use super::query::{self, Transport};
 use super::DnsState;
+use crate::edge::client_limit::ClientTable;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +16,15 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a TCP client may stay silent between queries.
 pub(super) const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The same once more than half of the slots are taken (RFC 7766 6.2.3: servers shorten
+/// idle timeouts under load), so clients that keep connections open between rare queries
+/// cannot hold the slots that TC answers send resolvers to.
+const TCP_IDLE_BUSY: Duration = Duration::from_secs(1);
 /// Concurrent TCP connections; more wait in the accept queue.
 const TCP_MAX: usize = 1024;
+/// Concurrent TCP connections one client (an IPv4 address or an IPv6 /64, as the edge's
+/// `max_connections_per_client` counts them) may hold; more are closed at accept.
+const TCP_PER_CLIENT: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -269,12 +277,13 @@ fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
 /// Accepts TCP clients until `cancel`.
 pub async fn tcp_accept(listener: TcpListener, state: DnsState, cancel: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(TCP_MAX));
+    let clients = Arc::new(ClientTable::default());
     loop {
         let permit = tokio::select! {
             _ = cancel.cancelled() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -284,7 +293,11 @@ pub async fn tcp_accept(listener: TcpListener, state: DnsState, cancel: Cancella
                 }
             },
         };
-        let (state, cancel) = (state.clone(), cancel.clone());
+        let Some(client) = clients.try_take(peer.ip(), TCP_PER_CLIENT) else {
+            state.stats().tcp_refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let (state, cancel, slots) = (state.clone(), cancel.clone(), slots.clone());
         state
             .stats()
             .tcp_connections
@@ -292,21 +305,27 @@ pub async fn tcp_accept(listener: TcpListener, state: DnsState, cancel: Cancella
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = tcp_conn(stream, &state) => {}
+                _ = tcp_conn(stream, &state, &slots) => {}
             }
-            drop(permit);
+            drop((permit, client));
         });
     }
 }
 
-/// One TCP client: queries answered in order until EOF, an error or the idle timeout.
-async fn tcp_conn(mut s: TcpStream, state: &DnsState) {
+/// One TCP client: queries answered in order until EOF, an error or the idle timeout
+/// (shorter while `slots` are scarce).
+async fn tcp_conn(mut s: TcpStream, state: &DnsState, slots: &tokio::sync::Semaphore) {
     let _ = s.set_nodelay(true);
     let mut buf = vec![0u8; 65535];
     let mut out = Vec::with_capacity(4096);
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await {
+        let idle = if slots.available_permits() < TCP_MAX / 2 {
+            TCP_IDLE_BUSY
+        } else {
+            TCP_IDLE
+        };
+        match tokio::time::timeout(idle, s.read_exact(&mut len)).await {
             Ok(Ok(_)) => {}
             _ => return,
         }

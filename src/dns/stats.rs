@@ -21,6 +21,8 @@ pub struct Stats {
     cookies: [AtomicU64; NC],
     pub udp_errors: AtomicU64,
     pub tcp_connections: AtomicU64,
+    /// TCP connections closed at accept: their client already held its share.
+    pub tcp_refused: AtomicU64,
 }
 
 impl Default for Stats {
@@ -31,6 +33,7 @@ impl Default for Stats {
             cookies: std::array::from_fn(|_| AtomicU64::new(0)),
             udp_errors: AtomicU64::new(0),
             tcp_connections: AtomicU64::new(0),
+            tcp_refused: AtomicU64::new(0),
         }
     }
 }
@@ -109,6 +112,21 @@ pub fn render(state: &DnsState) -> String {
             s.cookies(c)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_udp_errors_total UDP receives and sends that failed.\n# TYPE edgepop_dns_udp_errors_total counter\nedgepop_dns_udp_errors_total {}",
+        s.udp_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_tcp_connections_total TCP connections accepted.\n# TYPE edgepop_dns_tcp_connections_total counter\nedgepop_dns_tcp_connections_total {}",
+        s.tcp_connections.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_tcp_refused_total TCP connections closed at once because their client (an IPv4 address or IPv6 /64) already held its share of the slots.\n# TYPE edgepop_dns_tcp_refused_total counter\nedgepop_dns_tcp_refused_total {}",
+        s.tcp_refused.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         o,
         "# HELP edgepop_dns_answers_total Geo answers, by region (answer class) and PoP.\n# TYPE edgepop_dns_answers_total counter"

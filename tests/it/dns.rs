@@ -846,6 +846,78 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
     }
 }
 
+/// A TCP connection to the sidecar from `source` (a loopback address of the test's choice).
+async fn tcp_from(source: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind");
+    s.connect(to).await.expect("connect")
+}
+
+/// Sends one framed query for WWW/A; the answer's id, or None when the server closed.
+async fn tcp_ask(s: &mut tokio::net::TcpStream, id: u16) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut q = query(WWW, RecordType::A, None);
+    q.set_id(id);
+    let bytes = q.to_vec().expect("encode");
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    s.write_all(&framed).await.ok()?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+        .await
+        .expect("an answer or a close")
+        .ok()?;
+    let mut out = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut out).await.ok()?;
+    Some(
+        hickory_proto::op::Message::from_vec(&out)
+            .expect("parse")
+            .id(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_cannot_hold_the_tcp_slots_and_busy_slots_shorten_the_idle_wait() {
+    use tokio::io::AsyncReadExt;
+    let dns = Dns::start(&basic_regions()).await;
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], dns.addr().port()));
+    // 32 connections per client; the 33rd is closed unanswered, and counted.
+    let mut held = Vec::new();
+    for i in 0..32u16 {
+        let mut s = tcp_from("127.0.0.3", to).await;
+        assert_eq!(tcp_ask(&mut s, i).await, Some(i), "connection {i}");
+        held.push(s);
+    }
+    let mut over = tcp_from("127.0.0.3", to).await;
+    assert_eq!(tcp_ask(&mut over, 99).await, None, "the 33rd is refused");
+    // Another client is served meanwhile.
+    let mut other = tcp_from("127.0.0.4", to).await;
+    assert_eq!(tcp_ask(&mut other, 7).await, Some(7));
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("edgepop_dns_tcp_refused_total 1\n"),
+        "{metrics}"
+    );
+    // More than half of the 1,024 slots taken (by many clients): a connection's wait for
+    // its next query drops from 10 s to 1 s.
+    for c in 10..27 {
+        for i in 0..31u16 {
+            let mut s = tcp_from(&format!("127.0.0.{c}"), to).await;
+            assert_eq!(tcp_ask(&mut s, i).await, Some(i));
+            held.push(s);
+        }
+    }
+    let mut idle = tcp_from("127.0.0.5", to).await;
+    assert_eq!(tcp_ask(&mut idle, 5).await, Some(5));
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut byte))
+        .await
+        .expect("closed well before the 10 s idle timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pops_are_checked_over_https_on_the_edges_admin_port_as_in_design() {
     use crate::support;
