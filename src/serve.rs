@@ -39,6 +39,20 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         },
         None => None,
     };
+    let statics = match cfg
+        .dns
+        .as_ref()
+        .and_then(|d| Some((d, d.zone_file.as_ref()?)))
+    {
+        Some((dns, path)) => match crate::dns::records::load(path, dns) {
+            Ok(r) => Some((path, r)),
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None => None,
+    };
     println!("{}: ok", path.display());
     if let Some(e) = &cfg.edge {
         let resumption = match (&e.pop.ticket_keys, e.pop.early_data) {
@@ -108,6 +122,14 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(" > ")
         );
+        if let Some((path, names)) = statics {
+            println!(
+                "  zone file {}: {} records at {} names",
+                path.display(),
+                names.iter().map(|n| n.record_count()).sum::<usize>(),
+                names.len()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -167,6 +167,8 @@ pub struct RawDns {
     pub unhealthy_after: Option<Spanned<i64>>,
     pub healthy_after: Option<Spanned<i64>>,
     pub regions: Spanned<String>,
+    /// Static records of the zone (RFC 1035 master file), read with the region file.
+    pub zone_file: Option<Spanned<String>>,
     /// Nameserver names published at the apex (NS records); default `ns1.<zone>`.
     pub nameservers: Option<Spanned<Vec<Spanned<String>>>>,
     /// Addresses of in-zone nameservers (glue): name -> IPv4/IPv6 addresses.

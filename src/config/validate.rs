@@ -257,6 +257,8 @@ pub struct DnsConfig {
     pub unhealthy_after: u32,
     pub healthy_after: u32,
     pub regions: PathBuf,
+    /// `[dns] zone_file`: static records, read (like `regions`) at every map build.
+    pub zone_file: Option<PathBuf>,
     pub nameservers: Vec<String>,
     /// Addresses of in-zone nameservers: answered for A/AAAA and sent as glue with NS.
     pub glue: Vec<Glue>,
@@ -1344,6 +1346,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         unhealthy_after: cx.threshold(&d.unhealthy_after, 2, "unhealthy_after")?,
         healthy_after: cx.threshold(&d.healthy_after, 2, "healthy_after")?,
         regions: PathBuf::from(d.regions.get_ref()),
+        zone_file: d.zone_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
         nameservers,
         glue,
         hostmaster,

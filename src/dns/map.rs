@@ -6,6 +6,7 @@
 use super::cookie::CookieSecret;
 use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
 use super::health::{Health, HealthBook};
+use super::records::StaticName;
 use crate::config::regions::RegionFile;
 use crate::config::DnsConfig;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
@@ -41,7 +42,7 @@ pub enum MapError {
 
 /// Pre-encoded resource records whose owner is a compression pointer to the question name
 /// (offset 12), ready to be appended after the echoed question.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RrSet {
     pub bytes: Vec<u8>,
     pub count: u16,
@@ -58,6 +59,18 @@ pub enum NameKind {
     Host(u8),
     /// Exists only because a name below it does (empty non-terminal): NODATA.
     Empty,
+    /// Has records from `[dns] zone_file` only.
+    Static,
+}
+
+/// A name of the zone: what it is and, when `[dns] zone_file` gives it records, where they
+/// are in [`Zone::statics`].
+#[derive(Debug, Clone)]
+pub struct ZoneName {
+    /// Lower-case wire form.
+    pub wire: Vec<u8>,
+    pub kind: NameKind,
+    pub statics: Option<u16>,
 }
 
 /// The addresses of one in-zone nameserver, owner = question name.
@@ -91,8 +104,11 @@ pub struct Class {
 pub struct Zone {
     /// Lower-case wire form of the apex.
     pub apex_wire: Vec<u8>,
-    /// Lower-case wire names -> kind (apex, geo names and the empty non-terminals above them).
-    pub names: Vec<(Vec<u8>, NameKind)>,
+    /// Every name that exists: the apex, geo names, in-zone nameservers, names with static
+    /// records and the empty non-terminals above them.
+    pub names: Vec<ZoneName>,
+    /// Records from `[dns] zone_file`, by name.
+    pub statics: Vec<StaticName>,
     /// SOA with owner = question name (for SOA queries at the apex).
     pub soa_answer: RrSet,
     /// NS records with owner = question name.
@@ -182,7 +198,11 @@ pub struct BuildContext<'a> {
 }
 
 /// Builds a map. Pure apart from registering health and hit entries in the shared books.
-pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
+pub fn build(
+    file: RegionFile,
+    statics: Vec<StaticName>,
+    cx: &BuildContext<'_>,
+) -> Result<Map, MapError> {
     if file.pops.len() > usize::from(u16::MAX) || file.regions.len() > usize::from(u16::MAX) {
         return Err(MapError::TooMany(file.pops.len().max(file.regions.len())));
     }
@@ -260,7 +280,7 @@ pub fn build(file: RegionFile, cx: &BuildContext<'_>) -> Result<Map, MapError> {
         geo: GeoIndex::build(&networks),
         classes,
         pops,
-        zone: zone(cx.cfg, cx.serial)?,
+        zone: zone(cx.cfg, cx.serial, statics)?,
         source: file,
         nsid: cx.cfg.nsid.as_ref().map(|n| n.as_bytes().into()),
         chaos_id: cx.cfg.nsid.as_deref().map(chaos_txt).transpose()?,
@@ -288,7 +308,7 @@ pub fn wire(n: &Name) -> Vec<u8> {
     out
 }
 
-fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
+fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, MapError> {
     let apex = name(&cfg.zone)?;
     let apex_wire = wire(&apex);
     let geo: Vec<Vec<u8>> = cfg
@@ -296,15 +316,20 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
         .iter()
         .map(|n| name(n).map(|n| wire(&n)))
         .collect::<Result<_, _>>()?;
-    let mut names: Vec<(Vec<u8>, NameKind)> = vec![(
-        apex_wire.clone(),
+    let entry = |wire: &[u8], kind| ZoneName {
+        wire: wire.to_vec(),
+        kind,
+        statics: None,
+    };
+    let mut names: Vec<ZoneName> = vec![entry(
+        &apex_wire,
         NameKind::Apex {
             geo: geo.contains(&apex_wire),
         },
     )];
     for g in &geo {
-        if *g != apex_wire && !names.iter().any(|(n, _)| n == g) {
-            names.push((g.clone(), NameKind::Geo));
+        if *g != apex_wire && !names.iter().any(|n| n.wire == *g) {
+            names.push(entry(g, NameKind::Geo));
         }
     }
     let ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
@@ -325,8 +350,24 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
         }
         let index = u8::try_from(hosts.len()).unwrap_or(u8::MAX);
         hosts.push(host);
-        names.push((owner.clone(), NameKind::Host(index)));
+        names.push(entry(&owner, NameKind::Host(index)));
         leaves.push(owner);
+    }
+    if statics.len() > usize::from(u16::MAX) {
+        return Err(MapError::TooMany(statics.len()));
+    }
+    for (i, st) in statics.iter().enumerate() {
+        let index = Some(i as u16);
+        match names.iter_mut().find(|n| n.wire == st.wire) {
+            Some(n) => n.statics = index,
+            None => {
+                names.push(ZoneName {
+                    statics: index,
+                    ..entry(&st.wire, NameKind::Static)
+                });
+                leaves.push(st.wire.clone());
+            }
+        }
     }
     // Empty non-terminals: every ancestor of a leaf name strictly below the apex.
     for g in &leaves {
@@ -336,8 +377,8 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
             if rest.len() <= apex_wire.len() {
                 break;
             }
-            if !names.iter().any(|(n, _)| n == rest) {
-                names.push((rest.to_vec(), NameKind::Empty));
+            if !names.iter().any(|n| n.wire == rest) {
+                names.push(entry(rest, NameKind::Empty));
             }
         }
     }
@@ -367,12 +408,26 @@ fn zone(cfg: &DnsConfig, serial: u32) -> Result<Zone, MapError> {
         ns_glue,
         hosts,
         soa_authority,
+        statics,
     })
 }
 
 /// Appends one record whose owner is the question name (pointer to offset 12).
 fn push_rr(set: &mut RrSet, rdata: RData, ttl: u32) -> Result<(), MapError> {
     push_rr_in(set, rdata, ttl, IN)
+}
+
+/// Appends one record of type `rtype`, class IN, owner = the question name, with encoded
+/// data `data` (at most 65,535 octets, checked by the caller).
+pub fn push_raw(set: &mut RrSet, rtype: u16, ttl: u32, data: &[u8]) {
+    set.bytes.extend_from_slice(&0xC00Cu16.to_be_bytes());
+    set.bytes.extend_from_slice(&rtype.to_be_bytes());
+    set.bytes.extend_from_slice(&IN.to_be_bytes());
+    set.bytes.extend_from_slice(&ttl.to_be_bytes());
+    set.bytes
+        .extend_from_slice(&(data.len() as u16).to_be_bytes());
+    set.bytes.extend_from_slice(data);
+    set.count = set.count.saturating_add(1);
 }
 
 /// `text` as a CHAOS TXT record with TTL 0 (identities are not for caching).
@@ -450,5 +505,5 @@ pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
         serial: 1,
         cookie_secret: CookieSecret::random(),
     };
-    build(file, &cx)
+    build(file, Vec::new(), &cx)
 }

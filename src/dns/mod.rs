@@ -13,6 +13,7 @@ pub mod map;
 #[cfg(target_os = "linux")]
 mod pktinfo;
 pub mod query;
+pub mod records;
 pub mod server;
 pub mod stats;
 
@@ -35,6 +36,8 @@ pub enum DnsError {
     Regions(#[source] ConfigError),
     #[error("configuration file rejected")]
     Config(#[source] ConfigError),
+    #[error("zone file rejected")]
+    Records(#[source] ConfigError),
     #[error("cannot build the region map")]
     Map(#[source] MapError),
     #[error("map build task failed")]
@@ -409,12 +412,16 @@ fn build_map_changed(
     hits: &HitBook,
 ) -> Result<Map, DnsError> {
     let file = regions::load(&cfg.regions).map_err(DnsError::Regions)?;
+    let statics = match &cfg.zone_file {
+        Some(path) => records::load(path, cfg).map_err(DnsError::Records)?,
+        None => Vec::new(),
+    };
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(1, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
     // The serial moves only when the content does, and never backwards.
     let serial = match old {
-        Some(o) if o.source == file && !cfg_changed => o.serial,
+        Some(o) if o.source == file && o.zone.statics == statics && !cfg_changed => o.serial,
         Some(o) => now.max(o.serial.wrapping_add(1)),
         None => now,
     };
@@ -429,7 +436,7 @@ fn build_map_changed(
             None => old.map_or_else(CookieSecret::random, |o| o.cookie_secret.clone()),
         },
     };
-    map::build(file, &cx).map_err(DnsError::Map)
+    map::build(file, statics, &cx).map_err(DnsError::Map)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -292,15 +292,11 @@ pub fn handle(
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     r.flags |= AA;
-    let kind = zone
-        .names
-        .iter()
-        .find(|(n, _)| n.as_slice() == qwire)
-        .map(|(_, k)| *k);
-    let Some(kind) = kind else {
+    let Some(name) = zone.names.iter().find(|n| n.wire.as_slice() == qwire) else {
         r.authority = Some(&zone.soa_authority);
         return Some(r.finish(Rcode::NxDomain, transport, qtype));
     };
+    let kind = name.kind;
     let apex = matches!(kind, NameKind::Apex { .. });
     let geo = matches!(kind, NameKind::Geo | NameKind::Apex { geo: true });
     match rtype {
@@ -354,6 +350,13 @@ pub fn handle(
             }
         }
         _ => {}
+    }
+    if r.answers[0].is_none() {
+        if let Some(st) = name.statics.and_then(|i| zone.statics.get(usize::from(i))) {
+            // An alias answers every type but its own with its CNAME, not followed (the
+            // resolver asks for the target, as with tinydns and gdnsd).
+            r.answers[0] = st.set(rtype).or_else(|| st.cname());
+        }
     }
     if r.answers[0].is_none() {
         r.authority = Some(&zone.soa_authority);

@@ -4,6 +4,7 @@
 
 pub mod harness;
 mod options;
+mod records;
 mod reload;
 mod roles;
 mod wire;

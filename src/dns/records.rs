@@ -1,0 +1,484 @@
+//! `[dns] zone_file`: the zone's static records, for what a domain needs besides its
+//! geo-steered names (MX and TXT at the apex, CAA, SRV, HTTPS, CNAMEs, the addresses of
+//! other hosts), in RFC 1035 master-file syntax read with `domain`'s zone-file scanner. It is
+//! read with the region file at every rebuild, so a broken edit keeps the map in service.
+//! The sidecar makes SOA, NS, glue and the geo answers itself: records that would contradict
+//! them are refused with file:line, as is what an unsigned zone without delegations cannot
+//! serve (DNSSEC records, NS below the apex), wildcards and `$INCLUDE`.
+
+use super::map::RrSet;
+use crate::config::{ConfigError, DnsConfig, Location};
+use bytes::Bytes;
+use domain::base::iana::{Class, Rtype};
+use domain::base::name::{Name, ToName};
+use domain::base::rdata::{ComposeRecordData, RecordData};
+use domain::zonefile::inplace::{Entry, Zonefile};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// More would make a map rebuild slow and is not what this file is for.
+const MAX_RECORDS: usize = 10_000;
+
+/// The static records of one name, by type (ascending), each set pre-encoded with its owner
+/// as a pointer to the question name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticName {
+    /// Lower-case wire form.
+    pub wire: Vec<u8>,
+    pub sets: Vec<(u16, RrSet)>,
+}
+
+impl StaticName {
+    /// The set of type `rtype`; for ANY (RFC 8482) the first set.
+    pub fn set(&self, rtype: u16) -> Option<&RrSet> {
+        if rtype == 255 {
+            return self.sets.first().map(|(_, s)| s);
+        }
+        self.sets.iter().find(|(t, _)| *t == rtype).map(|(_, s)| s)
+    }
+
+    /// The CNAME, when the name is an alias.
+    pub fn cname(&self) -> Option<&RrSet> {
+        self.set(Rtype::CNAME.to_int())
+    }
+
+    pub fn record_count(&self) -> usize {
+        self.sets.iter().map(|(_, s)| usize::from(s.count)).sum()
+    }
+}
+
+/// Reads `path` for the zone of `cfg`.
+pub fn load(path: &Path, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text, cfg)
+}
+
+/// One record as read: where, its TTL and its encoded data.
+struct Read {
+    line: usize,
+    ttl: u32,
+    data: Vec<u8>,
+}
+
+/// Parses master-file text as if read from `path`. Names are relative to the zone (`@` is
+/// the apex) unless `$ORIGIN` says otherwise; records without a TTL take `$TTL` or `[dns]
+/// ttl`.
+pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError> {
+    let at_line = |line: usize| Location {
+        path: path.to_path_buf(),
+        line,
+        column: 1,
+    };
+    let apex: Name<Bytes> = cfg
+        .zone
+        .parse()
+        .map_err(|_| ConfigError::invalid(Location::file(path), "bad zone name"))?;
+    let apex_wire = lower(apex.as_slice());
+    let geo: Vec<Vec<u8>> = wires(&cfg.names);
+    let hosts: Vec<Vec<u8>> = wires(cfg.glue.iter().map(|g| &g.name));
+    let default_ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
+    let mut scanner = Zonefile::from(with_default_ttl(text, default_ttl).as_str());
+    scanner.set_origin(apex);
+    scanner.set_default_class(Class::IN);
+    let mut sets: BTreeMap<(Vec<u8>, u16), Vec<Read>> = BTreeMap::new();
+    let mut records = 0usize;
+    let lines = entry_lines(text);
+    let mut index = 0usize;
+    loop {
+        let entry = scanner.next_entry().map_err(|e| {
+            // `domain` says "line:column: reason" with the position it had read to (often
+            // the next line, and counting the `$TTL` put in front): the entry it was reading
+            // starts where the walk says.
+            let s = e.to_string();
+            let reason = s.splitn(3, ':').nth(2).unwrap_or(&s).trim().to_string();
+            let after = s
+                .split(':')
+                .next()
+                .and_then(|l| l.trim().parse::<usize>().ok())
+                .map_or(1, |l| l.saturating_sub(1).max(1));
+            ConfigError::Syntax {
+                at: at_line(lines.get(index).copied().unwrap_or(after).min(after)),
+                reason: format!("zone file: {reason}"),
+            }
+        })?;
+        let Some(entry) = entry else { break };
+        let line = lines.get(index).copied().unwrap_or(1);
+        index += 1;
+        let err = |reason: String| ConfigError::invalid(at_line(line), reason);
+        let record = match entry {
+            Entry::Include { .. } => {
+                return Err(err(
+                    "$INCLUDE is not supported: put the records in this file".into(),
+                ))
+            }
+            Entry::Record(r) => r,
+        };
+        records += 1;
+        if records > MAX_RECORDS {
+            return Err(err(format!("more than {MAX_RECORDS} records")));
+        }
+        if record.class() != Class::IN {
+            return Err(err(format!(
+                "class {}: only IN records are served",
+                record.class()
+            )));
+        }
+        let owner = lower(record.owner().to_vec().as_slice());
+        let shown = record.owner().to_vec().to_string();
+        if !under(&owner, &apex_wire) {
+            return Err(err(format!("{shown} is not inside zone {}", cfg.zone)));
+        }
+        if owner.get(..2) == Some(&[1, b'*'][..]) {
+            return Err(err(format!("{shown}: wildcard names are not supported")));
+        }
+        let rtype = record.data().rtype();
+        refuse_type(rtype, owner == apex_wire, &shown).map_err(err)?;
+        let is_addr = matches!(rtype, Rtype::A | Rtype::AAAA | Rtype::CNAME);
+        if is_addr && geo.contains(&owner) {
+            return Err(err(format!(
+                "{shown} is one of [dns] names: its addresses come from the region map"
+            )));
+        }
+        if is_addr && hosts.contains(&owner) {
+            return Err(err(format!("{shown}: its addresses come from [dns] glue")));
+        }
+        let mut data = Vec::new();
+        record
+            .data()
+            .compose_rdata(&mut data)
+            .map_err(|_| err("record data too long".into()))?;
+        if data.len() > usize::from(u16::MAX) {
+            return Err(err("record data too long".into()));
+        }
+        let ttl = record.ttl().as_secs().min(u32::MAX >> 1);
+        sets.entry((owner, rtype.to_int()))
+            .or_default()
+            .push(Read { line, ttl, data });
+    }
+    build(sets, path)
+}
+
+/// Refusals by type: what the sidecar makes itself, and what it cannot serve.
+fn refuse_type(rtype: Rtype, at_apex: bool, shown: &str) -> Result<(), String> {
+    match rtype {
+        Rtype::SOA => Err(format!(
+            "{shown} SOA: the SOA is made from [dns] (nameservers, hostmaster; serial per rebuild)"
+        )),
+        Rtype::NS if at_apex => Err(format!(
+            "{shown} NS: the apex's NS come from [dns] nameservers"
+        )),
+        Rtype::NS => Err(format!(
+            "{shown} NS: delegations below the apex are not supported"
+        )),
+        Rtype::CNAME if at_apex => Err(format!(
+            "{shown} CNAME: the apex cannot be an alias (it has SOA and NS)"
+        )),
+        Rtype::DNAME => Err(format!("{shown} DNAME is not supported")),
+        Rtype::DNSKEY
+        | Rtype::RRSIG
+        | Rtype::NSEC
+        | Rtype::NSEC3
+        | Rtype::NSEC3PARAM
+        | Rtype::DS
+        | Rtype::CDS
+        | Rtype::CDNSKEY => Err(format!(
+            "{shown} {rtype}: the zone is not signed (no DNSSEC)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Groups the records into sets: duplicates dropped, one TTL per set (the first's, as BIND
+/// does; RFC 2181 5.2 wants one), a CNAME alone at its name.
+fn build(
+    sets: BTreeMap<(Vec<u8>, u16), Vec<Read>>,
+    path: &Path,
+) -> Result<Vec<StaticName>, ConfigError> {
+    let cname = Rtype::CNAME.to_int();
+    let mut names: Vec<StaticName> = Vec::new();
+    let mut cnames: BTreeMap<&[u8], usize> = BTreeMap::new();
+    let mut first_other: BTreeMap<&[u8], usize> = BTreeMap::new();
+    for ((owner, rtype), reads) in &sets {
+        let first = reads.iter().map(|r| r.line).min().unwrap_or(1);
+        if *rtype == cname {
+            if let Some(second) = distinct(reads).nth(1) {
+                return Err(ConfigError::invalid(
+                    Location {
+                        path: path.to_path_buf(),
+                        line: second.line,
+                        column: 1,
+                    },
+                    "a second CNAME for the same name (a name is an alias of one name)",
+                ));
+            }
+            cnames.insert(owner, first);
+        } else {
+            let e = first_other.entry(owner).or_insert(first);
+            *e = (*e).min(first);
+        }
+    }
+    for (owner, &c) in &cnames {
+        if let Some(&o) = first_other.get(owner) {
+            return Err(ConfigError::invalid(
+                Location {
+                    path: path.to_path_buf(),
+                    line: c.max(o),
+                    column: 1,
+                },
+                "a CNAME cannot share its name with other records (RFC 1034 3.6.2)",
+            ));
+        }
+    }
+    for ((owner, rtype), reads) in sets {
+        let ttl = reads.iter().min_by_key(|r| r.line).map_or(0, |r| r.ttl);
+        let mut set = RrSet::default();
+        for r in distinct(&reads) {
+            super::map::push_raw(&mut set, rtype, ttl, &r.data);
+        }
+        match names.last_mut() {
+            Some(n) if n.wire == owner => n.sets.push((rtype, set)),
+            _ => names.push(StaticName {
+                wire: owner,
+                sets: vec![(rtype, set)],
+            }),
+        }
+    }
+    Ok(names)
+}
+
+/// The records of a set without repeats, in file order.
+fn distinct(reads: &[Read]) -> impl Iterator<Item = &Read> {
+    reads
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| !reads[..*i].iter().any(|p| p.data == r.data))
+        .map(|(_, r)| r)
+}
+
+/// `$TTL` from `[dns] ttl` in front of the text: records without a TTL and before the file's
+/// own `$TTL` take it (the scanner would otherwise use the previous record's, or an hour).
+fn with_default_ttl(text: &str, ttl: u32) -> String {
+    format!("$TTL {ttl}\n{text}")
+}
+
+/// The line where each entry (record or `$INCLUDE`) of `text` begins, in order: the
+/// scanner's entries carry no position, so the text is walked once more for the start of
+/// every logical line (quotes, escapes, comments and parentheses followed as RFC 1035 5.1
+/// has them), skipping blank lines and the other `$` directives.
+fn entry_lines(text: &str) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let (mut line, mut depth, mut i) = (1usize, 0usize, 0usize);
+    let mut entry: Option<(usize, bool)> = None; // (first line, is a directive)
+    while i < b.len() {
+        match b[i] {
+            b'\n' => {
+                line += 1;
+                if depth == 0 {
+                    if let Some((l, false)) = entry.take() {
+                        out.push(l);
+                    }
+                    entry = None;
+                }
+            }
+            b';' => {
+                while i + 1 < b.len() && b[i + 1] != b'\n' {
+                    i += 1;
+                }
+            }
+            b' ' | b'\t' | b'\r' => {}
+            c => {
+                if entry.is_none() {
+                    let rest = &b[i..];
+                    let directive = c == b'$'
+                        && !rest
+                            .get(..8)
+                            .is_some_and(|d| d.eq_ignore_ascii_case(b"$INCLUDE"));
+                    entry = Some((line, directive));
+                }
+                match c {
+                    b'(' => depth += 1,
+                    b')' => depth = depth.saturating_sub(1),
+                    b'\\' => {
+                        i += 1;
+                        if b.get(i) == Some(&b'\n') {
+                            line += 1;
+                        }
+                    }
+                    b'"' => {
+                        i += 1;
+                        while i < b.len() && b[i] != b'"' {
+                            if b[i] == b'\\' {
+                                i += 1;
+                            }
+                            if b.get(i) == Some(&b'\n') {
+                                line += 1;
+                            }
+                            i += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        i += 1;
+    }
+    if let Some((l, false)) = entry {
+        out.push(l);
+    }
+    out
+}
+
+fn lower(wire: &[u8]) -> Vec<u8> {
+    wire.to_ascii_lowercase()
+}
+
+fn wires<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Vec<u8>> {
+    names
+        .into_iter()
+        .filter_map(|n| n.parse::<Name<Bytes>>().ok())
+        .map(|n| lower(n.as_slice()))
+        .collect()
+}
+
+/// Whether wire name `q` is `apex` or below it.
+fn under(q: &[u8], apex: &[u8]) -> bool {
+    let mut i = 0usize;
+    while i < q.len() {
+        if q.len() - i == apex.len() {
+            return &q[i..] == apex;
+        }
+        i += usize::from(q[i]) + 1;
+    }
+    apex.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Role;
+
+    fn cfg() -> DnsConfig {
+        let text = "[dns]\nlisten = \"127.0.0.1:53\"\nzone = \"example.com\"\nnames = [\"www.example.com\"]\nregions = \"r.toml\"\nttl = \"60s\"\nnameservers = [\"ns1.example.com\"]\nglue = { \"ns1.example.com\" = [\"192.0.2.53\"] }\n";
+        crate::config::parse_role(Path::new("t.toml"), text, Role::Dns)
+            .map(|c| c.dns)
+            .expect("valid")
+            .expect("[dns]")
+    }
+
+    fn parse_text(text: &str) -> Result<Vec<StaticName>, ConfigError> {
+        parse(Path::new("z.zone"), text, &cfg())
+    }
+
+    fn wire(name: &str) -> Vec<u8> {
+        lower(name.parse::<Name<Bytes>>().expect("name").as_slice())
+    }
+
+    /// The TTL of the first record of a set.
+    fn ttl(set: &RrSet) -> u32 {
+        u32::from_be_bytes([set.bytes[6], set.bytes[7], set.bytes[8], set.bytes[9]])
+    }
+
+    const GOOD: &str = r#"; the domain's other records
+@       MX    10 mail
+@       TXT   "v=spf1 mx -all" "second string"
+@       CAA   0 issue "letsencrypt.org"
+mail    3600 A 192.0.2.25
+mail    AAAA  2001:db8::25
+MAIL    A     192.0.2.25      ; a repeat, in other case
+www     TXT   ( "a text at a geo name"
+                "over two lines" )
+cdn     CNAME www
+_sip._tcp SRV 0 5 5060 mail.example.com.
+svc     HTTPS 1 . alpn=h2
+ns1     TXT   "nameserver"
+$TTL 300
+blob    TYPE65534 \# 2 abcd
+$ORIGIN sub.example.com.
+deep    A     192.0.2.26
+"#;
+
+    #[test]
+    fn a_master_file_gives_sets_by_name_and_type() {
+        let names = parse_text(GOOD).expect("valid");
+        let find = |n: &str| names.iter().find(|s| s.wire == wire(n)).expect(n);
+        let apex = find("example.com");
+        assert_eq!(apex.sets.len(), 3, "{apex:?}");
+        let mx = apex.set(Rtype::MX.to_int()).expect("MX");
+        assert_eq!((mx.count, ttl(mx)), (1, 60), "[dns] ttl is the default");
+        assert_eq!(apex.set(Rtype::TXT.to_int()).map(|s| s.count), Some(1));
+        assert!(apex.set(255).is_some(), "ANY: one set");
+        let mail = find("mail.example.com");
+        let a = mail.set(Rtype::A.to_int()).expect("A");
+        assert_eq!(
+            (a.count, ttl(a)),
+            (1, 3600),
+            "duplicates dropped, case folded"
+        );
+        assert!(a.bytes.ends_with(&[192, 0, 2, 25]));
+        assert!(mail.set(Rtype::AAAA.to_int()).is_some());
+        assert_eq!(find("www.example.com").record_count(), 1);
+        let cdn = find("cdn.example.com");
+        assert!(cdn.cname().is_some() && cdn.set(Rtype::A.to_int()).is_none());
+        find("_sip._tcp.example.com");
+        find("svc.example.com");
+        find("ns1.example.com");
+        assert_eq!(
+            ttl(find("blob.example.com").set(65534).expect("unknown type")),
+            300
+        );
+        find("deep.sub.example.com");
+        // Every record starts with a pointer to the question name.
+        assert!(names
+            .iter()
+            .flat_map(|n| &n.sets)
+            .all(|(_, s)| s.bytes.starts_with(&[0xc0, 0x0c])));
+    }
+
+    #[test]
+    fn records_that_contradict_the_sidecar_or_cannot_be_served_are_refused_at_their_line() {
+        let cases = [
+            (
+                "x A 192.0.2.1\nother.example.org. A 192.0.2.1\n",
+                2,
+                "not inside zone",
+            ),
+            (
+                "@ SOA ns1 hostmaster 1 2 3 4 5\n",
+                1,
+                "SOA is made from [dns]",
+            ),
+            ("\n@ NS ns2.example.net.\n", 2, "[dns] nameservers"),
+            ("sub NS ns.example.net.\n", 1, "delegations"),
+            ("@ CNAME other.example.net.\n", 1, "apex cannot be an alias"),
+            ("www A 192.0.2.1\n", 1, "region map"),
+            ("; c\n\nns1 AAAA 2001:db8::1\n", 3, "[dns] glue"),
+            ("a TXT x\na CNAME b\n", 2, "CNAME cannot share"),
+            ("a CNAME b\na CNAME c\n", 2, "second CNAME"),
+            ("*.w A 192.0.2.1\n", 1, "wildcard"),
+            ("$INCLUDE other.zone\n", 1, "$INCLUDE"),
+            ("a CH TXT x\n", 1, "different class"),
+            (
+                "a TXT ( \"x\"\n \"y\" )\n@ DNSKEY 257 3 13 AAAA\n",
+                3,
+                "not signed",
+            ),
+            ("a A 192.0.2.1\nb A not-an-address\n", 2, "zone file"),
+        ];
+        for (text, line, why) in cases {
+            let e = parse_text(text).expect_err(text).to_string();
+            assert!(e.starts_with(&format!("z.zone:{line}:")), "{text:?}: {e}");
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn entry_lines_follow_comments_quotes_and_parentheses() {
+        let text =
+            "$TTL 5\n; c\n\na TXT \"x;(\" ; y\n  TXT ( \"1\"\n \"2\" ) \n$ORIGIN x.\nb A 1.2.3.4";
+        assert_eq!(entry_lines(text), vec![4, 5, 8]);
+    }
+}
