@@ -4,7 +4,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use edgepop::config::regions::{Pop, Region, RegionFile};
 use edgepop::dns::map::standalone;
-use edgepop::dns::query::{handle, Transport};
+use edgepop::dns::query::{handle, handle_udp, Transport};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
@@ -107,6 +107,25 @@ fn bench(c: &mut Criterion) {
             b.iter(|| handle(black_box(&q), src, Transport::Udp, &map, &mut out))
         });
     }
+    // With `[dns] rate_limit`: the answer, then the limiter's hash and GCRA update. Sources
+    // rotate over 65,536 networks so every answer is within its allowance.
+    let limited = edgepop::config::parse(
+        Path::new("bench.toml"),
+        &format!("{CONFIG}rate_limit = {{ responses = 1000, per = \"1s\", burst = 1000000 }}\n"),
+    )
+    .expect("config")
+    .dns
+    .expect("[dns]");
+    let limited_map = standalone(&limited, region_file(1_000)).expect("map");
+    let q = query("www.edgepop.test", None);
+    let mut n = 0u32;
+    c.bench_function("query_a_rate_limited", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(256);
+            let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (n & 0x00ff_ff00)));
+            handle_udp(black_box(&q), src, &limited_map, &mut out)
+        })
+    });
     let mut g = c.benchmark_group("map");
     g.sample_size(10);
     g.bench_function("build_100k_networks", |b| {

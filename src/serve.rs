@@ -82,6 +82,17 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if let Some(n) = &d.nsid {
             println!("  nsid {n:?}");
         }
+        if let Some(l) = &d.rate_limit {
+            println!(
+                "  rate limit {} responses per {}, burst {}, slip {}, networks /{} and /{}",
+                l.responses,
+                humantime::format_duration(l.per),
+                l.burst,
+                l.slip,
+                l.ipv4_prefix,
+                l.ipv6_prefix
+            );
+        }
         if let Some(k) = &d.cookie_keys {
             println!("  cookie keys {} ({:?})", k.path.display(), k.secret);
         }

@@ -11,8 +11,8 @@ mod validate;
 pub use error::{ConfigError, Location};
 pub use validate::{
     AccessLogTarget, AdminConfig, CertificateConfig, ClientAuth, Config, CookieKeys, DnsConfig,
-    EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig, Protocol,
-    RateLimit, Role, RouteConfig,
+    DnsRateLimit, EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig,
+    Protocol, RateLimit, Role, RouteConfig,
 };
 
 use std::path::Path;

@@ -188,4 +188,19 @@ pub struct RawDns {
     pub cookie_keys: Option<Spanned<String>>,
     /// UDP answers larger than this go truncated to queries without a valid server cookie.
     pub max_nocookie_response: Option<Spanned<i64>>,
+    /// Response rate limiting for UDP answers.
+    pub rate_limit: Option<Spanned<RawDnsRateLimit>>,
+}
+
+/// `[dns] rate_limit = { responses = 20, per = "1s", burst = 20, slip = 2, ipv4_prefix = 24,
+/// ipv6_prefix = 56 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDnsRateLimit {
+    pub responses: Spanned<i64>,
+    pub per: RawDuration,
+    pub burst: Option<Spanned<i64>>,
+    pub slip: Option<Spanned<i64>>,
+    pub ipv4_prefix: Option<Spanned<i64>>,
+    pub ipv6_prefix: Option<Spanned<i64>>,
 }

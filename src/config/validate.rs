@@ -243,6 +243,23 @@ pub struct RateLimit {
     pub max_clients: usize,
 }
 
+/// `[dns] rate_limit`: response rate limiting for UDP answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsRateLimit {
+    /// At least 1.
+    pub responses: u32,
+    /// At least a millisecond per response.
+    pub per: Duration,
+    /// At least 1.
+    pub burst: u32,
+    /// Every `slip`-th answer over the limit goes out truncated; 0: none (all dropped).
+    pub slip: u32,
+    /// Client networks: IPv4 prefix length (8 to 32).
+    pub ipv4_prefix: u8,
+    /// IPv6 prefix length (16 to 128).
+    pub ipv6_prefix: u8,
+}
+
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     pub listen: SocketAddr,
@@ -276,6 +293,8 @@ pub struct DnsConfig {
     /// UDP answers over this size to queries without a valid server cookie are sent
     /// truncated (128 to 1232); `None`: no such limit.
     pub max_nocookie_response: Option<u16>,
+    /// `[dns] rate_limit`; `None`: answers are not rate limited.
+    pub rate_limit: Option<DnsRateLimit>,
 }
 
 /// `[dns] cookie_keys`, loaded.
@@ -1256,6 +1275,50 @@ fn rate_limit(cx: &Ctx, l: &Spanned<RawRateLimit>) -> Result<RateLimit, ConfigEr
     })
 }
 
+/// `[dns] rate_limit = { responses = 20, per = "1s", burst = 20, slip = 2, ipv4_prefix = 24,
+/// ipv6_prefix = 56 }` (BIND's `rate-limit` defaults for slip and prefixes).
+fn dns_rate_limit(cx: &Ctx, l: &Spanned<RawDnsRateLimit>) -> Result<DnsRateLimit, ConfigError> {
+    let raw = l.get_ref();
+    let ranged = |n: &Spanned<i64>, key: &str, lo: i64, hi: i64| {
+        let v = *n.get_ref();
+        if (lo..=hi).contains(&v) {
+            Ok(v as u32)
+        } else {
+            Err(cx.err(n, format!("rate_limit {key} must be between {lo} and {hi}")))
+        }
+    };
+    let responses = ranged(&raw.responses, "responses", 1, 1_000_000)?;
+    let per = cx.duration(&raw.per, Duration::from_secs(1), "rate_limit per")?;
+    if per / responses < Duration::from_millis(1) {
+        return Err(cx.err(
+            l,
+            "rate_limit allows more than one response per millisecond per client network: use a longer per or fewer responses",
+        ));
+    }
+    let burst = match &raw.burst {
+        Some(b) => ranged(b, "burst", 1, 1_000_000)?,
+        None => responses,
+    };
+    if (per / responses).saturating_mul(burst) > MAX_DURATION {
+        return Err(cx.err(
+            l,
+            "rate_limit burst x per / responses must be at most a year",
+        ));
+    }
+    let opt = |n: &Option<Spanned<i64>>, key: &str, lo: i64, hi: i64, default: u32| match n {
+        Some(n) => ranged(n, key, lo, hi),
+        None => Ok(default),
+    };
+    Ok(DnsRateLimit {
+        responses,
+        per,
+        burst,
+        slip: opt(&raw.slip, "slip", 0, 10, 2)?,
+        ipv4_prefix: opt(&raw.ipv4_prefix, "ipv4_prefix", 8, 32, 24)? as u8,
+        ipv6_prefix: opt(&raw.ipv6_prefix, "ipv6_prefix", 16, 128, 56)? as u8,
+    })
+}
+
 /// A size: a number of bytes, or text with a unit ("512KiB", "10 MB", "1GiB").
 fn byte_size(cx: &Ctx, v: &Spanned<RawSize>, key: &str) -> Result<u64, ConfigError> {
     match v.get_ref() {
@@ -1377,6 +1440,10 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
                     ))
                 }
             },
+        },
+        rate_limit: match &d.rate_limit {
+            Some(l) => Some(dns_rate_limit(cx, l)?),
+            None => None,
         },
         cookie_keys: match &d.cookie_keys {
             Some(s) => {

@@ -3,7 +3,7 @@
 //! the two system calls is shared by the whole batch. Used by the UDP workers in `server`.
 
 use super::pktinfo::{self, Control};
-use super::query::{self, Transport};
+use super::query;
 use super::DnsState;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -102,12 +102,14 @@ pub fn udp_loop(
                 let src = unsafe { socket2::SockAddr::new(addrs[i], msgs[i].msg_hdr.msg_namelen) }
                     .as_socket();
                 let Some(src) = src else { continue };
-                let Some(o) =
-                    query::handle(&bufs[i][..len], src.ip(), Transport::Udp, map, &mut outs[i])
+                let Some(o) = query::handle_udp(&bufs[i][..len], src.ip(), map, &mut outs[i])
                 else {
                     continue;
                 };
                 stats.record(o);
+                if outs[i].is_empty() {
+                    continue; // dropped by the rate limit
+                }
                 send_iov[answers] = libc::iovec {
                     iov_base: outs[i].as_mut_ptr().cast(),
                     iov_len: outs[i].len(),

@@ -7,12 +7,13 @@ use super::cookie::CookieSecret;
 use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
 use super::health::{Health, HealthBook};
 use super::records::StaticName;
+use super::rrl::RateLimiter;
 use crate::config::regions::RegionFile;
 use crate::config::DnsConfig;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,8 +105,8 @@ pub struct Class {
 pub struct Zone {
     /// Lower-case wire form of the apex.
     pub apex_wire: Vec<u8>,
-    /// Every name that exists: the apex, geo names, in-zone nameservers, names with static
-    /// records and the empty non-terminals above them.
+    /// Every name that exists, sorted by wire form: the apex, geo names, in-zone nameservers,
+    /// names with static records and the empty non-terminals above them.
     pub names: Vec<ZoneName>,
     /// Records from `[dns] zone_file`, by name.
     pub statics: Vec<StaticName>,
@@ -142,6 +143,8 @@ pub struct Map {
     pub cookie_secret: CookieSecret,
     /// `[dns] max_nocookie_response`.
     pub max_nocookie_response: Option<u16>,
+    /// `[dns] rate_limit`; kept from map to map while its settings stay.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Map {
@@ -189,6 +192,8 @@ impl HitBook {
 
 /// Everything a build needs besides the region file.
 pub struct BuildContext<'a> {
+    /// The rate limiter to keep (the previous map's, when its settings are unchanged).
+    pub rate_limit: Option<Arc<RateLimiter>>,
     pub cfg: &'a DnsConfig,
     pub health: &'a HealthBook,
     pub hits: &'a HitBook,
@@ -286,6 +291,7 @@ pub fn build(
         chaos_id: cx.cfg.nsid.as_deref().map(chaos_txt).transpose()?,
         cookie_secret: cx.cookie_secret.clone(),
         max_nocookie_response: cx.cfg.max_nocookie_response,
+        rate_limit: cx.rate_limit.clone(),
     })
 }
 
@@ -316,21 +322,21 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
         .iter()
         .map(|n| name(n).map(|n| wire(&n)))
         .collect::<Result<_, _>>()?;
-    let entry = |wire: &[u8], kind| ZoneName {
-        wire: wire.to_vec(),
-        kind,
-        statics: None,
+    // By wire name, the first kind given to a name wins; sorted for the query's binary search.
+    let mut names: BTreeMap<Vec<u8>, ZoneName> = BTreeMap::new();
+    let add = |names: &mut BTreeMap<Vec<u8>, ZoneName>, wire: &[u8], kind| {
+        names.entry(wire.to_vec()).or_insert_with(|| ZoneName {
+            wire: wire.to_vec(),
+            kind,
+            statics: None,
+        });
     };
-    let mut names: Vec<ZoneName> = vec![entry(
-        &apex_wire,
-        NameKind::Apex {
-            geo: geo.contains(&apex_wire),
-        },
-    )];
+    let apex_kind = NameKind::Apex {
+        geo: geo.contains(&apex_wire),
+    };
+    add(&mut names, &apex_wire, apex_kind);
     for g in &geo {
-        if *g != apex_wire && !names.iter().any(|n| n.wire == *g) {
-            names.push(entry(g, NameKind::Geo));
-        }
+        add(&mut names, g, NameKind::Geo);
     }
     let ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
     let mut hosts = Vec::new();
@@ -350,23 +356,19 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
         }
         let index = u8::try_from(hosts.len()).unwrap_or(u8::MAX);
         hosts.push(host);
-        names.push(entry(&owner, NameKind::Host(index)));
+        add(&mut names, &owner, NameKind::Host(index));
         leaves.push(owner);
     }
     if statics.len() > usize::from(u16::MAX) {
         return Err(MapError::TooMany(statics.len()));
     }
     for (i, st) in statics.iter().enumerate() {
-        let index = Some(i as u16);
-        match names.iter_mut().find(|n| n.wire == st.wire) {
-            Some(n) => n.statics = index,
-            None => {
-                names.push(ZoneName {
-                    statics: index,
-                    ..entry(&st.wire, NameKind::Static)
-                });
-                leaves.push(st.wire.clone());
-            }
+        if !names.contains_key(&st.wire) {
+            leaves.push(st.wire.clone());
+        }
+        add(&mut names, &st.wire, NameKind::Static);
+        if let Some(n) = names.get_mut(&st.wire) {
+            n.statics = Some(i as u16);
         }
     }
     // Empty non-terminals: every ancestor of a leaf name strictly below the apex.
@@ -377,9 +379,7 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
             if rest.len() <= apex_wire.len() {
                 break;
             }
-            if !names.iter().any(|n| n.wire == rest) {
-                names.push(entry(rest, NameKind::Empty));
-            }
+            add(&mut names, rest, NameKind::Empty);
         }
     }
     let soa = SOA::new(
@@ -402,7 +402,7 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
     emit_rest(&mut soa_authority, RData::SOA(soa), ttl, IN)?;
     Ok(Zone {
         apex_wire,
-        names,
+        names: names.into_values().collect(),
         soa_answer,
         ns_answer,
         ns_glue,
@@ -504,6 +504,7 @@ pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
         generation: 1,
         serial: 1,
         cookie_secret: CookieSecret::random(),
+        rate_limit: cfg.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
     };
     build(file, Vec::new(), &cx)
 }

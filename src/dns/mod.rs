@@ -14,6 +14,7 @@ pub mod map;
 mod pktinfo;
 pub mod query;
 pub mod records;
+pub mod rrl;
 pub mod server;
 pub mod stats;
 
@@ -431,6 +432,14 @@ fn build_map_changed(
         hits,
         generation: old.map_or(1, |o| o.generation + 1),
         serial,
+        // A limiter's allowances survive rebuilds (a regeneration must not hand a flood a
+        // fresh burst) unless its settings change.
+        rate_limit: cfg
+            .rate_limit
+            .map(|l| match old.and_then(|o| o.rate_limit.clone()) {
+                Some(kept) if kept.limit() == l => kept,
+                _ => Arc::new(rrl::RateLimiter::new(l)),
+            }),
         cookie_secret: match &cfg.cookie_keys {
             Some(k) => k.secret.clone(),
             None => old.map_or_else(CookieSecret::random, |o| o.cookie_secret.clone()),

@@ -204,9 +204,21 @@ mod tests {
     #[test]
     fn no_destination_or_a_cut_control_message_sends_no_source() {
         let (mut ctl, mut out) = (Control::default(), Control::default());
-        // Another message (a hop limit), then a cut one.
-        let mut h = received(&mut ctl, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, &64i32);
+        // Another message (a hop limit) only.
+        let h = received(&mut ctl, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, &64i32);
         assert_eq!(unsafe { reply_source(&h, &mut out) }, 0);
+        // A destination, but the kernel cut the control data: not trusted.
+        let got = libc::in_pktinfo {
+            ipi_ifindex: 1,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
+            },
+            ipi_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
+            },
+        };
+        let mut h = received(&mut ctl, libc::IPPROTO_IP, libc::IP_PKTINFO, &got);
+        assert!(unsafe { reply_source(&h, &mut out) } > 0);
         h.msg_flags = libc::MSG_CTRUNC;
         assert_eq!(unsafe { reply_source(&h, &mut out) }, 0);
         h.msg_control = std::ptr::null_mut();

@@ -8,6 +8,7 @@
 use super::cookie::{CookieIn, CookieState};
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet};
+use super::rrl::{Kind as RrlKind, Verdict};
 use domain::base::name::{ParsedName, ToLabelIter};
 use domain::dep::octseq::Parser;
 use hickory_proto::rr::Name;
@@ -124,6 +125,37 @@ pub struct Outcome {
     pub truncated: bool,
     /// The query carried a DNS cookie: what its server cookie was.
     pub cookie: Option<CookieState>,
+    /// The question's type (0 without a question).
+    pub rtype: u16,
+    /// Length of the question name at offset 12 of the answer (0 without a question).
+    pub qname_len: u16,
+    /// The answer section has records.
+    pub answered: bool,
+    /// What `[dns] rate_limit` did to this UDP answer, when it acted.
+    pub limited: Option<Verdict>,
+}
+
+/// How to answer, beyond what the query asks: set by the transport's loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    /// The RFC 7828 TIMEOUT advertised over TCP, in units of 100 ms.
+    pub keepalive: u16,
+    /// Answer truncated (TC, no records): a rate-limited answer's slip.
+    pub truncate: bool,
+}
+
+impl Default for Reply {
+    fn default() -> Self {
+        Reply {
+            keepalive: keepalive_units(super::server::TCP_IDLE),
+            truncate: false,
+        }
+    }
+}
+
+/// `idle` in RFC 7828's units of 100 ms.
+pub fn keepalive_units(idle: std::time::Duration) -> u16 {
+    u16::try_from(idle.as_millis() / 100).unwrap_or(u16::MAX)
 }
 
 /// A validated EDNS Client Subnet option (RFC 7871).
@@ -183,6 +215,61 @@ pub fn handle(
     map: &Map,
     out: &mut Vec<u8>,
 ) -> Option<Outcome> {
+    respond(query, src, transport, map, out, Reply::default())
+}
+
+/// A UDP query, under `[dns] rate_limit` when the map has one: an answer over the limit is
+/// dropped (`out` left empty) or sent truncated. Queries with a valid server cookie are not
+/// limited (their source is proven).
+pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Option<Outcome> {
+    let mut o = handle(query, src, Transport::Udp, map, out)?;
+    let Some(limiter) = map.rate_limit.as_deref() else {
+        return Some(o);
+    };
+    if o.cookie == Some(CookieState::Valid) {
+        return Some(o);
+    }
+    let mut name = [0u8; 256];
+    let len = usize::from(o.qname_len);
+    let qname = match out.get(12..12 + len) {
+        Some(wire) => {
+            name[..len].copy_from_slice(wire);
+            name[..len].make_ascii_lowercase();
+            &name[..len]
+        }
+        None => &[][..],
+    };
+    let (kind, key) = match o.rcode {
+        Rcode::NoError if o.answered => (RrlKind::Answer(o.rtype), qname),
+        Rcode::NoError if o.qname_len > 0 => (RrlKind::NoData, qname),
+        Rcode::NxDomain => (RrlKind::NxDomain, map.zone.apex_wire.as_slice()),
+        _ => (RrlKind::Error, &[][..]),
+    };
+    let verdict = limiter.check(src, kind, key);
+    match verdict {
+        Verdict::Send => return Some(o),
+        Verdict::Drop => out.clear(),
+        Verdict::Slip => {
+            let reply = Reply {
+                truncate: true,
+                ..Reply::default()
+            };
+            o = respond(query, src, Transport::Udp, map, out, reply)?;
+        }
+    }
+    o.limited = Some(verdict);
+    Some(o)
+}
+
+/// [`handle`] with `reply`'s settings.
+pub fn respond(
+    query: &[u8],
+    src: IpAddr,
+    transport: Transport,
+    map: &Map,
+    out: &mut Vec<u8>,
+    reply: Reply,
+) -> Option<Outcome> {
     out.clear();
     let mut d = BinDecoder::new(query);
     // The fixed 12-octet header in one bounds-checked read: ID, flags, four counts.
@@ -209,6 +296,8 @@ pub fn handle(
         additional: None,
         scope: 0,
         extra: Extra::default(),
+        truncate: reply.truncate,
+        rtype: 0,
     };
     let mut qwire = [0u8; 256];
     let parsed = parse(query, &mut d, counts, transport, &mut qwire);
@@ -229,10 +318,11 @@ pub fn handle(
         }
     };
     let qtype = qtype_of(&parsed);
+    r.rtype = parsed.question.as_ref().map_or(0, |q| q.qtype);
     r.question = parsed.question.as_ref().map(|q| q.raw);
     r.edns = parsed.edns;
     if let Some(e) = parsed.edns {
-        r.extra = extra(&e.options, src, transport, map);
+        r.extra = extra(&e.options, src, transport, map, reply.keepalive);
     }
     r.limit = match (transport, parsed.edns) {
         (Transport::Tcp, _) => u16::MAX,
@@ -292,7 +382,10 @@ pub fn handle(
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     r.flags |= AA;
-    let Some(name) = zone.names.iter().find(|n| n.wire.as_slice() == qwire) else {
+    let found = zone
+        .names
+        .binary_search_by(|n| n.wire.as_slice().cmp(qwire));
+    let Some(name) = found.ok().and_then(|i| zone.names.get(i)) else {
         r.authority = Some(&zone.soa_authority);
         return Some(r.finish(Rcode::NxDomain, transport, qtype));
     };
@@ -366,7 +459,13 @@ pub fn handle(
 
 /// What the answer's OPT carries besides ECS, from the query's options: the cookie (its
 /// server cookie made for the packet's source), NSID when configured, the TCP keepalive.
-fn extra<'m>(o: &Options, src: IpAddr, transport: Transport, map: &'m Map) -> Extra<'m> {
+fn extra<'m>(
+    o: &Options,
+    src: IpAddr,
+    transport: Transport,
+    map: &'m Map,
+    keepalive: u16,
+) -> Extra<'m> {
     let cookie = o.cookie.map(|c| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -376,7 +475,7 @@ fn extra<'m>(o: &Options, src: IpAddr, transport: Transport, map: &'m Map) -> Ex
     Extra {
         cookie,
         nsid: if o.nsid { map.nsid.as_deref() } else { None },
-        keepalive: o.keepalive && transport == Transport::Tcp,
+        keepalive: (o.keepalive && transport == Transport::Tcp).then_some(keepalive),
     }
 }
 
@@ -401,7 +500,11 @@ fn locate(map: &Map, src: IpAddr, ecs: Option<Ecs>) -> (Hit, Option<Ecs>) {
         Some(e) if e.source > 0 => match e.addr {
             // An IPv4 client written as IPv6 (`::ffff:a.b.c.d`, at least /96) is located as
             // IPv4, as its packets would be; the scope is given back in IPv6 bits.
-            IpAddr::V6(v6) if e.source >= 96 && v6.to_ipv4_mapped().is_some() => {
+            // Exactly /96 says nothing of the IPv4 address: as SOURCE 0, the packet decides.
+            IpAddr::V6(v6) if e.source == 96 && v6.to_ipv4_mapped().is_some() => {
+                (map.geo.lookup(canonical(src)), None)
+            }
+            IpAddr::V6(v6) if e.source > 96 && v6.to_ipv4_mapped().is_some() => {
                 let mut hit = map.geo.lookup(canonical(e.addr));
                 hit.scope = hit.scope.saturating_add(96).min(128);
                 (hit, Some(e))
@@ -635,6 +738,10 @@ struct Response<'q, 'm> {
     additional: Option<&'m RrSet>,
     scope: u8,
     extra: Extra<'m>,
+    /// Send no records, with TC set, whatever fits.
+    truncate: bool,
+    /// The question's type, for the outcome.
+    rtype: u16,
 }
 
 /// Options of the answer's OPT besides ECS.
@@ -642,14 +749,15 @@ struct Response<'q, 'm> {
 struct Extra<'m> {
     cookie: Option<([u8; super::cookie::ANSWER_LEN], CookieState)>,
     nsid: Option<&'m [u8]>,
-    keepalive: bool,
+    /// The TIMEOUT to advertise (RFC 7828), when asked over TCP.
+    keepalive: Option<u16>,
 }
 
 impl Extra<'_> {
     fn wire_len(&self) -> usize {
         self.cookie.map_or(0, |(c, _)| 4 + c.len())
             + self.nsid.map_or(0, |n| 4 + n.len())
-            + if self.keepalive { 6 } else { 0 }
+            + if self.keepalive.is_some() { 6 } else { 0 }
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -664,15 +772,10 @@ impl Extra<'_> {
         if let Some(n) = self.nsid {
             option(NSID, n);
         }
-        if self.keepalive {
-            option(KEEPALIVE, &tcp_keepalive_timeout().to_be_bytes());
+        if let Some(units) = self.keepalive {
+            option(KEEPALIVE, &units.to_be_bytes());
         }
     }
-}
-
-/// The TCP idle timeout in RFC 7828's units of 100 ms.
-fn tcp_keepalive_timeout() -> u16 {
-    u16::try_from(super::server::TCP_IDLE.as_millis() / 100).unwrap_or(u16::MAX)
 }
 
 impl Response<'_, '_> {
@@ -695,8 +798,10 @@ impl Response<'_, '_> {
             .flatten()
             .map(|s| s.bytes.len())
             .sum();
-        // Only records are ever dropped: an answer without any is not marked truncated.
-        let truncated = body > 0 && 12 + q_len + body + opt_len > usize::from(self.limit);
+        // Only records are ever dropped: an answer without any is not marked truncated,
+        // unless the rate limit asks for it.
+        let truncated =
+            self.truncate || (body > 0 && 12 + q_len + body + opt_len > usize::from(self.limit));
         let mut flags = self.flags | (code & 0xF);
         if truncated {
             flags |= 0x0200;
@@ -754,6 +859,10 @@ impl Response<'_, '_> {
             rcode,
             truncated,
             cookie: self.extra.cookie.map(|(_, s)| s),
+            rtype: self.rtype,
+            qname_len: q_len.saturating_sub(4) as u16,
+            answered: an > 0,
+            limited: None,
         }
     }
 }

@@ -18,6 +18,9 @@ use std::path::Path;
 
 /// More would make a map rebuild slow and is not what this file is for.
 const MAX_RECORDS: usize = 10_000;
+/// The largest set that fits a TCP answer with room to spare: the header, a question of
+/// the longest name, the SOA and an OPT with every option we send must fit in 65,535.
+const MAX_SET_BYTES: usize = 64_000;
 
 /// The static records of one name, by type (ascending), each set pre-encoded with its owner
 /// as a pointer to the question name.
@@ -93,7 +96,11 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
             // the next line, and counting the `$TTL` put in front): the entry it was reading
             // starts where the walk says.
             let s = e.to_string();
-            let reason = s.splitn(3, ':').nth(2).unwrap_or(&s).trim().to_string();
+            let mut reason = s.splitn(3, ':').nth(2).unwrap_or(&s).trim().to_string();
+            if reason.contains("decimal number") || reason.contains("expected rtype") {
+                // What BIND users meet first: the scanner takes TTLs in seconds only.
+                reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
+            }
             let after = s
                 .split(':')
                 .next()
@@ -177,6 +184,11 @@ fn refuse_type(rtype: Rtype, at_apex: bool, shown: &str) -> Result<(), String> {
             "{shown} CNAME: the apex cannot be an alias (it has SOA and NS)"
         )),
         Rtype::DNAME => Err(format!("{shown} DNAME is not supported")),
+        // RFC 6895 3.1: 0, OPT and the meta/query types (TSIG, TKEY, IXFR, AXFR, ANY...) are
+        // never zone data.
+        t if t.to_int() == 0 || t == Rtype::OPT || (128..=255).contains(&t.to_int()) => Err(
+            format!("{shown} {rtype}: not a type of zone data (RFC 6895)"),
+        ),
         Rtype::DNSKEY
         | Rtype::RRSIG
         | Rtype::NSEC
@@ -237,6 +249,12 @@ fn build(
         let mut set = RrSet::default();
         for r in distinct(&reads) {
             super::map::push_raw(&mut set, rtype, ttl, &r.data);
+            if set.bytes.len() > MAX_SET_BYTES {
+                return Err(ConfigError::invalid(
+                    Location { path: path.to_path_buf(), line: r.line, column: 1 },
+                    format!("the records of this name and type pass {MAX_SET_BYTES} bytes: no answer could carry them, even over TCP"),
+                ));
+            }
         }
         match names.last_mut() {
             Some(n) if n.wire == owner => n.sets.push((rtype, set)),
@@ -467,12 +485,36 @@ deep    A     192.0.2.26
                 "not signed",
             ),
             ("a A 192.0.2.1\nb A not-an-address\n", 2, "zone file"),
+            (
+                "a A 192.0.2.1\nx TYPE41 \\# 0\n",
+                2,
+                "not a type of zone data",
+            ),
+            ("x TYPE250 \\# 0\n", 1, "not a type of zone data"),
+            (
+                "a A 192.0.2.1\n$TTL 1h\nb A 192.0.2.2\n",
+                2,
+                "TTLs are in seconds",
+            ),
+            ("b 1d A 192.0.2.2\n", 1, "TTLs are in seconds"),
         ];
         for (text, line, why) in cases {
             let e = parse_text(text).expect_err(text).to_string();
             assert!(e.starts_with(&format!("z.zone:{line}:")), "{text:?}: {e}");
             assert!(e.contains(why), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_set_no_answer_could_carry_is_refused() {
+        let strings = format!("\"{}\"", "x".repeat(250));
+        let mut text = String::new();
+        for i in 0..300 {
+            text.push_str(&format!("big TXT {strings} \"{i}\"\n"));
+        }
+        let e = parse_text(&text).expect_err("too big").to_string();
+        assert!(e.contains("even over TCP"), "{e}");
+        assert!(e.starts_with("z.zone:241:"), "{e}");
     }
 
     #[test]

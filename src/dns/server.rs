@@ -264,10 +264,10 @@ fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
             return;
         }
         let map = state.map_guard();
-        if let Some(o) = query::handle(&buf[..n], src.ip(), Transport::Udp, &map, &mut out) {
+        if let Some(o) = query::handle_udp(&buf[..n], src.ip(), &map, &mut out) {
             drop(map);
             stats.record(o);
-            if sock.send_to(&out, src).is_err() {
+            if !out.is_empty() && sock.send_to(&out, src).is_err() {
                 stats.udp_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -333,7 +333,7 @@ async fn tcp_conn(mut s: TcpStream, state: &DnsState, slots: &tokio::sync::Semap
         let Some(msg) = buf.get_mut(..len) else {
             return;
         };
-        match tokio::time::timeout(TCP_IDLE, s.read_exact(msg)).await {
+        match tokio::time::timeout(idle, s.read_exact(msg)).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
@@ -343,7 +343,12 @@ async fn tcp_conn(mut s: TcpStream, state: &DnsState, slots: &tokio::sync::Semap
         };
         let outcome = {
             let map = state.map_guard();
-            query::handle(&buf[..len], peer, Transport::Tcp, &map, &mut out)
+            // RFC 7828: advertise the idle time this connection gets now.
+            let reply = query::Reply {
+                keepalive: query::keepalive_units(idle),
+                truncate: false,
+            };
+            query::respond(&buf[..len], peer, Transport::Tcp, &map, &mut out, reply)
         };
         let Some(o) = outcome else { continue };
         state.stats().record(o);
@@ -353,7 +358,7 @@ async fn tcp_conn(mut s: TcpStream, state: &DnsState, slots: &tokio::sync::Semap
         let mut frame = Vec::with_capacity(out.len() + 2);
         frame.extend_from_slice(&n.to_be_bytes());
         frame.extend_from_slice(&out);
-        match tokio::time::timeout(TCP_IDLE, s.write_all(&frame)).await {
+        match tokio::time::timeout(idle, s.write_all(&frame)).await {
             Ok(Ok(())) => {}
             _ => return,
         }

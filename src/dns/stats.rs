@@ -4,6 +4,7 @@
 
 use super::cookie::CookieState;
 use super::query::{Outcome, Qtype, Rcode};
+use super::rrl::Verdict;
 use super::DnsState;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,8 @@ pub struct Stats {
     pub tcp_connections: AtomicU64,
     /// TCP connections closed at accept: their client already held its share.
     pub tcp_refused: AtomicU64,
+    /// UDP answers over `[dns] rate_limit`: dropped, sent truncated.
+    rate_limited: [AtomicU64; 2],
 }
 
 impl Default for Stats {
@@ -34,6 +37,7 @@ impl Default for Stats {
             udp_errors: AtomicU64::new(0),
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
+            rate_limited: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 }
@@ -56,6 +60,11 @@ impl Stats {
         if let Some(c) = o.cookie {
             self.cookies[c as usize].fetch_add(1, Ordering::Relaxed);
         }
+        match o.limited {
+            Some(Verdict::Drop) => self.rate_limited[0].fetch_add(1, Ordering::Relaxed),
+            Some(Verdict::Slip) => self.rate_limited[1].fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     pub fn cookies(&self, c: CookieState) -> u64 {
@@ -112,6 +121,12 @@ pub fn render(state: &DnsState) -> String {
             s.cookies(c)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_rate_limited_total UDP answers over [dns] rate_limit: dropped, or sent truncated (slip) so a real resolver retries over TCP.\n# TYPE edgepop_dns_rate_limited_total counter\nedgepop_dns_rate_limited_total{{action=\"drop\"}} {}\nedgepop_dns_rate_limited_total{{action=\"slip\"}} {}",
+        s.rate_limited[0].load(Ordering::Relaxed),
+        s.rate_limited[1].load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         o,
         "# HELP edgepop_dns_udp_errors_total UDP receives and sends that failed.\n# TYPE edgepop_dns_udp_errors_total counter\nedgepop_dns_udp_errors_total {}",

@@ -572,6 +572,37 @@ fn nsid_is_printable_ascii_of_at_most_128_characters() {
 }
 
 #[test]
+fn a_dns_rate_limit_is_checked_and_shown() {
+    let regions = root().join("config/regions.toml");
+    let dns = |limit: &str| {
+        format!(
+            "[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\nnameservers = [\"ns.example.net\"]\nrate_limit = {limit}\n",
+            regions.display()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = check(&write_file(
+        dir.path(),
+        "ok.toml",
+        &dns("{ responses = 20, slip = 0, ipv6_prefix = 48 }"),
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("  rate limit 20 responses per 1s, burst 20, slip 0, networks /24 and /48"),
+        "{stdout}"
+    );
+    for (limit, want) in [
+        ("{ responses = 0 }", "e.toml:7:28: rate_limit responses must be between 1 and 1000000"),
+        ("{ responses = 5, slip = 11 }", "e.toml:7:38: rate_limit slip must be between 0 and 10"),
+        ("{ responses = 5, ipv4_prefix = 33 }", "e.toml:7:45: rate_limit ipv4_prefix must be between 8 and 32"),
+        ("{ responses = 5000, per = \"1s\" }", "e.toml:7:14: rate_limit allows more than one response per millisecond per client network: use a longer per or fewer responses"),
+        ("{ per = \"1s\" }", "e.toml:7:14: missing field `responses`"),
+    ] {
+        assert_eq!(check_text(&dns(limit)).trim(), want, "{limit}");
+    }
+}
+
+#[test]
 fn a_cookie_key_file_is_loaded_by_check_and_a_bad_one_named_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let regions = root().join("config/regions.toml");

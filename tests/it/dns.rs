@@ -159,6 +159,12 @@ async fn an_empty_answer_and_an_ipv4_mapped_subnet_carry_the_regions_scope() {
     assert_eq!(addrs(&m), vec!["192.0.2.3"]);
     let (family, source, scope, _) = ecs_of(&m).expect("ecs");
     assert_eq!((family, source, scope), (2, 120, 96 + 16));
+    // Exactly /96 carries no IPv4 bits: located by the packet's source, SCOPE 0.
+    let m = dns
+        .ask(&query(WWW, RecordType::A, Some(("::ffff:0.0.0.0", 96))))
+        .await;
+    assert_eq!(addrs(&m), vec!["192.0.2.3"]);
+    assert_eq!(ecs_of(&m).map(|(_, s, scope, _)| (s, scope)), Some((96, 0)));
     // dig agrees.
     let out = dns.dig(&[WWW, "AAAA", "+subnet=10.1.2.0/24"]).await;
     assert!(out.contains("CLIENT-SUBNET: 10.1.2.0/24/16"), "{out}");
@@ -857,9 +863,31 @@ async fn tcp_from(source: &str, to: std::net::SocketAddr) -> tokio::net::TcpStre
 
 /// Sends one framed query for WWW/A; the answer's id, or None when the server closed.
 async fn tcp_ask(s: &mut tokio::net::TcpStream, id: u16) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut q = query(WWW, RecordType::A, None);
     q.set_id(id);
+    tcp_exchange(s, &q).await.map(|m| m.id())
+}
+
+/// The edns-tcp-keepalive TIMEOUT (RFC 7828, 100 ms units) of an answer over TCP.
+async fn tcp_keepalive(s: &mut tokio::net::TcpStream) -> Option<u16> {
+    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+    let mut q = query(WWW, RecordType::A, None);
+    let mut e = hickory_proto::op::Edns::new();
+    e.options_mut().insert(EdnsOption::Unknown(11, Vec::new()));
+    q.set_edns(e);
+    let m = tcp_exchange(s, &q).await?;
+    match m.extensions().as_ref()?.option(EdnsCode::from(11))? {
+        EdnsOption::Unknown(11, v) if v.len() == 2 => Some(u16::from_be_bytes([v[0], v[1]])),
+        _ => None,
+    }
+}
+
+/// One framed query over `s` and its answer, or None when the server closed.
+async fn tcp_exchange(
+    s: &mut tokio::net::TcpStream,
+    q: &hickory_proto::op::Message,
+) -> Option<hickory_proto::op::Message> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bytes = q.to_vec().expect("encode");
     let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&bytes);
@@ -871,11 +899,7 @@ async fn tcp_ask(s: &mut tokio::net::TcpStream, id: u16) -> Option<u16> {
         .ok()?;
     let mut out = vec![0u8; usize::from(u16::from_be_bytes(len))];
     s.read_exact(&mut out).await.ok()?;
-    Some(
-        hickory_proto::op::Message::from_vec(&out)
-            .expect("parse")
-            .id(),
-    )
+    Some(hickory_proto::op::Message::from_vec(&out).expect("parse"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -895,6 +919,11 @@ async fn one_client_cannot_hold_the_tcp_slots_and_busy_slots_shorten_the_idle_wa
     // Another client is served meanwhile.
     let mut other = tcp_from("127.0.0.4", to).await;
     assert_eq!(tcp_ask(&mut other, 7).await, Some(7));
+    assert_eq!(
+        tcp_keepalive(&mut other).await,
+        Some(100),
+        "10 s advertised"
+    );
     let (_, metrics) = dns.admin_get("/metrics").await;
     assert!(
         metrics.contains("edgepop_dns_tcp_refused_total 1\n"),
@@ -911,6 +940,11 @@ async fn one_client_cannot_hold_the_tcp_slots_and_busy_slots_shorten_the_idle_wa
     }
     let mut idle = tcp_from("127.0.0.5", to).await;
     assert_eq!(tcp_ask(&mut idle, 5).await, Some(5));
+    assert_eq!(
+        tcp_keepalive(&mut idle).await,
+        Some(10),
+        "1 s advertised under load"
+    );
     let mut byte = [0u8; 1];
     let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut byte))
         .await

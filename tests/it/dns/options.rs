@@ -384,3 +384,90 @@ async fn with_max_nocookie_response_large_udp_answers_need_a_valid_cookie() {
     );
     assert!(out.contains(&nsid), "{out}");
 }
+
+/// The next answer on `sock`.
+async fn recv_msg(sock: &tokio::net::UdpSocket, buf: &mut [u8]) -> Message {
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(buf))
+        .await
+        .expect("an answer")
+        .expect("recv");
+    parse(&buf[..n])
+}
+
+/// `edgepop_dns_rate_limited_total` by action: drop, slip.
+async fn rate_limited(dns: &Dns) -> [u64; 2] {
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    ["drop", "slip"].map(|a| {
+        let key = format!("edgepop_dns_rate_limited_total{{action=\"{a}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {metrics}"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_rate_limit_udp_answers_are_dropped_or_slip_out_truncated() {
+    let dns = Dns::start_with(
+        &basic_regions(),
+        "rate_limit = { responses = 5, per = \"1m\", slip = 2 }",
+    )
+    .await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    // 25 queries for the same answer at once: 5 answered, then of the 20 over the limit
+    // every second one truncated (TC, no records) and the others dropped.
+    for i in 0..25u16 {
+        let mut q = query(WWW, hickory_proto::rr::RecordType::A, None);
+        q.set_id(i);
+        sock.send_to(&q.to_vec().expect("encode"), dns.addr())
+            .await
+            .expect("send");
+    }
+    let mut buf = vec![0u8; 2048];
+    let (mut full, mut truncated) = (0, 0);
+    for _ in 0..15 {
+        let m = recv_msg(&sock, &mut buf).await;
+        if m.truncated() {
+            assert!(m.answers().is_empty() && m.name_servers().is_empty());
+            truncated += 1;
+        } else {
+            assert_eq!(addrs(&m), vec!["192.0.2.3"]);
+            full += 1;
+        }
+    }
+    assert_eq!((full, truncated), (5, 10));
+    // Nothing more was sent: the next packet on the socket answers a later query (another
+    // kind of answer, NXDOMAIN, has an allowance of its own).
+    let mut q = query("nope.edgepop.test", hickory_proto::rr::RecordType::A, None);
+    q.set_id(999);
+    sock.send_to(&q.to_vec().expect("encode"), dns.addr())
+        .await
+        .expect("send");
+    let m = recv_msg(&sock, &mut buf).await;
+    assert_eq!((m.id(), m.response_code()), (999, ResponseCode::NXDomain));
+    assert_eq!(rate_limited(&dns).await, [10, 10]);
+    // TCP is never limited.
+    assert_eq!(dns.short(&[WWW, "A", "+tcp"]).await, vec!["192.0.2.3"]);
+    // A source proven by a valid server cookie is not limited: the cookie comes with a
+    // question-less query (an allowance of its own), then ten queries bring it back.
+    let m = udp(&dns, &cookie_only_query(&option(10, &CLIENT))).await;
+    let cookie = assert_fresh_cookie(&m, &CLIENT);
+    for _ in 0..10 {
+        let m = udp(&dns, &query_with(&option(10, &cookie))).await;
+        assert!(!m.truncated());
+        assert_eq!(addrs(&m), vec!["192.0.2.3"]);
+    }
+    // Another /24 has an allowance of its own.
+    let other = tokio::net::UdpSocket::bind("127.0.1.1:0")
+        .await
+        .expect("bind");
+    let q = query(WWW, hickory_proto::rr::RecordType::A, None);
+    other
+        .send_to(&q.to_vec().expect("encode"), dns.addr())
+        .await
+        .expect("send");
+    assert_eq!(addrs(&recv_msg(&other, &mut buf).await), vec!["192.0.2.3"]);
+}

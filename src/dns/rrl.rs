@@ -1,0 +1,222 @@
+//! `[dns] rate_limit`: response rate limiting (RRL) for UDP, as BIND's `rate-limit`, Knot's
+//! `mod-rrl` and NSD's `rrl-ratelimit` do it, so the sidecar cannot be used to reflect and
+//! amplify traffic at a victim whose address is forged. Answers to one client network (an
+//! IPv4 /24 or IPv6 /56 by default: a forger picks addresses freely within a victim's
+//! network) are counted per kind of answer: a positive answer per name and type, NODATA per
+//! name, NXDOMAIN for the whole zone (so random names share one allowance), errors together.
+//! Beyond the allowance (the `governor` crate's GCRA: `burst` at once, then `responses` per
+//! `per`) answers are dropped, except every `slip`-th, which goes out truncated with no
+//! records: a real resolver behind the network retries over TCP, which is never limited, and
+//! a forged source gets nothing larger than its query. Queries that bring a valid server
+//! cookie (RFC 7873) prove their source and are never limited.
+//!
+//! The allowances live in a fixed table of 65,536 timestamps indexed by a keyed hash, as in
+//! Knot: constant memory whatever the attacker sends; clients that share a slot share an
+//! allowance, which errs towards limiting, never towards amplifying.
+
+use crate::config::DnsRateLimit;
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::Quota;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const SLOTS: usize = 1 << 16;
+
+type Limiter = governor::RateLimiter<u64, Table, MonotonicClock, NoOpMiddleware>;
+
+/// What the limit says about one UDP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// Over the limit: send nothing.
+    Drop,
+    /// Over the limit, but this one goes out truncated (TC, no records).
+    Slip,
+}
+
+/// The kinds of answer counted apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Records in the answer: per name and type.
+    Answer(u16),
+    /// NOERROR without records: per name.
+    NoData,
+    /// Per zone.
+    NxDomain,
+    /// REFUSED, FORMERR, NOTIMP, BADVERS...: one allowance.
+    Error,
+}
+
+pub struct RateLimiter {
+    limit: DnsRateLimit,
+    limiter: Limiter,
+    hasher: std::collections::hash_map::RandomState,
+    over: AtomicU64,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    pub fn new(limit: DnsRateLimit) -> Self {
+        // Validation keeps every count at least 1 and `per / responses` at least 1 ms.
+        let period = (limit.per / limit.responses.max(1)).max(Duration::from_millis(1));
+        let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        let table = Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect());
+        RateLimiter {
+            limit,
+            limiter: governor::RateLimiter::new(quota, table, MonotonicClock),
+            hasher: std::collections::hash_map::RandomState::new(),
+            over: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limit(&self) -> DnsRateLimit {
+        self.limit
+    }
+
+    /// Counts one answer of `kind` about `name` (lower-case wire form) to `client`.
+    pub fn check(&self, client: IpAddr, kind: Kind, name: &[u8]) -> Verdict {
+        let key = self.hasher.hash_one((self.network(client), kind, name));
+        if self.limiter.check_key(&key).is_ok() {
+            return Verdict::Send;
+        }
+        let n = self.over.fetch_add(1, Ordering::Relaxed);
+        match self.limit.slip {
+            0 => Verdict::Drop,
+            s if n % u64::from(s) == 0 => Verdict::Slip,
+            _ => Verdict::Drop,
+        }
+    }
+
+    /// The client's network: its address cut to the configured prefix.
+    fn network(&self, client: IpAddr) -> (bool, u128) {
+        match client.to_canonical() {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let keep = u32::MAX
+                    .checked_shl(32 - u32::from(self.limit.ipv4_prefix))
+                    .unwrap_or(0);
+                (true, u128::from(bits & keep))
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let keep = u128::MAX
+                    .checked_shl(128 - u32::from(self.limit.ipv6_prefix))
+                    .unwrap_or(0);
+                (false, bits & keep)
+            }
+        }
+    }
+}
+
+/// governor's state store: one GCRA timestamp per slot (0: never used), the slot picked by
+/// the key (already a keyed hash).
+struct Table(Box<[AtomicU64]>);
+
+impl StateStore for Table {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let state = &self.0[(*key as usize) % self.0.len()];
+        let mut prev = state.load(Ordering::Acquire);
+        loop {
+            let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+            match state.compare_exchange_weak(
+                prev,
+                next.into(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(now) => prev = now,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(slip: u32) -> DnsRateLimit {
+        DnsRateLimit {
+            responses: 3,
+            per: Duration::from_secs(60),
+            burst: 3,
+            slip,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+        }
+    }
+
+    #[test]
+    fn beyond_the_burst_every_slipth_answer_goes_out_truncated_and_the_rest_are_dropped() {
+        let rl = RateLimiter::new(limit(2));
+        let me: IpAddr = "198.51.100.7".parse().unwrap();
+        let www = b"\x03www\x07example\x03com\x00";
+        let verdicts: Vec<Verdict> = (0..7).map(|_| rl.check(me, Kind::Answer(1), www)).collect();
+        use Verdict::*;
+        assert_eq!(verdicts, [Send, Send, Send, Slip, Drop, Slip, Drop]);
+        // The same network (/24), same answer: the same allowance.
+        let neighbour: IpAddr = "198.51.100.200".parse().unwrap();
+        assert_ne!(rl.check(neighbour, Kind::Answer(1), www), Send);
+        // Another type, another kind, another network: allowances of their own.
+        assert_eq!(rl.check(me, Kind::Answer(28), www), Send);
+        assert_eq!(
+            rl.check(me, Kind::NxDomain, b"\x07example\x03com\x00"),
+            Send
+        );
+        assert_eq!(
+            rl.check("198.51.101.7".parse().unwrap(), Kind::Answer(1), www),
+            Send
+        );
+        // IPv6 /56; a mapped IPv4 address is its IPv4 network.
+        let a: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(rl.check(a, Kind::Error, b""), Send);
+        }
+        assert_ne!(
+            rl.check("2001:db8:0:ff::2".parse().unwrap(), Kind::Error, b""),
+            Send
+        );
+        assert_eq!(
+            rl.check("2001:db8:0:100::1".parse().unwrap(), Kind::Error, b""),
+            Send
+        );
+        assert_ne!(
+            rl.check("::ffff:198.51.100.9".parse().unwrap(), Kind::Answer(1), www),
+            Send
+        );
+    }
+
+    #[test]
+    fn slip_zero_drops_all_and_slip_one_truncates_all() {
+        let me: IpAddr = "192.0.2.1".parse().unwrap();
+        for (slip, want) in [(0, Verdict::Drop), (1, Verdict::Slip)] {
+            let rl = RateLimiter::new(limit(slip));
+            let over: Vec<Verdict> = (0..6)
+                .map(|_| rl.check(me, Kind::NoData, b""))
+                .skip(3)
+                .collect();
+            assert_eq!(over, [want; 3], "slip {slip}");
+        }
+    }
+}
