@@ -105,7 +105,7 @@ pub struct Class {
 pub struct Zone {
     /// Lower-case wire form of the apex.
     pub apex_wire: Vec<u8>,
-    /// Every name that exists, sorted by wire form: the apex, geo names, in-zone nameservers,
+    /// Every name that exists, sorted by [`super::query::by_length`]: the apex, geo names, in-zone nameservers,
     /// names with static records and the empty non-terminals above them.
     pub names: Vec<ZoneName>,
     /// Records from `[dns] zone_file`, by name.
@@ -145,6 +145,23 @@ pub struct Map {
     pub max_nocookie_response: Option<u16>,
     /// `[dns] rate_limit`; kept from map to map while its settings stay.
     pub rate_limit: Option<Arc<RateLimiter>>,
+}
+
+impl Zone {
+    /// The name whose lower-case wire form is `wire`. A zone of a few names (the apex, the
+    /// geo names, nameservers: the usual case) is scanned, which beats a binary search at
+    /// that size; a zone file's thousands of names are searched.
+    #[inline]
+    pub fn find(&self, wire: &[u8]) -> Option<&ZoneName> {
+        if self.names.len() <= 16 {
+            return self.names.iter().find(|n| n.wire == wire);
+        }
+        let i = self
+            .names
+            .binary_search_by(|n| super::query::by_length(&n.wire, wire))
+            .ok()?;
+        self.names.get(i)
+    }
 }
 
 impl Map {
@@ -400,9 +417,11 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
     let mut soa_authority = RrSet::default();
     soa_authority.bytes.extend_from_slice(&apex_wire);
     emit_rest(&mut soa_authority, RData::SOA(soa), ttl, IN)?;
+    let mut names: Vec<ZoneName> = names.into_values().collect();
+    names.sort_by(|a, b| super::query::by_length(&a.wire, &b.wire));
     Ok(Zone {
         apex_wire,
-        names: names.into_values().collect(),
+        names,
         soa_answer,
         ns_answer,
         ns_glue,

@@ -153,9 +153,15 @@ impl Default for Reply {
     }
 }
 
-/// `idle` in RFC 7828's units of 100 ms.
-pub fn keepalive_units(idle: std::time::Duration) -> u16 {
-    u16::try_from(idle.as_millis() / 100).unwrap_or(u16::MAX)
+/// `idle` in RFC 7828's units of 100 ms (in 64 bits: this runs for every query, and
+/// `as_millis` would divide in 128).
+pub const fn keepalive_units(idle: std::time::Duration) -> u16 {
+    let units = idle.as_secs().saturating_mul(10) + (idle.subsec_millis() / 100) as u64;
+    if units > u16::MAX as u64 {
+        u16::MAX
+    } else {
+        units as u16
+    }
 }
 
 /// A validated EDNS Client Subnet option (RFC 7871).
@@ -382,10 +388,7 @@ pub fn respond(
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     r.flags |= AA;
-    let found = zone
-        .names
-        .binary_search_by(|n| n.wire.as_slice().cmp(qwire));
-    let Some(name) = found.ok().and_then(|i| zone.names.get(i)) else {
+    let Some(name) = zone.find(qwire) else {
         r.authority = Some(&zone.soa_authority);
         return Some(r.finish(Rcode::NxDomain, transport, qtype));
     };
@@ -455,6 +458,12 @@ pub fn respond(
         r.authority = Some(&zone.soa_authority);
     }
     Some(r.finish(Rcode::NoError, transport, qtype))
+}
+
+/// The order of [`super::map::Zone::names`]: length first (one comparison tells most names
+/// apart), then the octets.
+pub fn by_length(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// What the answer's OPT carries besides ECS, from the query's options: the cookie (its
