@@ -195,3 +195,29 @@ fn check_reports_the_zone_file_or_its_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zone_of_many_names_is_searched_not_scanned_and_answers_alike() {
+    // 300 names of several lengths: more than a scan is used for.
+    let zone: String = (0..300)
+        .map(|i| format!("host{i} A 192.0.2.{}\n", i % 250 + 1))
+        .collect();
+    let (dns, _) = with_zone_file(&zone).await;
+    for i in [0, 7, 42, 99, 100, 250, 299] {
+        let want = format!("192.0.2.{}", i % 250 + 1);
+        assert_eq!(
+            dns.short(&[&format!("host{i}.edgepop.test"), "A"]).await,
+            vec![want]
+        );
+    }
+    assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.3"]);
+    assert!(dns
+        .dig(&["host300.edgepop.test", "A"])
+        .await
+        .contains("status: NXDOMAIN"));
+    assert!(dns
+        .dig(&["host1.edgepop.test", "TXT"])
+        .await
+        .contains("ANSWER: 0"));
+    assert!(dns.dig(&[ZONE, "SOA"]).await.contains("ANSWER: 1"));
+}
