@@ -7,7 +7,7 @@
 
 use super::cookie::{CookieIn, CookieState};
 use super::geo::Hit;
-use super::map::{Map, NameKind, RrSet};
+use super::map::{Map, NameKind, RrSet, SoaAuthority};
 use super::rrl::{Kind as RrlKind, Verdict};
 use domain::base::name::{ParsedName, ToLabelIter};
 use domain::dep::octseq::Parser;
@@ -742,7 +742,8 @@ struct Response<'q, 'm> {
     edns: Option<Edns>,
     limit: u16,
     answers: [Option<&'m RrSet>; 2],
-    authority: Option<&'m RrSet>,
+    /// The SOA of a negative answer.
+    authority: Option<&'m SoaAuthority>,
     /// Glue; with the OPT record in the additional section.
     additional: Option<&'m RrSet>,
     scope: u8,
@@ -800,13 +801,15 @@ impl Response<'_, '_> {
             .edns
             .map_or(0, |e| 11 + ecs_len(e) + self.extra.wire_len());
         let q_len = self.question.map_or(0, <[u8]>::len);
+        let qname_len = q_len.saturating_sub(4);
         let body: usize = self
             .answers
             .iter()
-            .chain([&self.authority, &self.additional])
+            .chain([&self.additional])
             .flatten()
             .map(|s| s.bytes.len())
-            .sum();
+            .sum::<usize>()
+            + self.authority.map_or(0, |a| a.len_for(qname_len));
         // Only records are ever dropped: an answer without any is not marked truncated,
         // unless the rate limit asks for it.
         let truncated =
@@ -820,7 +823,7 @@ impl Response<'_, '_> {
         } else {
             (
                 self.answers.iter().flatten().map(|s| s.count).sum::<u16>(),
-                self.authority.map_or(0, |s| s.count),
+                u16::from(self.authority.is_some()),
                 self.additional.map_or(0, |s| s.count),
             )
         };
@@ -837,7 +840,10 @@ impl Response<'_, '_> {
             for s in self.answers.iter().flatten() {
                 out.extend_from_slice(&s.bytes);
             }
-            for s in [self.authority, self.additional].into_iter().flatten() {
+            if let Some(a) = self.authority {
+                a.write(out, qname_len);
+            }
+            if let Some(s) = self.additional {
                 out.extend_from_slice(&s.bytes);
             }
         }
@@ -869,7 +875,7 @@ impl Response<'_, '_> {
             truncated,
             cookie: self.extra.cookie.map(|(_, s)| s),
             rtype: self.rtype,
-            qname_len: q_len.saturating_sub(4) as u16,
+            qname_len: qname_len as u16,
             answered: an > 0,
             limited: None,
         }

@@ -190,6 +190,15 @@ async fn the_apex_has_soa_and_ns_and_negative_answers_carry_the_soa() {
         "{nx}"
     );
     assert!(nx.contains("flags: qr aa rd;"), "{nx}");
+    // The SOA's owner, MNAME and RNAME point at the apex in the question: header 12 +
+    // question 26 + SOA 2 + 10 + (ns1 4 + 2) + (hostmaster 11 + 2) + 20 = 89 octets.
+    let small = dns.dig(&["nothing.edgepop.test", "A", "+noedns"]).await;
+    assert!(small.contains("MSG SIZE  rcvd: 89"), "{small}");
+    let k = dns.kdig(&["NoThing.EDGEPOP.test", "A"]).await;
+    assert!(
+        k.contains("NXDOMAIN") && k.contains("hostmaster.edgepop.test."),
+        "{k}"
+    );
     // Below a geo name: NXDOMAIN too.
     let below = dns.dig(&["x.www.edgepop.test", "A"]).await;
     assert!(below.contains("status: NXDOMAIN"), "{below}");
