@@ -83,14 +83,20 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
             println!("  nsid {n:?}");
         }
         if let Some(l) = &d.rate_limit {
+            let exempt: Vec<String> = l.exempt.iter().map(ToString::to_string).collect();
             println!(
-                "  rate limit {} responses per {}, burst {}, slip {}, networks /{} and /{}",
+                "  rate limit {} responses per {}, burst {}, slip {}, networks /{} and /{}{}",
                 l.responses,
                 humantime::format_duration(l.per),
                 l.burst,
                 l.slip,
                 l.ipv4_prefix,
-                l.ipv6_prefix
+                l.ipv6_prefix,
+                if exempt.is_empty() {
+                    String::new()
+                } else {
+                    format!(", exempt {}", exempt.join(" "))
+                }
             );
         }
         if let Some(k) = &d.cookie_keys {

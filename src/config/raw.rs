@@ -203,4 +203,5 @@ pub struct RawDnsRateLimit {
     pub slip: Option<Spanned<i64>>,
     pub ipv4_prefix: Option<Spanned<i64>>,
     pub ipv6_prefix: Option<Spanned<i64>>,
+    pub exempt: Option<Vec<Spanned<String>>>,
 }

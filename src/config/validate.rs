@@ -244,7 +244,7 @@ pub struct RateLimit {
 }
 
 /// `[dns] rate_limit`: response rate limiting for UDP answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsRateLimit {
     /// At least 1.
     pub responses: u32,
@@ -258,6 +258,8 @@ pub struct DnsRateLimit {
     pub ipv4_prefix: u8,
     /// IPv6 prefix length (16 to 128).
     pub ipv6_prefix: u8,
+    /// Client networks never limited (BIND's `exempt-clients`, Knot's `whitelist`).
+    pub exempt: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -1316,6 +1318,17 @@ fn dns_rate_limit(cx: &Ctx, l: &Spanned<RawDnsRateLimit>) -> Result<DnsRateLimit
         slip: opt(&raw.slip, "slip", 0, 10, 2)?,
         ipv4_prefix: opt(&raw.ipv4_prefix, "ipv4_prefix", 8, 32, 24)? as u8,
         ipv6_prefix: opt(&raw.ipv6_prefix, "ipv6_prefix", 16, 128, 56)? as u8,
+        exempt: match &raw.exempt {
+            None => Vec::new(),
+            Some(list) => list
+                .iter()
+                .map(|n| {
+                    n.get_ref().parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|_| {
+                        cx.err(n, format!("rate_limit exempt: {:?} is not a network (192.0.2.0/24, 2001:db8::/32)", n.get_ref()))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        },
     })
 }
 

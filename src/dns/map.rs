@@ -617,7 +617,10 @@ pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
         generation: 1,
         serial: 1,
         cookie_secret: CookieSecret::random(),
-        rate_limit: cfg.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
+        rate_limit: cfg
+            .rate_limit
+            .clone()
+            .map(|l| Arc::new(RateLimiter::new(l))),
     };
     build(file, Vec::new(), &cx)
 }

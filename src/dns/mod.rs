@@ -436,9 +436,10 @@ fn build_map_changed(
         // fresh burst) unless its settings change.
         rate_limit: cfg
             .rate_limit
+            .as_ref()
             .map(|l| match old.and_then(|o| o.rate_limit.clone()) {
                 Some(kept) if kept.limit() == l => kept,
-                _ => Arc::new(rrl::RateLimiter::new(l)),
+                _ => Arc::new(rrl::RateLimiter::new(l.clone())),
             }),
         cookie_secret: match &cfg.cookie_keys {
             Some(k) => k.secret.clone(),

@@ -6,6 +6,7 @@
 //! NSID (RFC 5001) and, over TCP, edns-tcp-keepalive (RFC 7828); others are ignored.
 
 use super::cookie::{CookieIn, CookieState};
+use super::geo::ClassId;
 use super::geo::Hit;
 use super::map::{Map, NameKind, RrSet, SoaAuthority};
 use super::rrl::{Kind as RrlKind, Verdict};
@@ -129,8 +130,11 @@ pub struct Outcome {
     pub rtype: u16,
     /// Length of the question name at offset 12 of the answer (0 without a question).
     pub qname_len: u16,
-    /// The answer section has records.
+    /// The answer has records (before any truncation).
     pub answered: bool,
+    /// A geo answer: its class and the position of the PoP chosen, counted by
+    /// [`count_hit`] once the answer is known to go out.
+    pub geo_hit: Option<(ClassId, u16)>,
     /// What `[dns] rate_limit` did to this UDP answer, when it acted.
     pub limited: Option<Verdict>,
 }
@@ -221,20 +225,37 @@ pub fn handle(
     map: &Map,
     out: &mut Vec<u8>,
 ) -> Option<Outcome> {
-    respond(query, src, transport, map, out, Reply::default())
+    let o = respond(query, src, transport, map, out, Reply::default())?;
+    count_hit(map, &o);
+    Some(o)
+}
+
+/// Counts a geo answer in `edgepop_dns_answers_total` (by region and PoP).
+#[inline]
+pub fn count_hit(map: &Map, o: &Outcome) {
+    if let Some((class, pos)) = o.geo_hit {
+        let hit = map
+            .classes
+            .get(class as usize)
+            .and_then(|c| c.hits.get(usize::from(pos)));
+        if let Some(c) = hit {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A UDP query, under `[dns] rate_limit` when the map has one: an answer over the limit is
 /// dropped (`out` left empty) or sent truncated. Queries with a valid server cookie are not
 /// limited (their source is proven).
 pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Option<Outcome> {
-    let mut o = handle(query, src, Transport::Udp, map, out)?;
-    let Some(limiter) = map.rate_limit.as_deref() else {
-        return Some(o);
+    let mut o = respond(query, src, Transport::Udp, map, out, Reply::default())?;
+    let limiter = match map.rate_limit.as_deref() {
+        Some(l) if o.cookie != Some(CookieState::Valid) && !l.exempt(src) => l,
+        _ => {
+            count_hit(map, &o);
+            return Some(o);
+        }
     };
-    if o.cookie == Some(CookieState::Valid) {
-        return Some(o);
-    }
     let mut name = [0u8; 256];
     let len = usize::from(o.qname_len);
     let qname = match out.get(12..12 + len) {
@@ -253,8 +274,13 @@ pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Op
     };
     let verdict = limiter.check(src, kind, key);
     match verdict {
-        Verdict::Send => return Some(o),
+        Verdict::Send => {
+            count_hit(map, &o);
+            return Some(o);
+        }
         Verdict::Drop => out.clear(),
+        // An error answer has no records to hold back: it goes out as it is (BIND).
+        Verdict::Slip if kind == RrlKind::Error => {}
         Verdict::Slip => {
             let reply = Reply {
                 truncate: true,
@@ -304,6 +330,7 @@ pub fn respond(
         extra: Extra::default(),
         truncate: reply.truncate,
         rtype: 0,
+        geo_hit: None,
     };
     let mut qwire = [0u8; 256];
     let parsed = parse(query, &mut d, counts, transport, &mut qwire);
@@ -329,6 +356,11 @@ pub fn respond(
     r.edns = parsed.edns;
     if let Some(e) = parsed.edns {
         r.extra = extra(&e.options, src, transport, map, reply.keepalive);
+        if reply.truncate {
+            // A slipped answer carries nothing a forger could amplify with: no NSID (the
+            // cookie stays, so a real client comes back proven).
+            r.extra.nsid = None;
+        }
     }
     r.limit = match (transport, parsed.edns) {
         (Transport::Tcp, _) => u16::MAX,
@@ -420,9 +452,7 @@ pub fn respond(
             }
             if set.count > 0 {
                 r.answers[0] = Some(set);
-                if let Some(c) = class.hits.get(pos) {
-                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                r.geo_hit = Some((hit.class, pos as u16));
             }
         }
         255 if apex => {
@@ -752,6 +782,8 @@ struct Response<'q, 'm> {
     truncate: bool,
     /// The question's type, for the outcome.
     rtype: u16,
+    /// For the outcome: see [`Outcome::geo_hit`].
+    geo_hit: Option<(ClassId, u16)>,
 }
 
 /// Options of the answer's OPT besides ECS.
@@ -876,7 +908,8 @@ impl Response<'_, '_> {
             cookie: self.extra.cookie.map(|(_, s)| s),
             rtype: self.rtype,
             qname_len: qname_len as u16,
-            answered: an > 0,
+            answered: self.answers.iter().flatten().any(|s| s.count > 0),
+            geo_hit: self.geo_hit,
             limited: None,
         }
     }

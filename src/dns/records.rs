@@ -97,17 +97,18 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
             // starts where the walk says.
             let s = e.to_string();
             let mut reason = s.splitn(3, ':').nth(2).unwrap_or(&s).trim().to_string();
-            if reason.contains("decimal number") || reason.contains("expected rtype") {
-                // What BIND users meet first: the scanner takes TTLs in seconds only.
-                reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
-            }
             let after = s
                 .split(':')
                 .next()
                 .and_then(|l| l.trim().parse::<usize>().ok())
                 .map_or(1, |l| l.saturating_sub(1).max(1));
+            let line = lines.get(index).copied().unwrap_or(after).min(after);
+            if text.lines().nth(line - 1).is_some_and(has_ttl_unit) {
+                // What BIND users meet first: the scanner takes TTLs in seconds only.
+                reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
+            }
             ConfigError::Syntax {
-                at: at_line(lines.get(index).copied().unwrap_or(after).min(after)),
+                at: at_line(line),
                 reason: format!("zone file: {reason}"),
             }
         })?;
@@ -350,6 +351,23 @@ fn entry_lines(text: &str) -> Vec<usize> {
     out
 }
 
+/// Whether a line has a token like `1h` or `30m`: a TTL with a unit, as BIND takes.
+fn has_ttl_unit(line: &str) -> bool {
+    line.split(';')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .any(|t| {
+            let (digits, unit) = t.split_at(t.len().saturating_sub(1));
+            !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && matches!(
+                    unit,
+                    "s" | "m" | "h" | "d" | "w" | "S" | "M" | "H" | "D" | "W"
+                )
+        })
+}
+
 fn lower(wire: &[u8]) -> Vec<u8> {
     wire.to_ascii_lowercase()
 }
@@ -497,9 +515,16 @@ deep    A     192.0.2.26
                 "TTLs are in seconds",
             ),
             ("b 1d A 192.0.2.2\n", 1, "TTLs are in seconds"),
+            ("mail MX ten mx\n", 1, "zone file"),
         ];
         for (text, line, why) in cases {
             let e = parse_text(text).expect_err(text).to_string();
+            // The TTL hint only where a TTL has a unit.
+            assert_eq!(
+                e.contains("TTLs are in seconds"),
+                why.contains("TTLs"),
+                "{text:?}: {e}"
+            );
             assert!(e.starts_with(&format!("z.zone:{line}:")), "{text:?}: {e}");
             assert!(e.contains(why), "{text:?}: {e}");
         }

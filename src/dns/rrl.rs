@@ -23,7 +23,7 @@ use governor::Quota;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 const SLOTS: usize = 1 << 16;
@@ -57,7 +57,9 @@ pub struct RateLimiter {
     limit: DnsRateLimit,
     limiter: Limiter,
     hasher: std::collections::hash_map::RandomState,
-    over: AtomicU64,
+    /// Answers over the limit, per slot: which of them slips is decided per allowance (as
+    /// BIND does), so two floods interleaved cannot starve one network of its slips.
+    over: Box<[AtomicU16]>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -81,12 +83,12 @@ impl RateLimiter {
             limit,
             limiter: governor::RateLimiter::new(quota, table, MonotonicClock),
             hasher: std::collections::hash_map::RandomState::new(),
-            over: AtomicU64::new(0),
+            over: (0..SLOTS).map(|_| AtomicU16::new(0)).collect(),
         }
     }
 
-    pub fn limit(&self) -> DnsRateLimit {
-        self.limit
+    pub fn limit(&self) -> &DnsRateLimit {
+        &self.limit
     }
 
     /// Counts one answer of `kind` about `name` (lower-case wire form) to `client`.
@@ -95,12 +97,18 @@ impl RateLimiter {
         if self.limiter.check_key(&key).is_ok() {
             return Verdict::Send;
         }
-        let n = self.over.fetch_add(1, Ordering::Relaxed);
+        let n = self.over[slot(key)].fetch_add(1, Ordering::Relaxed);
         match self.limit.slip {
             0 => Verdict::Drop,
-            s if n % u64::from(s) == 0 => Verdict::Slip,
+            s if u32::from(n) % s == 0 => Verdict::Slip,
             _ => Verdict::Drop,
         }
+    }
+
+    /// Whether `client` is in `exempt` (never limited).
+    pub fn exempt(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.limit.exempt.iter().any(|n| n.contains(&client))
     }
 
     /// The client's network: its address cut to the configured prefix.
@@ -124,6 +132,11 @@ impl RateLimiter {
     }
 }
 
+/// The slot of a key (already a keyed hash).
+fn slot(key: u64) -> usize {
+    (key as usize) % SLOTS
+}
+
 /// governor's state store: one GCRA timestamp per slot (0: never used), the slot picked by
 /// the key (already a keyed hash).
 struct Table(Box<[AtomicU64]>);
@@ -135,7 +148,7 @@ impl StateStore for Table {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let state = &self.0[(*key as usize) % self.0.len()];
+        let state = &self.0[slot(*key)];
         let mut prev = state.load(Ordering::Acquire);
         loop {
             let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
@@ -164,6 +177,7 @@ mod tests {
             slip,
             ipv4_prefix: 24,
             ipv6_prefix: 56,
+            exempt: vec!["192.0.2.0/24".parse().unwrap()],
         }
     }
 
@@ -205,6 +219,35 @@ mod tests {
             rl.check("::ffff:198.51.100.9".parse().unwrap(), Kind::Answer(1), www),
             Send
         );
+    }
+
+    #[test]
+    fn slips_are_counted_per_allowance_so_interleaved_floods_each_get_theirs() {
+        let rl = RateLimiter::new(limit(2));
+        let (a, b): (IpAddr, IpAddr) = (
+            "198.51.100.1".parse().unwrap(),
+            "203.0.113.1".parse().unwrap(),
+        );
+        for _ in 0..3 {
+            rl.check(a, Kind::NoData, b"");
+            rl.check(b, Kind::NoData, b"");
+        }
+        let over: Vec<(Verdict, Verdict)> = (0..4)
+            .map(|_| {
+                (
+                    rl.check(a, Kind::NoData, b""),
+                    rl.check(b, Kind::NoData, b""),
+                )
+            })
+            .collect();
+        use Verdict::*;
+        assert_eq!(
+            over,
+            [(Slip, Slip), (Drop, Drop), (Slip, Slip), (Drop, Drop)]
+        );
+        assert!(rl.exempt("192.0.2.77".parse().unwrap()));
+        assert!(rl.exempt("::ffff:192.0.2.77".parse().unwrap()));
+        assert!(!rl.exempt(a));
     }
 
     #[test]

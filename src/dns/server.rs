@@ -348,7 +348,11 @@ async fn tcp_conn(mut s: TcpStream, state: &DnsState, slots: &tokio::sync::Semap
                 keepalive: query::keepalive_units(idle),
                 truncate: false,
             };
-            query::respond(&buf[..len], peer, Transport::Tcp, &map, &mut out, reply)
+            let o = query::respond(&buf[..len], peer, Transport::Tcp, &map, &mut out, reply);
+            if let Some(o) = &o {
+                query::count_hit(&map, o);
+            }
+            o
         };
         let Some(o) = outcome else { continue };
         state.stats().record(o);

@@ -54,7 +54,7 @@ impl Stats {
     #[inline]
     pub fn record(&self, o: Outcome) {
         self.queries[qi(o.qtype)][ri(o.rcode)].fetch_add(1, Ordering::Relaxed);
-        if o.truncated {
+        if o.truncated && o.limited != Some(Verdict::Drop) {
             self.truncated.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(c) = o.cookie {
@@ -88,7 +88,7 @@ pub fn render(state: &DnsState) -> String {
     let s = state.stats();
     let _ = writeln!(
         o,
-        "# HELP edgepop_dns_queries_total DNS queries answered, by query type and response code."
+        "# HELP edgepop_dns_queries_total DNS queries, by query type and response code (answers dropped by rate_limit included: see edgepop_dns_rate_limited_total)."
     );
     let _ = writeln!(o, "# TYPE edgepop_dns_queries_total counter");
     for q in Qtype::ALL {

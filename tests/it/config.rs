@@ -584,11 +584,11 @@ fn a_dns_rate_limit_is_checked_and_shown() {
     let (ok, stdout, stderr) = check(&write_file(
         dir.path(),
         "ok.toml",
-        &dns("{ responses = 20, slip = 0, ipv6_prefix = 48 }"),
+        &dns("{ responses = 20, slip = 0, ipv6_prefix = 48, exempt = [\"10.1.2.3/8\", \"2001:db8::/32\"] }"),
     ));
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("  rate limit 20 responses per 1s, burst 20, slip 0, networks /24 and /48"),
+        stdout.contains("  rate limit 20 responses per 1s, burst 20, slip 0, networks /24 and /48, exempt 10.0.0.0/8 2001:db8::/32"),
         "{stdout}"
     );
     for (limit, want) in [
@@ -597,6 +597,7 @@ fn a_dns_rate_limit_is_checked_and_shown() {
         ("{ responses = 5, ipv4_prefix = 33 }", "e.toml:7:45: rate_limit ipv4_prefix must be between 8 and 32"),
         ("{ responses = 5000, per = \"1s\" }", "e.toml:7:14: rate_limit allows more than one response per millisecond per client network: use a longer per or fewer responses"),
         ("{ per = \"1s\" }", "e.toml:7:14: missing field `responses`"),
+        ("{ responses = 5, exempt = [\"x\"] }", "e.toml:7:41: rate_limit exempt: \"x\" is not a network (192.0.2.0/24, 2001:db8::/32)"),
     ] {
         assert_eq!(check_text(&dns(limit)).trim(), want, "{limit}");
     }

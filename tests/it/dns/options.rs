@@ -471,3 +471,77 @@ async fn over_the_rate_limit_udp_answers_are_dropped_or_slip_out_truncated() {
         .expect("send");
     assert_eq!(addrs(&recv_msg(&other, &mut buf).await), vec!["192.0.2.3"]);
 }
+
+/// A map built outside a sidecar from `extra` `[dns]` keys and the basic regions.
+fn standalone_map(extra: &str) -> edgepop::dns::map::Map {
+    let cfg = edgepop::config::parse(
+        std::path::Path::new("t.toml"),
+        &config_text(std::path::Path::new("unused.toml"), extra),
+    )
+    .expect("config")
+    .dns
+    .expect("[dns]");
+    let file = edgepop::config::regions::parse(std::path::Path::new("r.toml"), &basic_regions())
+        .expect("regions");
+    edgepop::dns::map::standalone(&cfg, file).expect("map")
+}
+
+#[test]
+fn the_rate_limit_keys_by_name_in_any_case_nxdomain_by_zone_and_errors_together() {
+    use edgepop::dns::query::handle_udp;
+    use edgepop::dns::rrl::Verdict;
+    use hickory_proto::rr::rdata::opt::EdnsOption;
+    use hickory_proto::rr::RecordType;
+    let map = standalone_map(
+        "nsid = \"dns1\"\nrate_limit = { responses = 2, per = \"1m\", slip = 1, exempt = [\"198.51.100.0/24\"] }",
+    );
+    let src: std::net::IpAddr = "203.0.113.9".parse().expect("ip");
+    let mut out = Vec::new();
+    let mut ask = |name: &str, nsid: bool, src: std::net::IpAddr| {
+        let mut q = query(name, RecordType::A, None);
+        if nsid {
+            let mut e = hickory_proto::op::Edns::new();
+            e.options_mut().insert(EdnsOption::Unknown(3, Vec::new()));
+            q.set_edns(e);
+        }
+        let o = handle_udp(&q.to_vec().expect("encode"), src, &map, &mut out).expect("answered");
+        (o.limited, parse(&out))
+    };
+    // One allowance for www in any case; the slipped answer keeps its question and OPT but
+    // no records and no NSID.
+    assert_eq!(ask("www.edgepop.test", true, src).0, None);
+    let (limited, m) = ask("WWW.EdgePop.TEST", true, src);
+    assert_eq!(limited, None);
+    assert_eq!(option_of(&m, EdnsCode::NSID), Some(b"dns1".to_vec()));
+    let (limited, m) = ask("wWw.edgepop.test", true, src);
+    assert_eq!(limited, Some(Verdict::Slip));
+    assert!(m.truncated() && m.answers().is_empty() && m.queries().len() == 1);
+    assert!(m.extensions().is_some() && option_of(&m, EdnsCode::NSID).is_none());
+    // Only the two answers sent are counted for their PoP.
+    let hits: u64 = map
+        .classes
+        .iter()
+        .flat_map(|c| &c.hits)
+        .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(hits, 2);
+    // NXDOMAIN for any name draws on the zone's allowance.
+    assert_eq!(ask("a.edgepop.test", false, src).0, None);
+    assert_eq!(ask("b.edgepop.test", false, src).0, None);
+    let (limited, m) = ask("c.edgepop.test", false, src);
+    assert_eq!((limited, m.truncated()), (Some(Verdict::Slip), true));
+    // Errors share one allowance, and over it go out unchanged (no records to hold back).
+    assert_eq!(ask("example.com", false, src).0, None);
+    assert_eq!(ask("example.org", false, src).0, None);
+    let (limited, m) = ask("example.net", false, src);
+    assert_eq!(limited, Some(Verdict::Slip));
+    assert_eq!(
+        (m.response_code(), m.truncated()),
+        (ResponseCode::Refused, false)
+    );
+    // An exempt network is never limited.
+    let exempt: std::net::IpAddr = "198.51.100.1".parse().expect("ip");
+    for _ in 0..5 {
+        assert_eq!(ask("www.edgepop.test", false, exempt).0, None);
+    }
+}
