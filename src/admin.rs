@@ -63,6 +63,7 @@ impl EdgeStatus {
         metrics::render_edge(
             &self.counters,
             &pools,
+            &rt.certificates,
             self.draining.load(Ordering::Acquire),
             rt.access_log.as_ref().map(|l| l.dropped()),
         )

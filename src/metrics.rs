@@ -36,6 +36,45 @@ pub const RATE_LIMITED: &str = "edgepop_rate_limited";
 pub const RATE_LIMIT_UNRECORDED: &str = "edgepop_rate_limit_unrecorded";
 pub const CLIENT_HANDSHAKE_TIME: &str = "edgepop_client_handshake_seconds";
 pub const CLIENT_HANDSHAKE_FAILURES: &str = "edgepop_client_handshake_failures";
+pub const CERTIFICATE_EXPIRY: &str = "edgepop_certificate_expiry_timestamp_seconds";
+
+/// A certificate in service and its notAfter, for `edgepop_certificate_expiry_timestamp_seconds`
+/// (Envoy's `expiration_unix_time_seconds`): alert on `metric - time() < 14 * 86400`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    /// "server" (presented to clients) or "client" (presented to an origin).
+    pub usage: &'static str,
+    /// The names it serves, or "origin <name>".
+    pub certificate: String,
+    pub not_after: i64,
+}
+
+impl CertificateExpiry {
+    pub fn of(edge: &crate::config::EdgeConfig) -> Vec<CertificateExpiry> {
+        use crate::tls::certs::Validity;
+        let server = edge.certificates.iter().filter_map(|c| {
+            Some(CertificateExpiry {
+                usage: "server",
+                certificate: c.names.join(","),
+                not_after: Validity::of(c.key.cert.first()?)?.not_after,
+            })
+        });
+        let client = edge.origins.iter().filter_map(|o| {
+            Some(CertificateExpiry {
+                usage: "client",
+                certificate: format!("origin {}", o.name),
+                not_after: Validity::of(o.client_auth.as_ref()?.chain.first()?)?.not_after,
+            })
+        });
+        server.chain(client).collect()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    usage: &'static str,
+    certificate: String,
+}
 
 /// How a client's handshake went, for `edgepop_client_handshake_seconds{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,10 +319,25 @@ fn gauge(v: usize) -> i64 {
 pub fn render_edge(
     counters: &EdgeCounters,
     pools: &[PoolSnapshot],
+    certificates: &[CertificateExpiry],
     draining: bool,
     access_log_dropped: Option<u64>,
 ) -> String {
     let mut reg = Registry::default();
+    let expiry = Family::<CertificateLabel, Gauge<i64>>::default();
+    for c in certificates {
+        expiry
+            .get_or_create(&CertificateLabel {
+                usage: c.usage,
+                certificate: c.certificate.clone(),
+            })
+            .set(c.not_after);
+    }
+    reg.register(
+        CERTIFICATE_EXPIRY,
+        "When each certificate in service expires (notAfter, Unix seconds): usage server for the edge's own, client for an origin's client_cert",
+        expiry,
+    );
     let requests = Family::<ClassLabel, Counter>::default();
     for (i, n) in counters.by_class.snapshot().iter().enumerate().skip(1) {
         requests

@@ -8,6 +8,7 @@ use crate::edge;
 use crate::metrics::EdgeCounters;
 use crate::pool::Pool;
 use crate::proxy::Runtime;
+use crate::tls::certs::{CertUse, Validity};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -169,12 +170,22 @@ fn print_edge_summary(e: &EdgeConfig) {
             .unwrap_or_default();
         println!("  listener {}{plain}{h3}{proxy}{per_client}", l.address);
     }
+    let now = std::time::SystemTime::now();
+    let mut warnings = Vec::new();
     for c in &e.certificates {
+        let validity = c.key.cert.first().and_then(Validity::of);
         println!(
-            "  certificate {} ({})",
+            "  certificate {} ({}){}",
             c.names.join(","),
-            c.cert_path.display()
+            c.cert_path.display(),
+            validity
+                .map(|v| format!(" {}", v.describe(now)))
+                .unwrap_or_default()
         );
+        if let Some(v) = validity {
+            let what = format!("certificate {}", c.cert_path.display());
+            warnings.extend(v.warnings(&what, CertUse::Server, now));
+        }
     }
     for o in &e.origins {
         let client_cert = o
@@ -182,6 +193,14 @@ fn print_edge_summary(e: &EdgeConfig) {
             .as_ref()
             .map(|a| format!(" client_cert={}", a.cert.display()))
             .unwrap_or_default();
+        let client_validity = o
+            .client_auth
+            .as_ref()
+            .and_then(|a| Some((a, a.chain.first().and_then(Validity::of)?)));
+        if let Some((a, v)) = client_validity {
+            let what = format!("origin {} client_cert {}", o.name, a.cert.display());
+            warnings.extend(v.warnings(&what, CertUse::Client, now));
+        }
         println!(
             "  origin {} {} sni={} {} warm={} max={}{client_cert}",
             o.name,
@@ -229,6 +248,9 @@ fn print_edge_summary(e: &EdgeConfig) {
             r.hosts.join(","),
             origins.join(" > ")
         );
+    }
+    for w in warnings {
+        println!("  warning: {w}");
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Runtime {
     /// Carried from one runtime to the next on reload, so counters never reset.
     pub counters: Arc<EdgeCounters>,
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// The certificates in service and when they expire, for the metrics.
+    pub certificates: Vec<crate::metrics::CertificateExpiry>,
 }
 
 impl Runtime {
@@ -84,6 +86,7 @@ impl Runtime {
             via,
             counters,
             access_log,
+            certificates: crate::metrics::CertificateExpiry::of(edge),
         }
     }
 

@@ -181,3 +181,78 @@ fn roots_of(path: &Path, certs: Vec<CertificateDer<'static>>) -> Result<RootCert
     }
     Ok(roots)
 }
+
+/// What operators watch about a certificate in service: when it expires and which uses its
+/// extended key usage allows (`None`: the certificate has no such extension, so any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// notAfter, in seconds since the Unix epoch.
+    pub not_after: i64,
+    pub server_auth: Option<bool>,
+    pub client_auth: Option<bool>,
+}
+
+/// How soon before expiry `edgepop check` warns (certificate authorities renew at 30 days).
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+impl Validity {
+    /// Of a certificate in DER; `None` when it does not parse (rustls accepted it, so rare).
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Validity> {
+        let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let eku = c.extended_key_usage().ok().flatten().map(|e| e.value);
+        Some(Validity {
+            not_after: c.validity().not_after.timestamp(),
+            server_auth: eku.map(|e| e.any || e.server_auth),
+            client_auth: eku.map(|e| e.any || e.client_auth),
+        })
+    }
+
+    /// "expires 2027-02-20T00:00:00Z (in 85 days)", or when it expired.
+    pub fn describe(&self, now: std::time::SystemTime) -> String {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0));
+        let when = humantime::format_rfc3339_seconds(at);
+        match self.days_left(now) {
+            d if d < 0 => format!("expired {when}"),
+            d => format!("expires {when} (in {d} days)"),
+        }
+    }
+
+    /// Whole days until expiry (negative once expired).
+    pub fn days_left(&self, now: std::time::SystemTime) -> i64 {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        (self.not_after - now).div_euclid(86_400)
+    }
+
+    /// The warnings `edgepop check` prints for a certificate used for `role`.
+    pub fn warnings(&self, what: &str, role: CertUse, now: std::time::SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        let days = self.days_left(now);
+        if days < 0 {
+            out.push(format!("{what} has expired: {}", self.describe(now)));
+        } else if days < EXPIRY_WARNING_DAYS {
+            out.push(format!("{what} {}: renew it", self.describe(now)));
+        }
+        let (allowed, usage, who) = match role {
+            CertUse::Server => (self.server_auth, "serverAuth", "clients"),
+            CertUse::Client => (self.client_auth, "clientAuth", "origins that check it"),
+        };
+        if allowed == Some(false) {
+            out.push(format!(
+                "{what}: its extended key usage lacks {usage}, so {who} will refuse it"
+            ));
+        }
+        out
+    }
+}
+
+/// Which side of TLS a certificate is presented on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertUse {
+    /// The edge's own certificates, to clients.
+    Server,
+    /// `[[origins]] client_cert`, to origins.
+    Client,
+}

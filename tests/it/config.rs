@@ -853,3 +853,95 @@ async fn serve_ignores_the_dns_section_but_not_an_unknown_key_in_it() {
         "{err}"
     );
 }
+
+/// The civil date (year, month, day) `days` after 1970-01-01 (H. Hinnant's algorithm), for
+/// certificates that expire relative to today.
+fn civil(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y as i32, m as u8, d as u8)
+}
+
+/// A self-signed certificate for localhost valid until `days` from today (negative: in the
+/// past), with these extended key usages; written as (cert, key) files in `dir`.
+fn cert_until(
+    dir: &std::path::Path,
+    name: &str,
+    days: i64,
+    usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> (String, String) {
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let (y, m, d) = civil(today - 400);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = civil(today + days);
+    params.not_after = rcgen::date_time_ymd(y, m, d);
+    params.extended_key_usages = usages;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (
+        write_file(dir, &format!("{name}.crt"), &cert.pem())
+            .display()
+            .to_string(),
+        write_file(dir, &format!("{name}.key"), &key.serialize_pem())
+            .display()
+            .to_string(),
+    )
+}
+
+#[test]
+fn check_shows_when_certificates_expire_and_warns_before_they_do() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let dir = tempfile::tempdir().unwrap();
+    // A server certificate with days to go, a client certificate only for servers.
+    let (crt, key) = cert_until(dir.path(), "soon", 3, vec![ServerAuth]);
+    let (ccrt, ckey) = cert_until(dir.path(), "client", 300, vec![ServerAuth]);
+    let text = edge_text(
+        &format!("client_cert = \"{ccrt}\"\nclient_key = \"{ckey}\""),
+        &crt,
+        &key,
+    );
+    let (ok, stdout, stderr) = check(&write_file(dir.path(), "a.toml", &text));
+    assert!(ok, "check warns, it does not refuse: {stderr}");
+    assert!(
+        stdout.contains(&format!("  certificate localhost ({crt}) expires ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("  warning: certificate {crt} expires "))
+            && stdout.contains(" days): renew it"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("  warning: origin o client_cert {ccrt}: its extended key usage lacks clientAuth, so origins that check it will refuse it")),
+        "{stdout}"
+    );
+    // Expired; and certificates for their use, far from expiry, get no warning.
+    let (old, old_key) = cert_until(dir.path(), "old", -2, vec![]);
+    let (good, good_key) = cert_until(dir.path(), "good", 300, vec![ServerAuth, ClientAuth]);
+    let text = edge_text(
+        &format!("client_cert = \"{good}\"\nclient_key = \"{good_key}\""),
+        &old,
+        &old_key,
+    );
+    let (ok, stdout, _) = check(&write_file(dir.path(), "b.toml", &text));
+    assert!(ok);
+    assert!(
+        stdout.contains(&format!(
+            "  warning: certificate {old} has expired: expired "
+        )),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("warning:").count(), 1, "{stdout}");
+}

@@ -438,6 +438,22 @@ async fn healthz_reports_ok_when_every_route_has_a_warm_connection() {
         metrics.contains("edgepop_upstream_open_connections{origin=\"o1\"} 1"),
         "{metrics}"
     );
+    // When each certificate in service expires, read off the certificate itself.
+    let pem = std::fs::read(certs().join("edge.crt")).unwrap();
+    let der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap()
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let line = format!(
+        "edgepop_certificate_expiry_timestamp_seconds{{usage=\"server\",certificate=\"localhost,*.edgepop.test,edgepop.test\"}} {}",
+        cert.validity().not_after.timestamp()
+    );
+    assert!(metrics.contains(&line), "{line} in {metrics}");
+    assert!(
+        metrics.contains("edgepop_certificate_expiry_timestamp_seconds{usage=\"server\",certificate=\"other.example\"} "),
+        "{metrics}"
+    );
     // Connections on demand only: nothing warm to keep, and an idle PoP is healthy.
     let (_origin, cold) = one_origin_edge("warm_connections = 0").await;
     assert_eq!(pools_json(cold.admin).await["pools"][0]["open"], 0);
