@@ -66,8 +66,31 @@ impl CertificateExpiry {
                 not_after: Validity::of(o.client_auth.as_ref()?.chain.first()?)?.not_after,
             })
         });
-        server.chain(client).collect()
+        // The first certificate for a set of names is the one served (SNI takes the first
+        // match): a later one with the same names (a rotation staged below the old one) would
+        // otherwise hide the old one's expiry.
+        let mut out: Vec<CertificateExpiry> = Vec::new();
+        for c in server.chain(client) {
+            if !out
+                .iter()
+                .any(|o| (o.usage, &o.certificate) == (c.usage, &c.certificate))
+            {
+                out.push(c);
+            }
+        }
+        out
     }
+}
+
+/// A label value in the text exposition's escaping (backslash, double quote, newline), which
+/// prometheus-client 0.22 leaves to the caller: origin names are free text.
+fn escape(s: &str) -> String {
+    if !s.contains(['\\', '"', '\n']) {
+        return s.to_string();
+    }
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -329,7 +352,7 @@ pub fn render_edge(
         expiry
             .get_or_create(&CertificateLabel {
                 usage: c.usage,
-                certificate: c.certificate.clone(),
+                certificate: escape(&c.certificate),
             })
             .set(c.not_after);
     }
@@ -455,7 +478,7 @@ pub fn render_edge(
         let fam = Family::<OriginLabel, Gauge<i64>>::default();
         for p in pools {
             fam.get_or_create(&OriginLabel {
-                origin: p.origin.clone(),
+                origin: escape(&p.origin),
             })
             .set(f(p));
         }
@@ -478,7 +501,7 @@ pub fn render_edge(
         let fam = Family::<OriginLabel, Counter>::default();
         for p in pools {
             fam.get_or_create(&OriginLabel {
-                origin: p.origin.clone(),
+                origin: escape(&p.origin),
             })
             .inc_by(f(p));
         }
@@ -491,7 +514,7 @@ pub fn render_edge(
             ("resumed", p.handshakes_resumed),
         ] {
             hs.get_or_create(&HandshakeLabel {
-                origin: p.origin.clone(),
+                origin: escape(&p.origin),
                 kind: kind.into(),
             })
             .inc_by(v);
@@ -504,14 +527,14 @@ pub fn render_edge(
         for (i, n) in p.responses_by_class.iter().enumerate().skip(1) {
             responses
                 .get_or_create(&OriginClassLabel {
-                    origin: p.origin.clone(),
+                    origin: escape(&p.origin),
                     code: format!("{i}xx"),
                 })
                 .inc_by(*n);
         }
         times
             .get_or_create(&OriginLabel {
-                origin: p.origin.clone(),
+                origin: escape(&p.origin),
             })
             .set(p.response_time.clone());
     }
@@ -534,6 +557,12 @@ pub fn render_edge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_wants() {
+        assert_eq!(escape("plain"), "plain");
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn latency_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {

@@ -1,12 +1,13 @@
 //! Fuzzes the DNS query path: any bytes from any source address must give either no answer
 //! or a well-formed one, never a panic. The map has nested IPv4/IPv6 regions, a truncating
-//! PoP, the default and in-zone nameservers with glue, so every branch of the answer code is
-//! reachable.
+//! PoP, the default and in-zone nameservers with glue, static records (a CNAME, a TXT at a
+//! geo name, records below an empty non-terminal) and a rate limit that drops and slips, so
+//! every branch of the answer code is reachable.
 
 #![no_main]
 
-use edgepop::dns::map::{standalone, Map};
-use edgepop::dns::query::{handle, Transport};
+use edgepop::dns::map::{standalone_with, Map};
+use edgepop::dns::query::{handle, handle_udp, Transport};
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 use std::path::Path;
@@ -24,6 +25,17 @@ nameservers = ["ns1.edgepop.test", "ns2.sub.edgepop.test", "ns.example.net"]
 glue = { "ns1.edgepop.test" = ["192.0.2.53", "2001:db8::53"], "ns2.sub.edgepop.test" = ["192.0.2.54"] }
 nsid = "fuzz"
 max_nocookie_response = 300
+rate_limit = { responses = 50, per = "1s", slip = 2, exempt = ["10.1.2.0/24"] }
+"#;
+
+const ZONE: &str = r#"
+@          MX     10 mail
+@          TXT    "v=spf1 -all" "second"
+www        TXT    "geo and static"
+mail       A      192.0.2.25
+alias      CNAME  www
+x.y.z      AAAA   2001:db8::25
+_sip._udp  SRV    0 1 5060 mail
 "#;
 
 const REGIONS: &str = r#"
@@ -62,18 +74,21 @@ fn map() -> &'static Map {
             .expect("fuzz config");
         let file = edgepop::config::regions::parse(Path::new("fuzz-regions.toml"), REGIONS)
             .expect("fuzz regions");
-        standalone(&cfg, file).expect("fuzz map")
+        let statics = edgepop::dns::records::parse(Path::new("fuzz.zone"), ZONE, &cfg)
+            .expect("fuzz zone file");
+        standalone_with(&cfg, file, statics).expect("fuzz map")
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the source address family (bit 0), so both lookups get
-    // exercised, and the transport (bit 1): TCP has no size limit and takes the keepalive.
+    // exercised, the transport (bit 1): TCP has no size limit and takes the keepalive, and
+    // over UDP whether the rate limit applies (bit 2: a source outside its exempt network).
     let first = data.first().copied().unwrap_or(0);
-    let src: IpAddr = if first & 1 == 1 {
-        "2001:db8:1:2::7".parse().expect("v6")
-    } else {
-        "10.1.2.3".parse().expect("v4")
+    let src: IpAddr = match (first & 1 == 1, first & 4 == 4) {
+        (true, _) => "2001:db8:1:2::7".parse().expect("v6"),
+        (false, false) => "10.1.2.3".parse().expect("v4"),
+        (false, true) => "10.1.9.3".parse().expect("v4"),
     };
     let (transport, limit) = if first & 2 == 2 {
         (Transport::Tcp, usize::from(u16::MAX))
@@ -82,7 +97,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let query = data.get(1..).unwrap_or(&[]);
     let mut resp = Vec::new();
-    if handle(query, src, transport, map(), &mut resp).is_some() {
+    let outcome = match transport {
+        Transport::Udp => handle_udp(query, src, map(), &mut resp),
+        Transport::Tcp => handle(query, src, transport, map(), &mut resp),
+    };
+    // A rate-limited answer that was dropped leaves nothing to send.
+    if outcome.is_some() && !resp.is_empty() {
         assert!(resp.len() >= 12, "an answer has a header");
         assert!(resp.len() <= limit, "answers fit their transport (UDP: 1232 bytes)");
         // Over UDP, within what the query allows, when an independent parser can read it:

@@ -610,6 +610,15 @@ fn rtype_name(t: RecordType) -> &'static str {
 /// Builds a map outside a running sidecar (its own health and hit books, every PoP up):
 /// for fuzzing, benches and tests of the query path.
 pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
+    standalone_with(cfg, file, Vec::new())
+}
+
+/// [`standalone`] with static records (from [`super::records::parse`]).
+pub fn standalone_with(
+    cfg: &DnsConfig,
+    file: RegionFile,
+    statics: Vec<StaticName>,
+) -> Result<Map, MapError> {
     let cx = BuildContext {
         cfg,
         health: &HealthBook::default(),
@@ -622,5 +631,5 @@ pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
             .clone()
             .map(|l| Arc::new(RateLimiter::new(l))),
     };
-    build(file, Vec::new(), &cx)
+    build(file, statics, &cx)
 }

@@ -199,11 +199,17 @@ impl Validity {
     /// Of a certificate in DER; `None` when it does not parse (rustls accepted it, so rare).
     pub fn of(cert: &CertificateDer<'_>) -> Option<Validity> {
         let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-        let eku = c.extended_key_usage().ok().flatten().map(|e| e.value);
+        // anyExtendedKeyUsage does not count: rustls (webpki) and OpenSSL want the exact
+        // purpose. An extension that does not parse allows nothing, as webpki sees it.
+        let (server_auth, client_auth) = match c.extended_key_usage() {
+            Ok(None) => (None, None),
+            Ok(Some(e)) => (Some(e.value.server_auth), Some(e.value.client_auth)),
+            Err(_) => (Some(false), Some(false)),
+        };
         Some(Validity {
             not_after: c.validity().not_after.timestamp(),
-            server_auth: eku.map(|e| e.any || e.server_auth),
-            client_auth: eku.map(|e| e.any || e.client_auth),
+            server_auth,
+            client_auth,
         })
     }
 

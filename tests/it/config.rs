@@ -944,4 +944,21 @@ fn check_shows_when_certificates_expire_and_warns_before_they_do() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("warning:").count(), 1, "{stdout}");
+    // anyExtendedKeyUsage is not serverAuth to rustls or OpenSSL.
+    let (any, any_key) = cert_until(
+        dir.path(),
+        "any",
+        300,
+        vec![rcgen::ExtendedKeyUsagePurpose::Any],
+    );
+    let (ok, stdout, _) = check(&write_file(
+        dir.path(),
+        "c.toml",
+        &edge_text("", &any, &any_key),
+    ));
+    assert!(ok);
+    assert!(
+        stdout.contains(&format!("  warning: certificate {any}: its extended key usage lacks serverAuth, so clients will refuse it")),
+        "{stdout}"
+    );
 }
