@@ -19,12 +19,9 @@ use governor::clock::MonotonicClock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
-use governor::Quota;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::time::Duration;
 
 const SLOTS: usize = 1 << 16;
 
@@ -72,12 +69,7 @@ impl std::fmt::Debug for RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: DnsRateLimit) -> Self {
-        // Validation keeps every count at least 1 and `per / responses` at least 1 ms.
-        let period = (limit.per / limit.responses.max(1)).max(Duration::from_millis(1));
-        let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
+        let quota = crate::proxy::rate_limit::quota(limit.per, limit.responses, limit.burst);
         let table = Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect());
         RateLimiter {
             limit,
@@ -168,6 +160,7 @@ impl StateStore for Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn limit(slip: u32) -> DnsRateLimit {
         DnsRateLimit {

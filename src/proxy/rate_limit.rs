@@ -47,12 +47,7 @@ impl std::fmt::Debug for RateLimiter {
 impl RateLimiter {
     /// `unrecorded` counts the requests served uncounted because the table was full.
     pub fn new(limit: RateLimit, unrecorded: Arc<AtomicU64>) -> Self {
-        // Validation keeps every field at least 1 and `per / requests` at least a millisecond.
-        let period = (limit.per / limit.requests.max(1)).max(Duration::from_millis(1));
-        let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
+        let quota = quota(limit.per, limit.requests, limit.burst);
         let table = Table {
             states: DashMap::new(),
             len: AtomicUsize::new(0),
@@ -88,6 +83,16 @@ impl RateLimiter {
     pub fn clients(&self) -> usize {
         self.limiter.len()
     }
+}
+
+/// `count` per `per` with bursts of `burst`, as governor's quota. Validation keeps both counts
+/// at least 1 and `per / count` at least a millisecond; out of that range it stays sane.
+pub(crate) fn quota(per: Duration, count: u32, burst: u32) -> Quota {
+    let period = (per / count.max(1)).max(Duration::from_millis(1));
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
 }
 
 /// governor's state store: one GCRA timestamp (governor's theoretical arrival time, 0 for a

@@ -571,16 +571,7 @@ async fn an_edited_region_file_is_picked_up_and_a_broken_one_keeps_the_old_map()
     let good_serial = serial(&dns);
     // A broken edit: an unknown PoP on line 3.
     dns.write_regions("[[regions]]\nname = \"x\"\npops = [\"ghost\"]\nnetworks = []\n[default]\npops = [\"ghost\"]\n");
-    eventually(Duration::from_secs(5), "the error is reported", || async {
-        dns.sidecar
-            .state()
-            .regen_status()
-            .1
-            .is_some_and(|e| e.current)
-    })
-    .await;
-    let (_, last) = dns.sidecar.state().regen_status();
-    let msg = last.expect("error").message;
+    let msg = dns.load_error().await;
     assert!(msg.contains("regions.toml:3:"), "file:line in {msg}");
     assert!(msg.contains("ghost"), "{msg}");
     let (_, metrics) = dns.admin_get("/metrics").await;

@@ -177,6 +177,26 @@ pub async fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+impl Dns {
+    /// Waits until a rejected load is reported and still current; its message.
+    pub async fn load_error(&self) -> String {
+        eventually(Duration::from_secs(5), "the error is reported", || async {
+            self.sidecar
+                .state()
+                .regen_status()
+                .1
+                .is_some_and(|e| e.current)
+        })
+        .await;
+        self.sidecar
+            .state()
+            .regen_status()
+            .1
+            .map(|e| e.message)
+            .unwrap_or_default()
+    }
+}
+
 /// Polls `f` until it returns true, failing after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut f: F)
 where
