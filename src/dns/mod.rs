@@ -322,6 +322,23 @@ impl DnsState {
             "blocks": m.geo.block_count(),
             "regions": regions,
             "pops": pops,
+            "static_records": {
+                "file": self.config().zone_file.as_ref().map(|p| p.display().to_string()),
+                "names": m.zone.statics.len(),
+                "records": m.zone.statics.iter().map(|n| n.record_count()).sum::<usize>(),
+            },
+            "rate_limit": m.rate_limit.as_deref().map(|l| {
+                let l = l.limit();
+                serde_json::json!({
+                    "responses": l.responses,
+                    "per_seconds": l.per.as_secs_f64(),
+                    "burst": l.burst,
+                    "slip": l.slip,
+                    "ipv4_prefix": l.ipv4_prefix,
+                    "ipv6_prefix": l.ipv6_prefix,
+                    "exempt": l.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            }),
             "errors": failures,
             "last_error": last.map(|e| serde_json::json!({
                 "message": e.message,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use domain::base::iana::{Class, Rtype};
 use domain::base::name::{Name, ToName};
 use domain::base::rdata::{ComposeRecordData, RecordData};
-use domain::zonefile::inplace::{Entry, Zonefile};
+use domain::zonefile::inplace::{Entry, ScannedRecord, Zonefile};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -79,9 +79,12 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
         .zone
         .parse()
         .map_err(|_| ConfigError::invalid(Location::file(path), "bad zone name"))?;
-    let apex_wire = lower(apex.as_slice());
-    let geo: Vec<Vec<u8>> = wires(&cfg.names);
-    let hosts: Vec<Vec<u8>> = wires(cfg.glue.iter().map(|g| &g.name));
+    let zone = ZoneNames {
+        name: &cfg.zone,
+        apex: lower(apex.as_slice()),
+        geo: wires(&cfg.names),
+        hosts: wires(cfg.glue.iter().map(|g| &g.name)),
+    };
     let default_ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
     let mut scanner = Zonefile::from(with_default_ttl(text, default_ttl).as_str());
     scanner.set_origin(apex);
@@ -91,27 +94,9 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
     let lines = entry_lines(text);
     let mut index = 0usize;
     loop {
-        let entry = scanner.next_entry().map_err(|e| {
-            // `domain` says "line:column: reason" with the position it had read to (often
-            // the next line, and counting the `$TTL` put in front): the entry it was reading
-            // starts where the walk says.
-            let s = e.to_string();
-            let mut reason = s.splitn(3, ':').nth(2).unwrap_or(&s).trim().to_string();
-            let after = s
-                .split(':')
-                .next()
-                .and_then(|l| l.trim().parse::<usize>().ok())
-                .map_or(1, |l| l.saturating_sub(1).max(1));
-            let line = lines.get(index).copied().unwrap_or(after).min(after);
-            if text.lines().nth(line - 1).is_some_and(has_ttl_unit) {
-                // What BIND users meet first: the scanner takes TTLs in seconds only.
-                reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
-            }
-            ConfigError::Syntax {
-                at: at_line(line),
-                reason: format!("zone file: {reason}"),
-            }
-        })?;
+        let entry = scanner
+            .next_entry()
+            .map_err(|e| scan_error(&e.to_string(), text, lines.get(index).copied(), path))?;
         let Some(entry) = entry else { break };
         let line = lines.get(index).copied().unwrap_or(1);
         index += 1;
@@ -128,45 +113,88 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
         if records > MAX_RECORDS {
             return Err(err(format!("more than {MAX_RECORDS} records")));
         }
+        let (owner, rtype, ttl, data) = zone.check(&record).map_err(err)?;
+        sets.entry((owner, rtype))
+            .or_default()
+            .push(Read { line, ttl, data });
+    }
+    build(sets, path)
+}
+
+/// The scanner's error `s` ("line:column: reason", with the position it had read to: often
+/// the next line, and counting the `$TTL` put in front), placed at `entry`'s first line, the
+/// entry it was reading as the walk of the text has it.
+fn scan_error(s: &str, text: &str, entry: Option<usize>, path: &Path) -> ConfigError {
+    let mut reason = s.splitn(3, ':').nth(2).unwrap_or(s).trim().to_string();
+    let after = s
+        .split(':')
+        .next()
+        .and_then(|l| l.trim().parse::<usize>().ok())
+        .map_or(1, |l| l.saturating_sub(1).max(1));
+    let line = entry.unwrap_or(after).min(after);
+    if text.lines().nth(line - 1).is_some_and(has_ttl_unit) {
+        // What BIND users meet first: the scanner takes TTLs in seconds only.
+        reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
+    }
+    ConfigError::Syntax {
+        at: Location {
+            path: path.to_path_buf(),
+            line,
+            column: 1,
+        },
+        reason: format!("zone file: {reason}"),
+    }
+}
+
+/// The names a record must not contradict.
+struct ZoneNames<'a> {
+    name: &'a str,
+    /// Lower-case wire forms.
+    apex: Vec<u8>,
+    geo: Vec<Vec<u8>>,
+    hosts: Vec<Vec<u8>>,
+}
+
+impl ZoneNames<'_> {
+    /// A record's owner (lower-case wire form), type, TTL and encoded data, unless the zone
+    /// cannot serve it; the reason otherwise.
+    fn check(&self, record: &ScannedRecord) -> Result<(Vec<u8>, u16, u32, Vec<u8>), String> {
         if record.class() != Class::IN {
-            return Err(err(format!(
+            return Err(format!(
                 "class {}: only IN records are served",
                 record.class()
-            )));
+            ));
         }
         let owner = lower(record.owner().to_vec().as_slice());
         let shown = record.owner().to_vec().to_string();
-        if !under(&owner, &apex_wire) {
-            return Err(err(format!("{shown} is not inside zone {}", cfg.zone)));
+        if !under(&owner, &self.apex) {
+            return Err(format!("{shown} is not inside zone {}", self.name));
         }
         if owner.get(..2) == Some(&[1, b'*'][..]) {
-            return Err(err(format!("{shown}: wildcard names are not supported")));
+            return Err(format!("{shown}: wildcard names are not supported"));
         }
         let rtype = record.data().rtype();
-        refuse_type(rtype, owner == apex_wire, &shown).map_err(err)?;
+        refuse_type(rtype, owner == self.apex, &shown)?;
         let is_addr = matches!(rtype, Rtype::A | Rtype::AAAA | Rtype::CNAME);
-        if is_addr && geo.contains(&owner) {
-            return Err(err(format!(
+        if is_addr && self.geo.contains(&owner) {
+            return Err(format!(
                 "{shown} is one of [dns] names: its addresses come from the region map"
-            )));
+            ));
         }
-        if is_addr && hosts.contains(&owner) {
-            return Err(err(format!("{shown}: its addresses come from [dns] glue")));
+        if is_addr && self.hosts.contains(&owner) {
+            return Err(format!("{shown}: its addresses come from [dns] glue"));
         }
         let mut data = Vec::new();
         record
             .data()
             .compose_rdata(&mut data)
-            .map_err(|_| err("record data too long".into()))?;
+            .map_err(|_| "record data too long".to_string())?;
         if data.len() > usize::from(u16::MAX) {
-            return Err(err("record data too long".into()));
+            return Err("record data too long".into());
         }
         let ttl = record.ttl().as_secs().min(u32::MAX >> 1);
-        sets.entry((owner, rtype.to_int()))
-            .or_default()
-            .push(Read { line, ttl, data });
+        Ok((owner, rtype.to_int(), ttl, data))
     }
-    build(sets, path)
 }
 
 /// Refusals by type: what the sidecar makes itself, and what it cannot serve.

@@ -449,6 +449,13 @@ async fn over_the_rate_limit_udp_answers_are_dropped_or_slip_out_truncated() {
     let m = recv_msg(&sock, &mut buf).await;
     assert_eq!((m.id(), m.response_code()), (999, ResponseCode::NXDomain));
     assert_eq!(rate_limited(&dns).await, [10, 10]);
+    let (_, map) = dns.admin_get("/map").await;
+    let map: serde_json::Value = serde_json::from_str(&map).expect("/map is JSON");
+    assert_eq!(
+        (&map["rate_limit"]["responses"], &map["rate_limit"]["slip"]),
+        (&serde_json::json!(5), &serde_json::json!(2)),
+        "{map}"
+    );
     // TCP is never limited.
     assert_eq!(dns.short(&[WWW, "A", "+tcp"]).await, vec!["192.0.2.3"]);
     // A source proven by a valid server cookie is not limited: the cookie comes with a

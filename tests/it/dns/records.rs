@@ -141,6 +141,15 @@ async fn an_edited_zone_file_is_picked_up_and_a_broken_one_keeps_the_old_records
     );
     let (_, map) = dns.admin_get("/map").await;
     assert!(map.contains("zone.db:3:"), "{map}");
+    let map: serde_json::Value = serde_json::from_str(&map).expect("/map is JSON");
+    assert_eq!(
+        map["static_records"]["names"], 5,
+        "the running records: {map}"
+    );
+    assert_eq!(map["static_records"]["records"], 7, "{map}");
+    assert!(map["static_records"]["file"]
+        .as_str()
+        .is_some_and(|f| f.ends_with("zone.db")));
     // Fixed: served, and the error is history.
     replace(&path, ZONE_FILE);
     eventually(
