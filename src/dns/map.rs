@@ -196,6 +196,8 @@ pub struct Zone {
     pub names: Vec<ZoneName>,
     /// Records from `[dns] zone_file`, by name.
     pub statics: Vec<StaticName>,
+    /// Some static name is a wildcard (`*.label`): names that do not exist look for one.
+    pub wildcards: bool,
     /// SOA with owner = question name (for SOA queries at the apex).
     pub soa_answer: RrSet,
     /// NS records with owner = question name.
@@ -237,6 +239,30 @@ impl Zone {
     /// The name whose lower-case wire form is `wire`. A zone of a few names (the apex, the
     /// geo names, nameservers: the usual case) is scanned, which beats a binary search at
     /// that size; a zone file's thousands of names are searched.
+    /// The wildcard that answers for `wire`, a name of the zone that does not exist (RFC
+    /// 4592 3.3.1): `*.` + its closest encloser (the longest ancestor that exists), if that
+    /// wildcard exists. Only when the zone has wildcards.
+    #[cold]
+    pub fn wildcard(&self, wire: &[u8]) -> Option<&ZoneName> {
+        if !self.wildcards {
+            return None;
+        }
+        let mut rest = wire;
+        while let Some(&l) = rest.first() {
+            rest = rest.get(usize::from(l) + 1..)?;
+            if rest.len() < self.apex_wire.len() {
+                return None;
+            }
+            if self.find(rest).is_some() {
+                let mut star = Vec::with_capacity(rest.len() + 2);
+                star.extend_from_slice(&[1, b'*']);
+                star.extend_from_slice(rest);
+                return self.find(&star);
+            }
+        }
+        None
+    }
+
     #[inline]
     pub fn find(&self, wire: &[u8]) -> Option<&ZoneName> {
         if self.names.len() <= 16 {
@@ -511,6 +537,7 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
         ttl,
         full,
     );
+    let wildcards = statics.iter().any(|s| s.wire.starts_with(&[1, b'*']));
     let mut names: Vec<ZoneName> = names.into_values().collect();
     names.sort_by(|a, b| super::query::by_length(&a.wire, &b.wire));
     Ok(Zone {
@@ -522,6 +549,7 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
         hosts,
         soa_authority,
         statics,
+        wildcards,
     })
 }
 

@@ -420,7 +420,13 @@ pub fn respond(
         return Some(r.finish(Rcode::Refused, transport, qtype));
     }
     r.flags |= AA;
-    let Some(name) = zone.find(qwire) else {
+    // A name that does not exist may be answered by a wildcard (`*.` + its closest
+    // encloser): its records, with the question as their owner (pointers to it already).
+    let found = match zone.find(qwire) {
+        None if zone.wildcards => zone.wildcard(qwire),
+        found => found,
+    };
+    let Some(name) = found else {
         r.authority = Some(&zone.soa_authority);
         return Some(r.finish(Rcode::NxDomain, transport, qtype));
     };

@@ -222,3 +222,67 @@ async fn a_zone_of_many_names_is_searched_not_scanned_and_answers_alike() {
         .contains("ANSWER: 0"));
     assert!(dns.dig(&[ZONE, "SOA"]).await.contains("ANSWER: 1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wildcards_answer_for_names_below_their_parent_that_do_not_exist() {
+    let zone = "*.w        TXT   \"wild\"\n*.w        A     192.0.2.40\nreal.w     TXT   \"real\"\n*.cdn      CNAME www\nmail       A     192.0.2.25\n*.www      TXT   \"below a geo name\"\n";
+    let (dns, _) = with_zone_file(zone).await;
+    // Synthesised with the question as owner, at any depth below the closest encloser.
+    for name in ["a.w.edgepop.test", "A.b.W.edgepop.test"] {
+        let out = dns.dig(&[name, "TXT"]).await;
+        assert!(
+            out.contains("status: NOERROR")
+                && out.contains(&format!("{name}.\t60\tIN\tTXT\t\"wild\"")),
+            "{name}: {out}"
+        );
+    }
+    assert_eq!(
+        dns.short(&["x.w.edgepop.test", "A"]).await,
+        vec!["192.0.2.40"]
+    );
+    // A name that exists is never a wildcard's: its own records, or NODATA.
+    assert_eq!(
+        dns.short(&["real.w.edgepop.test", "TXT"]).await,
+        vec!["\"real\""]
+    );
+    let out = dns.dig(&["real.w.edgepop.test", "A"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    // The wildcard's parent exists (an empty non-terminal): NODATA.
+    let out = dns.dig(&["w.edgepop.test", "TXT"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    // The literal `*` name answers too; below it there is no wildcard.
+    assert_eq!(
+        dns.short(&["*.w.edgepop.test", "TXT"]).await,
+        vec!["\"wild\""]
+    );
+    assert!(dns
+        .dig(&["a.*.w.edgepop.test", "TXT"])
+        .await
+        .contains("status: NXDOMAIN"));
+    // Below an existing name with no wildcard of its own: NXDOMAIN.
+    assert!(dns
+        .dig(&["x.mail.edgepop.test", "A"])
+        .await
+        .contains("status: NXDOMAIN"));
+    assert!(dns
+        .dig(&["nope.edgepop.test", "A"])
+        .await
+        .contains("status: NXDOMAIN"));
+    // A wildcard CNAME, and a wildcard below a geo name (the geo name keeps its answer).
+    let out = dns.dig(&["img.cdn.edgepop.test", "A"]).await;
+    assert!(
+        out.contains("img.cdn.edgepop.test.\t60\tIN\tCNAME\twww.edgepop.test."),
+        "{out}"
+    );
+    assert_eq!(
+        dns.short(&["x.www.edgepop.test", "TXT"]).await,
+        vec!["\"below a geo name\""]
+    );
+    assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.3"]);
+}
