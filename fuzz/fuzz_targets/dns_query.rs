@@ -1,7 +1,7 @@
 //! Fuzzes the DNS query path: any bytes from any source address must give either no answer
 //! or a well-formed one, never a panic. The map has nested IPv4/IPv6 regions, a truncating
 //! PoP, the default and in-zone nameservers with glue, static records (a CNAME, a TXT at a
-//! geo name, records below an empty non-terminal) and a rate limit that drops and slips, so
+//! geo name, records below an empty non-terminal, wildcards) and a rate limit that drops and slips, so
 //! every branch of the answer code is reachable.
 
 #![no_main]
@@ -36,6 +36,9 @@ mail       A      192.0.2.25
 alias      CNAME  www
 x.y.z      AAAA   2001:db8::25
 _sip._udp  SRV    0 1 5060 mail
+*.w        TXT    "wild"
+*.w        A      192.0.2.40
+*.cdn      CNAME  www
 "#;
 
 const REGIONS: &str = r#"
