@@ -236,17 +236,16 @@ pub struct Map {
 }
 
 impl Zone {
-    /// The name whose lower-case wire form is `wire`. A zone of a few names (the apex, the
-    /// geo names, nameservers: the usual case) is scanned, which beats a binary search at
-    /// that size; a zone file's thousands of names are searched.
     /// The wildcard that answers for `wire`, a name of the zone that does not exist (RFC
     /// 4592 3.3.1): `*.` + its closest encloser (the longest ancestor that exists), if that
-    /// wildcard exists. Only when the zone has wildcards.
-    #[cold]
+    /// wildcard exists (with records, or empty: then NODATA, 4.9). Only when the zone has
+    /// wildcards.
     pub fn wildcard(&self, wire: &[u8]) -> Option<&ZoneName> {
         if !self.wildcards {
             return None;
         }
+        let mut star = [0u8; 256];
+        star[..2].copy_from_slice(&[1, b'*']);
         let mut rest = wire;
         while let Some(&l) = rest.first() {
             rest = rest.get(usize::from(l) + 1..)?;
@@ -254,15 +253,18 @@ impl Zone {
                 return None;
             }
             if self.find(rest).is_some() {
-                let mut star = Vec::with_capacity(rest.len() + 2);
-                star.extend_from_slice(&[1, b'*']);
-                star.extend_from_slice(rest);
-                return self.find(&star);
+                // `rest` is a proper suffix of a name of at most 255 octets: room for `*.`.
+                let name = star.get_mut(..2 + rest.len())?;
+                name[2..].copy_from_slice(rest);
+                return self.find(name);
             }
         }
         None
     }
 
+    /// The name whose lower-case wire form is `wire`. A zone of a few names (the apex, the
+    /// geo names, nameservers: the usual case) is scanned, which beats a binary search at
+    /// that size; a zone file's thousands of names are searched.
     #[inline]
     pub fn find(&self, wire: &[u8]) -> Option<&ZoneName> {
         if self.names.len() <= 16 {
@@ -537,7 +539,9 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
         ttl,
         full,
     );
-    let wildcards = statics.iter().any(|s| s.wire.starts_with(&[1, b'*']));
+    // Any name of the zone, empty non-terminals included (`*.w` above `a.*.w` makes names
+    // below `w` NODATA), and a geo name written `*.label` too.
+    let wildcards = names.keys().any(|w| w.starts_with(&[1, b'*']));
     let mut names: Vec<ZoneName> = names.into_values().collect();
     names.sort_by(|a, b| super::query::by_length(&a.wire, &b.wire));
     Ok(Zone {

@@ -137,6 +137,8 @@ pub struct Outcome {
     pub geo_hit: Option<(ClassId, u16)>,
     /// What `[dns] rate_limit` did to this UDP answer, when it acted.
     pub limited: Option<Verdict>,
+    /// The question did not exist and a wildcard was looked for (RFC 4592).
+    pub synthesized: bool,
 }
 
 /// How to answer, beyond what the query asks: set by the transport's loop.
@@ -266,9 +268,18 @@ pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Op
         }
         None => &[][..],
     };
+    // Answers made from a wildcard count for the wildcard, not for each name a flood makes up
+    // (as BIND keys them on the wildcard's owner).
+    let source = match o.synthesized {
+        true => map
+            .zone
+            .wildcard(qname)
+            .map_or(qname, |w| w.wire.as_slice()),
+        false => qname,
+    };
     let (kind, key) = match o.rcode {
-        Rcode::NoError if o.answered => (RrlKind::Answer(o.rtype), qname),
-        Rcode::NoError if o.qname_len > 0 => (RrlKind::NoData, qname),
+        Rcode::NoError if o.answered => (RrlKind::Answer(o.rtype), source),
+        Rcode::NoError if o.qname_len > 0 => (RrlKind::NoData, source),
         Rcode::NxDomain => (RrlKind::NxDomain, map.zone.apex_wire.as_slice()),
         _ => (RrlKind::Error, &[][..]),
     };
@@ -331,6 +342,7 @@ pub fn respond(
         truncate: reply.truncate,
         rtype: 0,
         geo_hit: None,
+        synthesized: false,
     };
     let mut qwire = [0u8; 256];
     let parsed = parse(query, &mut d, counts, transport, &mut qwire);
@@ -423,7 +435,10 @@ pub fn respond(
     // A name that does not exist may be answered by a wildcard (`*.` + its closest
     // encloser): its records, with the question as their owner (pointers to it already).
     let found = match zone.find(qwire) {
-        None if zone.wildcards => zone.wildcard(qwire),
+        None if zone.wildcards => {
+            r.synthesized = true;
+            zone.wildcard(qwire)
+        }
         found => found,
     };
     let Some(name) = found else {
@@ -790,6 +805,8 @@ struct Response<'q, 'm> {
     rtype: u16,
     /// For the outcome: see [`Outcome::geo_hit`].
     geo_hit: Option<(ClassId, u16)>,
+    /// For the outcome: see [`Outcome::synthesized`].
+    synthesized: bool,
 }
 
 /// Options of the answer's OPT besides ECS.
@@ -916,6 +933,7 @@ impl Response<'_, '_> {
             qname_len: qname_len as u16,
             answered: self.answers.iter().flatten().any(|s| s.count > 0),
             geo_hit: self.geo_hit,
+            synthesized: self.synthesized,
             limited: None,
         }
     }

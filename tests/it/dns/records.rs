@@ -225,7 +225,7 @@ async fn a_zone_of_many_names_is_searched_not_scanned_and_answers_alike() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wildcards_answer_for_names_below_their_parent_that_do_not_exist() {
-    let zone = "*.w        TXT   \"wild\"\n*.w        A     192.0.2.40\nreal.w     TXT   \"real\"\n*.cdn      CNAME www\nmail       A     192.0.2.25\n*.www      TXT   \"below a geo name\"\n";
+    let zone = "*.w        TXT   \"wild\"\n*.w        A     192.0.2.40\nreal.w     TXT   \"real\"\nleaf.ent.w TXT   \"leaf\"\n*.cdn      CNAME www\nmail       A     192.0.2.25\n*.www      TXT   \"below a geo name\"\na.*.v      TXT   \"under an empty wildcard\"\n";
     let (dns, _) = with_zone_file(zone).await;
     // Synthesised with the question as owner, at any depth below the closest encloser.
     for name in ["a.w.edgepop.test", "A.b.W.edgepop.test"] {
@@ -252,6 +252,29 @@ async fn wildcards_answer_for_names_below_their_parent_that_do_not_exist() {
     );
     // The wildcard's parent exists (an empty non-terminal): NODATA.
     let out = dns.dig(&["w.edgepop.test", "TXT"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    // A synthesised name, another type: NODATA with the SOA (RFC 2308).
+    let out = dns.dig(&["x.w.edgepop.test", "MX"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0") && out.contains("IN\tSOA"),
+        "{out}"
+    );
+    // An empty non-terminal (ent.w, above leaf.ent.w) exists, so it blocks the wildcard:
+    // itself NODATA, a name below it NXDOMAIN (its closest encloser ent.w has no `*`).
+    let out = dns.dig(&["ent.w.edgepop.test", "TXT"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
+    );
+    assert!(dns
+        .dig(&["x.ent.w.edgepop.test", "TXT"])
+        .await
+        .contains("status: NXDOMAIN"));
+    // An empty wildcard (`*.v`, there because of a.*.v) makes names below v exist: NODATA.
+    let out = dns.dig(&["b.v.edgepop.test", "TXT"]).await;
     assert!(
         out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
         "{out}"
@@ -283,6 +306,11 @@ async fn wildcards_answer_for_names_below_their_parent_that_do_not_exist() {
     assert_eq!(
         dns.short(&["x.www.edgepop.test", "TXT"]).await,
         vec!["\"below a geo name\""]
+    );
+    let out = dns.dig(&["x.www.edgepop.test", "A"]).await;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "no geo answer: {out}"
     );
     assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.3"]);
 }
