@@ -87,17 +87,18 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
         hosts: wires(cfg.glue.iter().map(|g| &g.name)),
     };
     let default_ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
-    let mut scanner = Zonefile::from(with_default_ttl(text, default_ttl).as_str());
+    let lines = entry_lines(text);
+    let seconds = with_ttl_units(text, &lines);
+    let mut scanner = Zonefile::from(with_default_ttl(&seconds, default_ttl).as_str());
     scanner.set_origin(apex);
     scanner.set_default_class(Class::IN);
     let mut sets: BTreeMap<(Vec<u8>, u16), Vec<Read>> = BTreeMap::new();
     let mut records = 0usize;
-    let lines = entry_lines(text);
     let mut index = 0usize;
     loop {
         let entry = scanner
             .next_entry()
-            .map_err(|e| scan_error(&e.to_string(), text, lines.get(index).copied(), path))?;
+            .map_err(|e| scan_error(&e.to_string(), lines.get(index).copied(), path))?;
         let Some(entry) = entry else { break };
         let line = lines.get(index).copied().unwrap_or(1);
         index += 1;
@@ -125,18 +126,14 @@ pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>
 /// The scanner's error `s` ("line:column: reason", with the position it had read to: often
 /// the next line, and counting the `$TTL` put in front), placed at `entry`'s first line, the
 /// entry it was reading as the walk of the text has it.
-fn scan_error(s: &str, text: &str, entry: Option<usize>, path: &Path) -> ConfigError {
-    let mut reason = s.splitn(3, ':').nth(2).unwrap_or(s).trim().to_string();
+fn scan_error(s: &str, entry: Option<usize>, path: &Path) -> ConfigError {
+    let reason = s.splitn(3, ':').nth(2).unwrap_or(s).trim();
     let after = s
         .split(':')
         .next()
         .and_then(|l| l.trim().parse::<usize>().ok())
         .map_or(1, |l| l.saturating_sub(1).max(1));
     let line = entry.unwrap_or(after).min(after);
-    if text.lines().nth(line - 1).is_some_and(has_ttl_unit) {
-        // What BIND users meet first: the scanner takes TTLs in seconds only.
-        reason.push_str(" (TTLs are in seconds: 3600, not 1h)");
-    }
     ConfigError::Syntax {
         at: Location {
             path: path.to_path_buf(),
@@ -377,21 +374,78 @@ fn entry_lines(text: &str) -> Vec<usize> {
     out
 }
 
-/// Whether a line has a token like `1h` or `30m`: a TTL with a unit, as BIND takes.
-fn has_ttl_unit(line: &str) -> bool {
-    line.split(';')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .any(|t| {
-            let (digits, unit) = t.split_at(t.len().saturating_sub(1));
-            !digits.is_empty()
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && matches!(
-                    unit,
-                    "s" | "m" | "h" | "d" | "w" | "S" | "M" | "H" | "D" | "W"
-                )
-        })
+/// A TTL written with BIND's units (`1h`, `1d12h`, `2W`: s, m, h, d, w in any case) in
+/// seconds; `None` for anything else, plain numbers included.
+fn ttl_with_units(token: &str) -> Option<u64> {
+    let (mut total, mut number, mut units) = (0u64, None::<u64>, false);
+    for c in token.chars() {
+        if let Some(d) = c.to_digit(10) {
+            number = Some(
+                number
+                    .unwrap_or(0)
+                    .checked_mul(10)?
+                    .checked_add(u64::from(d))?,
+            );
+            continue;
+        }
+        let unit = match c.to_ascii_lowercase() {
+            's' => 1,
+            'm' => 60,
+            'h' => 3_600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        total = total.checked_add(number.take()?.checked_mul(unit)?)?;
+        units = true;
+    }
+    (units && number.is_none()).then_some(total)
+}
+
+/// `text` with TTLs written with units turned into seconds, which is all `domain`'s scanner
+/// takes: in `$TTL` lines and in the fields before the type on the first line of each entry
+/// (`entries`, from [`entry_lines`]), never in record data (a host may be named `1h`). Lines
+/// keep their places, so positions still hold.
+fn with_ttl_units(text: &str, entries: &[usize]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let code = line.split(';').next().unwrap_or("");
+        let directive = code
+            .trim_start()
+            .get(..4)
+            .is_some_and(|d| d.eq_ignore_ascii_case("$TTL"));
+        // The first field that may hold a TTL: after `$TTL`, or after the owner when the line
+        // has one; the fields up to the type follow.
+        let first = match (directive, entries.binary_search(&(i + 1)).is_ok()) {
+            (true, _) => 1,
+            (false, true) if code.starts_with([' ', '\t']) => 0,
+            (false, true) => 1,
+            (false, false) => {
+                out.push_str(line);
+                continue;
+            }
+        };
+        let mut rest = line;
+        for (k, token) in code.split_whitespace().enumerate() {
+            let at = rest.find(token).unwrap_or(0);
+            out.push_str(&rest[..at]);
+            rest = &rest[at + token.len()..];
+            let seconds = ttl_with_units(token);
+            match seconds {
+                Some(s) if k >= first => out.push_str(&s.to_string()),
+                _ => out.push_str(token),
+            }
+            let class = ["IN", "CH", "HS", "CS"]
+                .iter()
+                .any(|c| token.eq_ignore_ascii_case(c));
+            let field = class || seconds.is_some() || token.bytes().all(|b| b.is_ascii_digit());
+            if k >= first && !field {
+                break; // the type: what follows is data
+            }
+        }
+        out.push_str(rest);
+    }
+    out
 }
 
 fn lower(wire: &[u8]) -> Vec<u8> {
@@ -536,22 +590,10 @@ deep    A     192.0.2.26
                 "not a type of zone data",
             ),
             ("x TYPE250 \\# 0\n", 1, "not a type of zone data"),
-            (
-                "a A 192.0.2.1\n$TTL 1h\nb A 192.0.2.2\n",
-                2,
-                "TTLs are in seconds",
-            ),
-            ("b 1d A 192.0.2.2\n", 1, "TTLs are in seconds"),
             ("mail MX ten mx\n", 1, "zone file"),
         ];
         for (text, line, why) in cases {
             let e = parse_text(text).expect_err(text).to_string();
-            // The TTL hint only where a TTL has a unit.
-            assert_eq!(
-                e.contains("TTLs are in seconds"),
-                why.contains("TTLs"),
-                "{text:?}: {e}"
-            );
             assert!(e.starts_with(&format!("z.zone:{line}:")), "{text:?}: {e}");
             assert!(e.contains(why), "{text:?}: {e}");
         }
@@ -567,6 +609,26 @@ deep    A     192.0.2.26
         let e = parse_text(&text).expect_err("too big").to_string();
         assert!(e.contains("even over TCP"), "{e}");
         assert!(e.starts_with("z.zone:241:"), "{e}");
+    }
+
+    #[test]
+    fn ttls_take_binds_units_where_a_ttl_stands_and_nowhere_else() {
+        let text = "$TTL 1h\na A 192.0.2.1\nb 1d A 192.0.2.2\nc IN 1h30m TXT \"1h\"\n  2W TXT y\n1h A 192.0.2.9\nd CNAME 1h\n";
+        let names = parse_text(text).expect("valid");
+        let find = |n: &str| names.iter().find(|s| s.wire == wire(n)).expect(n);
+        let t = |n: &str, rtype: Rtype| ttl(find(n).set(rtype.to_int()).expect("set"));
+        assert_eq!(t("a.example.com", Rtype::A), 3_600);
+        assert_eq!(t("b.example.com", Rtype::A), 86_400);
+        // c's TXT set takes its first record's TTL; the second line (no owner) is c's too.
+        assert_eq!(t("c.example.com", Rtype::TXT), 5_400);
+        assert_eq!(find("c.example.com").record_count(), 2);
+        // A host named 1h, and a CNAME to it: names, not TTLs.
+        assert_eq!(t("1h.example.com", Rtype::A), 3_600);
+        let cname = find("d.example.com").cname().expect("CNAME");
+        assert!(cname.bytes.ends_with(b"\x021h\x07example\x03com\x00"));
+        assert_eq!(ttl_with_units("90"), None);
+        assert_eq!(ttl_with_units("1h5"), None);
+        assert_eq!(ttl_with_units("2w"), Some(1_209_600));
     }
 
     #[test]
