@@ -142,14 +142,16 @@ impl SoaAuthority {
         }
     }
 
-    fn build(apex: &[u8], mname: &[u8], rname: &[u8], serial: u32, ttl: u32, full: RrSet) -> Self {
+    /// Of `soa`, the zone's SOA at `apex` with `ttl`; `full` is its uncompressed form.
+    fn build(apex: &[u8], soa: &SOA, ttl: u32, full: RrSet) -> Self {
         let mut b = vec![0xC0, 0];
         let mut patches = vec![0];
         b.extend_from_slice(&6u16.to_be_bytes());
         b.extend_from_slice(&IN.to_be_bytes());
         b.extend_from_slice(&ttl.to_be_bytes());
         b.extend_from_slice(&[0, 0]); // RDLENGTH, set below
-        for n in [mname, rname] {
+        let (mname, rname) = (wire(soa.mname()), wire(soa.rname()));
+        for n in [&mname, &rname] {
             match below(n, apex) {
                 Some(prefix) => {
                     b.extend_from_slice(prefix);
@@ -159,7 +161,9 @@ impl SoaAuthority {
                 None => b.extend_from_slice(n),
             }
         }
-        for v in [serial, 3600, 600, 86400, ttl] {
+        // hickory keeps the times as i32 and writes their bits: so do we.
+        let times = [soa.refresh(), soa.retry(), soa.expire()].map(|t| t as u32);
+        for v in [soa.serial(), times[0], times[1], times[2], soa.minimum()] {
             b.extend_from_slice(&v.to_be_bytes());
         }
         let rdlen = (b.len() - 12) as u16;
@@ -174,8 +178,9 @@ impl SoaAuthority {
 }
 
 /// The labels of wire name `n` before `apex` (without the root), when `n` is `apex` or
-/// below it.
-fn below<'a>(n: &'a [u8], apex: &[u8]) -> Option<&'a [u8]> {
+/// below it on a label boundary; `None` otherwise. Both in lower-case wire form.
+#[inline]
+pub(super) fn below<'a>(n: &'a [u8], apex: &[u8]) -> Option<&'a [u8]> {
     let mut i = 0usize;
     while i < n.len() {
         if n.len() - i == apex.len() {
@@ -531,14 +536,7 @@ fn zone(cfg: &DnsConfig, serial: u32, statics: Vec<StaticName>) -> Result<Zone, 
     let mut full = RrSet::default();
     full.bytes.extend_from_slice(&apex_wire);
     emit_rest(&mut full, RData::SOA(soa.clone()), ttl, IN)?;
-    let soa_authority = SoaAuthority::build(
-        &apex_wire,
-        &wire(soa.mname()),
-        &wire(soa.rname()),
-        serial,
-        ttl,
-        full,
-    );
+    let soa_authority = SoaAuthority::build(&apex_wire, &soa, ttl, full);
     // Any name of the zone, empty non-terminals included (`*.w` above `a.*.w` makes names
     // below `w` NODATA), and a geo name written `*.label` too.
     let wildcards = names.keys().any(|w| w.starts_with(&[1, b'*']));

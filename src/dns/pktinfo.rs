@@ -43,22 +43,7 @@ pub fn enable(sock: &impl AsRawFd, v4: bool) -> io::Result<()> {
     } else {
         (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
     };
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid fd, a level/name pair that takes a c_int, and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    super::server::set_int_option(sock, level, name, 1)
 }
 
 /// Writes into `out` the control message that makes an answer leave from the address the
@@ -159,17 +144,21 @@ mod tests {
         })
     }
 
+    /// What the kernel reports for an IPv4 datagram sent to `to` on interface `ifindex`.
+    fn v4_pktinfo(ifindex: i32, to: [u8; 4]) -> libc::in_pktinfo {
+        let addr = libc::in_addr {
+            s_addr: u32::from_ne_bytes(to),
+        };
+        libc::in_pktinfo {
+            ipi_ifindex: ifindex,
+            ipi_spec_dst: addr,
+            ipi_addr: addr,
+        }
+    }
+
     #[test]
     fn an_ipv4_answer_leaves_from_the_local_address_with_routing_choosing_the_interface() {
-        let got = libc::in_pktinfo {
-            ipi_ifindex: 7,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: u32::from_ne_bytes([192, 0, 2, 53]),
-            },
-            ipi_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([192, 0, 2, 53]),
-            },
-        };
+        let got = v4_pktinfo(7, [192, 0, 2, 53]);
         let (mut ctl, mut out) = (Control::default(), Control::default());
         let h = received(&mut ctl, libc::IPPROTO_IP, libc::IP_PKTINFO, &got);
         let len = unsafe { reply_source(&h, &mut out) };
@@ -208,15 +197,7 @@ mod tests {
         let h = received(&mut ctl, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, &64i32);
         assert_eq!(unsafe { reply_source(&h, &mut out) }, 0);
         // A destination, but the kernel cut the control data: not trusted.
-        let got = libc::in_pktinfo {
-            ipi_ifindex: 1,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
-            },
-            ipi_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
-            },
-        };
+        let got = v4_pktinfo(1, [127, 0, 0, 2]);
         let mut h = received(&mut ctl, libc::IPPROTO_IP, libc::IP_PKTINFO, &got);
         assert!(unsafe { reply_source(&h, &mut out) } > 0);
         h.msg_flags = libc::MSG_CTRUNC;

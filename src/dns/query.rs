@@ -259,30 +259,7 @@ pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Op
         }
     };
     let mut name = [0u8; 256];
-    let len = usize::from(o.qname_len);
-    let qname = match out.get(12..12 + len) {
-        Some(wire) => {
-            name[..len].copy_from_slice(wire);
-            name[..len].make_ascii_lowercase();
-            &name[..len]
-        }
-        None => &[][..],
-    };
-    // Answers made from a wildcard count for the wildcard, not for each name a flood makes up
-    // (as BIND keys them on the wildcard's owner).
-    let source = match o.synthesized {
-        true => map
-            .zone
-            .wildcard(qname)
-            .map_or(qname, |w| w.wire.as_slice()),
-        false => qname,
-    };
-    let (kind, key) = match o.rcode {
-        Rcode::NoError if o.answered => (RrlKind::Answer(o.rtype), source),
-        Rcode::NoError if o.qname_len > 0 => (RrlKind::NoData, source),
-        Rcode::NxDomain => (RrlKind::NxDomain, map.zone.apex_wire.as_slice()),
-        _ => (RrlKind::Error, &[][..]),
-    };
+    let (kind, key) = limit_key(map, &o, out, &mut name);
     let verdict = limiter.check(src, kind, key);
     match verdict {
         Verdict::Send => {
@@ -302,6 +279,40 @@ pub fn handle_udp(query: &[u8], src: IpAddr, map: &Map, out: &mut Vec<u8>) -> Op
     }
     o.limited = Some(verdict);
     Some(o)
+}
+
+/// What a UDP answer (`answer`, its outcome `o`) counts against under `[dns] rate_limit`:
+/// its kind, and the lower-case name that keys it (copied into `buf` when it is the
+/// question's). Answers made from a wildcard count for the wildcard, not for each name a
+/// flood makes up (BIND keys them on the wildcard's owner).
+fn limit_key<'a>(
+    map: &'a Map,
+    o: &Outcome,
+    answer: &[u8],
+    buf: &'a mut [u8; 256],
+) -> (RrlKind, &'a [u8]) {
+    let len = usize::from(o.qname_len);
+    let qname: &'a [u8] = match answer.get(12..12 + len) {
+        Some(wire) => {
+            buf[..len].copy_from_slice(wire);
+            buf[..len].make_ascii_lowercase();
+            &buf[..len]
+        }
+        None => &[],
+    };
+    let source = match o.synthesized {
+        true => map
+            .zone
+            .wildcard(qname)
+            .map_or(qname, |w| w.wire.as_slice()),
+        false => qname,
+    };
+    match o.rcode {
+        Rcode::NoError if o.answered => (RrlKind::Answer(o.rtype), source),
+        Rcode::NoError if o.qname_len > 0 => (RrlKind::NoData, source),
+        Rcode::NxDomain => (RrlKind::NxDomain, map.zone.apex_wire.as_slice()),
+        _ => (RrlKind::Error, &[]),
+    }
 }
 
 /// [`handle`] with `reply`'s settings.
@@ -603,18 +614,9 @@ fn question_name(query: &[u8], d: &mut BinDecoder<'_>, buf: &mut [u8; 256]) -> R
 }
 
 /// Whether wire name `q` is `apex` or below it (on a label boundary).
+#[inline]
 fn in_zone(q: &[u8], apex: &[u8]) -> bool {
-    if q.len() < apex.len() {
-        return false;
-    }
-    let mut i = 0usize;
-    while i < q.len() {
-        if q.len() - i == apex.len() {
-            return &q[i..] == apex;
-        }
-        i += usize::from(q[i]) + 1;
-    }
-    false
+    super::map::below(q, apex).is_some()
 }
 
 /// Reads the question and the OPT record (for every opcode, so that even NOTIMP echoes

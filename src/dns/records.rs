@@ -165,7 +165,7 @@ impl ZoneNames<'_> {
         }
         let owner = lower(record.owner().to_vec().as_slice());
         let shown = record.owner().to_vec().to_string();
-        if !under(&owner, &self.apex) {
+        if super::map::below(&owner, &self.apex).is_none() {
             return Err(format!("{shown} is not inside zone {}", self.name));
         }
         let rtype = record.data().rtype();
@@ -458,18 +458,6 @@ fn wires<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Vec<u8>> {
         .filter_map(|n| n.parse::<Name<Bytes>>().ok())
         .map(|n| lower(n.as_slice()))
         .collect()
-}
-
-/// Whether wire name `q` is `apex` or below it.
-fn under(q: &[u8], apex: &[u8]) -> bool {
-    let mut i = 0usize;
-    while i < q.len() {
-        if q.len() - i == apex.len() {
-            return &q[i..] == apex;
-        }
-        i += usize::from(q[i]) + 1;
-    }
-    apex.is_empty()
 }
 
 #[cfg(test)]

@@ -113,7 +113,6 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, ServerErr
 /// side effect Linux skips the IP ID hash for DF packets, which is measurable per query.
 #[cfg(target_os = "linux")]
 fn dont_fragment(s: &Socket, v4: bool) {
-    use std::os::fd::AsRawFd;
     let (level, name, value) = if v4 {
         (
             libc::IPPROTO_IP,
@@ -127,18 +126,33 @@ fn dont_fragment(s: &Socket, v4: bool) {
             libc::IPV6_PMTUDISC_PROBE,
         )
     };
-    // SAFETY: setsockopt with a valid fd, level/name pair and a c_int value of its size.
+    if let Err(e) = set_int_option(s, level, name, value) {
+        tracing::debug!(error = %e, "cannot set DF on DNS socket");
+    }
+}
+
+/// `setsockopt` of an option that takes a C int (those socket2 has no setter for).
+#[cfg(target_os = "linux")]
+pub(super) fn set_int_option(
+    sock: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt with a valid fd, a level/name pair that takes a c_int, and its size.
     let rc = unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
+            sock.as_raw_fd(),
             level,
             name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set DF on DNS socket");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

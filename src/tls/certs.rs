@@ -54,14 +54,19 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
     non_empty(path, chain)
 }
 
+/// Every certificate of PEM text, in order.
+fn pem_certificates(
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
+    CertificateDer::pem_slice_iter(pem).collect()
+}
+
 /// Every certificate of PEM text read from `path`, in order.
 pub fn chain_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let chain = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CertError::Cert {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let chain = pem_certificates(pem).map_err(|source| CertError::Cert {
+        path: path.to_path_buf(),
+        source,
+    })?;
     non_empty(path, chain)
 }
 
@@ -162,12 +167,10 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
 
 /// A root store from a CA bundle's PEM text, read from `path`.
 pub fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, CertError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CertError::Ca {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let certs = pem_certificates(pem).map_err(|source| CertError::Ca {
+        path: path.to_path_buf(),
+        source,
+    })?;
     roots_of(path, certs)
 }
 
