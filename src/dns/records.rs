@@ -4,7 +4,8 @@
 //! read with the region file at every rebuild, so a broken edit keeps the map in service.
 //! The sidecar makes SOA, NS, glue and the geo answers itself: records that would contradict
 //! them are refused with file:line, as is what an unsigned zone without delegations cannot
-//! serve (DNSSEC records, NS below the apex) and `$INCLUDE`. Wildcards (`*.label`, RFC 4592)
+//! serve (DNSSEC records, NS below the apex). `$INCLUDE` reads another file (relative to the
+//! including one) in place. Wildcards (`*.label`, RFC 4592)
 //! answer for the names below their parent that do not exist.
 
 use super::map::RrSet;
@@ -15,7 +16,7 @@ use domain::base::name::{Name, ToName};
 use domain::base::rdata::{ComposeRecordData, RecordData};
 use domain::zonefile::inplace::{Entry, ScannedRecord, Zonefile};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// More would make a map rebuild slow and is not what this file is for.
 const MAX_RECORDS: usize = 10_000;
@@ -51,76 +52,190 @@ impl StaticName {
     }
 }
 
-/// Reads `path` for the zone of `cfg`.
+/// Reads `path` for the zone of `cfg`, with the files it `$INCLUDE`s.
 pub fn load(path: &Path, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(path, &text, cfg)
+    parse_with(path, &text, cfg, &mut |p| std::fs::read_to_string(p))
 }
 
-/// One record as read: where, its TTL and its encoded data.
+/// One record as read: where (an index into the files read, the line), in which order, its
+/// TTL and its encoded data.
 struct Read {
+    seq: usize,
+    file: usize,
     line: usize,
     ttl: u32,
     data: Vec<u8>,
 }
 
-/// Parses master-file text as if read from `path`. Names are relative to the zone (`@` is
-/// the apex) unless `$ORIGIN` says otherwise; records without a TTL take `$TTL` or `[dns]
-/// ttl`.
+/// Parses master-file text as if read from `path`, which includes no other file. Names are
+/// relative to the zone (`@` is the apex) unless `$ORIGIN` says otherwise; records without a
+/// TTL take `$TTL` or `[dns] ttl`.
 pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError> {
-    let at_line = |line: usize| Location {
-        path: path.to_path_buf(),
-        line,
-        column: 1,
-    };
+    parse_with(path, text, cfg, &mut |_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "only a zone file read from disk can include others",
+        ))
+    })
+}
+
+/// Nesting deeper than this is a mistake (NSD allows 10; a loop is caught before).
+const MAX_INCLUDE_DEPTH: usize = 8;
+
+/// The files of one zone file being read: what its records must not contradict, the sets
+/// so far, and the `$INCLUDE` chain.
+struct ZoneReader<'a> {
+    zone: ZoneNames<'a>,
+    default_ttl: u32,
+    sets: BTreeMap<(Vec<u8>, u16), Vec<Read>>,
+    records: usize,
+    files: Vec<PathBuf>,
+    /// The files being read, outermost first (as found, and canonical when that succeeds).
+    chain: Vec<PathBuf>,
+    read: &'a mut dyn FnMut(&Path) -> std::io::Result<String>,
+}
+
+fn parse_with(
+    path: &Path,
+    text: &str,
+    cfg: &DnsConfig,
+    read: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+) -> Result<Vec<StaticName>, ConfigError> {
     let apex: Name<Bytes> = cfg
         .zone
         .parse()
         .map_err(|_| ConfigError::invalid(Location::file(path), "bad zone name"))?;
-    let zone = ZoneNames {
-        name: &cfg.zone,
-        apex: lower(apex.as_slice()),
-        geo: wires(&cfg.names),
-        hosts: wires(cfg.glue.iter().map(|g| &g.name)),
+    let mut reader = ZoneReader {
+        zone: ZoneNames {
+            name: &cfg.zone,
+            apex: lower(apex.as_slice()),
+            geo: wires(&cfg.names),
+            hosts: wires(cfg.glue.iter().map(|g| &g.name)),
+        },
+        default_ttl: u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1),
+        sets: BTreeMap::new(),
+        records: 0,
+        files: Vec::new(),
+        chain: Vec::new(),
+        read,
     };
-    let default_ttl = u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX >> 1);
-    let lines = entry_lines(text);
-    let seconds = with_ttl_units(text, &lines);
-    let mut scanner = Zonefile::from(with_default_ttl(&seconds, default_ttl).as_str());
-    scanner.set_origin(apex);
-    scanner.set_default_class(Class::IN);
-    let mut sets: BTreeMap<(Vec<u8>, u16), Vec<Read>> = BTreeMap::new();
-    let mut records = 0usize;
-    let mut index = 0usize;
-    loop {
-        let entry = scanner
-            .next_entry()
-            .map_err(|e| scan_error(&e.to_string(), lines.get(index).copied(), path))?;
-        let Some(entry) = entry else { break };
-        let line = lines.get(index).copied().unwrap_or(1);
-        index += 1;
-        let err = |reason: String| ConfigError::invalid(at_line(line), reason);
-        let record = match entry {
-            Entry::Include { .. } => {
-                return Err(err(
-                    "$INCLUDE is not supported: put the records in this file".into(),
-                ))
+    let ttl = reader.default_ttl;
+    reader.scan(path, text, apex, ttl)?;
+    build(reader.sets, &reader.files)
+}
+
+impl ZoneReader<'_> {
+    /// Reads the entries of `text` (the file `path`) with `origin` as its first origin and
+    /// `ttl` as its first `$TTL`.
+    fn scan(
+        &mut self,
+        path: &Path,
+        text: &str,
+        origin: Name<Bytes>,
+        ttl: u32,
+    ) -> Result<(), ConfigError> {
+        let file = self.files.len();
+        self.files.push(path.to_path_buf());
+        self.chain
+            .push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+        let lines = entry_lines(text);
+        let seconds = with_ttl_units(text, &lines);
+        let mut scanner = Zonefile::from(with_default_ttl(&seconds, ttl).as_str());
+        scanner.set_origin(origin);
+        scanner.set_default_class(Class::IN);
+        let mut index = 0usize;
+        loop {
+            let entry = scanner
+                .next_entry()
+                .map_err(|e| scan_error(&e.to_string(), lines.get(index).copied(), path))?;
+            let Some(entry) = entry else { break };
+            let line = lines.get(index).copied().unwrap_or(1);
+            index += 1;
+            let err = |reason: String| ConfigError::invalid(at(path, line), reason);
+            let record = match entry {
+                Entry::Include { path: name, origin } => {
+                    let origin = match origin {
+                        Some(o) => o,
+                        None => scanner.origin().map_err(|e| err(e.to_string()))?,
+                    };
+                    let ttl = dollar_ttl(&seconds, line).unwrap_or(self.default_ttl);
+                    self.include(path, line, name.as_str(), origin, ttl)?;
+                    continue;
+                }
+                Entry::Record(r) => r,
+            };
+            self.records += 1;
+            if self.records > MAX_RECORDS {
+                return Err(err(format!("more than {MAX_RECORDS} records")));
             }
-            Entry::Record(r) => r,
-        };
-        records += 1;
-        if records > MAX_RECORDS {
-            return Err(err(format!("more than {MAX_RECORDS} records")));
+            let (owner, rtype, ttl, data) = self.zone.check(&record).map_err(err)?;
+            let seq = self.records;
+            self.sets.entry((owner, rtype)).or_default().push(Read {
+                seq,
+                file,
+                line,
+                ttl,
+                data,
+            });
         }
-        let (owner, rtype, ttl, data) = zone.check(&record).map_err(err)?;
-        sets.entry((owner, rtype))
-            .or_default()
-            .push(Read { line, ttl, data });
+        self.chain.pop();
+        Ok(())
     }
-    build(sets, path)
+
+    /// `$INCLUDE name` at `path:line`: the file `name` (relative to `path`'s directory), read
+    /// from `origin` and the `$TTL` in effect (`ttl`), as Knot does; the including file's
+    /// origin and `$TTL` are its own again after it (RFC 1035 5.1).
+    fn include(
+        &mut self,
+        path: &Path,
+        line: usize,
+        name: &str,
+        origin: Name<Bytes>,
+        ttl: u32,
+    ) -> Result<(), ConfigError> {
+        let err = |reason: String| ConfigError::invalid(at(path, line), reason);
+        let target = path.parent().unwrap_or(Path::new("")).join(name);
+        if self.chain.len() > MAX_INCLUDE_DEPTH {
+            return Err(err(format!(
+                "$INCLUDE {name}: nested more than {MAX_INCLUDE_DEPTH} deep"
+            )));
+        }
+        let canonical = std::fs::canonicalize(&target).unwrap_or_else(|_| target.clone());
+        if self.chain.contains(&canonical) {
+            return Err(err(format!(
+                "$INCLUDE {name}: {} is already being read (an include loop)",
+                target.display()
+            )));
+        }
+        let text = (self.read)(&target)
+            .map_err(|e| err(format!("$INCLUDE {name}: {}: {e}", target.display())))?;
+        self.scan(&target, &text, origin, ttl)
+    }
+}
+
+/// The value of the last `$TTL` line before `line` of `text` (TTLs already in seconds).
+fn dollar_ttl(text: &str, line: usize) -> Option<u32> {
+    text.lines()
+        .take(line.saturating_sub(1))
+        .filter_map(|l| {
+            let mut words = l.split(';').next()?.split_whitespace();
+            let directive = words.next()?;
+            directive.eq_ignore_ascii_case("$TTL").then_some(())?;
+            words.next()?.parse::<u32>().ok()
+        })
+        .last()
+}
+
+fn at(path: &Path, line: usize) -> Location {
+    Location {
+        path: path.to_path_buf(),
+        line,
+        column: 1,
+    }
 }
 
 /// The scanner's error `s` ("line:column: reason", with the position it had read to: often
@@ -231,51 +346,49 @@ fn refuse_type(rtype: Rtype, at_apex: bool, shown: &str) -> Result<(), String> {
 /// does; RFC 2181 5.2 wants one), a CNAME alone at its name.
 fn build(
     sets: BTreeMap<(Vec<u8>, u16), Vec<Read>>,
-    path: &Path,
+    files: &[PathBuf],
 ) -> Result<Vec<StaticName>, ConfigError> {
+    let place = |r: &Read| at(files.get(r.file).map_or(Path::new(""), |p| p), r.line);
     let cname = Rtype::CNAME.to_int();
     let mut names: Vec<StaticName> = Vec::new();
-    let mut cnames: BTreeMap<&[u8], usize> = BTreeMap::new();
-    let mut first_other: BTreeMap<&[u8], usize> = BTreeMap::new();
+    let mut cnames: BTreeMap<&[u8], &Read> = BTreeMap::new();
+    let mut first_other: BTreeMap<&[u8], &Read> = BTreeMap::new();
     for ((owner, rtype), reads) in &sets {
-        let first = reads.iter().map(|r| r.line).min().unwrap_or(1);
+        let Some(first) = reads.iter().min_by_key(|r| r.seq) else {
+            continue;
+        };
         if *rtype == cname {
             if let Some(second) = distinct(reads).nth(1) {
                 return Err(ConfigError::invalid(
-                    Location {
-                        path: path.to_path_buf(),
-                        line: second.line,
-                        column: 1,
-                    },
+                    place(second),
                     "a second CNAME for the same name (a name is an alias of one name)",
                 ));
             }
             cnames.insert(owner, first);
         } else {
             let e = first_other.entry(owner).or_insert(first);
-            *e = (*e).min(first);
+            if first.seq < e.seq {
+                *e = first;
+            }
         }
     }
-    for (owner, &c) in &cnames {
-        if let Some(&o) = first_other.get(owner) {
+    for (owner, c) in &cnames {
+        if let Some(o) = first_other.get(owner) {
+            let later = if c.seq > o.seq { c } else { o };
             return Err(ConfigError::invalid(
-                Location {
-                    path: path.to_path_buf(),
-                    line: c.max(o),
-                    column: 1,
-                },
+                place(later),
                 "a CNAME cannot share its name with other records (RFC 1034 3.6.2)",
             ));
         }
     }
     for ((owner, rtype), reads) in sets {
-        let ttl = reads.iter().min_by_key(|r| r.line).map_or(0, |r| r.ttl);
+        let ttl = reads.iter().min_by_key(|r| r.seq).map_or(0, |r| r.ttl);
         let mut set = RrSet::default();
         for r in distinct(&reads) {
             super::map::push_raw(&mut set, rtype, ttl, &r.data);
             if set.bytes.len() > MAX_SET_BYTES {
                 return Err(ConfigError::invalid(
-                    Location { path: path.to_path_buf(), line: r.line, column: 1 },
+                    place(r),
                     format!("the records of this name and type pass {MAX_SET_BYTES} bytes: no answer could carry them, even over TCP"),
                 ));
             }
@@ -544,6 +657,97 @@ deep    A     192.0.2.26
             .all(|(_, s)| s.bytes.starts_with(&[0xc0, 0x0c])));
     }
 
+    /// `text` as `zones/main.zone`, which may include the files of `others` (by path).
+    fn parse_files(text: &str, others: &[(&str, &str)]) -> Result<Vec<StaticName>, ConfigError> {
+        let mut read = |p: &Path| {
+            others
+                .iter()
+                .find(|(name, _)| Path::new(name) == p)
+                .map(|(_, t)| t.to_string())
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        };
+        parse_with(Path::new("zones/main.zone"), text, &cfg(), &mut read)
+    }
+
+    #[test]
+    fn include_reads_a_file_in_place_from_its_own_origin() {
+        let main = "$TTL 120\n\
+                    mail A 192.0.2.25\n\
+                    $INCLUDE sub.zone sub.example.com.\n\
+                    after TXT \"origin and TTL are the parent's again\"\n\
+                    $ORIGIN lab.example.com.\n\
+                    $INCLUDE inc/lab.zone\n";
+        let files = [
+            ("zones/sub.zone", "$TTL 30\n@ TXT sub\nhost A 192.0.2.26\n"),
+            ("zones/inc/lab.zone", "box A 192.0.2.27\n"),
+        ];
+        let names = parse_files(main, &files).expect("valid");
+        let find = |n: &str| names.iter().find(|s| s.wire == wire(n)).expect(n);
+        let a = Rtype::A.to_int();
+        let txt = Rtype::TXT.to_int();
+        assert_eq!(find("mail.example.com").set(a).map(ttl), Some(120));
+        assert_eq!(find("sub.example.com").set(txt).map(ttl), Some(30));
+        assert_eq!(find("host.sub.example.com").set(a).map(ttl), Some(30));
+        let after = find("after.example.com").set(txt).expect("TXT");
+        assert_eq!(ttl(after), 120, "the parent's $TTL after the include");
+        let lab = find("box.lab.example.com").set(a).expect("A");
+        assert_eq!(
+            ttl(lab),
+            120,
+            "an included file starts from the $TTL in effect"
+        );
+    }
+
+    #[test]
+    fn include_errors_name_the_file_and_line_where_they_are() {
+        let bad_inside = [("zones/b.zone", "ok A 192.0.2.1\nwww A 192.0.2.2\n")];
+        let e = parse_files("x A 192.0.2.9\n$INCLUDE b.zone\n", &bad_inside)
+            .expect_err("geo name")
+            .to_string();
+        assert!(e.starts_with("zones/b.zone:2:"), "{e}");
+        assert!(e.contains("region map"), "{e}");
+
+        let e = parse_files("\n$INCLUDE missing.zone\n", &[])
+            .expect_err("missing")
+            .to_string();
+        assert!(e.starts_with("zones/main.zone:2:"), "{e}");
+        assert!(e.contains("zones/missing.zone"), "{e}");
+
+        let looped = [
+            ("zones/a.zone", "a A 192.0.2.1\n$INCLUDE b.zone\n"),
+            ("zones/b.zone", "$INCLUDE a.zone\n"),
+        ];
+        let e = parse_files("$INCLUDE a.zone\n", &looped)
+            .expect_err("loop")
+            .to_string();
+        assert!(e.starts_with("zones/b.zone:1:"), "{e}");
+        assert!(e.contains("include loop"), "{e}");
+
+        let chain: Vec<(String, String)> = (0..12)
+            .map(|i| {
+                (
+                    format!("zones/{i}.zone"),
+                    format!("$INCLUDE {}.zone\n", i + 1),
+                )
+            })
+            .collect();
+        let chain: Vec<(&str, &str)> = chain
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let e = parse_files("$INCLUDE 0.zone\n", &chain)
+            .expect_err("deep")
+            .to_string();
+        assert!(e.contains("nested more than 8 deep"), "{e}");
+
+        let split = [("zones/c.zone", "\n\nc TXT x\n")];
+        let e = parse_files("c CNAME mail\n$INCLUDE c.zone\n", &split)
+            .expect_err("CNAME and other data")
+            .to_string();
+        assert!(e.starts_with("zones/c.zone:3:"), "{e}");
+        assert!(e.contains("CNAME cannot share"), "{e}");
+    }
+
     #[test]
     fn records_that_contradict_the_sidecar_or_cannot_be_served_are_refused_at_their_line() {
         let cases = [
@@ -564,7 +768,11 @@ deep    A     192.0.2.26
             ("; c\n\nns1 AAAA 2001:db8::1\n", 3, "[dns] glue"),
             ("a TXT x\na CNAME b\n", 2, "CNAME cannot share"),
             ("a CNAME b\na CNAME c\n", 2, "second CNAME"),
-            ("$INCLUDE other.zone\n", 1, "$INCLUDE"),
+            (
+                "$INCLUDE other.zone\n",
+                1,
+                "only a zone file read from disk",
+            ),
             ("a CH TXT x\n", 1, "different class"),
             (
                 "a TXT ( \"x\"\n \"y\" )\n@ DNSKEY 257 3 13 AAAA\n",

@@ -18,10 +18,24 @@ deep.sub TXT   "below an empty non-terminal"
 
 /// A sidecar whose zone file is `zone` (written beside the region file), rebuilt every 100 ms.
 async fn with_zone_file(zone: &str) -> (Dns, std::path::PathBuf) {
+    with_zone_files(zone, &[]).await
+}
+
+/// [`with_zone_file`], with `others` (path relative to the zone file, text) written too.
+async fn with_zone_files(zone: &str, others: &[(&str, &str)]) -> (Dns, std::path::PathBuf) {
     let zone = zone.to_string();
+    let others: Vec<(String, String)> = others
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect();
     let dns = Dns::start_config(&basic_regions(), move |regions| {
         let path = regions.with_file_name("zone.db");
         std::fs::write(&path, &zone).expect("write zone file");
+        for (name, text) in &others {
+            let other = regions.with_file_name(name);
+            std::fs::create_dir_all(other.parent().expect("dir")).expect("mkdir");
+            std::fs::write(other, text).expect("write included file");
+        }
         config_text(
             regions,
             &format!(
@@ -158,6 +172,39 @@ async fn an_edited_zone_file_is_picked_up_and_a_broken_one_keeps_the_old_records
         || async { dns.short(&["mail.edgepop.test", "A"]).await == vec!["192.0.2.25"] },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_included_file_is_served_and_its_edits_and_errors_are_its_own() {
+    let (dns, path) = with_zone_files(
+        "@ MX 10 mail\n$INCLUDE hosts/mail.inc\n",
+        &[("hosts/mail.inc", "mail A 192.0.2.25\n")],
+    )
+    .await;
+    let inc = path.with_file_name("hosts").join("mail.inc");
+    assert_eq!(
+        dns.short(&["mail.edgepop.test", "A"]).await,
+        vec!["192.0.2.25"]
+    );
+    assert_eq!(
+        dns.short(&[ZONE, "MX"]).await,
+        vec!["10 mail.edgepop.test."]
+    );
+    let serial = dns.sidecar.state().map().serial;
+    replace(&inc, "mail A 192.0.2.26\n");
+    eventually(Duration::from_secs(5), "the edited include", || async {
+        dns.short(&["mail.edgepop.test", "A"]).await == vec!["192.0.2.26"]
+    })
+    .await;
+    assert!(dns.sidecar.state().map().serial > serial);
+    replace(&inc, "mail A 192.0.2.27\nmail A not-an-address\n");
+    let msg = dns.load_error().await;
+    assert!(msg.contains("mail.inc:2:"), "{msg}");
+    assert_eq!(
+        dns.short(&["mail.edgepop.test", "A"]).await,
+        vec!["192.0.2.26"],
+        "the last good records keep serving"
+    );
 }
 
 #[test]
