@@ -86,10 +86,22 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if let Some(l) = &d.rate_limit {
             let exempt: Vec<String> = l.exempt.iter().map(ToString::to_string).collect();
             println!(
-                "  rate limit {} responses per {}, burst {}, slip {}, networks /{} and /{}{}",
+                "  rate limit {} responses per {}, burst {}{}, slip {}, networks /{} and /{}{}",
                 l.responses,
                 humantime::format_duration(l.per),
                 l.burst,
+                [
+                    ("nodata", l.nodata),
+                    ("nxdomains", l.nxdomains),
+                    ("errors", l.errors)
+                ]
+                .iter()
+                .filter(|(_, n)| *n != l.responses)
+                .map(|(k, n)| match n {
+                    0 => format!(", {k} not limited"),
+                    n => format!(", {k} {n}"),
+                })
+                .collect::<String>(),
                 l.slip,
                 l.ipv4_prefix,
                 l.ipv6_prefix,

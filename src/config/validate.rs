@@ -252,6 +252,12 @@ pub struct DnsRateLimit {
     pub per: Duration,
     /// At least 1.
     pub burst: u32,
+    /// NODATA answers per `per`, per name (BIND's `nodata-per-second`); 0: not limited.
+    pub nodata: u32,
+    /// NXDOMAIN answers per `per`, for the zone (`nxdomains-per-second`); 0: not limited.
+    pub nxdomains: u32,
+    /// Error answers per `per` (`errors-per-second`); 0: not limited.
+    pub errors: u32,
     /// Every `slip`-th answer over the limit goes out truncated; 0: none (all dropped).
     pub slip: u32,
     /// Client networks: IPv4 prefix length (8 to 32).
@@ -1291,16 +1297,44 @@ fn dns_rate_limit(cx: &Ctx, l: &Spanned<RawDnsRateLimit>) -> Result<DnsRateLimit
     };
     let responses = ranged(&raw.responses, "responses", 1, 1_000_000)?;
     let per = cx.duration(&raw.per, Duration::from_secs(1), "rate_limit per")?;
+    let burst = match &raw.burst {
+        Some(b) => ranged(b, "burst", 1, 1_000_000)?,
+        None => responses,
+    };
+    let limit = DnsRateLimit {
+        responses,
+        per,
+        burst,
+        nodata: responses,
+        nxdomains: responses,
+        errors: responses,
+        slip: 2,
+        ipv4_prefix: 24,
+        ipv6_prefix: 56,
+        exempt: Vec::new(),
+    };
+    let kind = |n: &Option<Spanned<i64>>, key: &str| -> Result<u32, ConfigError> {
+        let Some(n) = n else { return Ok(responses) };
+        let count = ranged(n, key, 0, 1_000_000)?;
+        match limit.kind_burst(count) {
+            Some(b) if per / count < Duration::from_millis(1) || (per / count).saturating_mul(b) > MAX_DURATION => Err(cx.err(
+                n,
+                format!("rate_limit {key} with this per and burst allows more than one response per millisecond or a burst longer than a year"),
+            )),
+            _ => Ok(count),
+        }
+    };
+    let (nodata, nxdomains, errors) = (
+        kind(&raw.nodata, "nodata")?,
+        kind(&raw.nxdomains, "nxdomains")?,
+        kind(&raw.errors, "errors")?,
+    );
     if per / responses < Duration::from_millis(1) {
         return Err(cx.err(
             l,
             "rate_limit allows more than one response per millisecond per client network: use a longer per or fewer responses",
         ));
     }
-    let burst = match &raw.burst {
-        Some(b) => ranged(b, "burst", 1, 1_000_000)?,
-        None => responses,
-    };
     if (per / responses).saturating_mul(burst) > MAX_DURATION {
         return Err(cx.err(
             l,
@@ -1312,9 +1346,9 @@ fn dns_rate_limit(cx: &Ctx, l: &Spanned<RawDnsRateLimit>) -> Result<DnsRateLimit
         None => Ok(default),
     };
     Ok(DnsRateLimit {
-        responses,
-        per,
-        burst,
+        nodata,
+        nxdomains,
+        errors,
         slip: opt(&raw.slip, "slip", 0, 10, 2)?,
         ipv4_prefix: opt(&raw.ipv4_prefix, "ipv4_prefix", 8, 32, 24)? as u8,
         ipv6_prefix: opt(&raw.ipv6_prefix, "ipv6_prefix", 16, 128, 56)? as u8,
@@ -1329,7 +1363,17 @@ fn dns_rate_limit(cx: &Ctx, l: &Spanned<RawDnsRateLimit>) -> Result<DnsRateLimit
                 })
                 .collect::<Result<_, _>>()?,
         },
+        ..limit
     })
+}
+
+impl DnsRateLimit {
+    /// The burst of a kind allowed `count` answers per `per`: `burst` scaled by `count /
+    /// responses` (at least 1); `None` for 0, a kind not limited.
+    pub fn kind_burst(&self, count: u32) -> Option<u32> {
+        let scaled = u64::from(self.burst) * u64::from(count) / u64::from(self.responses.max(1));
+        (count > 0).then(|| u32::try_from(scaled.max(1)).unwrap_or(u32::MAX))
+    }
 }
 
 /// A size: a number of bytes, or text with a unit ("512KiB", "10 MB", "1GiB").

@@ -5,7 +5,8 @@
 //! network) are counted per kind of answer: a positive answer per name and type, NODATA per
 //! name, NXDOMAIN for the whole zone (so random names share one allowance), errors together.
 //! Beyond the allowance (the `governor` crate's GCRA: `burst` at once, then `responses` per
-//! `per`) answers are dropped, except every `slip`-th, which goes out truncated with no
+//! `per`; NODATA, NXDOMAIN and errors may have rates of their own, as in BIND) answers are
+//! dropped, except every `slip`-th, which goes out truncated with no
 //! records: a real resolver behind the network retries over TCP, which is never limited, and
 //! a forged source gets nothing larger than its query. Queries that bring a valid server
 //! cookie (RFC 7873) prove their source and are never limited.
@@ -22,10 +23,11 @@ use governor::state::StateStore;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
 
 const SLOTS: usize = 1 << 16;
 
-type Limiter = governor::RateLimiter<u64, Table, MonotonicClock, NoOpMiddleware>;
+type Limiter = governor::RateLimiter<u64, Shared, MonotonicClock, NoOpMiddleware>;
 
 /// What the limit says about one UDP answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +52,22 @@ pub enum Kind {
     Error,
 }
 
+impl Kind {
+    fn class(self) -> usize {
+        match self {
+            Kind::Answer(_) => 0,
+            Kind::NoData => 1,
+            Kind::NxDomain => 2,
+            Kind::Error => 3,
+        }
+    }
+}
+
 pub struct RateLimiter {
     limit: DnsRateLimit,
-    limiter: Limiter,
+    /// By [`Kind::class`]: positive answers, NODATA, NXDOMAIN, errors (`None`: not limited).
+    /// They share one table: the kind is part of every key.
+    limiters: [Option<Limiter>; 4],
     hasher: std::collections::hash_map::RandomState,
     /// Answers over the limit, per slot: which of them slips is decided per allowance (as
     /// BIND does), so two floods interleaved cannot starve one network of its slips.
@@ -69,11 +84,25 @@ impl std::fmt::Debug for RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: DnsRateLimit) -> Self {
-        let quota = crate::proxy::rate_limit::quota(limit.per, limit.responses, limit.burst);
-        let table = Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect());
+        let table = Arc::new(Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect()));
+        let limiter = |count: u32| {
+            let burst = limit.kind_burst(count)?;
+            let quota = crate::proxy::rate_limit::quota(limit.per, count, burst);
+            Some(governor::RateLimiter::new(
+                quota,
+                Shared(table.clone()),
+                MonotonicClock,
+            ))
+        };
+        let limiters = [
+            limiter(limit.responses),
+            limiter(limit.nodata),
+            limiter(limit.nxdomains),
+            limiter(limit.errors),
+        ];
         RateLimiter {
             limit,
-            limiter: governor::RateLimiter::new(quota, table, MonotonicClock),
+            limiters,
             hasher: std::collections::hash_map::RandomState::new(),
             over: (0..SLOTS).map(|_| AtomicU16::new(0)).collect(),
         }
@@ -85,8 +114,11 @@ impl RateLimiter {
 
     /// Counts one answer of `kind` about `name` (lower-case wire form) to `client`.
     pub fn check(&self, client: IpAddr, kind: Kind, name: &[u8]) -> Verdict {
+        let Some(limiter) = &self.limiters[kind.class()] else {
+            return Verdict::Send;
+        };
         let key = self.hasher.hash_one((self.network(client), kind, name));
-        if self.limiter.check_key(&key).is_ok() {
+        if limiter.check_key(&key).is_ok() {
             return Verdict::Send;
         }
         let n = self.over[slot(key)].fetch_add(1, Ordering::Relaxed);
@@ -129,18 +161,21 @@ fn slot(key: u64) -> usize {
     (key as usize) % SLOTS
 }
 
-/// governor's state store: one GCRA timestamp per slot (0: never used), the slot picked by
-/// the key (already a keyed hash).
+/// One GCRA timestamp per slot (0: never used), the slot picked by the key (already a keyed
+/// hash).
 struct Table(Box<[AtomicU64]>);
 
-impl StateStore for Table {
+/// governor's state store: the table, shared by the limiters of each kind.
+struct Shared(Arc<Table>);
+
+impl StateStore for Shared {
     type Key = u64;
 
     fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let state = &self.0[slot(*key)];
+        let state = &self.0 .0[slot(*key)];
         let mut prev = state.load(Ordering::Acquire);
         loop {
             let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
@@ -167,6 +202,9 @@ mod tests {
             responses: 3,
             per: Duration::from_secs(60),
             burst: 3,
+            nodata: 3,
+            nxdomains: 3,
+            errors: 3,
             slip,
             ipv4_prefix: 24,
             ipv6_prefix: 56,
@@ -241,6 +279,27 @@ mod tests {
         assert!(rl.exempt("192.0.2.77".parse().unwrap()));
         assert!(rl.exempt("::ffff:192.0.2.77".parse().unwrap()));
         assert!(!rl.exempt(a));
+    }
+
+    #[test]
+    fn nodata_nxdomain_and_errors_may_have_rates_of_their_own_or_none() {
+        let rl = RateLimiter::new(DnsRateLimit {
+            nodata: 6,
+            nxdomains: 1,
+            errors: 0,
+            ..limit(0)
+        });
+        let me: IpAddr = "198.51.100.7".parse().unwrap();
+        let sent = |kind: Kind| {
+            (0..20)
+                .filter(|_| rl.check(me, kind, b"\x01x\x00") == Verdict::Send)
+                .count()
+        };
+        // Bursts scale with the rate: 3 for `responses` 3, 6 for 6, 1 for 1.
+        assert_eq!(sent(Kind::Answer(1)), 3);
+        assert_eq!(sent(Kind::NoData), 6);
+        assert_eq!(sent(Kind::NxDomain), 1);
+        assert_eq!(sent(Kind::Error), 20, "errors = 0: not limited");
     }
 
     #[test]

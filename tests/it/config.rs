@@ -591,12 +591,26 @@ fn a_dns_rate_limit_is_checked_and_shown() {
         stdout.contains("  rate limit 20 responses per 1s, burst 20, slip 0, networks /24 and /48, exempt 10.0.0.0/8 2001:db8::/32"),
         "{stdout}"
     );
+    let (ok, stdout, stderr) = check(&write_file(
+        dir.path(),
+        "kinds.toml",
+        &dns("{ responses = 20, nodata = 20, nxdomains = 5, errors = 0 }"),
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(
+            "  rate limit 20 responses per 1s, burst 20, nxdomains 5, errors not limited, slip 2,"
+        ),
+        "{stdout}"
+    );
     for (limit, want) in [
         ("{ responses = 0 }", "e.toml:7:28: rate_limit responses must be between 1 and 1000000"),
         ("{ responses = 5, slip = 11 }", "e.toml:7:38: rate_limit slip must be between 0 and 10"),
         ("{ responses = 5, ipv4_prefix = 33 }", "e.toml:7:45: rate_limit ipv4_prefix must be between 8 and 32"),
         ("{ responses = 5000, per = \"1s\" }", "e.toml:7:14: rate_limit allows more than one response per millisecond per client network: use a longer per or fewer responses"),
         ("{ per = \"1s\" }", "e.toml:7:14: missing field `responses`"),
+        ("{ responses = 5, nxdomains = -1 }", "e.toml:7:43: rate_limit nxdomains must be between 0 and 1000000"),
+        ("{ responses = 500, nodata = 5000, per = \"1s\" }", "e.toml:7:42: rate_limit nodata with this per and burst allows more than one response per millisecond or a burst longer than a year"),
         ("{ responses = 5, exempt = [\"x\"] }", "e.toml:7:41: rate_limit exempt: \"x\" is not a network (192.0.2.0/24, 2001:db8::/32)"),
     ] {
         assert_eq!(check_text(&dns(limit)).trim(), want, "{limit}");

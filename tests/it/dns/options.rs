@@ -552,3 +552,35 @@ fn the_rate_limit_keys_by_name_in_any_case_nxdomain_by_zone_and_errors_together(
         assert_eq!(ask("www.edgepop.test", false, exempt).0, None);
     }
 }
+
+#[test]
+fn nxdomain_nodata_and_error_answers_may_have_rates_of_their_own() {
+    use edgepop::dns::query::handle_udp;
+    use edgepop::dns::rrl::Verdict;
+    use hickory_proto::rr::RecordType;
+    let map = standalone_map(
+        "rate_limit = { responses = 2, per = \"1m\", nxdomains = 1, nodata = 3, errors = 0, slip = 0 }",
+    );
+    let src: std::net::IpAddr = "203.0.113.9".parse().expect("ip");
+    let mut out = Vec::new();
+    let mut limited = |name: &str, t: RecordType| {
+        let q = query(name, t, None);
+        handle_udp(&q.to_vec().expect("encode"), src, &map, &mut out)
+            .expect("answered")
+            .limited
+    };
+    let over = |verdicts: Vec<Option<Verdict>>| verdicts.iter().position(Option::is_some);
+    let www: Vec<_> = (0..5).map(|_| limited(WWW, RecordType::A)).collect();
+    assert_eq!(over(www), Some(2), "responses = 2");
+    let nx: Vec<_> = (0..5)
+        .map(|i| limited(&format!("n{i}.edgepop.test"), RecordType::A))
+        .collect();
+    assert_eq!(over(nx), Some(1), "nxdomains = 1");
+    let nodata: Vec<_> = (0..5).map(|_| limited(WWW, RecordType::MX)).collect();
+    assert_eq!(over(nodata), Some(3), "nodata = 3");
+    let errors: Vec<_> = (0..20)
+        .map(|_| limited("example.com", RecordType::A))
+        .collect();
+    assert_eq!(over(errors), None, "errors = 0: not limited");
+    assert_eq!(limited(WWW, RecordType::A), Some(Verdict::Drop), "slip = 0");
+}
