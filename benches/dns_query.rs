@@ -27,6 +27,7 @@ pub fn region_file(n: usize) -> RegionFile {
                 u16::from(i) + 1,
             )],
             health: None,
+            force: Default::default(),
         })
         .collect();
     let mut regions: Vec<Region> = (0..8)

@@ -3,6 +3,7 @@
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, EdgeStatus};
+use crate::config::regions::Force;
 use crate::config::{self, Config, EdgeConfig, Role};
 use crate::edge;
 use crate::metrics::EdgeCounters;
@@ -152,6 +153,16 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(" > ")
         );
+        for p in &r.pops {
+            match p.force {
+                Force::No => {}
+                Force::Up => println!(
+                    "  pop {} forced up: its health checks are overridden",
+                    p.name
+                ),
+                Force::Down => println!("  pop {} forced down: it gets no answers", p.name),
+            }
+        }
         if let Some((path, names)) = statics {
             println!(
                 "  zone file {}: {} records at {} names",

@@ -28,6 +28,19 @@ pub struct Pop {
     /// `http://` or `https://` URL of the PoP's admin `/healthz`; without one the PoP is
     /// always considered healthy.
     pub health: Option<http::Uri>,
+    /// The operator's override of the health checks (gdnsd's `admin_state`).
+    pub force: Force,
+}
+
+/// `force = "up" | "down"` on a PoP: taken out of (or kept in) the answers whatever its
+/// health checks say, which go on running and show in `/map`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Force {
+    /// Health checks decide.
+    #[default]
+    No,
+    Up,
+    Down,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +70,7 @@ struct RawPop {
     #[serde(default)]
     ipv6: Vec<Spanned<String>>,
     health: Option<Spanned<String>>,
+    force: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,11 +149,23 @@ pub fn parse(path: &Path, source: &str) -> Result<RegionFile, ConfigError> {
             Some(h) => Some(health_url(h).map_err(|reason| err(h.span(), reason))?),
             None => None,
         };
+        let force = match p.force.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None => Force::No,
+            Some((_, "up")) => Force::Up,
+            Some((_, "down")) => Force::Down,
+            Some((f, other)) => {
+                return Err(err(
+                    f.span(),
+                    format!("pop {name:?}: force must be \"up\" or \"down\", not {other:?}"),
+                ))
+            }
+        };
         pops.push(Pop {
             name,
             ipv4,
             ipv6,
             health,
+            force,
         });
     }
 
@@ -306,6 +332,21 @@ pops = ["a"]
             .expect_err("unknown key")
             .to_string();
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn a_pop_may_be_forced_up_or_down_and_nothing_else() {
+        let forced =
+            |v: &str| GOOD.replace("name = \"a\"\n", &format!("name = \"a\"\nforce = {v:?}\n"));
+        assert_eq!(p(GOOD).expect("valid").pops[0].force, Force::No);
+        assert_eq!(p(&forced("up")).expect("up").pops[0].force, Force::Up);
+        assert_eq!(p(&forced("down")).expect("down").pops[0].force, Force::Down);
+        let e = p(&forced("off")).expect_err("off").to_string();
+        assert!(e.starts_with("regions.toml:4:9"), "{e}");
+        assert!(
+            e.contains("force must be \"up\" or \"down\", not \"off\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! turning consecutive failures/successes into an up/down flag that queries read atomically.
 //! Health is an overlay on the map: flags live here, maps only hold `Arc`s to them.
 
+use crate::config::regions::Force;
 use crate::config::DnsConfig;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -58,12 +59,19 @@ pub enum HealthError {
     Timeout { url: http::Uri, timeout: Duration },
 }
 
+/// The health checks pass (or there are none).
+const MEASURED_UP: u8 = 1;
+const FORCED_UP: u8 = 2;
+const FORCED_DOWN: u8 = 4;
+
 /// The health of one PoP (by name and URL), shared by every map that lists it.
 #[derive(Debug)]
 pub struct Health {
     pub pop: String,
     pub url: Option<http::Uri>,
-    up: AtomicBool,
+    /// [`MEASURED_UP`], [`FORCED_UP`], [`FORCED_DOWN`]: one word, so a query reads the
+    /// probes' verdict and the override together and the two writers never race.
+    state: AtomicU8,
     /// Set when no current map lists this PoP any more; its probe task then exits.
     retired: AtomicBool,
     probing: AtomicBool,
@@ -80,7 +88,7 @@ impl Health {
             pop: pop.to_string(),
             url: url.cloned(),
             // Healthy until proven otherwise: a fresh sidecar must answer at once.
-            up: AtomicBool::new(true),
+            state: AtomicU8::new(MEASURED_UP),
             retired: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             probes: AtomicU64::new(0),
@@ -89,9 +97,49 @@ impl Health {
         }
     }
 
+    /// Whether the PoP gets answers: forced up, or not forced down and passing its checks.
     #[inline]
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        let s = self.state.load(Ordering::Relaxed);
+        s & FORCED_UP != 0 || s & (FORCED_DOWN | MEASURED_UP) == MEASURED_UP
+    }
+
+    /// What the health checks say, whatever the override.
+    pub fn measured_up(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & MEASURED_UP != 0
+    }
+
+    pub fn force(&self) -> Force {
+        match self.state.load(Ordering::Relaxed) {
+            s if s & FORCED_UP != 0 => Force::Up,
+            s if s & FORCED_DOWN != 0 => Force::Down,
+            _ => Force::No,
+        }
+    }
+
+    /// Applies the region file's override (once its map is in service).
+    pub fn set_force(&self, force: Force) {
+        let bits = match force {
+            Force::No => 0,
+            Force::Up => FORCED_UP,
+            Force::Down => FORCED_DOWN,
+        };
+        let old = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s & MEASURED_UP | bits)
+            });
+        if old.is_ok_and(|s| s & (FORCED_UP | FORCED_DOWN) != bits) {
+            tracing::info!(pop = %self.pop, ?force, "pop health override");
+        }
+    }
+
+    fn set_measured(&self, up: bool) {
+        if up {
+            self.state.fetch_or(MEASURED_UP, Ordering::Relaxed);
+        } else {
+            self.state.fetch_and(!MEASURED_UP, Ordering::Relaxed);
+        }
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -232,8 +280,8 @@ impl Prober {
                     fails = 0;
                     oks = oks.saturating_add(1);
                     h.set_error(None);
-                    if !h.is_up() && oks >= s.healthy_after {
-                        h.up.store(true, Ordering::Relaxed);
+                    if !h.measured_up() && oks >= s.healthy_after {
+                        h.set_measured(true);
                         tracing::info!(pop = %h.pop, %url, "pop is healthy again");
                     }
                 }
@@ -242,8 +290,8 @@ impl Prober {
                     fails = fails.saturating_add(1);
                     h.failures.fetch_add(1, Ordering::Relaxed);
                     let msg = error_chain(&e);
-                    if h.is_up() && fails >= s.unhealthy_after {
-                        h.up.store(false, Ordering::Relaxed);
+                    if h.measured_up() && fails >= s.unhealthy_after {
+                        h.set_measured(false);
                         tracing::warn!(pop = %h.pop, error = %msg, "pop marked down");
                     }
                     h.set_error(Some(msg));

@@ -85,6 +85,9 @@ pub struct HostAnswer {
 pub struct PopAnswer {
     pub name: String,
     pub health: Arc<Health>,
+    /// The region file's override, applied to `health` once this map is in service
+    /// ([`Map::apply_force`]).
+    pub force: crate::config::regions::Force,
     pub a: RrSet,
     pub aaaa: RrSet,
 }
@@ -372,6 +375,7 @@ pub fn build(
             Ok(PopAnswer {
                 name: p.name.clone(),
                 health: cx.health.entry(&p.name, p.health.as_ref()),
+                force: p.force,
                 a,
                 aaaa,
             })
@@ -637,8 +641,18 @@ fn rtype_name(t: RecordType) -> &'static str {
     }
 }
 
-/// Builds a map outside a running sidecar (its own health and hit books, every PoP up):
-/// for fuzzing, benches and tests of the query path.
+impl Map {
+    /// Applies each PoP's `force` to its health entry, which maps share: called once the map
+    /// is the one in service, so a map that never serves changes nothing.
+    pub fn apply_force(&self) {
+        for p in &self.pops {
+            p.health.set_force(p.force);
+        }
+    }
+}
+
+/// Builds a map outside a running sidecar (its own health and hit books, every PoP up
+/// unless forced down): for fuzzing, benches and tests of the query path.
 pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
     standalone_with(cfg, file, Vec::new())
 }
@@ -661,5 +675,7 @@ pub fn standalone_with(
             .clone()
             .map(|l| Arc::new(RateLimiter::new(l))),
     };
-    build(file, statics, &cx)
+    let map = build(file, statics, &cx)?;
+    map.apply_force();
+    Ok(map)
 }

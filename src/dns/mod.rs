@@ -279,6 +279,12 @@ impl DnsState {
                 serde_json::json!({
                     "name": p.name,
                     "up": p.health.is_up(),
+                    "checks_pass": p.health.measured_up(),
+                    "force": match p.health.force() {
+                        regions::Force::No => None,
+                        regions::Force::Up => Some("up"),
+                        regions::Force::Down => Some("down"),
+                    },
                     "health_url": p.health.url.as_ref().map(|u| u.to_string()),
                     "probes": p.health.probes.load(Ordering::Relaxed),
                     "failures": p.health.failures.load(Ordering::Relaxed),
@@ -594,7 +600,9 @@ fn release_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() {}
 
+/// The health entries of `m`, the map now in service, with its overrides applied.
 fn current_health(m: &Map) -> Vec<Arc<health::Health>> {
+    m.apply_force();
     m.pops.iter().map(|p| p.health.clone()).collect()
 }
 

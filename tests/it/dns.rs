@@ -522,6 +522,70 @@ async fn a_pop_answering_503_is_replaced_by_the_next_and_comes_back_when_healthy
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_pop_forced_down_or_up_in_the_region_file_overrides_its_health_checks() {
+    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    let regions = health_regions(&first, &second);
+    let forced =
+        |how: &str| regions.replacen("health = ", &format!("force = {how:?}\nhealth = "), 1);
+    let dns = Dns::start_with(&regions, "regenerate_every = \"100ms\"").await;
+    let north = || dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]);
+    assert_eq!(north().await, vec!["192.0.2.1"]);
+    // Down for maintenance: healthy, yet out of the answers.
+    dns.write_regions(&forced("down"));
+    eventually(
+        Duration::from_secs(5),
+        "north leaves its first PoP",
+        || async { north().await == vec!["192.0.2.2"] },
+    )
+    .await;
+    let pop = |map: &serde_json::Value| map["pops"][0].clone();
+    let (_, map) = dns.admin_get("/map").await;
+    let map: serde_json::Value = serde_json::from_str(&map).expect("/map is JSON");
+    assert_eq!(
+        (
+            &pop(&map)["force"],
+            &pop(&map)["up"],
+            &pop(&map)["checks_pass"]
+        ),
+        (
+            &serde_json::json!("down"),
+            &serde_json::json!(false),
+            &serde_json::json!(true)
+        ),
+        "{map}"
+    );
+    // Up whatever its checks say (a broken health endpoint): it keeps answering, while the
+    // checks go on and see it fail.
+    first.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    dns.write_regions(&forced("up"));
+    eventually(
+        Duration::from_secs(5),
+        "checks fail under the override",
+        || async {
+            let (_, map) = dns.admin_get("/map").await;
+            let map: serde_json::Value = serde_json::from_str(&map).expect("/map is JSON");
+            pop(&map)["checks_pass"] == serde_json::json!(false)
+                && pop(&map)["force"] == serde_json::json!("up")
+        },
+    )
+    .await;
+    assert_eq!(north().await, vec!["192.0.2.1"]);
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("edgepop_dns_pop_up{pop=\"first\"} 1"),
+        "{metrics}"
+    );
+    // Without the override the checks decide again, at once: they never stopped.
+    dns.write_regions(&regions);
+    eventually(
+        Duration::from_secs(5),
+        "north follows the checks",
+        || async { north().await == vec!["192.0.2.2"] },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn when_every_pop_of_a_region_is_down_its_first_pop_answers() {
     let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
     first.fail.store(true, std::sync::atomic::Ordering::Relaxed);
