@@ -63,14 +63,22 @@ pub enum HealthError {
 const MEASURED_UP: u8 = 1;
 const FORCED_UP: u8 = 2;
 const FORCED_DOWN: u8 = 4;
+/// The verdict of the three above, kept beside them so a query reads one bit.
+const UP: u8 = 8;
+
+/// `state` with [`UP`] recomputed from the other bits.
+fn with_verdict(state: u8) -> u8 {
+    let up = state & FORCED_UP != 0 || state & (FORCED_DOWN | MEASURED_UP) == MEASURED_UP;
+    (state & !UP) | if up { UP } else { 0 }
+}
 
 /// The health of one PoP (by name and URL), shared by every map that lists it.
 #[derive(Debug)]
 pub struct Health {
     pub pop: String,
     pub url: Option<http::Uri>,
-    /// [`MEASURED_UP`], [`FORCED_UP`], [`FORCED_DOWN`]: one word, so a query reads the
-    /// probes' verdict and the override together and the two writers never race.
+    /// [`MEASURED_UP`], [`FORCED_UP`], [`FORCED_DOWN`] and their verdict [`UP`]: one word,
+    /// so the probe task and the override never race and a query reads one bit.
     state: AtomicU8,
     /// Set when no current map lists this PoP any more; its probe task then exits.
     retired: AtomicBool,
@@ -88,7 +96,7 @@ impl Health {
             pop: pop.to_string(),
             url: url.cloned(),
             // Healthy until proven otherwise: a fresh sidecar must answer at once.
-            state: AtomicU8::new(MEASURED_UP),
+            state: AtomicU8::new(MEASURED_UP | UP),
             retired: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             probes: AtomicU64::new(0),
@@ -100,8 +108,7 @@ impl Health {
     /// Whether the PoP gets answers: forced up, or not forced down and passing its checks.
     #[inline]
     pub fn is_up(&self) -> bool {
-        let s = self.state.load(Ordering::Relaxed);
-        s & FORCED_UP != 0 || s & (FORCED_DOWN | MEASURED_UP) == MEASURED_UP
+        self.state.load(Ordering::Relaxed) & UP != 0
     }
 
     /// What the health checks say, whatever the override.
@@ -109,6 +116,7 @@ impl Health {
         self.state.load(Ordering::Relaxed) & MEASURED_UP != 0
     }
 
+    /// The override in force.
     pub fn force(&self) -> Force {
         match self.state.load(Ordering::Relaxed) {
             s if s & FORCED_UP != 0 => Force::Up,
@@ -124,22 +132,30 @@ impl Health {
             Force::Up => FORCED_UP,
             Force::Down => FORCED_DOWN,
         };
-        let old = self
-            .state
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s & MEASURED_UP | bits)
-            });
-        if old.is_ok_and(|s| s & (FORCED_UP | FORCED_DOWN) != bits) {
+        let old = self.update(|s| s & MEASURED_UP | bits);
+        if old & (FORCED_UP | FORCED_DOWN) != bits {
             tracing::info!(pop = %self.pop, ?force, "pop health override");
         }
     }
 
     fn set_measured(&self, up: bool) {
-        if up {
-            self.state.fetch_or(MEASURED_UP, Ordering::Relaxed);
-        } else {
-            self.state.fetch_and(!MEASURED_UP, Ordering::Relaxed);
-        }
+        self.update(|s| {
+            if up {
+                s | MEASURED_UP
+            } else {
+                s & !MEASURED_UP
+            }
+        });
+    }
+
+    /// Applies `f` to the state bits and recomputes the verdict; returns the old state.
+    fn update(&self, f: impl Fn(u8) -> u8) -> u8 {
+        let r = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(with_verdict(f(s)))
+            });
+        r.unwrap_or_else(|s| s)
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -397,4 +413,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_override_beats_the_checks_and_hands_back_to_them() {
+        let h = Health::new("p", None);
+        assert!(h.is_up() && h.measured_up() && h.force() == Force::No);
+        h.set_measured(false);
+        assert!(!h.is_up());
+        h.set_force(Force::Up);
+        assert!(h.is_up() && !h.measured_up() && h.force() == Force::Up);
+        h.set_measured(true);
+        h.set_force(Force::Down);
+        assert!(!h.is_up() && h.measured_up() && h.force() == Force::Down);
+        h.set_measured(false);
+        h.set_measured(true);
+        assert!(!h.is_up(), "checks passing do not lift a forced down");
+        h.set_force(Force::No);
+        assert!(h.is_up());
+        h.set_measured(false);
+        assert!(!h.is_up());
+    }
 }
