@@ -153,16 +153,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(" > ")
         );
-        for p in &r.pops {
-            match p.force {
-                Force::No => {}
-                Force::Up => println!(
-                    "  pop {} forced up: its health checks are overridden",
-                    p.name
-                ),
-                Force::Down => println!("  pop {} forced down: it gets no answers", p.name),
-            }
-        }
+        print_forced(&r);
         if let Some((path, names)) = statics {
             println!(
                 "  zone file {}: {} records at {} names",
@@ -721,4 +712,31 @@ fn bind_listener(
         }
     }
     Err(last.map_or_else(|| anyhow::anyhow!("no port for HTTP/3"), Into::into))
+}
+
+/// PoPs the region file forces up or down, and the regions left with no PoP to answer.
+fn print_forced(r: &crate::config::regions::RegionFile) {
+    for p in &r.pops {
+        match p.force {
+            Force::No => {}
+            Force::Up => println!(
+                "  pop {} forced up: its health checks are overridden",
+                p.name
+            ),
+            Force::Down => println!("  pop {} forced down: it gets no answers", p.name),
+        }
+    }
+    let classes = r
+        .regions
+        .iter()
+        .map(|g| (g.name.as_str(), &g.pops))
+        .chain(std::iter::once(("default", &r.default)));
+    for (name, pops) in classes {
+        let down = |&i: &usize| r.pops.get(i).is_some_and(|p| p.force == Force::Down);
+        if pops.iter().all(down) {
+            println!(
+                "  warning: every pop of region {name} is forced down: its first still answers (there must be an answer)"
+            );
+        }
+    }
 }

@@ -2,12 +2,11 @@
 //! turning consecutive failures/successes into an up/down flag that queries read atomically.
 //! Health is an overlay on the map: flags live here, maps only hold `Arc`s to them.
 
-use crate::config::regions::Force;
 use crate::config::DnsConfig;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -59,27 +58,12 @@ pub enum HealthError {
     Timeout { url: http::Uri, timeout: Duration },
 }
 
-/// The health checks pass (or there are none).
-const MEASURED_UP: u8 = 1;
-const FORCED_UP: u8 = 2;
-const FORCED_DOWN: u8 = 4;
-/// The verdict of the three above, kept beside them so a query reads one bit.
-const UP: u8 = 8;
-
-/// `state` with [`UP`] recomputed from the other bits.
-fn with_verdict(state: u8) -> u8 {
-    let up = state & FORCED_UP != 0 || state & (FORCED_DOWN | MEASURED_UP) == MEASURED_UP;
-    (state & !UP) | if up { UP } else { 0 }
-}
-
 /// The health of one PoP (by name and URL), shared by every map that lists it.
 #[derive(Debug)]
 pub struct Health {
     pub pop: String,
     pub url: Option<http::Uri>,
-    /// [`MEASURED_UP`], [`FORCED_UP`], [`FORCED_DOWN`] and their verdict [`UP`]: one word,
-    /// so the probe task and the override never race and a query reads one bit.
-    state: AtomicU8,
+    up: AtomicBool,
     /// Set when no current map lists this PoP any more; its probe task then exits.
     retired: AtomicBool,
     probing: AtomicBool,
@@ -96,7 +80,7 @@ impl Health {
             pop: pop.to_string(),
             url: url.cloned(),
             // Healthy until proven otherwise: a fresh sidecar must answer at once.
-            state: AtomicU8::new(MEASURED_UP | UP),
+            up: AtomicBool::new(true),
             retired: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             probes: AtomicU64::new(0),
@@ -105,57 +89,9 @@ impl Health {
         }
     }
 
-    /// Whether the PoP gets answers: forced up, or not forced down and passing its checks.
     #[inline]
     pub fn is_up(&self) -> bool {
-        self.state.load(Ordering::Relaxed) & UP != 0
-    }
-
-    /// What the health checks say, whatever the override.
-    pub fn measured_up(&self) -> bool {
-        self.state.load(Ordering::Relaxed) & MEASURED_UP != 0
-    }
-
-    /// The override in force.
-    pub fn force(&self) -> Force {
-        match self.state.load(Ordering::Relaxed) {
-            s if s & FORCED_UP != 0 => Force::Up,
-            s if s & FORCED_DOWN != 0 => Force::Down,
-            _ => Force::No,
-        }
-    }
-
-    /// Applies the region file's override (once its map is in service).
-    pub fn set_force(&self, force: Force) {
-        let bits = match force {
-            Force::No => 0,
-            Force::Up => FORCED_UP,
-            Force::Down => FORCED_DOWN,
-        };
-        let old = self.update(|s| s & MEASURED_UP | bits);
-        if old & (FORCED_UP | FORCED_DOWN) != bits {
-            tracing::info!(pop = %self.pop, ?force, "pop health override");
-        }
-    }
-
-    fn set_measured(&self, up: bool) {
-        self.update(|s| {
-            if up {
-                s | MEASURED_UP
-            } else {
-                s & !MEASURED_UP
-            }
-        });
-    }
-
-    /// Applies `f` to the state bits and recomputes the verdict; returns the old state.
-    fn update(&self, f: impl Fn(u8) -> u8) -> u8 {
-        let r = self
-            .state
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(with_verdict(f(s)))
-            });
-        r.unwrap_or_else(|s| s)
+        self.up.load(Ordering::Relaxed)
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -296,8 +232,8 @@ impl Prober {
                     fails = 0;
                     oks = oks.saturating_add(1);
                     h.set_error(None);
-                    if !h.measured_up() && oks >= s.healthy_after {
-                        h.set_measured(true);
+                    if !h.is_up() && oks >= s.healthy_after {
+                        h.up.store(true, Ordering::Relaxed);
                         tracing::info!(pop = %h.pop, %url, "pop is healthy again");
                     }
                 }
@@ -306,8 +242,8 @@ impl Prober {
                     fails = fails.saturating_add(1);
                     h.failures.fetch_add(1, Ordering::Relaxed);
                     let msg = error_chain(&e);
-                    if h.measured_up() && fails >= s.unhealthy_after {
-                        h.set_measured(false);
+                    if h.is_up() && fails >= s.unhealthy_after {
+                        h.up.store(false, Ordering::Relaxed);
                         tracing::warn!(pop = %h.pop, error = %msg, "pop marked down");
                     }
                     h.set_error(Some(msg));
@@ -413,29 +349,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_override_beats_the_checks_and_hands_back_to_them() {
-        let h = Health::new("p", None);
-        assert!(h.is_up() && h.measured_up() && h.force() == Force::No);
-        h.set_measured(false);
-        assert!(!h.is_up());
-        h.set_force(Force::Up);
-        assert!(h.is_up() && !h.measured_up() && h.force() == Force::Up);
-        h.set_measured(true);
-        h.set_force(Force::Down);
-        assert!(!h.is_up() && h.measured_up() && h.force() == Force::Down);
-        h.set_measured(false);
-        h.set_measured(true);
-        assert!(!h.is_up(), "checks passing do not lift a forced down");
-        h.set_force(Force::No);
-        assert!(h.is_up());
-        h.set_measured(false);
-        assert!(!h.is_up());
-    }
 }

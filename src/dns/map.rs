@@ -8,6 +8,7 @@ use super::geo::{ClassId, GeoIndex, DEFAULT_CLASS};
 use super::health::{Health, HealthBook};
 use super::records::StaticName;
 use super::rrl::RateLimiter;
+use crate::config::regions::Force;
 use crate::config::regions::RegionFile;
 use crate::config::DnsConfig;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
@@ -85,9 +86,8 @@ pub struct HostAnswer {
 pub struct PopAnswer {
     pub name: String,
     pub health: Arc<Health>,
-    /// The region file's override, applied to `health` once this map is in service
-    /// ([`Map::apply_force`]).
-    pub force: crate::config::regions::Force,
+    /// The region file's override of `health`: part of the map, so it changes with it.
+    pub force: Force,
     pub a: RrSet,
     pub aaaa: RrSet,
 }
@@ -286,17 +286,39 @@ impl Zone {
     }
 }
 
+impl PopAnswer {
+    /// Whether it gets answers: forced up, or not forced down and passing its checks.
+    #[inline]
+    pub fn serves(&self) -> bool {
+        match self.force {
+            Force::No => self.health.is_up(),
+            Force::Up => true,
+            Force::Down => false,
+        }
+    }
+}
+
 impl Map {
-    /// The PoP that answers for `class` now: its first healthy PoP, else its first.
+    /// The PoP that answers for `class` now: its first PoP that [serves](PopAnswer::serves);
+    /// when none does, its first not forced down (failing checks may be wrong, an operator's
+    /// "down" is not), else its first: there is always an answer.
     #[inline]
     pub fn choose(&self, class: ClassId) -> (usize, &Class) {
         let c = &self.classes[class as usize];
         let pos = c
             .pops
             .iter()
-            .position(|&p| self.pops[usize::from(p)].health.is_up())
-            .unwrap_or(0);
+            .position(|&p| self.pops[usize::from(p)].serves())
+            .unwrap_or_else(|| self.fallback(c));
         (pos, c)
+    }
+
+    #[cold]
+    fn fallback(&self, c: &Class) -> usize {
+        c.pops
+            .iter()
+            .position(|&p| self.pops[usize::from(p)].force != Force::Down)
+            .unwrap_or(0)
     }
 }
 
@@ -641,18 +663,8 @@ fn rtype_name(t: RecordType) -> &'static str {
     }
 }
 
-impl Map {
-    /// Applies each PoP's `force` to its health entry, which maps share: called once the map
-    /// is the one in service, so a map that never serves changes nothing.
-    pub fn apply_force(&self) {
-        for p in &self.pops {
-            p.health.set_force(p.force);
-        }
-    }
-}
-
-/// Builds a map outside a running sidecar (its own health and hit books, every PoP up
-/// unless forced down): for fuzzing, benches and tests of the query path.
+/// Builds a map outside a running sidecar (its own health and hit books, every PoP passing
+/// its checks): for fuzzing, benches and tests of the query path.
 pub fn standalone(cfg: &DnsConfig, file: RegionFile) -> Result<Map, MapError> {
     standalone_with(cfg, file, Vec::new())
 }
@@ -675,7 +687,5 @@ pub fn standalone_with(
             .clone()
             .map(|l| Arc::new(RateLimiter::new(l))),
     };
-    let map = build(file, statics, &cx)?;
-    map.apply_force();
-    Ok(map)
+    build(file, statics, &cx)
 }

@@ -148,9 +148,9 @@ impl DnsState {
         (self.0.regen_failures.load(Ordering::Relaxed), last)
     }
 
-    /// Healthy while a map is in service and at least one PoP is up.
+    /// Healthy while a map is in service and at least one PoP gets answers.
     pub fn healthz(&self) -> bool {
-        self.map().pops.iter().any(|p| p.health.is_up())
+        self.map().pops.iter().any(|p| p.serves())
     }
 
     /// Re-reads the region file and swaps in a new map; on error the old map stays.
@@ -276,15 +276,17 @@ impl DnsState {
             .pops
             .iter()
             .map(|p| {
+                let pass = p.health.is_up();
+                let (up, force) = match p.force {
+                    regions::Force::No => (pass, None),
+                    regions::Force::Up => (true, Some("up")),
+                    regions::Force::Down => (false, Some("down")),
+                };
                 serde_json::json!({
                     "name": p.name,
-                    "up": p.health.is_up(),
-                    "checks_pass": p.health.measured_up(),
-                    "force": match p.health.force() {
-                        regions::Force::No => None,
-                        regions::Force::Up => Some("up"),
-                        regions::Force::Down => Some("down"),
-                    },
+                    "up": up,
+                    "checks_pass": pass,
+                    "force": force,
                     "health_url": p.health.url.as_ref().map(|u| u.to_string()),
                     "probes": p.health.probes.load(Ordering::Relaxed),
                     "failures": p.health.failures.load(Ordering::Relaxed),
@@ -600,9 +602,7 @@ fn release_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() {}
 
-/// The health entries of `m`, the map now in service, with its overrides applied.
 fn current_health(m: &Map) -> Vec<Arc<health::Health>> {
-    m.apply_force();
     m.pops.iter().map(|p| p.health.clone()).collect()
 }
 

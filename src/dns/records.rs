@@ -58,7 +58,7 @@ pub fn load(path: &Path, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError
         path: path.to_path_buf(),
         source,
     })?;
-    parse_with(path, &text, cfg, &mut |p| std::fs::read_to_string(p))
+    parse_with(path, &text, cfg, Some(&mut |p| std::fs::read_to_string(p)))
 }
 
 /// One record as read: where (an index into the files read, the line), in which order, its
@@ -75,20 +75,21 @@ struct Read {
 /// relative to the zone (`@` is the apex) unless `$ORIGIN` says otherwise; records without a
 /// TTL take `$TTL` or `[dns] ttl`.
 pub fn parse(path: &Path, text: &str, cfg: &DnsConfig) -> Result<Vec<StaticName>, ConfigError> {
-    parse_with(path, text, cfg, &mut |_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "only a zone file read from disk can include others",
-        ))
-    })
+    parse_with(path, text, cfg, None)
 }
+
+/// Reads a file `$INCLUDE` names.
+type ReadFile<'a> = dyn FnMut(&Path) -> std::io::Result<String> + 'a;
 
 /// Nesting deeper than this is a mistake (NSD allows 10; a loop is caught before).
 const MAX_INCLUDE_DEPTH: usize = 8;
+/// Files read in all: empty files cost no records, and 8 levels of 10 includes each would
+/// otherwise be 10^8 reads.
+const MAX_FILES: usize = 1_000;
 
 /// The files of one zone file being read: what its records must not contradict, the sets
 /// so far, and the `$INCLUDE` chain.
-struct ZoneReader<'a> {
+struct ZoneReader<'a, 'r, 'f> {
     zone: ZoneNames<'a>,
     default_ttl: u32,
     sets: BTreeMap<(Vec<u8>, u16), Vec<Read>>,
@@ -96,14 +97,15 @@ struct ZoneReader<'a> {
     files: Vec<PathBuf>,
     /// The files being read, outermost first (as found, and canonical when that succeeds).
     chain: Vec<PathBuf>,
-    read: &'a mut dyn FnMut(&Path) -> std::io::Result<String>,
+    /// Reads an included file; `None`: the text did not come from disk, and includes nothing.
+    read: Option<&'r mut ReadFile<'f>>,
 }
 
 fn parse_with(
     path: &Path,
     text: &str,
     cfg: &DnsConfig,
-    read: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+    read: Option<&mut ReadFile<'_>>,
 ) -> Result<Vec<StaticName>, ConfigError> {
     let apex: Name<Bytes> = cfg
         .zone
@@ -128,7 +130,7 @@ fn parse_with(
     build(reader.sets, &reader.files)
 }
 
-impl ZoneReader<'_> {
+impl ZoneReader<'_, '_, '_> {
     /// Reads the entries of `text` (the file `path`) with `origin` as its first origin and
     /// `ttl` as its first `$TTL`.
     fn scan(
@@ -140,8 +142,8 @@ impl ZoneReader<'_> {
     ) -> Result<(), ConfigError> {
         let file = self.files.len();
         self.files.push(path.to_path_buf());
-        self.chain
-            .push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+        let canonical = self.canonical(path);
+        self.chain.push(canonical);
         let lines = entry_lines(text);
         let seconds = with_ttl_units(text, &lines);
         let mut scanner = Zonefile::from(with_default_ttl(&seconds, ttl).as_str());
@@ -162,7 +164,7 @@ impl ZoneReader<'_> {
                         Some(o) => o,
                         None => scanner.origin().map_err(|e| err(e.to_string()))?,
                     };
-                    let ttl = dollar_ttl(&seconds, line).unwrap_or(self.default_ttl);
+                    let ttl = dollar_ttl(&seconds, line).unwrap_or(ttl);
                     self.include(path, line, name.as_str(), origin, ttl)?;
                     continue;
                 }
@@ -199,21 +201,44 @@ impl ZoneReader<'_> {
     ) -> Result<(), ConfigError> {
         let err = |reason: String| ConfigError::invalid(at(path, line), reason);
         let target = path.parent().unwrap_or(Path::new("")).join(name);
+        let from_disk = "only a zone file read from disk can include others";
+        if self.read.is_none() {
+            return Err(err(format!("$INCLUDE {name}: {from_disk}")));
+        }
+        if self.files.len() >= MAX_FILES {
+            return Err(err(format!(
+                "$INCLUDE {name}: more than {MAX_FILES} files in all"
+            )));
+        }
         if self.chain.len() > MAX_INCLUDE_DEPTH {
             return Err(err(format!(
                 "$INCLUDE {name}: nested more than {MAX_INCLUDE_DEPTH} deep"
             )));
         }
-        let canonical = std::fs::canonicalize(&target).unwrap_or_else(|_| target.clone());
+        let canonical = self.canonical(&target);
         if self.chain.contains(&canonical) {
             return Err(err(format!(
                 "$INCLUDE {name}: {} is already being read (an include loop)",
                 target.display()
             )));
         }
-        let text = (self.read)(&target)
-            .map_err(|e| err(format!("$INCLUDE {name}: {}: {e}", target.display())))?;
+        let text = match self.read.as_mut() {
+            Some(read) => read(&target)
+                .map_err(|e| err(format!("$INCLUDE {name}: {}: {e}", target.display())))?,
+            None => return Err(err(format!("$INCLUDE {name}: {from_disk}"))),
+        };
         self.scan(&target, &text, origin, ttl)
+    }
+}
+
+impl ZoneReader<'_, '_, '_> {
+    /// `path` as the `$INCLUDE` chain compares it: canonical when the files come from disk
+    /// (so `./a` and a link to it are one file), as given otherwise (nothing is looked up).
+    fn canonical(&self, path: &Path) -> PathBuf {
+        match self.read {
+            Some(_) => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            None => path.to_path_buf(),
+        }
     }
 }
 
@@ -527,6 +552,10 @@ fn with_ttl_units(text: &str, entries: &[usize]) -> String {
             .trim_start()
             .get(..4)
             .is_some_and(|d| d.eq_ignore_ascii_case("$TTL"));
+        if !directive && code.trim_start().starts_with('$') {
+            out.push_str(line); // $INCLUDE, $ORIGIN: a file or a name, never a TTL
+            continue;
+        }
         // The first field that may hold a TTL: after `$TTL`, or after the owner when the line
         // has one; the fields up to the type follow.
         let first = match (directive, entries.binary_search(&(i + 1)).is_ok()) {
@@ -666,7 +695,7 @@ deep    A     192.0.2.26
                 .map(|(_, t)| t.to_string())
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
         };
-        parse_with(Path::new("zones/main.zone"), text, &cfg(), &mut read)
+        parse_with(Path::new("zones/main.zone"), text, &cfg(), Some(&mut read))
     }
 
     #[test]
@@ -696,6 +725,47 @@ deep    A     192.0.2.26
             120,
             "an included file starts from the $TTL in effect"
         );
+    }
+
+    #[test]
+    fn nested_includes_inherit_the_ttl_in_effect_and_resolve_from_their_own_directory() {
+        let main = "$TTL 120\n$INCLUDE a/mid.zone\n$INCLUDE 1d\n";
+        let files = [
+            // No $TTL here: what it inherited (120) passes on, not [dns] ttl.
+            ("zones/a/mid.zone", "m A 192.0.2.1\n$INCLUDE b/leaf.zone\n"),
+            ("zones/a/b/leaf.zone", "x A 192.0.2.2\n"),
+            // A file named like a TTL is a file name, not 86400.
+            ("zones/1d", "d A 192.0.2.3\n"),
+        ];
+        let names = parse_files(main, &files).expect("valid");
+        let find = |n: &str| names.iter().find(|s| s.wire == wire(n)).expect(n);
+        let a = Rtype::A.to_int();
+        assert_eq!(find("m.example.com").set(a).map(ttl), Some(120));
+        assert_eq!(find("x.example.com").set(a).map(ttl), Some(120));
+        assert_eq!(find("d.example.com").set(a).map(ttl), Some(120));
+    }
+
+    #[test]
+    fn includes_are_limited_in_number_as_well_as_depth() {
+        // Seven levels of ten includes each (and no records) would be 10^7 reads.
+        let fan: String = (0..10).map(|_| "$INCLUDE f.zone\n").collect();
+        let files: Vec<(String, String)> = (0..8)
+            .map(|d| {
+                let dir = "d/".repeat(d);
+                let text = if d < 7 {
+                    fan.replace("f.zone", "d/f.zone")
+                } else {
+                    String::new()
+                };
+                (format!("zones/{dir}f.zone"), text)
+            })
+            .collect();
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let e = parse_files(&fan, &files).expect_err("too many").to_string();
+        assert!(e.contains("more than 1000 files in all"), "{e}");
     }
 
     #[test]

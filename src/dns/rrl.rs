@@ -66,7 +66,6 @@ impl Kind {
 pub struct RateLimiter {
     limit: DnsRateLimit,
     /// By [`Kind::class`]: positive answers, NODATA, NXDOMAIN, errors (`None`: not limited).
-    /// They share one table: the kind is part of every key.
     limiters: [Option<Limiter>; 4],
     hasher: std::collections::hash_map::RandomState,
     /// Answers over the limit, per slot: which of them slips is decided per allowance (as
@@ -84,13 +83,25 @@ impl std::fmt::Debug for RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: DnsRateLimit) -> Self {
-        let table = Arc::new(Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect()));
-        let limiter = |count: u32| {
+        // Kinds with one rate share a table (the kind is part of every key); a kind with a
+        // rate of its own gets its own, since in a shared slot each allowed answer moves the
+        // timestamp by its own kind's interval: one NXDOMAIN at 1/s would use up the burst
+        // of answers at 20/s that hash to the same slot.
+        let mut tables: Vec<(u32, Arc<Table>)> = Vec::new();
+        let mut limiter = |count: u32| {
             let burst = limit.kind_burst(count)?;
+            let table = match tables.iter().find(|(c, _)| *c == count) {
+                Some((_, t)) => t.clone(),
+                None => {
+                    let t = Arc::new(Table((0..SLOTS).map(|_| AtomicU64::new(0)).collect()));
+                    tables.push((count, t.clone()));
+                    t
+                }
+            };
             let quota = crate::proxy::rate_limit::quota(limit.per, count, burst);
             Some(governor::RateLimiter::new(
                 quota,
-                Shared(table.clone()),
+                Shared(table),
                 MonotonicClock,
             ))
         };
@@ -165,7 +176,7 @@ fn slot(key: u64) -> usize {
 /// hash).
 struct Table(Box<[AtomicU64]>);
 
-/// governor's state store: the table, shared by the limiters of each kind.
+/// governor's state store: a table, shared by the limiters of the kinds with one rate.
 struct Shared(Arc<Table>);
 
 impl StateStore for Shared {

@@ -157,12 +157,24 @@ pub fn render(state: &DnsState) -> String {
     let map = state.map();
     let _ = writeln!(
         o,
-        "# HELP edgepop_dns_pop_up Whether a PoP passes its health checks (1) or not (0).\n# TYPE edgepop_dns_pop_up gauge"
+        "# HELP edgepop_dns_pop_up Whether a PoP gets answers (1) or not (0): its health checks, unless the region file forces it up or down.\n# TYPE edgepop_dns_pop_up gauge"
     );
     for p in &map.pops {
         let _ = writeln!(
             o,
             "edgepop_dns_pop_up{{pop=\"{}\"}} {}",
+            label(&p.name),
+            u8::from(p.serves())
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_pop_checks_pass Whether a PoP passes its health checks (1) or not (0), whatever the region file forces.\n# TYPE edgepop_dns_pop_checks_pass gauge"
+    );
+    for p in &map.pops {
+        let _ = writeln!(
+            o,
+            "edgepop_dns_pop_checks_pass{{pop=\"{}\"}} {}",
             label(&p.name),
             u8::from(p.health.is_up())
         );

@@ -527,17 +527,11 @@ async fn a_pop_forced_down_or_up_in_the_region_file_overrides_its_health_checks(
     let regions = health_regions(&first, &second);
     let forced =
         |how: &str| regions.replacen("health = ", &format!("force = {how:?}\nhealth = "), 1);
-    let dns = Dns::start_with(&regions, "regenerate_every = \"100ms\"").await;
+    // Started with the PoP down for maintenance: healthy, yet out of the answers from the
+    // first query on.
+    let dns = Dns::start_with(&forced("down"), "regenerate_every = \"100ms\"").await;
     let north = || dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]);
-    assert_eq!(north().await, vec!["192.0.2.1"]);
-    // Down for maintenance: healthy, yet out of the answers.
-    dns.write_regions(&forced("down"));
-    eventually(
-        Duration::from_secs(5),
-        "north leaves its first PoP",
-        || async { north().await == vec!["192.0.2.2"] },
-    )
-    .await;
+    assert_eq!(north().await, vec!["192.0.2.2"]);
     let pop = |map: &serde_json::Value| map["pops"][0].clone();
     let (_, map) = dns.admin_get("/map").await;
     let map: serde_json::Value = serde_json::from_str(&map).expect("/map is JSON");
@@ -583,6 +577,40 @@ async fn a_pop_forced_down_or_up_in_the_region_file_overrides_its_health_checks(
         || async { north().await == vec!["192.0.2.2"] },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_whose_pops_are_forced_down_or_failing_answers_with_the_best_left() {
+    let (first, second) = (FakeHealth::start().await, FakeHealth::start().await);
+    // north has only "first", forced down; the default prefers "first", then "second",
+    // whose checks fail.
+    let regions = health_regions(&first, &second)
+        .replacen("health = ", "force = \"down\"\nhealth = ", 1)
+        .replace("pops = [\"first\", \"second\"]", "pops = [\"first\"]")
+        .replace(
+            "pops = [\"second\", \"first\"]",
+            "pops = [\"first\", \"second\"]",
+        );
+    second
+        .fail
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let dns = Dns::start(&regions).await;
+    eventually(
+        Duration::from_secs(5),
+        "second fails its checks",
+        || async {
+            let (_, metrics) = dns.admin_get("/metrics").await;
+            metrics.contains("edgepop_dns_pop_checks_pass{pop=\"second\"} 0")
+        },
+    )
+    .await;
+    // Every PoP of north forced down: there must be an answer, its first.
+    assert_eq!(
+        dns.short(&[WWW, "A", "+subnet=198.51.100.0/24"]).await,
+        vec!["192.0.2.1"]
+    );
+    // No PoP of the default passes: the first not forced down answers, not the first.
+    assert_eq!(dns.short(&[WWW, "A"]).await, vec!["192.0.2.2"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
