@@ -413,6 +413,11 @@ fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
     if let Ok(v) = hyper::header::HeaderValue::from_str(&saw) {
         resp.headers_mut().insert("x-upgrade-request", v);
     }
+    let protocol = match req.uri().query() {
+        // A misbehaving origin, for the edge's tests: a 101 to what nobody asked for.
+        Some("switch-to-other") => hyper::header::HeaderValue::from_static("not-asked"),
+        _ => protocol,
+    };
     resp.headers_mut().insert(hyper::header::UPGRADE, protocol);
     if let Some(a) = accept.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok()) {
         resp.headers_mut()
@@ -438,7 +443,24 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     shared.stats.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
+    let head = req.method() == hyper::Method::HEAD;
     let mut resp = route(shared, req, &path).await;
+    if head {
+        // The head only (RFC 9110 9.3.2): hyper's h2 server would send the body as DATA.
+        let (mut parts, body) = resp.into_parts();
+        if let Some(n) = http_body::Body::size_hint(&body).exact() {
+            parts
+                .headers
+                .entry(hyper::header::CONTENT_LENGTH)
+                .or_insert_with(|| n.into());
+        }
+        resp = Response::from_parts(
+            parts,
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+    }
     if let Some(t) = shared.builder.keep_alive_timeout_header {
         if let Ok(v) = format!("timeout={t}").parse() {
             resp.headers_mut().insert("keep-alive", v);

@@ -293,6 +293,7 @@ where
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(H2_MAX_STREAMS)
                 .max_pending_accept_reset_streams(Some(64))
+                .max_header_list_size(super::MAX_HEADER_SECTION as u32)
                 // RFC 8441: WebSockets over h2 (extended CONNECT), bridged to the origin's
                 // RFC 6455.
                 .enable_connect_protocol()
@@ -309,6 +310,8 @@ where
                 .timer(TokioTimer::new())
                 // Timed by `serve` instead, from the head's first byte (see `activity`).
                 .header_read_timeout(None)
+                // hyper's read buffer, which a head must fit (about 400 KiB by default).
+                .max_buf_size(super::MAX_HEADER_SECTION)
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();

@@ -5,6 +5,11 @@
 //! `h3` serves HTTP/3 (QUIC) on a listener's port; `proxy_protocol` reads the client's address
 //! from a TCP balancer's header and `client_limit` caps the connections of one client.
 
+/// Largest request header section a client may send, over every protocol (http/1.1 with its
+/// request line; the h2 and HTTP/3 header lists as they count them): 431 beyond (nginx
+/// allows 4 x 8 KiB by default, HAProxy 16 KiB of buffer).
+pub const MAX_HEADER_SECTION: usize = 64 * 1024;
+
 mod activity;
 pub mod client_limit;
 pub mod conn;

@@ -25,6 +25,36 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
+/// The answer to a HEAD request: the head only (RFC 9110 9.3.2), whatever body came with it
+/// (an origin that sends one anyway, the edge's own error text), dropped unread, which ends
+/// its access-log entry. hyper's http/1.1 server does this itself; its h2 server and the
+/// HTTP/3 path send what they are given, which an h2 client takes as a protocol error.
+pub struct HeadBody(Option<ProxyBody>);
+
+impl HeadBody {
+    /// `body` made a HEAD answer's.
+    pub fn wrap(body: ProxyBody) -> ProxyBody {
+        HeadBody(Some(body)).boxed_unsync()
+    }
+}
+
+impl Body for HeadBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0 = None;
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("origin sent no body data for {0:?}")]
 pub struct BodyIdleTimeout(pub Duration);

@@ -17,6 +17,10 @@ pub enum ErrorSource {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
+    #[error("request header section over {0} bytes")]
+    HeadTooLarge(usize),
     #[error("CONNECT is not supported: edgepop is not a forward proxy (only RFC 8441 WebSocket)")]
     ConnectMethod,
     #[error("no connection slot left for another WebSocket tunnel")]
@@ -66,6 +70,8 @@ impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
+            | ProxyError::HeadTooLarge(_)
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_)
             | ProxyError::TooEarly(_)
@@ -83,6 +89,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::TooEarly(_) => StatusCode::TOO_EARLY,
@@ -109,7 +117,8 @@ impl ProxyError {
     /// The short reason in the response body: says what failed without leaking addresses.
     pub fn public_reason(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(r) => r,
+            ProxyError::BadRequest(r) | ProxyError::NotImplemented(r) => r,
+            ProxyError::HeadTooLarge(_) => "request header fields too large",
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
             ProxyError::TooEarly(_) => "too early: send this request again after the TLS handshake",

@@ -10,7 +10,7 @@
 //! to the route's next healthy origin, and so does a bodiless idempotent request that got no
 //! response head in time (or failed past its retries).
 
-use super::body::{full, ProxyBody, UpstreamBody};
+use super::body::{full, HeadBody, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers;
 use super::request_body::ClientIn;
@@ -38,6 +38,8 @@ pub async fn handle(
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
+    // hyper's http/1.1 server sends no body to a HEAD itself.
+    let head_only = req.method() == Method::HEAD && req.version() >= Version::HTTP_2;
     let mut req = req;
     headers::set_request_id(req.headers_mut());
     let mut log = rt
@@ -57,6 +59,9 @@ pub async fn handle(
     };
     rt.counters
         .record(resp.status().as_u16(), received.elapsed());
+    if head_only {
+        return resp.map(HeadBody::wrap);
+    }
     resp
 }
 
@@ -85,6 +90,10 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
 /// Host from :authority / absolute-form target or the Host header; both present must agree.
 pub(super) fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> {
     let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        // RFC 9112 3.2: which one would the origin believe?
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
     let from_header = match req.headers().get(header::HOST) {
         Some(v) => Some(
             v.to_str()
@@ -120,6 +129,7 @@ async fn forward(
     if req.method() == Method::CONNECT && !h2_websocket {
         return Err(ProxyError::ConnectMethod);
     }
+    check_fields(&req)?;
     let (host, authority) = target_host(&req)?;
     let route = rt
         .router
@@ -236,6 +246,63 @@ async fn forward(
     Ok(Response::from_parts(parts, body))
 }
 
+/// What hyper lets through but an intermediary must not pass on: an http/1.1 head over
+/// [`crate::edge::MAX_HEADER_SECTION`] (431); a transfer coding other
+/// than `chunked` (hyper decodes the chunks and would drop the rest, `gzip` say, so the origin
+/// would take compressed bytes for plain ones: 501, RFC 9112 6.1, as nginx answers); over h2
+/// and HTTP/3, values with white space at either end (malformed, RFC 9113 8.2.1) and
+/// Content-Length fields that disagree (one is kept when they agree).
+fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    match req.version() {
+        Version::HTTP_2 | Version::HTTP_3 => {
+            let padded = |v: &HeaderValue| {
+                let b = v.as_bytes();
+                matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+            };
+            if h.values().any(padded) {
+                return Err(ProxyError::BadRequest(
+                    "a field value with white space at either end",
+                ));
+            }
+            let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+            if let Some(first) = lengths.next() {
+                if lengths.any(|v| v != first) {
+                    return Err(ProxyError::BadRequest("conflicting Content-Length"));
+                }
+            }
+        }
+        _ => {
+            // hyper stops reading a head only once its buffer is full, which the last read
+            // can overshoot by as much again: count what it parsed.
+            let size = h.iter().fold(target_len(req.uri()), |n, (k, v)| {
+                n + k.as_str().len() + v.len() + 4
+            });
+            if size > crate::edge::MAX_HEADER_SECTION {
+                return Err(ProxyError::HeadTooLarge(crate::edge::MAX_HEADER_SECTION));
+            }
+            let codings = h
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii);
+            for c in codings {
+                if !c.eq_ignore_ascii_case(b"chunked") {
+                    return Err(ProxyError::NotImplemented(
+                        "a transfer coding other than chunked",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn target_len(uri: &Uri) -> usize {
+    uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+}
+
 /// A request that arrived in TLS early data (RFC 8470): an attacker may have replayed it, so
 /// only a safe method without a body goes on (marked `Early-Data: 1` for the origin, which
 /// may answer 425 itself, by `upstream_request`); anything else gets 425 and the client sends
@@ -252,7 +319,16 @@ fn accept_early(req: &Request<ClientIn>, tunnel: bool) -> Result<(), ProxyError>
 /// `upgrade` token in `Connection`.
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            // h2c (retired by RFC 9113, meaningless over TLS) is ignored as RFC 9110 7.8
+            // lets a server ignore Upgrade: the request goes on as a plain one, so a tunnel
+            // cannot carry requests past routing ("h2c smuggling").
+            .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"))
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -356,6 +432,10 @@ pub(super) fn upstream_request(
         .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     let client_version = parts.version;
     headers::strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).cloned() {
+        // Several that agree (h2 lets them through; check_fields refused the others).
+        parts.headers.insert(header::CONTENT_LENGTH, len);
+    }
     if parts.extensions.get::<super::EarlyData>().is_some() {
         // After the hop-by-hop strip: `Connection: early-data` must not remove the mark.
         parts
@@ -400,6 +480,7 @@ fn for_protocol(mut req: Request<UpBody>, protocol: Protocol, authority: &str) -
             if let Some(p) = req.uri().path_and_query().cloned() {
                 *req.uri_mut() = Uri::from(p);
             }
+            headers::join_cookies(req.headers_mut());
             if req.headers().contains_key(header::TE) {
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("te"));

@@ -7,8 +7,10 @@ use crate::config::HeaderEdits;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
-static HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
+    // h2c's upgrade settings (RFC 9113 3.1 retired h2c; over TLS it never applied).
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
@@ -116,8 +118,10 @@ static NOT_IN_TRAILERS: [HeaderName; 21] = [
     HeaderName::from_static("x-request-id"),
 ];
 
-/// Appends the client address to X-Forwarded-For and sets X-Forwarded-Proto (`https`, or
-/// `http` for a request that came in plain HTTP).
+/// Appends the client address to X-Forwarded-For, sets X-Forwarded-Proto (`https`, or
+/// `http` for a request that came in plain HTTP) and appends this hop's element to
+/// `Forwarded` (RFC 7239: `for=192.0.2.1;proto=https`), so an origin that reads either
+/// finds, in its last entry, what the edge saw rather than what a client wrote.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     // Several X-Forwarded-For lines are one list (RFC 9110 5.3): keep every hop, in order.
     let prev: Vec<&str> = headers
@@ -137,6 +141,33 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     }
     let proto = if tls { "https" } else { "http" };
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let element = match client {
+        IpAddr::V4(a) => format!("for={a};proto={proto}"),
+        IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&element) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+/// Joins several `Cookie` fields into one, `; `-separated, for an http/1.1 origin (RFC
+/// 9113 8.2.3: h2 and HTTP/3 clients split cookies into fields of their own, which an
+/// http/1.1 request must not carry as several lines, RFC 6265 5.4).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// A route's own edits: its fields removed, then set (replacing any of that name).
@@ -161,6 +192,12 @@ pub fn strip_edited(trailers: &mut HeaderMap, edits: &HeaderEdits) {
 /// An origin's response head made ready for the client: hop-by-hop fields out, this hop in
 /// Via. The route's edits come after whatever else the edge adds.
 pub fn from_origin(headers: &mut HeaderMap, version: hyper::Version, via_name: &HeaderValue) {
+    // The body was framed by Transfer-Encoding, which overrides any Content-Length beside
+    // it (RFC 9112 6.3); that stale length must not reach the client (nginx and HAProxy
+    // drop it too).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers, false);
     append_via(headers, version, via_name);
 }
@@ -239,6 +276,63 @@ mod tests {
         set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1, 127.0.0.1");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
+    }
+
+    #[test]
+    fn forwarded_gets_this_hops_element_after_whatever_the_client_wrote() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=9.9.9.9;proto=http"),
+        );
+        set_forwarded(&mut h, "2001:db8::7".parse().unwrap(), true);
+        let all: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(
+            all,
+            [
+                "for=9.9.9.9;proto=http",
+                "for=\"[2001:db8::7]\";proto=https"
+            ]
+        );
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false);
+        assert_eq!(
+            h.get(header::FORWARDED).unwrap(),
+            "for=192.0.2.1;proto=http"
+        );
+    }
+
+    #[test]
+    fn split_cookies_are_joined_for_http1_and_one_is_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1");
+        for c in ["b=2", "c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(c));
+        }
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn an_origins_content_length_beside_transfer_encoding_is_dropped() {
+        let via = HeaderValue::from_static("edgepop-t");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        from_origin(&mut h, hyper::Version::HTTP_11, &via);
+        assert!(
+            !h.contains_key(header::CONTENT_LENGTH) && !h.contains_key(header::TRANSFER_ENCODING)
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        from_origin(&mut h, hyper::Version::HTTP_11, &via);
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "100");
     }
 
     #[test]

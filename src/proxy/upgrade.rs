@@ -99,7 +99,7 @@ async fn tunnel(
     up.headers_mut().remove(header::TE);
     up.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    up.headers_mut().insert(header::UPGRADE, protocol);
+    up.headers_mut().insert(header::UPGRADE, protocol.clone());
     let started = Instant::now();
     let (pool, mut resp) = exchange(candidates, up).await?;
     let origin = pool.origin();
@@ -115,6 +115,14 @@ async fn tunnel(
         );
     }
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switched && !switches_to_asked(&protocol, resp.headers()) {
+        // RFC 9110 7.8: a 101 names the protocol(s) switched to, which must be ones the
+        // client asked for (HAProxy answers 502 too).
+        return Err(ProxyError::BadWebSocketHandshake {
+            origin: origin.name.clone(),
+            reason: "101 to a protocol the client did not ask for",
+        });
+    }
     let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
@@ -266,6 +274,25 @@ fn expect_length(log: &mut Option<PendingLog>, h: &header::HeaderMap) {
                 .and_then(|v| v.parse().ok()),
         );
     }
+}
+
+/// Whether a 101's `Upgrade` names protocols, each one the client asked for in `asked` (its
+/// `Upgrade` value); h2c never counts (see `handler::is_upgrade`).
+fn switches_to_asked(asked: &HeaderValue, answer: &header::HeaderMap) -> bool {
+    let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(|t| t.trim_ascii().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && t.as_slice() != b"h2c")
+            .collect()
+    };
+    let asked = tokens(asked);
+    let given: Vec<Vec<u8>> = answer
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(tokens)
+        .collect();
+    !given.is_empty() && given.iter().all(|g| asked.contains(g))
 }
 
 /// Whether the comma-separated header `name` holds `token` (case-insensitive).

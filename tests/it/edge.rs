@@ -5,6 +5,7 @@ use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod conformance;
 mod headers;
 mod linger;
 mod rate_limit;
@@ -673,7 +674,9 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut tls = tls_connect(addr, "localhost", &[b"http/1.1"])
         .await
         .unwrap();
-    tls.write_all(bytes).await.unwrap();
+    // The edge may answer and close before it has read all of a request it refuses (an
+    // oversized head): what it answered is still there to read.
+    let _ = tls.write_all(bytes).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
