@@ -70,12 +70,13 @@ fn bench(c: &mut Criterion) {
     });
     let via = HeaderValue::from_static("edgepop-tyo1");
     let base = request_headers();
+    let client = headers::ClientFields::new("192.0.2.1".parse().expect("ip"), true);
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched(
             || base.clone(),
             |mut h| {
                 headers::strip_hop_by_hop(&mut h, true);
-                headers::set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"), true);
+                headers::set_forwarded(&mut h, &client);
                 headers::append_via(&mut h, hyper::Version::HTTP_2, &via);
                 h
             },
@@ -101,6 +102,7 @@ fn bench(c: &mut Criterion) {
         handshake: Some(edgepop::metrics::ClientHandshake::Resumed),
         handshake_time: Some(Duration::from_millis(12)),
         request: 1,
+        fields: headers::ClientFields::new("192.0.2.1".parse().expect("ip"), true),
     };
     c.bench_function("access_log_entry", |b| {
         b.iter(|| {

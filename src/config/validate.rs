@@ -1095,8 +1095,9 @@ const FRAMING_FIELDS: [&str; 10] = [
 
 /// What the edge itself tells the origin: the client's host, address and scheme, the
 /// request ID and 0-RTT.
-const EDGE_REQUEST_FIELDS: [&str; 5] = [
+const EDGE_REQUEST_FIELDS: [&str; 6] = [
     "host",
+    "forwarded",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-id",

@@ -409,10 +409,13 @@ fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
     let saw = format!("{} {:?} {version}", req.method(), req.version());
+    let cookies = req.headers().get_all(hyper::header::COOKIE).iter().count();
     let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
     if let Ok(v) = hyper::header::HeaderValue::from_str(&saw) {
         resp.headers_mut().insert("x-upgrade-request", v);
     }
+    resp.headers_mut()
+        .insert("x-upgrade-cookie-fields", cookies.into());
     let protocol = match req.uri().query() {
         // A misbehaving origin, for the edge's tests: a 101 to what nobody asked for.
         Some("switch-to-other") => hyper::header::HeaderValue::from_static("not-asked"),
@@ -443,12 +446,19 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     shared.stats.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
-    let head = req.method() == hyper::Method::HEAD;
+    // `?body-on-head`: a misbehaving origin, for the edge's tests.
+    let head = req.method() == hyper::Method::HEAD && req.uri().query() != Some("body-on-head");
     let mut resp = route(shared, req, &path).await;
     if head {
         // The head only (RFC 9110 9.3.2): hyper's h2 server would send the body as DATA.
         let (mut parts, body) = resp.into_parts();
-        if let Some(n) = http_body::Body::size_hint(&body).exact() {
+        let has_content = !(parts.status.is_informational()
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED);
+        if let Some(n) = http_body::Body::size_hint(&body)
+            .exact()
+            .filter(|_| has_content)
+        {
             parts
                 .headers
                 .entry(hyper::header::CONTENT_LENGTH)

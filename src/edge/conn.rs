@@ -10,6 +10,7 @@ use super::write_deadline::WriteDeadline;
 use crate::config::ListenerConfig;
 use crate::metrics::ClientHandshake;
 use crate::proxy::body::Holding;
+use crate::proxy::headers::ClientFields;
 use crate::proxy::request_body::{ClientIn, H2Body};
 use crate::proxy::upgrade::Hold;
 use crate::proxy::{handler, redirect, ClientConn, Runtime};
@@ -68,6 +69,7 @@ pub async fn serve<S>(
     } = client;
     let redirect_to_https = cfg.redirect_to_https;
     let requests = std::sync::atomic::AtomicU64::new(0);
+    let fields = ClientFields::new(peer.ip(), handshake_done.is_some());
     let counters = runtime.load().counters.clone();
     let limits = crate::proxy::ClientLimits {
         body_timeout: cfg.body_timeout,
@@ -92,8 +94,7 @@ pub async fn serve<S>(
         // Decided first: a redirected request is answered here, never tunnelled.
         let redirect = redirect_to_https.filter(|_| !redirect::is_acme_challenge(&req));
         if redirect.is_none()
-            && (req.headers().contains_key(hyper::header::UPGRADE)
-                || req.method() == hyper::Method::CONNECT)
+            && (handler::is_upgrade(&req) || req.method() == hyper::Method::CONNECT)
         {
             if !is_h2 {
                 linger.tunnel();
@@ -113,6 +114,7 @@ pub async fn serve<S>(
             handshake: handshake_done.map(|(kind, _)| kind),
             handshake_time: handshake_done.map(|(_, took)| took),
             request: requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            fields: fields.clone(),
         };
         // Boxed: the request's future (4.5 KiB) is then moved as a pointer when hyper spawns
         // its stream task, not copied several times over.
@@ -310,8 +312,9 @@ where
                 .timer(TokioTimer::new())
                 // Timed by `serve` instead, from the head's first byte (see `activity`).
                 .header_read_timeout(None)
-                // hyper's read buffer, which a head must fit (about 400 KiB by default).
-                .max_buf_size(super::MAX_HEADER_SECTION)
+                // The head with its request line (hyper's default is its read buffer's cap,
+                // about 400 KiB, which the last read could overshoot).
+                .max_header_size(super::MAX_HEADER_SECTION)
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();

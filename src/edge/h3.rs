@@ -284,6 +284,7 @@ impl Connection {
         // Known once the handshake completes (with 0-RTT, requests may come before).
         let mut handshake_time = None;
         let mut requests = 0u64;
+        let fields = crate::proxy::headers::ClientFields::new(peer.ip(), true);
         let connecting = match incoming.accept_with(quic) {
             Ok(c) => c,
             Err(e) => {
@@ -393,6 +394,7 @@ impl Connection {
                             handshake: Some(ClientHandshake::Quic),
                             handshake_time,
                             request: requests,
+                            fields: fields.clone(),
                         };
                         self.spawn_request(resolver, client, &activity);
                     }

@@ -27,8 +27,8 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
 
 /// The answer to a HEAD request: the head only (RFC 9110 9.3.2), whatever body came with it
 /// (an origin that sends one anyway, the edge's own error text), dropped unread, which ends
-/// its access-log entry. hyper's http/1.1 server does this itself; its h2 server and the
-/// HTTP/3 path send what they are given, which an h2 client takes as a protocol error.
+/// its access-log entry. hyper's http/1.1 server and the HTTP/3 path do this themselves;
+/// hyper's h2 server sends what it is given, which an h2 client takes as a protocol error.
 pub struct HeadBody(Option<ProxyBody>);
 
 impl HeadBody {

@@ -19,8 +19,6 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
-    #[error("request header section over {0} bytes")]
-    HeadTooLarge(usize),
     #[error("CONNECT is not supported: edgepop is not a forward proxy (only RFC 8441 WebSocket)")]
     ConnectMethod,
     #[error("no connection slot left for another WebSocket tunnel")]
@@ -45,6 +43,11 @@ pub enum ProxyError {
         origin: String,
         #[source]
         source: crate::pool::UpstreamError,
+    },
+    #[error("origin {origin}: {reason}")]
+    BadResponse {
+        origin: String,
+        reason: &'static str,
     },
     #[error("origin {origin}: no response head within {after:?}")]
     FirstByteTimeout { origin: String, after: Duration },
@@ -71,7 +74,6 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
-            | ProxyError::HeadTooLarge(_)
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_)
             | ProxyError::TooEarly(_)
@@ -82,6 +84,7 @@ impl ProxyError {
             | ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
             | ProxyError::BadWebSocketHandshake { .. }
+            | ProxyError::BadResponse { .. }
             | ProxyError::FirstByteTimeout { .. } => ErrorSource::Origin,
         }
     }
@@ -90,7 +93,6 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::TooEarly(_) => StatusCode::TOO_EARLY,
@@ -107,7 +109,8 @@ impl ProxyError {
             ProxyError::NoCapacity(_) | ProxyError::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_)
             | ProxyError::Upstream { .. }
-            | ProxyError::BadWebSocketHandshake { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::BadWebSocketHandshake { .. }
+            | ProxyError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout(_) | ProxyError::FirstByteTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -118,7 +121,6 @@ impl ProxyError {
     pub fn public_reason(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(r) | ProxyError::NotImplemented(r) => r,
-            ProxyError::HeadTooLarge(_) => "request header fields too large",
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
             ProxyError::TooEarly(_) => "too early: send this request again after the TLS handshake",
@@ -129,6 +131,7 @@ impl ProxyError {
             ProxyError::Connect(_) => "upstream connect failed",
             ProxyError::Upstream { .. } => "upstream request failed",
             ProxyError::BadWebSocketHandshake { .. } => "upstream WebSocket handshake failed",
+            ProxyError::BadResponse { .. } => "upstream response not understood",
             ProxyError::FirstByteTimeout { .. } => "upstream response timed out",
             ProxyError::ClientBody(super::request_body::ClientBodyError::Timeout(_)) => {
                 "request body timed out"

@@ -38,8 +38,9 @@ pub async fn handle(
     limits: ClientLimits,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
-    // hyper's http/1.1 server sends no body to a HEAD itself.
-    let head_only = req.method() == Method::HEAD && req.version() >= Version::HTTP_2;
+    let is_head = req.method() == Method::HEAD;
+    // hyper's http/1.1 server sends no body to a HEAD itself, nor does the HTTP/3 path.
+    let head_only = is_head && req.version() == Version::HTTP_2;
     let mut req = req;
     headers::set_request_id(req.headers_mut());
     let mut log = rt
@@ -52,7 +53,12 @@ pub async fn handle(
             let resp = error_response(&e);
             if let Some(mut l) = log {
                 l.status(resp.status().as_u16());
-                l.finish(e.public_reason().len() as u64 + 1, e.public_reason());
+                let sent = if is_head {
+                    0
+                } else {
+                    e.public_reason().len() as u64 + 1
+                };
+                l.finish(sent, e.public_reason());
             }
             resp
         }
@@ -194,6 +200,16 @@ async fn forward(
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
     let (mut parts, body) = sent.response.into_parts();
+    if list_tokens(parts.headers.get_all(header::TRANSFER_ENCODING))
+        .any(|c| !c.eq_ignore_ascii_case(b"chunked"))
+    {
+        // hyper took the chunks off and would pass the rest (gzip, say) as plain bytes; no
+        // header can say so once Transfer-Encoding goes (HAProxy answers 502 too).
+        return Err(ProxyError::BadResponse {
+            origin: sent.pool.origin().name.clone(),
+            reason: "a transfer coding other than chunked",
+        });
+    }
     sent.pool.record_response(
         parts.status.as_u16(),
         upstream_ttfb.saturating_sub(sent.waited),
@@ -246,8 +262,26 @@ async fn forward(
     Ok(Response::from_parts(parts, body))
 }
 
-/// What hyper lets through but an intermediary must not pass on: an http/1.1 head over
-/// [`crate::edge::MAX_HEADER_SECTION`] (431); a transfer coding other
+static CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+];
+
+/// The non-empty elements of a comma-separated list field (RFC 9110 5.6.1), trimmed.
+pub(crate) fn list_tokens<'a>(
+    values: header::GetAll<'a, HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// What hyper lets through but an intermediary must not pass on: a transfer coding other
 /// than `chunked` (hyper decodes the chunks and would drop the rest, `gzip` say, so the origin
 /// would take compressed bytes for plain ones: 501, RFC 9112 6.1, as nginx answers); over h2
 /// and HTTP/3, values with white space at either end (malformed, RFC 9113 8.2.1) and
@@ -256,6 +290,12 @@ fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
     let h = req.headers();
     match req.version() {
         Version::HTTP_2 | Version::HTTP_3 => {
+            // The h2 crate refuses connection-specific fields; h3 lets them through, though
+            // RFC 9114 4.2 makes such a request malformed.
+            let te = h.get(header::TE).is_some_and(|v| v != "trailers");
+            if te || CONNECTION_SPECIFIC.iter().any(|n| h.contains_key(n)) {
+                return Err(ProxyError::BadRequest("a connection-specific field"));
+            }
             let padded = |v: &HeaderValue| {
                 let b = v.as_bytes();
                 matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
@@ -273,34 +313,25 @@ fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
             }
         }
         _ => {
-            // hyper stops reading a head only once its buffer is full, which the last read
-            // can overshoot by as much again: count what it parsed.
-            let size = h.iter().fold(target_len(req.uri()), |n, (k, v)| {
-                n + k.as_str().len() + v.len() + 4
-            });
-            if size > crate::edge::MAX_HEADER_SECTION {
-                return Err(ProxyError::HeadTooLarge(crate::edge::MAX_HEADER_SECTION));
-            }
-            let codings = h
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii);
-            for c in codings {
+            // hyper framed the body by the last coding, chunked; whatever else is listed is
+            // still applied to what reaches the origin.
+            let mut chunked = 0;
+            for c in list_tokens(h.get_all(header::TRANSFER_ENCODING)) {
                 if !c.eq_ignore_ascii_case(b"chunked") {
                     return Err(ProxyError::NotImplemented(
                         "a transfer coding other than chunked",
                     ));
                 }
+                chunked += 1;
+            }
+            if chunked > 1 {
+                // RFC 9112 7: chunked is applied once; twice, the origin would take the inner
+                // framing as content.
+                return Err(ProxyError::BadRequest("chunked more than once"));
             }
         }
     }
     Ok(())
-}
-
-fn target_len(uri: &Uri) -> usize {
-    uri.path_and_query().map_or(0, |p| p.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
 }
 
 /// A request that arrived in TLS early data (RFC 8470): an attacker may have replayed it, so
@@ -317,18 +348,13 @@ fn accept_early(req: &Request<ClientIn>, tunnel: bool) -> Result<(), ProxyError>
 
 /// An HTTP/1.1 `Upgrade` request (WebSocket and friends): an `Upgrade` header and the
 /// `upgrade` token in `Connection`.
-fn is_upgrade<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req
-            .headers()
-            .get_all(header::UPGRADE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
+        && list_tokens(req.headers().get_all(header::UPGRADE))
             // h2c (retired by RFC 9113, meaningless over TLS) is ignored as RFC 9110 7.8
             // lets a server ignore Upgrade: the request goes on as a plain one, so a tunnel
             // cannot carry requests past routing ("h2c smuggling").
-            .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"))
+            .any(|p| !p.eq_ignore_ascii_case(b"h2c"))
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -442,11 +468,7 @@ pub(super) fn upstream_request(
             .headers
             .insert("early-data", HeaderValue::from_static("1"));
     }
-    headers::set_forwarded(
-        &mut parts.headers,
-        client.addr.ip(),
-        client.handshake.is_some(),
-    );
+    headers::set_forwarded(&mut parts.headers, &client.fields);
     headers::append_via(&mut parts.headers, client_version, &rt.via);
     headers::apply_edits(&mut parts.headers, &route.request_headers);
     let host =

@@ -118,11 +118,40 @@ static NOT_IN_TRAILERS: [HeaderName; 21] = [
     HeaderName::from_static("x-request-id"),
 ];
 
-/// Appends the client address to X-Forwarded-For, sets X-Forwarded-Proto (`https`, or
-/// `http` for a request that came in plain HTTP) and appends this hop's element to
-/// `Forwarded` (RFC 7239: `for=192.0.2.1;proto=https`), so an origin that reads either
-/// finds, in its last entry, what the edge saw rather than what a client wrote.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
+/// What the edge tells the origin about a client connection, made once per connection:
+/// its address for X-Forwarded-For, its scheme and this hop's `Forwarded` element (RFC 7239:
+/// `for=192.0.2.1;proto=https`, an IPv6 address quoted and bracketed).
+#[derive(Debug, Clone)]
+pub struct ClientFields {
+    addr: HeaderValue,
+    proto: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl ClientFields {
+    /// `tls`: the connection is HTTPS (else plain HTTP, a `redirect_to_https` listener's).
+    pub fn new(client: IpAddr, tls: bool) -> Self {
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        let client = client.to_canonical();
+        let proto = if tls { "https" } else { "http" };
+        let element = match client {
+            IpAddr::V4(a) => format!("for={a};proto={proto}"),
+            IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
+        };
+        // An address and these fixed words are always valid field values.
+        let value = |s: String| HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static(""));
+        ClientFields {
+            addr: value(client.to_string()),
+            proto: HeaderValue::from_static(proto),
+            forwarded: value(element),
+        }
+    }
+}
+
+/// Appends the client address to X-Forwarded-For, sets X-Forwarded-Proto and appends this
+/// hop's element to `Forwarded`, so an origin that reads either finds, in its last entry,
+/// what the edge saw rather than what a client wrote.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientFields) {
     // Several X-Forwarded-For lines are one list (RFC 9110 5.3): keep every hop, in order.
     let prev: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -131,23 +160,18 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let value = if prev.is_empty() {
-        client.to_string()
+    if prev.is_empty() {
+        headers.insert(&X_FORWARDED_FOR, client.addr.clone());
     } else {
-        format!("{}, {client}", prev.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(&X_FORWARDED_FOR, v);
+        let mut chain = prev.join(", ").into_bytes();
+        chain.extend_from_slice(b", ");
+        chain.extend_from_slice(client.addr.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&chain) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
     }
-    let proto = if tls { "https" } else { "http" };
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let element = match client {
-        IpAddr::V4(a) => format!("for={a};proto={proto}"),
-        IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&element) {
-        headers.append(header::FORWARDED, v);
-    }
+    headers.insert(&X_FORWARDED_PROTO, client.proto.clone());
+    headers.append(header::FORWARDED, client.forwarded.clone());
 }
 
 /// Joins several `Cookie` fields into one, `; `-separated, for an http/1.1 origin (RFC
@@ -273,7 +297,10 @@ mod tests {
     fn forwarded_for_appends_to_an_existing_chain() {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
+        set_forwarded(
+            &mut h,
+            &ClientFields::new("127.0.0.1".parse().unwrap(), true),
+        );
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1, 127.0.0.1");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
     }
@@ -285,7 +312,10 @@ mod tests {
             header::FORWARDED,
             HeaderValue::from_static("for=9.9.9.9;proto=http"),
         );
-        set_forwarded(&mut h, "2001:db8::7".parse().unwrap(), true);
+        set_forwarded(
+            &mut h,
+            &ClientFields::new("2001:db8::7".parse().unwrap(), true),
+        );
         let all: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
         assert_eq!(
             all,
@@ -295,7 +325,10 @@ mod tests {
             ]
         );
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "192.0.2.1".parse().unwrap(), false);
+        set_forwarded(
+            &mut h,
+            &ClientFields::new("192.0.2.1".parse().unwrap(), false),
+        );
         assert_eq!(
             h.get(header::FORWARDED).unwrap(),
             "for=192.0.2.1;proto=http"
@@ -344,7 +377,10 @@ mod tests {
         );
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" "));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.3"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
+        set_forwarded(
+            &mut h,
+            &ClientFields::new("127.0.0.1".parse().unwrap(), true),
+        );
         let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(all, ["192.0.2.1, 192.0.2.2, 192.0.2.3, 127.0.0.1"]);
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 pub struct EarlyData;
 
 /// The client connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientConn {
     /// The client's address (a PROXY protocol header's when the listener takes one).
     pub addr: std::net::SocketAddr,
@@ -37,6 +37,8 @@ pub struct ClientConn {
     pub handshake_time: Option<Duration>,
     /// The request's number on its connection, from 1.
     pub request: u64,
+    /// Its address and scheme as the origin is told them, made once per connection.
+    pub fields: headers::ClientFields,
 }
 
 /// What a client connection allows a request's bodies (its listener's settings).

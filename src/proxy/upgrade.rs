@@ -12,7 +12,7 @@
 
 use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
-use super::handler::{plain_body, upstream_request};
+use super::handler::{self, plain_body, upstream_request};
 use super::headers;
 use super::request_body::ClientIn;
 use super::router::Route;
@@ -89,14 +89,19 @@ async fn tunnel(
     candidates: &[&Pool],
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(protocol) = req.headers().get(header::UPGRADE).cloned() else {
-        return Err(ProxyError::BadRequest("Upgrade without a protocol"));
-    };
+    // Every protocol asked for, from every Upgrade line, but h2c (see `handler::is_upgrade`).
+    let asked: Vec<&[u8]> = handler::list_tokens(req.headers().get_all(header::UPGRADE))
+        .filter(|p| !p.eq_ignore_ascii_case(b"h2c"))
+        .collect();
+    let protocol = HeaderValue::from_bytes(&asked.join(&b", "[..]))
+        .map_err(|_| ProxyError::BadRequest("Upgrade without a protocol"))?;
     let hold = req.extensions_mut().remove::<Hold>();
     let client_side = hyper::upgrade::on(&mut req);
     let mut up = upstream_request(rt, plain_body(req), client, authority, route)?;
     // A tunnel has no trailers to ask for (and `TE` would have to be named in Connection).
     up.headers_mut().remove(header::TE);
+    // The origin speaks http/1.1 here, whatever its pool's protocol (see `for_protocol`).
+    headers::join_cookies(up.headers_mut());
     up.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up.headers_mut().insert(header::UPGRADE, protocol.clone());
@@ -104,6 +109,16 @@ async fn tunnel(
     let (pool, mut resp) = exchange(candidates, up).await?;
     let origin = pool.origin();
     let ttfb = started.elapsed();
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switched && !switches_to_asked(&protocol, resp.headers()) {
+        // RFC 9110 7.8: a 101 names the protocol(s) switched to, which must be ones the
+        // client asked for (HAProxy answers 502 too). Before the log is taken: the caller
+        // logs the 502.
+        return Err(ProxyError::BadWebSocketHandshake {
+            origin: origin.name.clone(),
+            reason: "101 to a protocol the client did not ask for",
+        });
+    }
     let mut log = log.take();
     if let Some(l) = log.as_mut() {
         l.upstream(
@@ -113,15 +128,6 @@ async fn tunnel(
             ttfb,
             "fresh",
         );
-    }
-    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switched && !switches_to_asked(&protocol, resp.headers()) {
-        // RFC 9110 7.8: a 101 names the protocol(s) switched to, which must be ones the
-        // client asked for (HAProxy answers 502 too).
-        return Err(ProxyError::BadWebSocketHandshake {
-            origin: origin.name.clone(),
-            reason: "101 to a protocol the client did not ask for",
-        });
     }
     let upstream_side = switched.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
@@ -194,6 +200,8 @@ async fn websocket_over_h2(
     *req.method_mut() = Method::GET;
     let mut up = upstream_request(rt, plain_body(req), client, authority, route)?;
     up.headers_mut().remove(header::TE);
+    // An RFC 6455 handshake is http/1.1: cookies an h2 client split go as one field.
+    headers::join_cookies(up.headers_mut());
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let h = up.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -279,20 +287,34 @@ fn expect_length(log: &mut Option<PendingLog>, h: &header::HeaderMap) {
 /// Whether a 101's `Upgrade` names protocols, each one the client asked for in `asked` (its
 /// `Upgrade` value); h2c never counts (see `handler::is_upgrade`).
 fn switches_to_asked(asked: &HeaderValue, answer: &header::HeaderMap) -> bool {
-    let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .map(|t| t.trim_ascii().to_ascii_lowercase())
-            .filter(|t| !t.is_empty() && t.as_slice() != b"h2c")
-            .collect()
+    // `name` or `name/version`: a version counts only where both sides give one.
+    let split = |t: &[u8]| -> (Vec<u8>, Option<Vec<u8>>) {
+        let t = t.to_ascii_lowercase();
+        match t.iter().position(|&b| b == b'/') {
+            Some(i) => (
+                t[..i].trim_ascii().to_vec(),
+                Some(t[i + 1..].trim_ascii().to_vec()),
+            ),
+            None => (t, None),
+        }
     };
-    let asked = tokens(asked);
-    let given: Vec<Vec<u8>> = answer
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(tokens)
+    let asked: Vec<_> = asked
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .map(split)
         .collect();
-    !given.is_empty() && given.iter().all(|g| asked.contains(g))
+    let given: Vec<_> = handler::list_tokens(answer.get_all(header::UPGRADE))
+        .map(split)
+        .collect();
+    let fits = |(name, version): &(Vec<u8>, Option<Vec<u8>>)| {
+        name != b"h2c"
+            && asked
+                .iter()
+                .any(|(n, v)| n == name && (v.is_none() || version.is_none() || v == version))
+    };
+    !given.is_empty() && given.iter().all(fits)
 }
 
 /// Whether the comma-separated header `name` holds `token` (case-insensitive).
@@ -506,5 +528,37 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_101_must_switch_to_what_was_asked_versions_counting_where_both_give_one() {
+        let answer = |v: &'static str| {
+            let mut h = header::HeaderMap::new();
+            h.insert(header::UPGRADE, HeaderValue::from_static(v));
+            h
+        };
+        let asked = HeaderValue::from_static("websocket, Foo/2");
+        for (given, ok) in [
+            ("websocket", true),
+            ("WebSocket/13", true),
+            ("foo/2", true),
+            ("foo", true),
+            ("foo/3", false),
+            ("websocket, h2c", false),
+            ("h2c", false),
+            ("other", false),
+            (",", false),
+        ] {
+            assert_eq!(switches_to_asked(&asked, &answer(given)), ok, "{given}");
+        }
+        assert!(
+            !switches_to_asked(&asked, &header::HeaderMap::new()),
+            "no Upgrade"
+        );
     }
 }

@@ -1174,11 +1174,17 @@ async fn h2_clients_get_websockets_over_extended_connect() {
         .await;
         let send = h2_websocket_client(edge.addr).await;
         let mut ready = send.clone().ready().await.expect("ready");
-        let (resp, mut stream) = ready
-            .send_request(extended_connect("/upgrade", "websocket"), false)
-            .expect("send CONNECT");
+        let mut connect = extended_connect("/upgrade", "websocket");
+        for c in ["a=1", "b=2"] {
+            connect
+                .headers_mut()
+                .append("cookie", http::HeaderValue::from_static(c));
+        }
+        let (resp, mut stream) = ready.send_request(connect, false).expect("send CONNECT");
         let resp = resp.await.expect("response");
         assert_eq!(resp.status(), 200, "{protocol}: {resp:?}");
+        // The browser's split cookies reach the RFC 6455 origin as one field.
+        assert_eq!(resp.headers()["x-upgrade-cookie-fields"], "1", "{protocol}");
         for h in ["sec-websocket-accept", "upgrade", "connection"] {
             assert!(
                 resp.headers().get(h).is_none(),

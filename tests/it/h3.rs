@@ -423,3 +423,30 @@ async fn over_http3_0rtt_requests_on_a_rate_limited_route_get_425_until_the_hand
     let mut c = early_connect(&endpoint, path.local_addr(), true).await;
     assert_eq!(h3_request(&mut c, "GET", "/", None).await.0, 425);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http3_connection_specific_fields_are_a_bad_request() {
+    // RFC 9114 4.2 (the h3 crate lets them through): a transfer coding would reach the origin
+    // stripped, its bytes taken as plain.
+    let origin = origin().start().await.unwrap();
+    let edge = start_edge(&h3_config(origin.addr())).await;
+    let mut c = h3_connect(edge.addr).await;
+    for (name, value) in [
+        ("transfer-encoding", "gzip"),
+        ("connection", "close"),
+        ("te", "gzip"),
+    ] {
+        let req = http::Request::builder()
+            .uri("https://localhost/headers")
+            .header(name, value)
+            .body(())
+            .expect("request");
+        assert_eq!(h3_send(&mut c, req, None).await.0, 400, "{name}");
+    }
+    let req = http::Request::builder()
+        .uri("https://localhost/headers")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    assert_eq!(h3_send(&mut c, req, None).await.0, 200);
+}

@@ -55,6 +55,13 @@ async fn unknown_transfer_codings_a_second_host_and_oversized_heads_are_refused(
     )
     .await;
     assert_eq!(status_of(&gzip), 501, "{gzip}");
+    // Chunked twice: hyper takes one layer off, the origin would take the other as content.
+    let twice = raw_exchange(
+        edge.addr,
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n14\r\n5\r\nhello\r\n0\r\n\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&twice), 400, "{twice}");
     let two_hosts = raw_exchange(
         edge.addr,
         b"GET /headers HTTP/1.1\r\nHost: localhost\r\nHost: other.example\r\nConnection: close\r\n\r\n",
@@ -106,6 +113,8 @@ async fn head_over_h2_gets_the_head_only_from_the_origin_and_from_the_edge() {
     let (_origin, edge) = one_origin_edge("protocol = \"h2\"").await;
     for (host, path, status) in [
         ("localhost", "/bytes/1000", "200"),
+        // An origin that sends a body anyway (hyper's h2 server sends what it is given).
+        ("localhost", "/bytes/1000?body-on-head", "200"),
         ("unknown.example", "/", "421"),
     ] {
         let authority = format!("Host: {host}");
@@ -151,6 +160,15 @@ async fn an_h2c_upgrade_is_ignored_and_a_101_to_an_unasked_protocol_is_a_502() {
         !body.contains("upgrade") && !body.contains("http2-settings"),
         "{body}"
     );
+    // h2c among other protocols: only the others reach the origin (which echoes them).
+    let mixed = raw_exchange(
+        edge.addr,
+        b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo-test, h2c\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert_eq!(status_of(&mixed), 101, "{mixed}");
+    assert!(mixed.contains("upgrade: echo-test\r\n"), "{mixed}");
     let other = raw_exchange(
         edge.addr,
         b"GET /upgrade?switch-to-other HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo-test\r\nConnection: close\r\n\r\n",
