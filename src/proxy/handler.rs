@@ -706,7 +706,12 @@ async fn send<'a>(
                     }
                     _ => {
                         tracing::debug!(origin = %pool.origin().name, error = ?source, "upstream send failed");
-                        pool.record_failure();
+                        // A stream the origin refused unprocessed (REFUSED_STREAM, or above a
+                        // GOAWAY's last stream: nginx sends one every 1,000 requests) says
+                        // nothing of its health, as in Envoy's outlier detection.
+                        if !source.not_processed() {
+                            pool.record_failure();
+                        }
                         if let Some(r) = failover(&mut replay, last_candidate, &method) {
                             req = r;
                             i += 1;

@@ -191,3 +191,90 @@ async fn an_h2_field_value_padded_with_white_space_is_a_bad_request() {
     // The connection carries on: a stream's error, not the connection's.
     assert_eq!(client.get("localhost", "/headers").await.0, 200);
 }
+
+/// An h2 origin (the h2 crate, certs/origin.*) that refuses every POST stream unprocessed
+/// (RST_STREAM REFUSED_STREAM, RFC 9113 8.7) and answers anything else 200 "refuser".
+async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = edgepop::tls::certs::load_chain(&certs().join("origin.crt")).expect("chain");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs().join("origin.key")).expect("key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(edgepop::tls::provider_arc())
+        .with_protocol_versions(edgepop::tls::VERSIONS)
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.method() == http::Method::POST {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"refuser\n"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_an_origin_refuses_unprocessed_do_not_count_against_its_health() {
+    let (refuser, task) = refusing_h2_origin().await;
+    let backup = origin().start().await.unwrap();
+    let health = "protocol = \"h2\"\nwarm_connections = 1\nunhealthy_after = 2";
+    let edge = start_edge(&edge_config(
+        &[("refuser", refuser, health), ("backup", backup.addr(), "")],
+        &["localhost"],
+    ))
+    .await;
+    // Refused with their bodies already handed over: nothing to send again, so each gets a
+    // 502, but the origin said it did not process them.
+    for _ in 0..4 {
+        let out = curl(
+            edge.addr,
+            "localhost",
+            "/",
+            &[
+                "--http2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--data-binary",
+                "x=1",
+            ],
+        )
+        .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
+    }
+    // Still healthy: the route's first origin answers.
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    assert_eq!(
+        c.get("localhost", "/").await,
+        (200, "refuser\n".to_string())
+    );
+    task.abort();
+}
