@@ -13,6 +13,7 @@
 use super::body::{full, HeadBody, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers;
+use super::replay::Replay;
 use super::request_body::ClientIn;
 use super::request_body::{BodyProgress, ClientBody, ClientBodyError};
 use super::router::normalize_host;
@@ -616,7 +617,12 @@ async fn send<'a>(
     authority: &str,
     body: Option<&BodyProgress>,
 ) -> Result<Sent<'a>, ProxyError> {
-    let mut req = req;
+    // A small body is kept as it goes, for a refusal that comes after it went.
+    let (mut req, kept) = if http_body::Body::is_end_stream(req.body()) {
+        (req, None)
+    } else {
+        Replay::record(req)
+    };
     let mut retries = 0;
     let mut proven_retries = 0;
     let mut waited = Duration::ZERO;
@@ -683,8 +689,12 @@ async fn send<'a>(
                     // Never left this process: safe for any method.
                     Some(r) if proven => Some((r, true)),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
-                    // GOAWAY whose last-stream-id is below it): safe for any method.
-                    None if proven && source.not_processed() => replay.take().map(|r| (r, true)),
+                    // GOAWAY whose last-stream-id is below it): safe for any method, with
+                    // its body if that was kept whole.
+                    None if proven && source.not_processed() => replay
+                        .take()
+                        .or_else(|| kept.as_ref().and_then(Replay::request))
+                        .map(|r| (r, true)),
                     // May have reached the origin: only a bodiless idempotent request (its
                     // body, if any, is gone). Fresh connections too: an origin that is going
                     // down may accept a connection and drop it before answering.

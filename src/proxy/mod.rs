@@ -7,6 +7,7 @@ pub mod handler;
 pub mod headers;
 pub mod rate_limit;
 pub mod redirect;
+pub mod replay;
 pub mod request_body;
 pub mod router;
 mod stall;

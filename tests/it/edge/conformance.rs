@@ -192,8 +192,9 @@ async fn an_h2_field_value_padded_with_white_space_is_a_bad_request() {
     assert_eq!(client.get("localhost", "/headers").await.0, 200);
 }
 
-/// An h2 origin (the h2 crate, certs/origin.*) that refuses every POST stream unprocessed
-/// (RST_STREAM REFUSED_STREAM, RFC 9113 8.7) and answers anything else 200 "refuser".
+/// An h2 origin (the h2 crate, certs/origin.*) that refuses POST streams unprocessed
+/// (RST_STREAM REFUSED_STREAM, RFC 9113 8.7): every other one, or all those that carry
+/// `x-refuse: always`; answers the others with what it got ("refuser: N bytes").
 async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use rustls::pki_types::pem::PemObject;
     let chain = edgepop::tls::certs::load_chain(&certs().join("origin.crt")).expect("chain");
@@ -211,9 +212,10 @@ async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, posts) = (acceptor.clone(), posts.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -223,16 +225,28 @@ async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     if req.method() == http::Method::POST {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
+                        let n = posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n % 2 == 0 || req.headers().contains_key("x-refuse") {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
                     }
-                    let head = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
-                    if let Ok(mut body) = respond.send_response(head, false) {
-                        let _ = body.send_data(bytes::Bytes::from_static(b"refuser\n"), true);
-                    }
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut got = 0;
+                        while let Some(Ok(d)) = body.data().await {
+                            got += d.len();
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        let head = http::Response::builder()
+                            .status(200)
+                            .body(())
+                            .expect("response");
+                        if let Ok(mut out) = respond.send_response(head, false) {
+                            let text = format!("refuser: {got} bytes\n");
+                            let _ = out.send_data(bytes::Bytes::from(text), true);
+                        }
+                    });
                 }
             });
         }
@@ -241,7 +255,7 @@ async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_an_origin_refuses_unprocessed_do_not_count_against_its_health() {
+async fn a_post_an_h2_origin_refused_unprocessed_is_sent_again_with_its_body() {
     let (refuser, task) = refusing_h2_origin().await;
     let backup = origin().start().await.unwrap();
     let health = "protocol = \"h2\"\nwarm_connections = 1\nunhealthy_after = 2";
@@ -250,31 +264,35 @@ async fn streams_an_origin_refuses_unprocessed_do_not_count_against_its_health()
         &["localhost"],
     ))
     .await;
-    // Refused with their bodies already handed over: nothing to send again, so each gets a
-    // 502, but the origin said it did not process them.
+    let post = |extra: &'static [&'static str]| {
+        let mut args = vec!["--http2", "-sS", "--data-binary", "0123456789"];
+        args.extend_from_slice(extra);
+        async move { curl(edge.addr, "localhost", "/", &args).await }
+    };
+    // Every other POST is refused after its body went: sent again, body and all.
     for _ in 0..4 {
-        let out = curl(
-            edge.addr,
-            "localhost",
-            "/",
-            &[
-                "--http2",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--data-binary",
-                "x=1",
-            ],
-        )
+        let out = post(&[]).await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "refuser: 10 bytes\n");
+    }
+    // Refused every time: 502 once the retries are spent (never to another origin: it is
+    // not idempotent)...
+    for _ in 0..3 {
+        let out = post(&[
+            "-H",
+            "x-refuse: always",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
         .await;
         assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
     }
-    // Still healthy: the route's first origin answers.
+    // ...and refusals say nothing of the origin's health: it still answers first.
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     assert_eq!(
         c.get("localhost", "/").await,
-        (200, "refuser\n".to_string())
+        (200, "refuser: 0 bytes\n".to_string())
     );
     task.abort();
 }
