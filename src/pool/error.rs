@@ -55,7 +55,7 @@ pub enum CheckoutError {
         after: Duration,
         max: usize,
     },
-    #[error("origin {origin}: request queue is full ({size} waiting)")]
+    #[error("origin {origin}: request queue is full ({size} waiting, its queue_size)")]
     QueueFull { origin: String, size: usize },
     #[error(transparent)]
     Connect(#[from] ConnectError),

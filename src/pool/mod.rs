@@ -282,6 +282,15 @@ impl Pool {
                                 slot = inner.claim_connect(&mut st);
                             }
                             if slot.is_none() {
+                                // The line holds `queue_size` (the count before the lock
+                                // also holds those about to connect, so it is only a bound).
+                                if st.queue.entries() >= inner.origin.queue_size {
+                                    inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                                    return Err(CheckoutError::QueueFull {
+                                        origin: inner.origin.name.clone(),
+                                        size: inner.origin.queue_size,
+                                    });
+                                }
                                 // Its place in line; what frees up is handed to it in turn
                                 // (at once, if there is room now).
                                 ticket = Some(inner.enqueue(&mut st, started));

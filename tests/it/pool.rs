@@ -757,3 +757,30 @@ async fn an_origin_that_asks_for_a_client_certificate_gets_the_edges() {
         }
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_queue_holds_queue_size_requests_when_every_connection_is_busy() {
+    let origin = origin().http1_only().start().await.unwrap();
+    let pool = warm_pool(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 1\nmax_connections = 1\nqueue_size = 1\nqueue_timeout = \"10s\"",
+    )
+    .await;
+    // The one connection is busy; one request waits in line, which is then full.
+    let busy = pool.checkout(false).await.unwrap();
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.checkout(false).await.map(|_| ()) }
+    });
+    run_others_until(|| pool.snapshot().waiting == 1).await;
+    let over = tokio::time::timeout(Duration::from_secs(5), pool.checkout(false))
+        .await
+        .expect("refused at once, not queued");
+    assert!(
+        matches!(over, Err(edgepop::pool::CheckoutError::QueueFull { .. })),
+        "{:?}",
+        over.map(|_| ())
+    );
+    drop(busy);
+    assert!(waiting.await.unwrap().is_ok(), "the one in line is served");
+}
