@@ -185,9 +185,10 @@ async fn rotate(inner: &Arc<Inner>) -> bool {
         if !surplus && inner.reserve_connect() && open_n(inner, 1).await {
             return true;
         }
-        inner.retire(id);
-        inner.stats.rotated.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(origin = %inner.origin.name, conn = id, aged, idle_expiring, "rotated connection");
+        if inner.retire(id) {
+            inner.stats.rotated.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(origin = %inner.origin.name, conn = id, aged, idle_expiring, "rotated connection");
+        }
     }
     false
 }

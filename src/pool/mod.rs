@@ -737,7 +737,9 @@ impl Inner {
     }
 
     /// Takes a connection out of service: no new requests; it closes once its exchanges end.
-    fn retire(&self, id: u64) {
+    /// Whether it retired one: a connection taken by a request since it was picked (an idle
+    /// http/1.1 one) is not there to retire.
+    fn retire(&self, id: u64) -> bool {
         let mut st = self.lock();
         let mut found = None;
         if let Some(i) = st.h2.iter().position(|c| c.id == id) {
@@ -746,13 +748,14 @@ impl Inner {
             // Dropping the sender closes the idle http/1.1 connection.
             found = Some(st.idle_h1.remove(i).0);
         }
-        if let Some(c) = found {
-            if !c.flags.draining.swap(true, Ordering::AcqRel)
-                && !c.flags.closed.load(Ordering::Acquire)
-            {
-                st.retiring += 1;
-            }
+        let Some(c) = found else {
+            return false;
+        };
+        if !c.flags.draining.swap(true, Ordering::AcqRel) && !c.flags.closed.load(Ordering::Acquire)
+        {
+            st.retiring += 1;
         }
+        true
     }
 
     /// Lowest PING round trip over the open h2 connections.
