@@ -75,6 +75,19 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The origin says it did not process the request: REFUSED_STREAM, or a GOAWAY whose
     /// last-stream-id is below the stream.
+    /// Refused unprocessed and gracefully: REFUSED_STREAM, or a GOAWAY with NO_ERROR (an
+    /// origin closing after its request limit), which say nothing of the origin's health.
+    pub fn graceful_refusal(&self) -> bool {
+        match self {
+            UpstreamError::H2(e) => {
+                self.not_processed()
+                    && (e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                        || e.reason() == Some(h2::Reason::NO_ERROR))
+            }
+            UpstreamError::Http1(_) => false,
+        }
+    }
+
     pub fn not_processed(&self) -> bool {
         match self {
             UpstreamError::H2(e) => {

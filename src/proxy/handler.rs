@@ -617,8 +617,12 @@ async fn send<'a>(
     authority: &str,
     body: Option<&BodyProgress>,
 ) -> Result<Sent<'a>, ProxyError> {
-    // A small body is kept as it goes, for a refusal that comes after it went.
-    let (mut req, kept) = if http_body::Body::is_end_stream(req.body()) {
+    // A small body is kept as it goes, for an h2 origin's refusal that comes after it went
+    // (an http/1.1 origin never says it did not process a request).
+    let h2 = candidates
+        .iter()
+        .any(|p| p.origin().protocol == Protocol::H2);
+    let (mut req, kept) = if !h2 || http_body::Body::is_end_stream(req.body()) {
         (req, None)
     } else {
         Replay::record(req)
@@ -716,10 +720,11 @@ async fn send<'a>(
                     }
                     _ => {
                         tracing::debug!(origin = %pool.origin().name, error = ?source, "upstream send failed");
-                        // A stream the origin refused unprocessed (REFUSED_STREAM, or above a
-                        // GOAWAY's last stream: nginx sends one every 1,000 requests) says
-                        // nothing of its health, as in Envoy's outlier detection.
-                        if !source.not_processed() {
+                        // A stream the origin refused unprocessed and gracefully (REFUSED_STREAM,
+                        // or above a NO_ERROR GOAWAY's last stream: nginx sends one every 1,000
+                        // requests) says nothing of its health, as in Envoy's outlier
+                        // detection; one refused every time it was tried does.
+                        if !source.graceful_refusal() || proven_retries >= MAX_PROVEN_RETRIES {
                             pool.record_failure();
                         }
                         if let Some(r) = failover(&mut replay, last_candidate, &method) {

@@ -5,6 +5,7 @@
 //! up to [`REPLAY_LIMIT`] that the client finished sending are kept: a larger or unfinished
 //! one is not copied, and such a request gets its error as before.
 
+use super::body::BoxError;
 use crate::pool::UpstreamBody as UpBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -12,22 +13,17 @@ use http_body_util::BodyExt;
 use hyper::header::HeaderMap;
 use hyper::Request;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 /// Largest body kept for a replay (Envoy's default retry buffer is 64 KiB too).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
-#[derive(Clone)]
-enum Piece {
-    Data(Bytes),
-    Trailers(HeaderMap),
-}
-
 #[derive(Default)]
 struct Recorded {
-    pieces: Vec<Piece>,
-    bytes: usize,
+    /// The data, copied (a slice of the client connection's read buffer would pin all of it).
+    data: bytes::BytesMut,
+    trailers: Option<HeaderMap>,
     /// The body ended (its last frame went by).
     complete: bool,
     /// Over the limit, or failed: nothing to replay.
@@ -42,7 +38,7 @@ pub struct Replay {
 
 impl Replay {
     /// Wraps the body of `req` (which has one) to keep a copy as it is sent; `None` when it
-    /// says it is larger than [`REPLAY_LIMIT`].
+    /// says it is larger than [`REPLAY_LIMIT`]. The copy is kept while the `Replay` lives.
     pub fn record(req: Request<UpBody>) -> (Request<UpBody>, Option<Replay>) {
         if req.body().size_hint().lower() > REPLAY_LIMIT as u64 {
             return (req, None);
@@ -56,7 +52,7 @@ impl Replay {
         let (parts, body) = req.into_parts();
         let body = Tee {
             inner: body,
-            recorded: recorded.clone(),
+            recorded: Arc::downgrade(&recorded),
         };
         let replay = Replay {
             head,
@@ -70,19 +66,14 @@ impl Replay {
 
     /// The request again, if its whole body was kept.
     pub fn request(&self) -> Option<Request<UpBody>> {
-        let pieces = {
+        let (data, trailers) = {
             let r = self.body.lock().unwrap_or_else(|p| p.into_inner());
             if !r.complete || r.given_up {
                 return None;
             }
-            r.pieces.clone()
+            (r.data.clone().freeze(), r.trailers.clone())
         };
-        let mut req = Request::new(
-            Replayed {
-                pieces: pieces.into_iter().rev().collect(),
-            }
-            .boxed_unsync(),
-        );
+        let mut req = Request::new(Replayed { data, trailers }.boxed_unsync());
         *req.method_mut() = self.head.method().clone();
         *req.uri_mut() = self.head.uri().clone();
         *req.version_mut() = self.head.version();
@@ -91,46 +82,59 @@ impl Replay {
     }
 }
 
-/// The client's body on its way to the origin, copied into `recorded` up to the limit.
+/// The client's body on its way to the origin, copied into `recorded` up to the limit, while
+/// the request's [`Replay`] lives (an early answer ends the need for it).
 struct Tee {
     inner: UpBody,
-    recorded: Arc<Mutex<Recorded>>,
+    recorded: Weak<Mutex<Recorded>>,
+}
+
+impl Tee {
+    /// Notes `frame` (the one just polled); false once there is nothing more to keep.
+    fn keep(&self, frame: &Option<Result<Frame<Bytes>, BoxError>>) -> bool {
+        let Some(recorded) = self.recorded.upgrade() else {
+            return false;
+        };
+        let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
+        match frame {
+            None => r.complete = true,
+            Some(Err(_)) => r.given_up = true,
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    if r.data.len() + data.len() > REPLAY_LIMIT {
+                        r.given_up = true;
+                        r.data = bytes::BytesMut::new();
+                    } else {
+                        r.data.extend_from_slice(data);
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    r.trailers = Some(t.clone());
+                }
+                // The pump stops polling at the end (after trailers, or once the body says
+                // it ended), so the end is taken from here, not only from a final `None`.
+                if !r.given_up && (f.is_trailers() || self.inner.is_end_stream()) {
+                    r.complete = true;
+                }
+            }
+        }
+        !(r.given_up || r.complete)
+    }
 }
 
 impl Body for Tee {
     type Data = Bytes;
-    type Error = super::body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let Poll::Ready(frame) = &polled else {
-            return polled;
-        };
-        let mut r = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
-        if r.given_up {
-            return polled;
-        }
-        match frame {
-            None => r.complete = true,
-            Some(Err(_)) => r.given_up = true,
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    r.bytes += data.len();
-                    if r.bytes > REPLAY_LIMIT {
-                        r.given_up = true;
-                        r.pieces = Vec::new();
-                    } else {
-                        r.pieces.push(Piece::Data(data.clone()));
-                    }
-                } else if let Some(t) = f.trailers_ref() {
-                    r.pieces.push(Piece::Trailers(t.clone()));
-                }
+        if let Poll::Ready(frame) = &polled {
+            if !self.keep(frame) {
+                self.recorded = Weak::new();
             }
         }
-        drop(r);
         polled
     }
 
@@ -143,40 +147,36 @@ impl Body for Tee {
     }
 }
 
-/// A kept body sent again (its pieces in reverse order, so each is popped off the end).
+/// A kept body sent again: its data in one frame, then its trailers.
 struct Replayed {
-    pieces: Vec<Piece>,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
 }
 
 impl Body for Replayed {
     type Data = Bytes;
-    type Error = super::body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.pieces.pop().map(|p| {
-            Ok(match p {
-                Piece::Data(d) => Frame::data(d),
-                Piece::Trailers(t) => Frame::trailers(t),
-            })
-        }))
+        if !self.data.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut self.data)))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pieces.is_empty()
+        self.data.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let data = self.pieces.iter().map(|p| match p {
-            Piece::Data(d) => d.len() as u64,
-            Piece::Trailers(_) => 0,
-        });
-        if self.pieces.iter().any(|p| matches!(p, Piece::Trailers(_))) {
-            return SizeHint::default();
+        match self.trailers {
+            // Unknown, so an http/1.1 hop stays chunked and sends the trailers.
+            Some(_) => SizeHint::default(),
+            None => SizeHint::with_exact(self.data.len() as u64),
         }
-        SizeHint::with_exact(data.sum())
     }
 }
 
@@ -193,6 +193,28 @@ mod tests {
         req
     }
 
+    fn stream(frames: Vec<Frame<Bytes>>) -> UpBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = frames.into_iter().map(Ok).collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    /// Polls as the h2 pump does: until trailers, or until the body says it ended.
+    async fn pump(req: &mut Request<UpBody>) -> (Vec<u8>, Option<HeaderMap>) {
+        let mut data = Vec::new();
+        loop {
+            if req.body().is_end_stream() {
+                return (data, None);
+            }
+            match req.body_mut().frame().await {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => return (data, f.into_trailers().ok()),
+                },
+                _ => return (data, None),
+            }
+        }
+    }
+
     async fn collect(req: Request<UpBody>) -> (Bytes, Option<HeaderMap>) {
         let c = req.into_body().collect().await.expect("body");
         let trailers = c.trailers().cloned();
@@ -203,18 +225,18 @@ mod tests {
     async fn a_small_body_sent_whole_can_be_sent_again_with_its_trailers() {
         let mut t = HeaderMap::new();
         t.insert("x-sum", hyper::header::HeaderValue::from_static("42"));
-        let frames: Vec<Result<Frame<Bytes>, crate::proxy::body::BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"hello "))),
-            Ok(Frame::data(Bytes::from_static(b"world"))),
-            Ok(Frame::trailers(t.clone())),
-        ];
-        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
-        let (req, replay) = Replay::record(request(body));
+        let body = stream(vec![
+            Frame::data(Bytes::from_static(b"hello ")),
+            Frame::data(Bytes::from_static(b"world")),
+            Frame::trailers(t.clone()),
+        ]);
+        let (mut req, replay) = Replay::record(request(body));
         let replay = replay.expect("small enough");
         assert!(replay.request().is_none(), "not sent yet");
+        // Taken as the pump takes it: it stops at the trailers.
         assert_eq!(
-            collect(req).await,
-            (Bytes::from_static(b"hello world"), Some(t.clone()))
+            pump(&mut req).await,
+            (b"hello world".to_vec(), Some(t.clone()))
         );
         for _ in 0..2 {
             let again = replay.request().expect("kept whole");
@@ -228,6 +250,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_that_says_it_ended_is_complete_without_a_last_poll() {
+        let body = Full::new(Bytes::from_static(b"abc"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let (mut req, replay) = Replay::record(request(body));
+        let replay = replay.expect("small");
+        assert_eq!(pump(&mut req).await, (b"abc".to_vec(), None));
+        let again = replay.request().expect("kept whole");
+        assert_eq!(collect(again).await, (Bytes::from_static(b"abc"), None));
+    }
+
+    #[tokio::test]
     async fn a_body_over_the_limit_or_not_finished_is_not_kept() {
         let big = Full::new(Bytes::from(vec![0u8; REPLAY_LIMIT + 1]))
             .map_err(|never| match never {})
@@ -236,21 +270,19 @@ mod tests {
             Replay::record(request(big)).1.is_none(),
             "declared too large"
         );
-        let chunks: Vec<Result<Frame<Bytes>, crate::proxy::body::BoxError>> = (0..2)
-            .map(|_| Ok(Frame::data(Bytes::from(vec![0u8; REPLAY_LIMIT / 2 + 1]))))
-            .collect();
-        let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync();
-        let (req, replay) = Replay::record(request(body));
+        let half = || Frame::data(Bytes::from(vec![0u8; REPLAY_LIMIT / 2 + 1]));
+        let (req, replay) = Replay::record(request(stream(vec![half(), half()])));
         let replay = replay.expect("size unknown");
         collect(req).await;
         assert!(replay.request().is_none(), "grew over the limit");
-        let body = Full::new(Bytes::from_static(b"abc"))
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        let (mut req, replay) = Replay::record(request(body));
+        let two = stream(vec![
+            Frame::data(Bytes::from_static(b"a")),
+            Frame::data(Bytes::from_static(b"b")),
+        ]);
+        let (mut req, replay) = Replay::record(request(two));
         let replay = replay.expect("small");
-        let _ = std::future::poll_fn(|cx| Pin::new(req.body_mut()).poll_frame(cx)).await;
-        // The data went, but the end was never seen: the origin may not have it all.
+        let _ = req.body_mut().frame().await;
+        // One frame went; the rest was never seen: the origin may not have it all.
         assert!(replay.request().is_none());
     }
 }
