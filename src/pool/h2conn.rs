@@ -278,10 +278,22 @@ pub async fn send(
     if !end {
         tokio::spawn(pump(body, stream, given_up));
     }
-    let resp = response.await.map_err(|error| H2SendError {
-        error,
-        request: None,
-    })?;
+    let resp = match response.await {
+        Ok(r) => r,
+        Err(error) => {
+            if error.is_remote()
+                && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
+            {
+                // Refused unprocessed: the pump reads the rest of a small body, so that a
+                // copy of it (`proxy::replay`) is whole and the request can go again.
+                _cancel_pump.disarm();
+            }
+            return Err(H2SendError {
+                error,
+                request: None,
+            });
+        }
+    };
     // The head arrived: the pump finishes the body on its own (the origin is reading).
     _cancel_pump.disarm();
     let (parts, recv) = resp.into_parts();
@@ -323,10 +335,11 @@ async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -
                     let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
                     let n = match granted {
                         Some(Ok(n)) => n.min(data.len()),
-                        _ => return true, // stream reset or connection gone
+                        // Stream reset or connection gone.
+                        _ => return drain(&mut body).await,
                     };
                     if stream.send_data(data.split_to(n), false).is_err() {
-                        return true;
+                        return drain(&mut body).await;
                     }
                 }
             }
@@ -340,6 +353,24 @@ async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -
         }
     }
     let _ = stream.send_data(Bytes::new(), true);
+    true
+}
+
+/// After the stream failed: reads what is left of a small body (up to the 64 KiB a retry
+/// keeps, `proxy::replay`), which a request the origin refused unprocessed can then be sent
+/// again with; a larger one is left unread. True: nothing to reset (the stream is gone).
+async fn drain(body: &mut UpstreamBody) -> bool {
+    let mut left = 64 * 1024usize;
+    while !body.is_end_stream() {
+        match body.frame().await {
+            Some(Ok(f)) => match f.data_ref() {
+                Some(d) if d.len() > left => break,
+                Some(d) => left -= d.len(),
+                None => {}
+            },
+            _ => break,
+        }
+    }
     true
 }
 

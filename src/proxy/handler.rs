@@ -530,6 +530,10 @@ const MAX_RETRIES: u32 = 2;
 /// going-away connections and then land on fresh ones.
 const MAX_PROVEN_RETRIES: u32 = 8;
 
+/// Longest wait, after a refusal, for the rest of a small body to come from the client so
+/// the request can be sent again whole.
+const REPLAY_SETTLE: Duration = Duration::from_secs(2);
+
 struct Sent<'a> {
     response: Response<crate::pool::ResponseBody>,
     guard: StreamGuard,
@@ -695,10 +699,14 @@ async fn send<'a>(
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method, with
                     // its body if that was kept whole.
-                    None if proven && source.not_processed() => replay
-                        .take()
-                        .or_else(|| kept.as_ref().and_then(Replay::request))
-                        .map(|r| (r, true)),
+                    None if proven && source.not_processed() => {
+                        let again = match (replay.take(), &kept) {
+                            (Some(r), _) => Some(r),
+                            (None, Some(k)) => k.settled(REPLAY_SETTLE).await,
+                            (None, None) => None,
+                        };
+                        again.map(|r| (r, true))
+                    }
                     // May have reached the origin: only a bodiless idempotent request (its
                     // body, if any, is gone). Fresh connections too: an origin that is going
                     // down may accept a connection and drop it before answering.

@@ -28,12 +28,16 @@ struct Recorded {
     complete: bool,
     /// Over the limit, or failed: nothing to replay.
     given_up: bool,
+    /// The tee is gone (the body was dropped): nothing more will come.
+    dropped: bool,
 }
 
 /// What a request needs to be sent again: its head, and its body as it went by.
 pub struct Replay {
     head: Request<()>,
     body: Arc<Mutex<Recorded>>,
+    /// Told when the copy is settled: complete, given up, or its body dropped.
+    settled: Arc<tokio::sync::Notify>,
 }
 
 impl Replay {
@@ -49,19 +53,41 @@ impl Replay {
         *head.version_mut() = req.version();
         *head.headers_mut() = req.headers().clone();
         let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let settled = Arc::new(tokio::sync::Notify::new());
         let (parts, body) = req.into_parts();
         let body = Tee {
             inner: body,
             recorded: Arc::downgrade(&recorded),
+            settled: settled.clone(),
         };
         let replay = Replay {
             head,
             body: recorded,
+            settled,
         };
         (
             Request::from_parts(parts, body.boxed_unsync()),
             Some(replay),
         )
+    }
+
+    /// The request again once its copy is settled (the refusal may come while the body is
+    /// still on its way: the h2 pump reads it to its end then), waiting up to `limit`.
+    pub async fn settled(&self, limit: std::time::Duration) -> Option<Request<UpBody>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.settled.notified();
+            {
+                let r = self.body.lock().unwrap_or_else(|p| p.into_inner());
+                if r.complete || r.given_up || r.dropped {
+                    break;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.request()
     }
 
     /// The request again, if its whole body was kept.
@@ -87,6 +113,16 @@ impl Replay {
 struct Tee {
     inner: UpBody,
     recorded: Weak<Mutex<Recorded>>,
+    settled: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        if let Some(recorded) = self.recorded.upgrade() {
+            recorded.lock().unwrap_or_else(|p| p.into_inner()).dropped = true;
+        }
+        self.settled.notify_one();
+    }
 }
 
 impl Tee {
@@ -133,6 +169,7 @@ impl Body for Tee {
         if let Poll::Ready(frame) = &polled {
             if !self.keep(frame) {
                 self.recorded = Weak::new();
+                self.settled.notify_one();
             }
         }
         polled
