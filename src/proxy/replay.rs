@@ -2,8 +2,8 @@
 //! origin refused unprocessed after its body went (an h2 origin's GOAWAY racing the request:
 //! nginx sends one every `keepalive_requests`, 1,000 by default; a REFUSED_STREAM) can be
 //! sent again on another connection, as Envoy and HAProxy do from their buffers. Only bodies
-//! up to [`REPLAY_LIMIT`] that the client finished sending are kept: a larger or unfinished
-//! one is not copied, and such a request gets its error as before.
+//! up to [`REPLAY_LIMIT`] are kept (after a refusal the h2 pump reads the rest of one still
+//! arriving); a larger one is not, and such a request gets its error as before.
 
 use super::body::BoxError;
 use crate::pool::UpstreamBody as UpBody;
