@@ -275,8 +275,11 @@ pub async fn send(
     // then resets the stream instead of waiting on an origin that may never read again.
     let given_up = tokio_util::sync::CancellationToken::new();
     let _cancel_pump = given_up.clone().drop_guard();
+    // Set once the head is in: a stream failing after it is not a refusal, and the body is
+    // not read on for a replay then.
+    let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if !end {
-        tokio::spawn(pump(body, stream, given_up));
+        tokio::spawn(pump(body, stream, given_up, answered.clone()));
     }
     let resp = match response.await {
         Ok(r) => r,
@@ -295,6 +298,7 @@ pub async fn send(
         }
     };
     // The head arrived: the pump finishes the body on its own (the origin is reading).
+    answered.store(true, std::sync::atomic::Ordering::Release);
     _cancel_pump.disarm();
     let (parts, recv) = resp.into_parts();
     let body = RecvBody {
@@ -311,11 +315,12 @@ async fn pump(
     body: UpstreamBody,
     mut stream: h2::SendStream<Bytes>,
     given_up: tokio_util::sync::CancellationToken,
+    answered: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let done = tokio::select! {
         biased;
         () = given_up.cancelled() => false,
-        done = pump_body(body, &mut stream) => done,
+        done = pump_body(body, &mut stream, &answered) => done,
     };
     if !done {
         stream.send_reset(h2::Reason::CANCEL);
@@ -323,23 +328,35 @@ async fn pump(
 }
 
 /// Returns false if the stream must be reset (the body failed).
-async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -> bool {
+async fn pump_body(
+    mut body: UpstreamBody,
+    stream: &mut h2::SendStream<Bytes>,
+    answered: &std::sync::atomic::AtomicBool,
+) -> bool {
+    let mut read = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return false;
         };
         match frame.into_data() {
             Ok(mut data) => {
+                read += data.len();
                 while data.has_remaining() {
                     stream.reserve_capacity(data.len());
                     let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
-                    let n = match granted {
-                        Some(Ok(n)) => n.min(data.len()),
+                    let sent = match granted {
+                        Some(Ok(n)) => {
+                            let n = n.min(data.len());
+                            stream.send_data(data.split_to(n), false).is_ok()
+                        }
                         // Stream reset or connection gone.
-                        _ => return drain(&mut body).await,
+                        _ => false,
                     };
-                    if stream.send_data(data.split_to(n), false).is_err() {
-                        return drain(&mut body).await;
+                    if !sent {
+                        if !answered.load(std::sync::atomic::Ordering::Acquire) {
+                            drain(&mut body, read).await;
+                        }
+                        return true;
                     }
                 }
             }
@@ -356,22 +373,28 @@ async fn pump_body(mut body: UpstreamBody, stream: &mut h2::SendStream<Bytes>) -
     true
 }
 
-/// After the stream failed: reads what is left of a small body (up to the 64 KiB a retry
-/// keeps, `proxy::replay`), which a request the origin refused unprocessed can then be sent
-/// again with; a larger one is left unread. True: nothing to reset (the stream is gone).
-async fn drain(body: &mut UpstreamBody) -> bool {
-    let mut left = 64 * 1024usize;
-    while !body.is_end_stream() {
-        match body.frame().await {
-            Some(Ok(f)) => match f.data_ref() {
-                Some(d) if d.len() > left => break,
-                Some(d) => left -= d.len(),
-                None => {}
-            },
-            _ => break,
-        }
+/// After the stream failed before any answer: reads what is left of a small body (`read`
+/// bytes of it so far; up to the 64 KiB a retry keeps, `proxy::replay`, and for at most the
+/// 2 s a retry waits for it), which a request the origin refused unprocessed can then be
+/// sent again with. Any other failure drops the pump (and this) as the request returns.
+async fn drain(body: &mut UpstreamBody, read: usize) {
+    let mut left = (64 * 1024usize).saturating_sub(read);
+    if body.size_hint().lower() > left as u64 {
+        return;
     }
-    true
+    let rest = async {
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(Ok(f)) => match f.data_ref() {
+                    Some(d) if d.len() > left => break,
+                    Some(d) => left -= d.len(),
+                    None => {}
+                },
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rest).await;
 }
 
 /// An h2 response body that gives flow-control capacity back as it is read.

@@ -705,6 +705,13 @@ async fn send<'a>(
                             (None, Some(k)) => k.settled(REPLAY_SETTLE).await,
                             (None, None) => None,
                         };
+                        if again.is_none() {
+                            // The client's body failed meanwhile (too large, cut, too slow):
+                            // its error, not the origin's.
+                            if let Some(e) = body.and_then(BodyProgress::client_error) {
+                                return Err(ProxyError::ClientBody(e));
+                            }
+                        }
                         again.map(|r| (r, true))
                     }
                     // May have reached the origin: only a bodiless idempotent request (its

@@ -167,7 +167,7 @@ impl Body for Tee {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(frame) = &polled {
-            if !self.keep(frame) {
+            if self.recorded.strong_count() > 0 && !self.keep(frame) {
                 self.recorded = Weak::new();
                 self.settled.notify_one();
             }
