@@ -9,7 +9,6 @@ use edgepop::wan::Relay;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -50,18 +49,7 @@ struct Origin {
 }
 
 async fn origin(server_timing: Option<&'static str>) -> Origin {
-    let chain =
-        edgepop::tls::certs::load_chain(&support::certs().join("origin.crt")).expect("chain");
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(support::certs().join("origin.key"))
-        .expect("key");
-    let mut cfg = rustls::ServerConfig::builder_with_provider(edgepop::tls::provider_arc())
-        .with_protocol_versions(edgepop::tls::VERSIONS)
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = support::origin_tls(&[b"h2", b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let handshakes = Arc::new(AtomicUsize::new(0));

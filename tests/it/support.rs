@@ -620,3 +620,20 @@ impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Counting<S> {
         self.project().inner.poll_shutdown(cx)
     }
 }
+
+/// A TLS acceptor with the origin certificate (certs/origin.*), offering `alpn`: for test
+/// origins of our own making.
+pub fn origin_tls(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    let chain = edgepop::tls::certs::load_chain(&certs().join("origin.crt")).expect("chain");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs().join("origin.key")).expect("key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(edgepop::tls::provider_arc())
+        .with_protocol_versions(edgepop::tls::VERSIONS)
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+}

@@ -197,18 +197,7 @@ async fn an_h2_field_value_padded_with_white_space_is_a_bad_request() {
 /// those that carry `x-refuse: always` once their body is in; answers the others with what
 /// it got ("refuser: N bytes").
 async fn refusing_h2_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use rustls::pki_types::pem::PemObject;
-    let chain = edgepop::tls::certs::load_chain(&certs().join("origin.crt")).expect("chain");
-    let key =
-        rustls::pki_types::PrivateKeyDer::from_pem_file(certs().join("origin.key")).expect("key");
-    let mut cfg = rustls::ServerConfig::builder_with_provider(edgepop::tls::provider_arc())
-        .with_protocol_versions(edgepop::tls::VERSIONS)
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let acceptor = origin_tls(&[b"h2"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
