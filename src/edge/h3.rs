@@ -35,6 +35,8 @@ const MAX_FIELD_SECTION: u64 = super::MAX_HEADER_SECTION as u64;
 /// Receive windows: per request stream and per connection (h2's order of magnitude).
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// How long a 0-RTT request with a safe method waits for its stream's end (see `serve`).
+const EARLY_BODY_WAIT: Duration = Duration::from_millis(200);
 /// HTTP/3's "no error", for closing a connection that is done.
 const H3_NO_ERROR: u32 = 0x100;
 
@@ -463,8 +465,15 @@ impl Connection {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let mut req = req.map(|()| ClientIn::H3(Box::new(H3Body::new(recv, declared))));
-            if !handshake.is_complete() {
+            let mut body = H3Body::new(recv, declared);
+            let early = !handshake.is_complete();
+            if early && matches!(*req.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS) {
+                // A 0-RTT request goes on only if it has no body (else 425), and the stream's
+                // end may come a packet after its head: worth a short wait, not a false 425.
+                body.settle(EARLY_BODY_WAIT).await;
+            }
+            let mut req = req.map(|()| ClientIn::H3(Box::new(body)));
+            if early {
                 req.extensions_mut().insert(crate::proxy::EarlyData);
             }
             let limits = ClientLimits {
@@ -600,6 +609,24 @@ impl H3Body {
             Poll::Pending => {}
         }
         body
+    }
+
+    /// Waits up to `limit` for what [`H3Body::new`] looked for without waiting: the first
+    /// chunk or the stream's end.
+    async fn settle(&mut self, limit: Duration) {
+        if self.ended || self.first.is_some() || self.error.is_some() {
+            return;
+        }
+        let looked = std::future::poll_fn(|cx| self.recv.poll_recv_data(cx));
+        match tokio::time::timeout(limit, looked).await {
+            Ok(Ok(Some(mut buf))) => self.first = Some(buf.copy_to_bytes(buf.remaining())),
+            Ok(Ok(None)) => match self.check_end() {
+                Err(e) => self.error = Some(e),
+                Ok(()) => self.ended = true,
+            },
+            Ok(Err(e)) => self.error = Some(Box::new(e)),
+            Err(_) => {}
+        }
     }
 
     fn check_end(&self) -> Result<(), BoxError> {
