@@ -201,7 +201,7 @@ async fn forward(
     let sent = send(&candidates, upstream, &authority, progress.as_deref()).await?;
     let upstream_ttfb = started.elapsed();
     let (mut parts, body) = sent.response.into_parts();
-    if list_tokens(parts.headers.get_all(header::TRANSFER_ENCODING))
+    if headers::list_tokens(parts.headers.get_all(header::TRANSFER_ENCODING))
         .any(|c| !c.eq_ignore_ascii_case(b"chunked"))
     {
         // hyper took the chunks off and would pass the rest (gzip, say) as plain bytes; no
@@ -271,17 +271,6 @@ static CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
     header::HeaderName::from_static("proxy-connection"),
 ];
 
-/// The non-empty elements of a comma-separated list field (RFC 9110 5.6.1), trimmed.
-pub(crate) fn list_tokens<'a>(
-    values: header::GetAll<'a, HeaderValue>,
-) -> impl Iterator<Item = &'a [u8]> {
-    values
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
 /// What hyper lets through but an intermediary must not pass on: a transfer coding other
 /// than `chunked` (hyper decodes the chunks and would drop the rest, `gzip` say, so the origin
 /// would take compressed bytes for plain ones: 501, RFC 9112 6.1, as nginx answers); over h2
@@ -317,7 +306,7 @@ fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
             // hyper framed the body by the last coding, chunked; whatever else is listed is
             // still applied to what reaches the origin.
             let mut chunked = 0;
-            for c in list_tokens(h.get_all(header::TRANSFER_ENCODING)) {
+            for c in headers::list_tokens(h.get_all(header::TRANSFER_ENCODING)) {
                 if !c.eq_ignore_ascii_case(b"chunked") {
                     return Err(ProxyError::NotImplemented(
                         "a transfer coding other than chunked",
@@ -351,18 +340,12 @@ fn accept_early(req: &Request<ClientIn>, tunnel: bool) -> Result<(), ProxyError>
 /// `upgrade` token in `Connection`.
 pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && list_tokens(req.headers().get_all(header::UPGRADE))
+        && headers::list_tokens(req.headers().get_all(header::UPGRADE))
             // h2c (retired by RFC 9113, meaningless over TLS) is ignored as RFC 9110 7.8
             // lets a server ignore Upgrade: the request goes on as a plain one, so a tunnel
             // cannot carry requests past routing ("h2c smuggling").
             .any(|p| !p.eq_ignore_ascii_case(b"h2c"))
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && headers::has_token(req.headers(), header::CONNECTION, "upgrade")
 }
 
 /// `Server-Timing: pool;dur=<ms>, upstream;dur=<ms>;desc="warm|fresh|resumed"`: time to get
@@ -556,16 +539,10 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     if !req.body().is_end_stream() {
         return None;
     }
-    let mut copy = Request::new(
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    let empty = http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Some(super::replay::with_head(req, empty))
 }
 
 /// The origin did not answer (or, during the upload, did not read) within its limit.

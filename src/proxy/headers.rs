@@ -39,14 +39,24 @@ pub fn set_request_id(headers: &mut HeaderMap) {
     }
 }
 
+/// The non-empty elements of a comma-separated list field (RFC 9110 5.6.1), trimmed.
+pub fn list_tokens<'a>(values: header::GetAll<'a, HeaderValue>) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether the list field `name` holds `token` (case-insensitive).
+pub fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    list_tokens(h.get_all(name)).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// The field names a `Connection` header lists (they are hop-by-hop too, RFC 9110 7.6.1).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    list_tokens(headers.get_all(header::CONNECTION))
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
         .collect()
 }
 
@@ -54,13 +64,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// trailers, so the origin may send them (gRPC needs it over h2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let listed = connection_listed(headers);
-    let te_trailers = keep_te_trailers
-        && headers
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let te_trailers = keep_te_trailers && has_token(headers, header::TE, "trailers");
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }

@@ -47,11 +47,7 @@ impl Replay {
         if req.body().size_hint().lower() > REPLAY_LIMIT as u64 {
             return (req, None);
         }
-        let mut head = Request::new(());
-        *head.method_mut() = req.method().clone();
-        *head.uri_mut() = req.uri().clone();
-        *head.version_mut() = req.version();
-        *head.headers_mut() = req.headers().clone();
+        let head = with_head(&req, ());
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let settled = Arc::new(tokio::sync::Notify::new());
         let (parts, body) = req.into_parts();
@@ -99,13 +95,22 @@ impl Replay {
             }
             (r.data.clone().freeze(), r.trailers.clone())
         };
-        let mut req = Request::new(Replayed { data, trailers }.boxed_unsync());
-        *req.method_mut() = self.head.method().clone();
-        *req.uri_mut() = self.head.uri().clone();
-        *req.version_mut() = self.head.version();
-        *req.headers_mut() = self.head.headers().clone();
-        Some(req)
+        Some(with_head(
+            &self.head,
+            Replayed { data, trailers }.boxed_unsync(),
+        ))
     }
+}
+
+/// A request with the method, target, version and fields of `head` (not its extensions,
+/// which nothing on the way to the origin reads) and `body`: a copy to send again.
+pub fn with_head<A, B>(head: &Request<A>, body: B) -> Request<B> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.version_mut() = head.version();
+    *req.headers_mut() = head.headers().clone();
+    req
 }
 
 /// The client's body on its way to the origin, copied into `recorded` up to the limit, while

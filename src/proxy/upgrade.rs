@@ -12,7 +12,7 @@
 
 use super::body::{full, BoxError, ProxyBody, UpstreamBody};
 use super::error::ProxyError;
-use super::handler::{self, plain_body, upstream_request};
+use super::handler::{plain_body, upstream_request};
 use super::headers;
 use super::request_body::ClientIn;
 use super::router::Route;
@@ -90,7 +90,7 @@ async fn tunnel(
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Every protocol asked for, from every Upgrade line, but h2c (see `handler::is_upgrade`).
-    let asked: Vec<&[u8]> = handler::list_tokens(req.headers().get_all(header::UPGRADE))
+    let asked: Vec<&[u8]> = headers::list_tokens(req.headers().get_all(header::UPGRADE))
         .filter(|p| !p.eq_ignore_ascii_case(b"h2c"))
         .collect();
     let protocol = HeaderValue::from_bytes(&asked.join(&b", "[..]))
@@ -223,7 +223,7 @@ async fn websocket_over_h2(
         .is_some_and(|v| v.as_bytes() == websocket_accept(key.as_bytes()).as_bytes())
         && h.get(header::UPGRADE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-        && has_token(h, header::CONNECTION, "upgrade");
+        && headers::has_token(h, header::CONNECTION, "upgrade");
     // Not the WebSocket the client asked for: a 502 (the caller logs it). A 2xx other than
     // 101 cannot be passed on: to an extended CONNECT, 2xx means the tunnel is open.
     let refused = match (switched, accepted) {
@@ -305,7 +305,7 @@ fn switches_to_asked(asked: &HeaderValue, answer: &header::HeaderMap) -> bool {
         .filter(|t| !t.is_empty())
         .map(split)
         .collect();
-    let given: Vec<_> = handler::list_tokens(answer.get_all(header::UPGRADE))
+    let given: Vec<_> = headers::list_tokens(answer.get_all(header::UPGRADE))
         .map(split)
         .collect();
     let fits = |(name, version): &(Vec<u8>, Option<Vec<u8>>)| {
@@ -315,15 +315,6 @@ fn switches_to_asked(asked: &HeaderValue, answer: &header::HeaderMap) -> bool {
                 .any(|(n, v)| n == name && (v.is_none() || version.is_none() || v == version))
     };
     !given.is_empty() && given.iter().all(fits)
-}
-
-/// Whether the comma-separated header `name` holds `token` (case-insensitive).
-fn has_token(h: &header::HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Splices the two upgraded sides in a task of its own: under the client connection's
