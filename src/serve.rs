@@ -84,6 +84,9 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if let Some(n) = &d.nsid {
             println!("  nsid {n:?}");
         }
+        if d.udp_io != crate::config::UdpIo::Auto {
+            println!("  dns udp_io {}", d.udp_io.as_str());
+        }
         if let Some(l) = &d.rate_limit {
             let exempt: Vec<String> = l.exempt.iter().map(ToString::to_string).collect();
             println!(

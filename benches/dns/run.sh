@@ -94,6 +94,13 @@ EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
 EP=$!; PIDS+=("$EP")
 wait_port $EP_PORT
 echo "edgepop RSS idle (1k nets): $(rss_kib $EP) KiB"
+# The same with the UDP worker on recvmmsg/sendmmsg instead of io_uring ([dns] udp_io).
+EP2_PORT=5393
+sed -e "s/:$EP_PORT\"/:$EP2_PORT\"/" -e 's/^udp_workers = 1$/udp_workers = 1\nudp_io = "recvmmsg"/' \
+  "$WORK/edgepop.toml" > "$WORK/edgepop-mmsg.toml"
+EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop-mmsg.toml" &
+EP2=$!; PIDS+=("$EP2")
+wait_port $EP2_PORT
 
 # --- gdnsd
 GD_PORT=5392
@@ -140,6 +147,7 @@ for _ in $(seq 1 "$REPEATS"); do
   for target in 40000 0; do
     run "edgepop" $EP $EP_PORT $target -e
     run "gdnsd" $GDP $GD_PORT $target -e
+    run "edgepop (recvmmsg)" $EP2 $EP2_PORT $target -e
     run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
     run "gdnsd +ECS" $GDP $GD_PORT $target -E "$ECS_OPT"
     run "edgepop +cookie" $EP $EP_PORT $target -E "$COOKIE_OPT"
@@ -149,7 +157,7 @@ for _ in $(seq 1 "$REPEATS"); do
 done
 summary
 
-kill $EP $GDP ${TD:-} 2>/dev/null || true
+kill $EP $EP2 $GDP ${TD:-} 2>/dev/null || true
 wait 2>/dev/null || true
 
 echo

@@ -12,7 +12,7 @@ pub use error::{ConfigError, Location};
 pub use validate::{
     AccessLogTarget, AdminConfig, CertificateConfig, ClientAuth, Config, CookieKeys, DnsConfig,
     DnsRateLimit, EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig,
-    Protocol, RateLimit, Role, RouteConfig,
+    Protocol, RateLimit, Role, RouteConfig, UdpIo,
 };
 
 use std::path::Path;

@@ -179,6 +179,8 @@ pub struct RawDns {
     pub health_ca: Option<Spanned<String>>,
     /// UDP worker threads (one socket each, SO_REUSEPORT); default: one per core.
     pub udp_workers: Option<Spanned<i64>>,
+    /// How the UDP workers receive and send: "auto" (default), "io_uring" or "recvmmsg".
+    pub udp_io: Option<Spanned<String>>,
     /// The sidecar's own admin address, for a file that holds both roles (`serve` takes
     /// `[admin] listen`); default: `[admin] listen`.
     pub admin_listen: Option<Spanned<String>>,

@@ -268,6 +268,29 @@ pub struct DnsRateLimit {
     pub exempt: Vec<ipnet::IpNet>,
 }
 
+/// `[dns] udp_io`: how the UDP workers receive queries and send answers (Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpIo {
+    /// io_uring where the kernel allows it, else `recvmmsg`/`sendmmsg`.
+    Auto,
+    /// io_uring (multishot receive into a ring of provided buffers); the sidecar does not
+    /// start where the kernel refuses it.
+    IoUring,
+    /// Batched `recvmmsg`/`sendmmsg` system calls.
+    Recvmmsg,
+}
+
+impl UdpIo {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdpIo::Auto => "auto",
+            UdpIo::IoUring => "io_uring",
+            UdpIo::Recvmmsg => "recvmmsg",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     pub listen: SocketAddr,
@@ -292,6 +315,8 @@ pub struct DnsConfig {
     pub health_ca: Option<HealthCa>,
     /// UDP worker threads; at least 1.
     pub udp_workers: usize,
+    /// `[dns] udp_io`: the UDP workers' system calls.
+    pub udp_io: UdpIo,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
     /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
@@ -1482,6 +1507,20 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             }
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(1),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        udp_io: match d.udp_io.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "auto")) => UdpIo::Auto,
+            Some((v, "io_uring")) if !cfg!(target_os = "linux") => {
+                return Err(cx.err(v, "udp_io = \"io_uring\" needs Linux"));
+            }
+            Some((_, "io_uring")) => UdpIo::IoUring,
+            Some((_, "recvmmsg")) => UdpIo::Recvmmsg,
+            Some((v, other)) => {
+                return Err(cx.err(
+                    v,
+                    format!("udp_io must be \"auto\", \"io_uring\" or \"recvmmsg\", not {other:?}"),
+                ));
+            }
         },
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),

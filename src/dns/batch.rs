@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const BATCH: usize = 32;
 /// Receive buffer per datagram: DNS queries are small; a longer one is cut (`MSG_TRUNC`) and
 /// then fails to parse like any other malformed packet.
-const QUERY_MAX: usize = 4096;
+pub(super) const QUERY_MAX: usize = 4096;
 
 /// The receive loop of one worker; returns when `stop` is set. `reply_source`: the socket is
 /// bound to a wildcard address and has `pktinfo` enabled, so each answer names the address

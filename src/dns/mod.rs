@@ -17,6 +17,8 @@ pub mod records;
 pub mod rrl;
 pub mod server;
 pub mod stats;
+#[cfg(target_os = "linux")]
+mod uring;
 
 use crate::config::{regions, Config, ConfigError, DnsConfig, Role};
 use arc_swap::ArcSwap;
@@ -206,6 +208,7 @@ impl DnsState {
             warn_unreachable_nameservers(&cfg);
             cfg.listen = running.listen;
             cfg.udp_workers = running.udp_workers;
+            cfg.udp_io = running.udp_io;
             cfg.admin_listen = running.admin_listen;
             let changed = answers_differ(&running, &cfg);
             let m = build_map_changed(&cfg, Some(&old), changed, &this.0.health, &this.0.hits)?;
@@ -399,6 +402,13 @@ fn restart_only_changes(
             running.udp_workers, new.udp_workers
         ));
     }
+    if new.udp_io != running.udp_io {
+        out.push(format!(
+            "[dns] udp_io {} -> {}",
+            running.udp_io.as_str(),
+            new.udp_io.as_str()
+        ));
+    }
     if new_admin != running_admin {
         let show = |a: Option<SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
         out.push(format!(
@@ -530,7 +540,7 @@ impl Sidecar {
                 source,
             })?;
         release_free_memory();
-        let udp = server::UdpWorkers::start(udp, state.clone())?;
+        let udp = server::UdpWorkers::start(udp, state.clone(), cfg.udp_io)?;
         tokio::spawn(server::tcp_accept(tcp, state.clone(), cancel.clone()));
         for h in state.0.health.reconcile(&current_health(&state.map())) {
             prober.spawn(h);

@@ -1,9 +1,10 @@
-//! Wire I/O: UDP on dedicated threads (blocking receive/send, batched with `recvmmsg` and
-//! `sendmmsg` on Linux, no reactor in between) and TCP on tokio (RFC 7766: length-prefixed, pipelined, idle
-//! timeout). Both read the current map through an `ArcSwap` guard, never a lock.
+//! Wire I/O: UDP on dedicated threads (on Linux io_uring, see `uring`, else blocking receive
+//! and send batched with `recvmmsg` and `sendmmsg`; no reactor in between) and TCP on tokio
+//! (RFC 7766: length-prefixed, pipelined, idle timeout). Both read the current map through an `ArcSwap` guard, never a lock.
 
 use super::query::{self, Transport};
 use super::DnsState;
+use crate::config::UdpIo;
 use crate::edge::client_limit::ClientTable;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, UdpSocket};
@@ -37,6 +38,8 @@ pub enum ServerError {
     },
     #[error("cannot start UDP worker thread")]
     Thread(#[source] std::io::Error),
+    #[error("[dns] udp_io = \"io_uring\", but the kernel refuses io_uring (\"auto\" falls back to recvmmsg)")]
+    IoUring(#[source] std::io::Error),
 }
 
 /// Binds `udp` UDP sockets (one per worker, SO_REUSEPORT, so the kernel spreads clients over
@@ -172,25 +175,41 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct UdpWorkers {
     stop: Arc<AtomicBool>,
     socks: Vec<Arc<UdpSocket>>,
+    wakers: Vec<Arc<Waker>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl UdpWorkers {
-    pub fn start(socks: Vec<UdpSocket>, state: DnsState) -> Result<Self, ServerError> {
+    /// Starts one worker per socket, with the I/O `io` asks for; returns once each has set
+    /// up (an error if `io` is [`UdpIo::IoUring`] and the kernel refuses it).
+    pub fn start(socks: Vec<UdpSocket>, state: DnsState, io: UdpIo) -> Result<Self, ServerError> {
         let socks: Vec<Arc<UdpSocket>> = socks.into_iter().map(Arc::new).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = UdpWorkers {
             stop: stop.clone(),
             socks: socks.clone(),
+            wakers: Vec::with_capacity(socks.len()),
             threads: Vec::with_capacity(socks.len()),
         };
         for (i, sock) in socks.into_iter().enumerate() {
+            let waker = Arc::new(Waker::new().map_err(ServerError::Thread)?);
+            workers.wakers.push(waker.clone());
             let (state, stop) = (state.clone(), stop.clone());
+            let (ready, started) = std::sync::mpsc::sync_channel(1);
             let t = std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
-                .spawn(move || worker(&sock, &state, &stop))
+                .spawn(move || worker(&sock, &waker, &state, &stop, io, ready))
                 .map_err(ServerError::Thread)?;
             workers.threads.push(t);
+            match started.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ServerError::IoUring(e)),
+                Err(_) => {
+                    return Err(ServerError::Thread(std::io::Error::other(
+                        "UDP worker ended while starting",
+                    )))
+                }
+            }
         }
         Ok(workers)
     }
@@ -199,9 +218,13 @@ impl UdpWorkers {
 impl Drop for UdpWorkers {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Each worker sits in a blocking receive on its own socket. Shutting the socket's
-        // receive side wakes it (Linux does this even for unconnected UDP sockets, and the
-        // receive then returns at once), and it sees the flag.
+        // An io_uring worker waits on its ring, which reads the waker's eventfd. A `recvmmsg`
+        // worker sits in a blocking receive on its own socket: shutting the socket's receive
+        // side wakes it (Linux does this even for unconnected UDP sockets, and the receive
+        // then returns at once). Either then sees the flag.
+        for w in &self.wakers {
+            w.wake();
+        }
         for s in &self.socks {
             wake(s);
         }
@@ -222,6 +245,47 @@ impl Drop for UdpWorkers {
     }
 }
 
+/// Wakes an io_uring worker: an eventfd its ring keeps a read on (Linux; elsewhere nothing).
+struct Waker {
+    #[cfg(target_os = "linux")]
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Waker {
+    #[cfg(target_os = "linux")]
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd(2) with valid flags; a non-negative result is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        Ok(Waker {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn new() -> std::io::Result<Self> {
+        Ok(Waker {})
+    }
+
+    #[cfg(target_os = "linux")]
+    fn wake(&self) {
+        use std::os::fd::AsRawFd;
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write from a live buffer to an eventfd this struct owns.
+        unsafe {
+            libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len());
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn wake(&self) {}
+}
+
 #[cfg(target_os = "linux")]
 fn wake(s: &UdpSocket) {
     use std::os::fd::AsRawFd;
@@ -240,18 +304,68 @@ fn wake(s: &UdpSocket) {
 }
 
 #[cfg(target_os = "linux")]
-fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
+fn worker(
+    sock: &UdpSocket,
+    waker: &Waker,
+    state: &DnsState,
+    stop: &AtomicBool,
+    io: UdpIo,
+    ready: std::sync::mpsc::SyncSender<std::io::Result<()>>,
+) {
+    use std::os::fd::AsRawFd;
+    let reply_source = sock.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+    let stats = state.stats();
+    let ring = match io {
+        UdpIo::Recvmmsg => None,
+        UdpIo::Auto | UdpIo::IoUring => {
+            match super::uring::Worker::new(sock.as_raw_fd(), waker.fd.as_raw_fd(), reply_source) {
+                Ok(w) => Some(w),
+                Err(e) if io == UdpIo::IoUring => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "io_uring refused; the DNS UDP worker uses recvmmsg");
+                    None
+                }
+            }
+        }
+    };
+    let _ = ready.send(Ok(()));
+    if let Some(mut ring) = ring {
+        stats.udp_workers[0].fetch_add(1, Ordering::Relaxed);
+        let r = ring.run(state, stop);
+        drop(ring);
+        stats.udp_workers[0].fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring failed; the DNS UDP worker goes on with recvmmsg")
+            }
+        }
+    }
     let batch = std::env::var("EDGEPOP_DNS_UDP_BATCH")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(super::batch::BATCH);
-    let reply_source = sock.local_addr().is_ok_and(|a| a.ip().is_unspecified());
-    super::batch::udp_loop(sock, state, stop, batch, reply_source)
+    stats.udp_workers[1].fetch_add(1, Ordering::Relaxed);
+    super::batch::udp_loop(sock, state, stop, batch, reply_source);
+    stats.udp_workers[1].fetch_sub(1, Ordering::Relaxed);
 }
 
 #[cfg(not(target_os = "linux"))]
-fn worker(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
-    udp_loop(sock, state, stop)
+fn worker(
+    sock: &UdpSocket,
+    _waker: &Waker,
+    state: &DnsState,
+    stop: &AtomicBool,
+    _io: UdpIo,
+    ready: std::sync::mpsc::SyncSender<std::io::Result<()>>,
+) {
+    let _ = ready.send(Ok(()));
+    state.stats().udp_workers[1].fetch_add(1, Ordering::Relaxed);
+    udp_loop(sock, state, stop);
+    state.stats().udp_workers[1].fetch_sub(1, Ordering::Relaxed);
 }
 
 /// One datagram per system call (portable fallback; Linux uses `batch`).

@@ -21,6 +21,8 @@ pub struct Stats {
     /// Queries with a DNS cookie, by what their server cookie was.
     cookies: [AtomicU64; NC],
     pub udp_errors: AtomicU64,
+    /// UDP workers by their I/O: io_uring, `recvmmsg` (or the portable loop elsewhere).
+    pub udp_workers: [AtomicU64; 2],
     pub tcp_connections: AtomicU64,
     /// TCP connections closed at accept: their client already held its share.
     pub tcp_refused: AtomicU64,
@@ -35,6 +37,7 @@ impl Default for Stats {
             truncated: AtomicU64::new(0),
             cookies: std::array::from_fn(|_| AtomicU64::new(0)),
             udp_errors: AtomicU64::new(0),
+            udp_workers: [AtomicU64::new(0), AtomicU64::new(0)],
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
             rate_limited: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -131,6 +134,12 @@ pub fn render(state: &DnsState) -> String {
         o,
         "# HELP edgepop_dns_udp_errors_total UDP receives and sends that failed.\n# TYPE edgepop_dns_udp_errors_total counter\nedgepop_dns_udp_errors_total {}",
         s.udp_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_udp_workers UDP worker threads by how they receive and send ([dns] udp_io).\n# TYPE edgepop_dns_udp_workers gauge\nedgepop_dns_udp_workers{{io=\"io_uring\"}} {}\nedgepop_dns_udp_workers{{io=\"recvmmsg\"}} {}",
+        s.udp_workers[0].load(Ordering::Relaxed),
+        s.udp_workers[1].load(Ordering::Relaxed)
     );
     let _ = writeln!(
         o,

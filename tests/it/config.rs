@@ -538,7 +538,7 @@ fn glue_is_checked_and_an_in_zone_nameserver_without_it_is_warned_about() {
 }
 
 #[test]
-fn nsid_is_printable_ascii_of_at_most_128_characters() {
+fn nsid_and_the_other_dns_wire_keys_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let regions = root().join("config/regions.toml");
     let dns = |nsid: &str| {
@@ -564,6 +564,17 @@ fn nsid_is_printable_ascii_of_at_most_128_characters() {
     ] {
         assert_eq!(check_text(&dns(nsid)).trim(), want, "{nsid}");
     }
+    let uring = check(&write_file(
+        dir.path(),
+        "uring.toml",
+        &dns("\"x\"\nudp_io = \"recvmmsg\""),
+    ));
+    assert!(uring.0, "{}", uring.2);
+    assert!(uring.1.contains("  dns udp_io recvmmsg"), "{}", uring.1);
+    assert_eq!(
+        check_text(&dns("\"x\"\nudp_io = \"epoll\"")).trim(),
+        "e.toml:8:10: udp_io must be \"auto\", \"io_uring\" or \"recvmmsg\", not \"epoll\""
+    );
     let small = check_text(&dns("\"x\"\nmax_nocookie_response = 100"));
     assert_eq!(
         small.trim(),

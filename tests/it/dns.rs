@@ -840,31 +840,79 @@ fn udp_sockets_on(port: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
-    let dns = Dns::start_with(&basic_regions(), "udp_workers = 3").await;
-    let addr = dns.addr();
-    // /proc/net/udp is read in pages while other tests open and close sockets, so one
-    // reading can miss or repeat a line: look until a reading is exact.
-    eventually(Duration::from_secs(5), "one socket per worker", || async {
-        udp_sockets_on(addr.port()) == 3
-    })
-    .await;
-    // The kernel spreads clients over the sockets by address hash: queries from 48 source
-    // ports land on all of them (with 3 sockets, all 48 on one has odds of 3^-47), and each
-    // gets its answer.
-    for i in 0..48u16 {
-        let mut q = query(WWW, RecordType::A, None);
-        q.set_id(i);
-        let m = dns.ask(&q).await;
-        assert_eq!((m.id(), m.answers().len()), (i, 1));
+    // Both kinds of UDP I/O: io_uring (the default here) and recvmmsg.
+    for io in ["io_uring", "recvmmsg"] {
+        let extra = format!("udp_workers = 3\nudp_io = \"{io}\"");
+        let dns = Dns::start_with(&basic_regions(), &extra).await;
+        let addr = dns.addr();
+        // /proc/net/udp is read in pages while other tests open and close sockets, so one
+        // reading can miss or repeat a line: look until a reading is exact.
+        eventually(Duration::from_secs(5), "one socket per worker", || async {
+            udp_sockets_on(addr.port()) == 3
+        })
+        .await;
+        let (_, metrics) = dns.admin_get("/metrics").await;
+        let other = if io == "io_uring" {
+            "recvmmsg"
+        } else {
+            "io_uring"
+        };
+        for (kind, n) in [(io, 3), (other, 0)] {
+            let line = format!("edgepop_dns_udp_workers{{io=\"{kind}\"}} {n}\n");
+            assert!(metrics.contains(&line), "{io}: {line} in {metrics}");
+        }
+        // The kernel spreads clients over the sockets by address hash: queries from 48 source
+        // ports land on all of them (with 3 sockets, all 48 on one has odds of 3^-47), and each
+        // gets its answer.
+        for i in 0..48u16 {
+            let mut q = query(WWW, RecordType::A, None);
+            q.set_id(i);
+            let m = dns.ask(&q).await;
+            assert_eq!((m.id(), m.answers().len()), (i, 1), "{io}");
+        }
+        // Many at once from one port: more than the 128 receive buffers an io_uring worker
+        // lends the kernel, all answered. 200 answers fit the default receive buffer of the
+        // client (about 800 bytes of it each); a larger one is asked for where allowed.
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        let _ = client.set_recv_buffer_size(1 << 20);
+        client
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .expect("addr")
+                    .into(),
+            )
+            .expect("bind");
+        client.set_nonblocking(true).expect("nonblocking");
+        let s = tokio::net::UdpSocket::from_std(client.into()).expect("tokio socket");
+        for i in 0..200u16 {
+            let mut q = query(WWW, RecordType::A, None);
+            q.set_id(i);
+            s.send_to(&q.to_vec().expect("encode"), addr)
+                .await
+                .expect("send");
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 2048];
+        while seen.len() < 200 {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{io}: {} of 200 answers", seen.len()))
+                .expect("recv");
+            let m = hickory_proto::op::Message::from_vec(&buf[..n]).expect("parse");
+            assert_eq!(m.answers().len(), 1, "{io}");
+            seen.insert(m.id());
+        }
+        drop(dns);
+        // Stopping wakes every worker and closes every socket.
+        eventually(
+            Duration::from_secs(5),
+            "no socket left after stop",
+            || async { udp_sockets_on(addr.port()) == 0 },
+        )
+        .await;
     }
-    drop(dns);
-    // Stopping wakes every worker and closes every socket.
-    eventually(
-        Duration::from_secs(5),
-        "no socket left after stop",
-        || async { udp_sockets_on(addr.port()) == 0 },
-    )
-    .await;
 }
 
 /// One query over UDP from a fresh socket (a new source port, so the kernel's address hash
@@ -895,9 +943,15 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
     // A host's other addresses are 127.0.0.2 and up here (all of 127/8 is local): without
     // the query's destination as the source, the kernel answers from 127.0.0.1 and dig,
     // like any resolver, drops the answer. `[::]` takes IPv4 clients too (mapped).
-    for listen in ["0.0.0.0:0", "[::]:0"] {
+    for (listen, io) in [
+        ("0.0.0.0:0", "io_uring"),
+        ("[::]:0", "io_uring"),
+        ("0.0.0.0:0", "recvmmsg"),
+        ("[::]:0", "recvmmsg"),
+    ] {
+        let extra = format!("udp_workers = 2\nudp_io = \"{}\"", io);
         let dns = Dns::start_config(&basic_regions(), |r| {
-            config_text(r, "udp_workers = 2").replace(
+            config_text(r, &extra).replace(
                 "listen = \"127.0.0.1:0\"",
                 &format!("listen = \"{listen}\""),
             )
@@ -913,7 +967,7 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
             out.contains("status: NOERROR")
                 && out.contains("192.0.2.3")
                 && !out.contains("unexpected source"),
-            "{listen}: {out}"
+            "{listen} {io}: {out}"
         );
         let mut targets: Vec<std::net::SocketAddr> = (2..7)
             .map(|i| format!("127.0.0.{i}:{port}").parse().expect("addr"))
@@ -923,7 +977,7 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
         }
         for i in 0..40u16 {
             let to = targets[usize::from(i) % targets.len()];
-            assert_eq!(ask_from_fresh_port(to, i).await, (i, to), "{listen}");
+            assert_eq!(ask_from_fresh_port(to, i).await, (i, to), "{listen} {io}");
         }
         // TCP answers on the connection's own address.
         let out = run(
@@ -941,7 +995,7 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
             ],
         )
         .await;
-        assert_eq!(out.trim(), "192.0.2.3", "{listen}");
+        assert_eq!(out.trim(), "192.0.2.3", "{listen} {io}");
     }
 }
 

@@ -1,0 +1,480 @@
+//! io_uring UDP I/O for Linux, the UDP workers' default. One multishot receive stays armed on
+//! the socket and fills buffers the worker lends the kernel (a provided-buffer ring), and the
+//! answers go out as `sendmsg` entries submitted by the same system call that waits for the
+//! next queries. A worker that sleeps between queries, as at a steady 40k queries/s, makes
+//! one system call per wake-up where `recvmmsg` + `sendmmsg` take two, and the kernel wakes it
+//! through io_uring's task work rather than the socket's wait queue: about 8% less CPU per
+//! query there, and 10-15% at the load generator's cap (`benches/dns/README.md`).
+//!
+//! Where the kernel refuses io_uring (before 6.1, `kernel.io_uring_disabled`, a seccomp
+//! policy), [`Worker::new`] fails and the worker uses `batch` instead.
+
+use super::batch::QUERY_MAX;
+use super::pktinfo::{self, Control};
+use super::query;
+use super::DnsState;
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use std::alloc::Layout;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// Receive buffers lent to the kernel (a power of two). When all hold queries not yet
+/// answered, the receive stops (`ENOBUFS`) and is armed again once they are back; datagrams
+/// wait in the socket meanwhile.
+const BUFFERS: u16 = 128;
+/// Answers sent by one system call: one per receive buffer.
+const SLOTS: usize = BUFFERS as usize;
+const BUFFER_GROUP: u16 = 0;
+/// `struct io_uring_recvmsg_out`, which starts each filled buffer.
+const OUT_HEADER: usize = 16;
+const NAME_LEN: usize = std::mem::size_of::<libc::sockaddr_storage>();
+/// What the kernel writes into one buffer: header, source address, room for a control
+/// message (reserved whether or not it is asked for), then the query. A longer query is cut
+/// and then fails to parse, as in `batch`.
+const BUFFER_LEN: usize = OUT_HEADER + NAME_LEN + Control::capacity() + QUERY_MAX;
+/// Submission queue entries: every answer of one round, the receive and the wake-up.
+const ENTRIES: u32 = 256;
+/// Consecutive failed receives after which the worker gives up on io_uring (the caller
+/// then falls back to `recvmmsg`) rather than spin on an error that will not go away.
+const MAX_RECV_FAILURES: u32 = 16;
+/// How long stopping waits for the kernel to hand back everything it was lent.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// `user_data` of the multishot receive, the wake-up read, the cancellation and the sends
+/// (which complete only when they fail).
+const RECV: u64 = 1;
+const WAKE: u64 = 2;
+const CANCEL: u64 = 3;
+const SEND: u64 = 4;
+
+/// Zeroed memory from the global allocator, freed on drop.
+struct Zeroed {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Zeroed {
+    fn new(layout: Layout) -> io::Result<Self> {
+        // SAFETY: every layout used here has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(Zeroed { ptr, layout })
+    }
+}
+
+impl Drop for Zeroed {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The ring of receive buffers shared with the kernel (`IORING_REGISTER_PBUF_RING`): the
+/// kernel takes buffers from its head, the worker gives them back at its tail.
+struct BufRing {
+    entries: Zeroed,
+    slab: Zeroed,
+    tail: u16,
+    added: u16,
+}
+
+impl BufRing {
+    fn new() -> io::Result<Self> {
+        let entries = Layout::from_size_align(
+            usize::from(BUFFERS) * std::mem::size_of::<BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        // 8-aligned, and so is every buffer (BUFFER_LEN is a multiple of 8), so the control
+        // message inside one is aligned for `cmsghdr`.
+        let slab = Layout::from_size_align(usize::from(BUFFERS) * BUFFER_LEN, 8)
+            .map_err(io::Error::other)?;
+        let mut ring = BufRing {
+            entries: Zeroed::new(entries)?,
+            slab: Zeroed::new(slab)?,
+            tail: 0,
+            added: 0,
+        };
+        for bid in 0..BUFFERS {
+            ring.give_back(bid);
+        }
+        ring.commit();
+        Ok(ring)
+    }
+
+    fn base(&self) -> *mut BufRingEntry {
+        self.entries.ptr.as_ptr().cast()
+    }
+
+    /// Queues buffer `bid` for the kernel; [`commit`](Self::commit) publishes it.
+    fn give_back(&mut self, bid: u16) {
+        let idx = self.tail.wrapping_add(self.added) & (BUFFERS - 1);
+        // SAFETY: `idx` < BUFFERS, the ring's length; the kernel reads only entries between
+        // its head and the published tail, and this one is past the tail.
+        let entry = unsafe { &mut *self.base().add(usize::from(idx)) };
+        entry.set_addr(self.buffer_ptr(bid) as u64);
+        entry.set_len(BUFFER_LEN as u32);
+        entry.set_bid(bid);
+        self.added += 1;
+    }
+
+    fn commit(&mut self) {
+        if self.added == 0 {
+            return;
+        }
+        self.tail = self.tail.wrapping_add(self.added);
+        self.added = 0;
+        // SAFETY: the tail field of the shared ring (inside entry 0, aligned for u16), which
+        // the kernel only reads.
+        let tail = unsafe { AtomicU16::from_ptr(BufRingEntry::tail(self.base()).cast_mut()) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    fn buffer_ptr(&self, bid: u16) -> *mut u8 {
+        // SAFETY: `bid` < BUFFERS, so the offset stays inside the slab.
+        unsafe {
+            self.slab
+                .ptr
+                .as_ptr()
+                .add(usize::from(bid % BUFFERS) * BUFFER_LEN)
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, as the kernel filled them.
+    fn filled(&self, bid: u16, len: usize) -> &[u8] {
+        // SAFETY: inside the slab; the kernel handed this buffer back (its completion came)
+        // and does not write it again until it is given back.
+        unsafe { std::slice::from_raw_parts(self.buffer_ptr(bid), len.min(BUFFER_LEN)) }
+    }
+}
+
+/// One answer on its way out. `hdr` points into the slot itself, so slots never move (a boxed
+/// slice that is never resized). Sends carry `MSG_DONTWAIT`, which io_uring honours by never
+/// leaving one pending (`REQ_F_NOWAIT`): it is done, sent or failed, when the system call that
+/// submitted it returns, and its slot can take the next answer.
+struct Slot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: libc::sockaddr_storage,
+    ctl: Control,
+    out: Vec<u8>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            // SAFETY: all-zero is a valid value for these plain C structs.
+            hdr: unsafe { std::mem::zeroed() },
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            // SAFETY: as above.
+            addr: unsafe { std::mem::zeroed() },
+            ctl: Control::default(),
+            out: Vec::with_capacity(1232),
+        }
+    }
+
+    /// Points the header at this slot's answer, address and (`ctl_len` > 0) control message.
+    fn prepare(&mut self, addr_len: libc::socklen_t, ctl_len: usize) {
+        self.iov = libc::iovec {
+            iov_base: self.out.as_mut_ptr().cast(),
+            iov_len: self.out.len(),
+        };
+        self.hdr.msg_name = (&mut self.addr as *mut libc::sockaddr_storage).cast();
+        self.hdr.msg_namelen = addr_len;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        if ctl_len == 0 {
+            self.hdr.msg_control = std::ptr::null_mut();
+            self.hdr.msg_controllen = 0;
+        } else {
+            self.hdr.msg_control = self.ctl.as_mut_ptr();
+            self.hdr.msg_controllen = ctl_len as _;
+        }
+    }
+}
+
+/// Everything the kernel may read or write while an operation is in flight.
+struct Lent {
+    bufs: BufRing,
+    slots: Box<[Slot]>,
+    /// The receive's template: only its name and control lengths matter.
+    recv_hdr: libc::msghdr,
+    wake_buf: u64,
+}
+
+/// One UDP worker's ring, on the thread that made it (the ring is single-issuer).
+pub struct Worker {
+    ring: IoUring,
+    /// Boxed so its address holds; `None` once leaked (see `Drop`).
+    lent: Option<Box<Lent>>,
+    /// The next free slot; back to 0 once the kernel has taken every queued send.
+    next_slot: usize,
+    fd: RawFd,
+    wake_fd: RawFd,
+    recv_armed: bool,
+    wake_armed: bool,
+}
+
+impl Worker {
+    /// Sets up the ring for socket `fd`; a write to the eventfd `wake_fd` wakes the worker
+    /// (to see its stop flag). `reply_source`: ask for each query's destination address and
+    /// answer from it (`pktinfo`). Fails where the kernel refuses io_uring.
+    pub fn new(fd: RawFd, wake_fd: RawFd, reply_source: bool) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .build(ENTRIES)?;
+        // SAFETY: all-zero is a valid msghdr.
+        let mut recv_hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
+        recv_hdr.msg_controllen = if reply_source { Control::capacity() } else { 0 } as _;
+        let lent = Box::new(Lent {
+            bufs: BufRing::new()?,
+            slots: (0..SLOTS).map(|_| Slot::new()).collect(),
+            recv_hdr,
+            wake_buf: 0,
+        });
+        // SAFETY: the ring's entries live in `lent`, which outlives the registration: it is
+        // freed only after the ring has handed everything back (`drain`), or leaked.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                lent.bufs.base() as u64,
+                BUFFERS,
+                BUFFER_GROUP,
+                0,
+            )?;
+        }
+        Ok(Worker {
+            ring,
+            lent: Some(lent),
+            next_slot: 0,
+            fd,
+            wake_fd,
+            recv_armed: false,
+            wake_armed: false,
+        })
+    }
+
+    /// Answers queries until `stop` is set (Ok) or io_uring fails (Err: the caller falls
+    /// back to `recvmmsg` on the same socket).
+    pub fn run(&mut self, state: &DnsState, stop: &AtomicBool) -> io::Result<()> {
+        let stats = state.stats();
+        let mut map_cache = state.map_cache();
+        let mut failures = 0u32;
+        let Some(lent) = self.lent.as_deref_mut() else {
+            return Err(io::Error::other("io_uring worker already stopped"));
+        };
+        let (submitter, mut sq, mut cq) = self.ring.split();
+        let push = |sq: &mut squeue::SubmissionQueue<'_>, e: squeue::Entry| {
+            // SAFETY: every entry points into `lent` (boxed, alive until drained) or at
+            // nothing.
+            while unsafe { sq.push(&e) }.is_err() {
+                sq.sync();
+                submitter.submit()?;
+                sq.sync();
+            }
+            io::Result::Ok(())
+        };
+        loop {
+            if !self.recv_armed {
+                let recv = opcode::RecvMsgMulti::new(Fd(self.fd), &lent.recv_hdr, BUFFER_GROUP);
+                push(&mut sq, recv.build().user_data(RECV))?;
+                self.recv_armed = true;
+            }
+            if !self.wake_armed {
+                let buf = (&mut lent.wake_buf as *mut u64).cast::<u8>();
+                push(
+                    &mut sq,
+                    opcode::Read::new(Fd(self.wake_fd), buf, 8)
+                        .build()
+                        .user_data(WAKE),
+                )?;
+                self.wake_armed = true;
+            }
+            sq.sync();
+            match submitter.submit_and_wait(1) {
+                Ok(_) => {}
+                // EBUSY: completions are waiting to be taken, which comes next.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            sq.sync();
+            if sq.is_empty() {
+                self.next_slot = 0;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            cq.sync();
+            let map = map_cache.load();
+            for cqe in &mut cq {
+                match cqe.user_data() {
+                    RECV => {
+                        if !cqueue::more(cqe.flags()) {
+                            self.recv_armed = false;
+                        }
+                        let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+                            if cqe.result() != -libc::ENOBUFS {
+                                stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+                                failures += 1;
+                                if failures >= MAX_RECV_FAILURES {
+                                    return Err(io::Error::from_raw_os_error(-cqe.result()));
+                                }
+                            }
+                            continue;
+                        };
+                        failures = 0;
+                        let len = usize::try_from(cqe.result()).unwrap_or(0);
+                        if let Some(send) =
+                            answer(lent, &mut self.next_slot, bid, len, map, stats, self.fd)
+                        {
+                            push(&mut sq, send)?;
+                        }
+                        lent.bufs.give_back(bid);
+                    }
+                    WAKE => self.wake_armed = false,
+                    SEND => {
+                        stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            lent.bufs.commit();
+        }
+    }
+
+    /// Cancels what is in flight and waits (up to [`DRAIN`]) for the kernel to hand it all
+    /// back; false if it did not.
+    fn drain(&mut self) -> bool {
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(CANCEL);
+        // SAFETY: a cancellation points at nothing.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                return false;
+            }
+        }
+        let deadline = Instant::now() + DRAIN;
+        loop {
+            for cqe in self.ring.completion() {
+                match cqe.user_data() {
+                    RECV if !cqueue::more(cqe.flags()) => self.recv_armed = false,
+                    WAKE => self.wake_armed = false,
+                    _ => {}
+                }
+            }
+            self.ring.submission().sync();
+            if !self.recv_armed && !self.wake_armed && self.ring.submission().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let ts = Timespec::new().nsec(50_000_000);
+            let args = SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.drain() {
+            tracing::warn!(
+                "io_uring DNS worker: the kernel kept buffers past shutdown; leaking them"
+            );
+            if let Some(lent) = self.lent.take() {
+                std::mem::forget(lent);
+            }
+        }
+    }
+}
+
+/// Answers the query in buffer `bid` (`len` bytes filled): the send entry for the answer (in
+/// slot `next_slot`, which moves on), or None (nothing to send, or no free slot).
+fn answer(
+    lent: &mut Lent,
+    next_slot: &mut usize,
+    bid: u16,
+    len: usize,
+    map: &super::map::Map,
+    stats: &super::stats::Stats,
+    fd: RawFd,
+) -> Option<squeue::Entry> {
+    let msg = RecvMsgOut::parse(lent.bufs.filled(bid, len), &lent.recv_hdr).ok()?;
+    let name = msg.name_data();
+    if msg.is_name_data_truncated() || name.len() > NAME_LEN {
+        return None;
+    }
+    // SAFETY: all-zero is a valid sockaddr_storage; `name` fits in it (checked above).
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            name.as_ptr(),
+            (&mut addr as *mut libc::sockaddr_storage).cast::<u8>(),
+            name.len(),
+        );
+    }
+    let addr_len = name.len() as libc::socklen_t;
+    // SAFETY: the kernel wrote `addr_len` bytes of a socket address.
+    let src = unsafe { socket2::SockAddr::new(addr, addr_len) }.as_socket()?;
+    let Some(slot) = lent.slots.get_mut(*next_slot) else {
+        // Every slot holds an answer the kernel has not taken yet (it refused a submission).
+        stats.udp_errors.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let sent = match query::handle_udp(msg.payload_data(), src.ip(), map, &mut slot.out) {
+        Some(o) => {
+            stats.record(o);
+            !slot.out.is_empty() // empty: dropped by the rate limit
+        }
+        None => false,
+    };
+    if !sent {
+        return None;
+    }
+    *next_slot += 1;
+    slot.addr = addr;
+    let ctl_len = if lent.recv_hdr.msg_controllen > 0 {
+        reply_source(&msg, &mut slot.ctl)
+    } else {
+        0
+    };
+    slot.prepare(addr_len, ctl_len);
+    let send = opcode::SendMsg::new(Fd(fd), &slot.hdr)
+        .flags(libc::MSG_DONTWAIT as u32)
+        .build()
+        .flags(squeue::Flags::SKIP_SUCCESS);
+    Some(send.user_data(SEND))
+}
+
+/// The control message that makes the answer leave from the query's destination address.
+fn reply_source(msg: &RecvMsgOut<'_>, out: &mut Control) -> usize {
+    let ctl = msg.control_data();
+    // SAFETY: all-zero is a valid msghdr.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_control = ctl.as_ptr().cast_mut().cast();
+    h.msg_controllen = ctl.len() as _;
+    h.msg_flags = msg.flags() as libc::c_int;
+    // SAFETY: `ctl` is the control data as the kernel wrote it, `ctl.len()` bytes, aligned
+    // for `cmsghdr` (8-aligned buffer, 8-aligned offset); read only.
+    unsafe { pktinfo::reply_source(&h, out) }
+}
