@@ -838,11 +838,47 @@ fn udp_sockets_on(port: u16) -> usize {
         .count()
 }
 
+/// Whether this kernel lets a process set up io_uring as the UDP workers do.
+fn io_uring_allowed() -> bool {
+    let ring: std::io::Result<io_uring::IoUring> = io_uring::IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8);
+    ring.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_io_io_uring_is_used_where_the_kernel_allows_it_and_refused_at_start_elsewhere() {
+    let started =
+        Dns::try_start_with(&basic_regions(), "udp_workers = 2\nudp_io = \"io_uring\"").await;
+    match (io_uring_allowed(), started) {
+        (true, Ok(dns)) => {
+            let (_, metrics) = dns.admin_get("/metrics").await;
+            assert!(
+                metrics.contains("edgepop_dns_udp_workers{io=\"io_uring\"} 2\n"),
+                "{metrics}"
+            );
+            assert_eq!(dns.short(&[WWW, "A"]).await, ["192.0.2.3"]);
+        }
+        (false, Err(e)) => assert!(
+            e.contains("[dns] udp_io = \"io_uring\", but the kernel refuses io_uring"),
+            "{e}"
+        ),
+        (allowed, Ok(_)) => panic!("started with io_uring allowed = {allowed}"),
+        (allowed, Err(e)) => panic!("io_uring allowed = {allowed}, yet: {e}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
-    // Both kinds of UDP I/O: io_uring (the default here) and recvmmsg.
-    for io in ["io_uring", "recvmmsg"] {
-        let extra = format!("udp_workers = 3\nudp_io = \"{io}\"");
+    // Both kinds of UDP I/O: "auto" (io_uring where the kernel allows it) and recvmmsg.
+    let auto = if io_uring_allowed() {
+        "io_uring"
+    } else {
+        "recvmmsg"
+    };
+    for (setting, io) in [("auto", auto), ("recvmmsg", "recvmmsg")] {
+        let extra = format!("udp_workers = 3\nudp_io = \"{setting}\"");
         let dns = Dns::start_with(&basic_regions(), &extra).await;
         let addr = dns.addr();
         // /proc/net/udp is read in pages while other tests open and close sockets, so one
@@ -944,8 +980,8 @@ async fn on_a_wildcard_address_each_answer_comes_from_the_address_asked() {
     // the query's destination as the source, the kernel answers from 127.0.0.1 and dig,
     // like any resolver, drops the answer. `[::]` takes IPv4 clients too (mapped).
     for (listen, io) in [
-        ("0.0.0.0:0", "io_uring"),
-        ("[::]:0", "io_uring"),
+        ("0.0.0.0:0", "auto"),
+        ("[::]:0", "auto"),
         ("0.0.0.0:0", "recvmmsg"),
         ("[::]:0", "recvmmsg"),
     ] {

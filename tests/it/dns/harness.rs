@@ -40,6 +40,20 @@ impl Dns {
 
     /// `config`: the configuration text, given the region file's path.
     pub async fn start_config(regions: &str, config: impl Fn(&Path) -> String) -> Dns {
+        Self::try_start_config(regions, config)
+            .await
+            .unwrap_or_else(|e| panic!("sidecar starts: {e}"))
+    }
+
+    /// As [`Dns::start_with`], but a sidecar that does not start is an error (its chain).
+    pub async fn try_start_with(regions: &str, extra: &str) -> Result<Dns, String> {
+        Self::try_start_config(regions, |r| config_text(r, extra)).await
+    }
+
+    async fn try_start_config(
+        regions: &str,
+        config: impl Fn(&Path) -> String,
+    ) -> Result<Dns, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let regions_path = dir.path().join("regions.toml");
         std::fs::write(&regions_path, regions).expect("write regions");
@@ -50,13 +64,22 @@ impl Dns {
         let dns = cfg.dns.expect("[dns]");
         let sidecar = Sidecar::start(dns, Some("127.0.0.1:0".parse().expect("addr")))
             .await
-            .expect("sidecar starts");
-        Dns {
+            .map_err(|e| {
+                let mut chain = e.to_string();
+                let mut cur = std::error::Error::source(&e);
+                while let Some(c) = cur {
+                    chain.push_str(": ");
+                    chain.push_str(&c.to_string());
+                    cur = c.source();
+                }
+                chain
+            })?;
+        Ok(Dns {
             sidecar,
             dir,
             regions: regions_path,
             config: cfg_path,
-        }
+        })
     }
 
     /// Replaces the configuration file (write, then rename) and asks the sidecar to apply it,
