@@ -331,16 +331,18 @@ fn worker(
             }
         }
     };
+    // Counted before `start` returns, so /metrics shows every worker from the start.
+    stats.udp_workers[usize::from(ring.is_none())].fetch_add(1, Ordering::Relaxed);
     let _ = ready.send(Ok(()));
     if let Some(mut ring) = ring {
-        stats.udp_workers[0].fetch_add(1, Ordering::Relaxed);
         let r = ring.run(state, stop);
         drop(ring);
         stats.udp_workers[0].fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "io_uring failed; the DNS UDP worker goes on with recvmmsg")
+                tracing::warn!(error = %e, "io_uring failed; the DNS UDP worker goes on with recvmmsg");
+                stats.udp_workers[1].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -348,7 +350,6 @@ fn worker(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(super::batch::BATCH);
-    stats.udp_workers[1].fetch_add(1, Ordering::Relaxed);
     super::batch::udp_loop(sock, state, stop, batch, reply_source);
     stats.udp_workers[1].fetch_sub(1, Ordering::Relaxed);
 }
@@ -362,8 +363,8 @@ fn worker(
     _io: UdpIo,
     ready: std::sync::mpsc::SyncSender<std::io::Result<()>>,
 ) {
-    let _ = ready.send(Ok(()));
     state.stats().udp_workers[1].fetch_add(1, Ordering::Relaxed);
+    let _ = ready.send(Ok(()));
     udp_loop(sock, state, stop);
     state.stats().udp_workers[1].fetch_sub(1, Ordering::Relaxed);
 }

@@ -32,10 +32,13 @@ const BUFFER_GROUP: u16 = 0;
 /// `struct io_uring_recvmsg_out`, which starts each filled buffer.
 const OUT_HEADER: usize = 16;
 const NAME_LEN: usize = std::mem::size_of::<libc::sockaddr_storage>();
-/// What the kernel writes into one buffer: header, source address, room for a control
-/// message (reserved whether or not it is asked for), then the query. A longer query is cut
-/// and then fails to parse, as in `batch`.
+/// What the kernel writes into one buffer: header, source address, the control message when
+/// one is asked for (`pktinfo`), then the query. A query longer than [`QUERY_MAX`] is cut and
+/// then fails to parse, as in `batch`.
 const BUFFER_LEN: usize = OUT_HEADER + NAME_LEN + Control::capacity() + QUERY_MAX;
+// The control message inside a buffer must be aligned for `cmsghdr` (`pktinfo` reads it
+// through references): buffers start 8-aligned, and so does what follows the address.
+const _: () = assert!(BUFFER_LEN % 8 == 0 && (OUT_HEADER + NAME_LEN) % 8 == 0);
 /// Submission queue entries: every answer of one round, the receive and the wake-up.
 const ENTRIES: u32 = 256;
 /// Consecutive failed receives after which the worker gives up on io_uring (the caller
@@ -44,12 +47,15 @@ const MAX_RECV_FAILURES: u32 = 16;
 /// How long stopping waits for the kernel to hand back everything it was lent.
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// `user_data` of the multishot receive, the wake-up read, the cancellation and the sends
-/// (which complete only when they fail).
+/// `user_data` of the multishot receive, the wake-up read and the cancellation; a send (which
+/// completes only when it fails) carries `SEND` plus its slot's index.
 const RECV: u64 = 1;
 const WAKE: u64 = 2;
 const CANCEL: u64 = 3;
-const SEND: u64 = 4;
+const SEND: u64 = 1 << 32;
+/// Consecutive transient failures of `io_uring_enter` (no memory for a request, a signal)
+/// after which the worker gives up on io_uring.
+const MAX_ENTER_FAILURES: u32 = 1000;
 
 /// Zeroed memory from the global allocator, freed on drop.
 struct Zeroed {
@@ -84,9 +90,16 @@ struct BufRing {
 
 impl BufRing {
     fn new() -> io::Result<Self> {
+        // The kernel wants the ring page-aligned.
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
         let entries = Layout::from_size_align(
             usize::from(BUFFERS) * std::mem::size_of::<BufRingEntry>(),
-            4096,
+            page,
         )
         .map_err(io::Error::other)?;
         // 8-aligned, and so is every buffer (BUFFER_LEN is a multiple of 8), so the control
@@ -269,6 +282,8 @@ impl Worker {
         let stats = state.stats();
         let mut map_cache = state.map_cache();
         let mut failures = 0u32;
+        let mut enter_failures = 0u32;
+        let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * SLOTS);
         let Some(lent) = self.lent.as_deref_mut() else {
             return Err(io::Error::other("io_uring worker already stopped"));
         };
@@ -301,9 +316,15 @@ impl Worker {
             }
             sq.sync();
             match submitter.submit_and_wait(1) {
-                Ok(_) => {}
-                // EBUSY: completions are waiting to be taken, which comes next.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Ok(_) => enter_failures = 0,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ENOMEM)
+                    ) && enter_failures < MAX_ENTER_FAILURES =>
+                {
+                    enter_failures += 1;
+                }
                 Err(e) => return Err(e),
             }
             sq.sync();
@@ -313,26 +334,37 @@ impl Worker {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
+            // Taken out of the queue first, and the queue's head published before the next
+            // wait (else the kernel still counts them and that wait returns at once).
             cq.sync();
+            done.clear();
+            done.extend((&mut cq).map(|c| (c.user_data(), c.result(), c.flags())));
+            cq.sync();
+            // Failed sends before anything else: their slots take new answers below.
+            for &(data, res, _) in &done {
+                if let Some(i) = data.checked_sub(SEND) {
+                    resend(lent, i, res, self.fd, stats);
+                }
+            }
             let map = map_cache.load();
-            for cqe in &mut cq {
-                match cqe.user_data() {
+            for &(data, res, flags) in &done {
+                match data {
                     RECV => {
-                        if !cqueue::more(cqe.flags()) {
+                        if !cqueue::more(flags) {
                             self.recv_armed = false;
                         }
-                        let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
-                            if cqe.result() != -libc::ENOBUFS {
+                        let Some(bid) = cqueue::buffer_select(flags) else {
+                            if res != -libc::ENOBUFS {
                                 stats.udp_errors.fetch_add(1, Ordering::Relaxed);
                                 failures += 1;
                                 if failures >= MAX_RECV_FAILURES {
-                                    return Err(io::Error::from_raw_os_error(-cqe.result()));
+                                    return Err(io::Error::from_raw_os_error(-res));
                                 }
                             }
                             continue;
                         };
                         failures = 0;
-                        let len = usize::try_from(cqe.result()).unwrap_or(0);
+                        let len = usize::try_from(res).unwrap_or(0);
                         if let Some(send) =
                             answer(lent, &mut self.next_slot, bid, len, map, stats, self.fd)
                         {
@@ -341,9 +373,6 @@ impl Worker {
                         lent.bufs.give_back(bid);
                     }
                     WAKE => self.wake_armed = false,
-                    SEND => {
-                        stats.udp_errors.fetch_add(1, Ordering::Relaxed);
-                    }
                     _ => {}
                 }
             }
@@ -441,7 +470,9 @@ fn answer(
         stats.udp_errors.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    let sent = match query::handle_udp(msg.payload_data(), src.ip(), map, &mut slot.out) {
+    let query = msg.payload_data();
+    let query = &query[..query.len().min(QUERY_MAX)];
+    let sent = match query::handle_udp(query, src.ip(), map, &mut slot.out) {
         Some(o) => {
             stats.record(o);
             !slot.out.is_empty() // empty: dropped by the rate limit
@@ -463,7 +494,22 @@ fn answer(
         .flags(libc::MSG_DONTWAIT as u32)
         .build()
         .flags(squeue::Flags::SKIP_SUCCESS);
-    Some(send.user_data(SEND))
+    Some(send.user_data(SEND + *next_slot as u64 - 1))
+}
+
+/// A send of slot `i` failed with `res`. A full send buffer (`EAGAIN`: sends carry
+/// `MSG_DONTWAIT`) is waited out with a blocking `sendmsg`, as the `recvmmsg` path's blocking
+/// `sendmmsg` does; other errors (an unreachable peer) drop the answer.
+fn resend(lent: &Lent, i: u64, res: i32, fd: RawFd, stats: &super::stats::Stats) {
+    let slot = usize::try_from(i).ok().and_then(|i| lent.slots.get(i));
+    if let (Some(slot), true) = (slot, res == -libc::EAGAIN) {
+        // SAFETY: the slot's header still points at its own address, iovec, control message
+        // and answer (slots are reused only after this), and the socket is open.
+        if unsafe { libc::sendmsg(fd, &slot.hdr, 0) } >= 0 {
+            return;
+        }
+    }
+    stats.udp_errors.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The control message that makes the answer leave from the query's destination address.
