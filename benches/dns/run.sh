@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# dnsperf on loopback: edgepop's DNS sidecar (one UDP worker) vs gdnsd (one UDP thread) and
-# tinydns, same query file (90% A for the geo name, 10% NXDOMAIN), with and without ECS, same
-# map. Reports queries/s, server CPU per query at a fixed 40k qps and at the generator's cap,
+# dnsperf on loopback: edgepop's DNS sidecar (one UDP worker, on io_uring, and again on
+# recvmmsg) vs gdnsd (one UDP thread) and tinydns, same query file (90% A for the geo name,
+# 10% NXDOMAIN), with and without ECS, same map; at 40k qps also as one steady stream. Reports queries/s, server CPU per query at a fixed 40k qps and at the generator's cap,
 # latency, RSS idle and with 100,000 networks, and edgepop's map rebuild time (SIGHUP ->
 # new answers) with 100,000 networks.
 #
@@ -20,6 +20,7 @@ trap cleanup EXIT
 ECS_OPT="8:00011800c63364"          # family 1, source /24, scope 0, 198.51.100.0
 COOKIE_OPT="10:2464c4abcf10c957"    # a client cookie, as resolvers send (both servers answer it)
 HZ=$(getconf CLK_TCK)
+CLIENTS="-c 20 -T 2"   # dnsperf's clients and threads; "1 stream" rows use one of each
 
 cargo build --release --quiet
 BIN=target/release/edgepop
@@ -40,7 +41,7 @@ run() {
   local limit=() ; [ "$qps" != 0 ] && limit=(-Q "$qps")
   local before after out
   before=$(cpu_ticks "$pid")
-  out=$(dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/map/queries.txt" -l "$SECS" -c 20 -T 2 \
+  out=$(dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/map/queries.txt" -l "$SECS" $CLIENTS \
         "${limit[@]}" "$@" 2>&1)
   after=$(cpu_ticks "$pid")
   local done qps_got lat
@@ -52,7 +53,7 @@ run() {
   local lost
   lost=$(echo "$out" | awk '/Queries lost:/ {print $3}')
   local load; load=$( [ "$qps" = 0 ] && echo cap || echo "$qps")
-  printf '%-26s %-6s qps=%-12s cpu/query=%-6s us  latency=%s  lost=%s\n' \
+  printf '%-30s %-6s qps=%-12s cpu/query=%-6s us  latency=%s  lost=%s\n' \
     "$name" "$load" "$qps_got" "$cpu_us" "$lat" "$lost"
   echo "$name|$load|$cpu_us|$qps_got" >> "$WORK/results"
 }
@@ -69,7 +70,7 @@ for line in open(sys.argv[1]):
 for (load, name), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cap", kv[0][0], kv[0][1])):
     cpu = statistics.median(c for c, _ in v)
     qps = statistics.median(q for _, q in v)
-    print(f"{name:26s} {load:6s} cpu/query median {cpu:5.2f} us  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
+    print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
 PY
 }
 
@@ -148,6 +149,15 @@ for _ in $(seq 1 "$REPEATS"); do
     run "edgepop" $EP $EP_PORT $target -e
     run "gdnsd" $GDP $GD_PORT $target -e
     run "edgepop (recvmmsg)" $EP2 $EP2_PORT $target -e
+    if [ "$target" != 0 ]; then
+      # The same rate as one steady stream (a query every 25 us, each waking the server):
+      # closer to many independent resolvers than 20 clients' bursts of about 4 queries.
+      CLIENTS="-c 1 -T 1"
+      run "edgepop 1 stream" $EP $EP_PORT $target -e
+      run "gdnsd 1 stream" $GDP $GD_PORT $target -e
+      run "edgepop (recvmmsg) 1 stream" $EP2 $EP2_PORT $target -e
+      CLIENTS="-c 20 -T 2"
+    fi
     run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
     run "gdnsd +ECS" $GDP $GD_PORT $target -E "$ECS_OPT"
     run "edgepop +cookie" $EP $EP_PORT $target -E "$COOKIE_OPT"
