@@ -219,7 +219,10 @@ struct Lent {
     slots: Box<[Slot]>,
     /// The receive's template: only its name and control lengths matter.
     recv_hdr: libc::msghdr,
-    wake_buf: u64,
+    /// Where the wake-up read puts the eventfd's count. The kernel writes it during system
+    /// calls while `run` holds `&mut Lent`, so it is its own allocation, reached only through
+    /// its raw pointer.
+    wake_buf: Zeroed,
 }
 
 /// One UDP worker's ring, on the thread that made it (the ring is single-issuer).
@@ -253,7 +256,7 @@ impl Worker {
             bufs: BufRing::new()?,
             slots: (0..SLOTS).map(|_| Slot::new()).collect(),
             recv_hdr,
-            wake_buf: 0,
+            wake_buf: Zeroed::new(Layout::new::<u64>())?,
         });
         // SAFETY: the ring's entries live in `lent`, which outlives the registration: it is
         // freed only after the ring has handed everything back (`drain`), or leaked.
@@ -305,7 +308,7 @@ impl Worker {
                 self.recv_armed = true;
             }
             if !self.wake_armed {
-                let buf = (&mut lent.wake_buf as *mut u64).cast::<u8>();
+                let buf = lent.wake_buf.ptr.as_ptr();
                 push(
                     &mut sq,
                     opcode::Read::new(Fd(self.wake_fd), buf, 8)
