@@ -254,6 +254,11 @@ impl EdgeCounters {
         self.latency.observe(took);
     }
 
+    /// A response with no latency to speak of (hyper answered a head it could not parse).
+    pub fn record_status(&self, status: u16) {
+        self.by_class.record(status);
+    }
+
     pub fn record_early_data(&self, forwarded: bool) {
         self.early_data[usize::from(!forwarded)].fetch_add(1, Ordering::Relaxed);
     }

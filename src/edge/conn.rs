@@ -68,8 +68,11 @@ pub async fn serve<S>(
         tls: handshake_done,
     } = client;
     let redirect_to_https = cfg.redirect_to_https;
-    let requests = std::sync::atomic::AtomicU64::new(0);
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let fields = ClientFields::new(peer.ip(), handshake_done.is_some());
+    // For an http/1.1 head hyper refuses before the handler sees it (see `Event::Ended`).
+    let (requests_seen, fields_kept, runtime_kept) =
+        (requests.clone(), fields.clone(), runtime.clone());
     let counters = runtime.load().counters.clone();
     let limits = crate::proxy::ClientLimits {
         body_timeout: cfg.body_timeout,
@@ -191,6 +194,22 @@ pub async fn serve<S>(
             Event::Ended(r) => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "client connection ended with error");
+                    if let Some((status, outcome)) = (!is_h2).then(|| parser_refusal(&e)).flatten()
+                    {
+                        let client = ClientConn {
+                            addr: peer,
+                            handshake: handshake_done.map(|(kind, _)| kind),
+                            handshake_time: handshake_done.map(|(_, took)| took),
+                            request: requests_seen.load(std::sync::atomic::Ordering::Relaxed) + 1,
+                            fields: fields_kept,
+                        };
+                        handler::record_refused_head(
+                            &runtime_kept.load(),
+                            &client,
+                            status,
+                            outcome,
+                        );
+                    }
                 }
                 return;
             }
@@ -364,4 +383,26 @@ where
             }
         }
     }
+}
+
+/// The answer hyper's http/1.1 server wrote itself for a request head it could not parse
+/// (its `on_error`), which never reached the handler: status and the access log's outcome.
+fn parser_refusal(e: &hyper::Error) -> Option<(u16, &'static str)> {
+    if e.is_parse_too_large() {
+        // hyper's two "too large" kinds are told apart only by their text.
+        return Some(if e.to_string().contains("URI") {
+            (414, "uri too long")
+        } else {
+            (431, "header section too large")
+        });
+    }
+    let text = e.to_string();
+    // A method, URI, version or header that does not parse; not an h2 preface sent to an
+    // http/1.1 listener, nor hyper's internal errors, which get no answer.
+    let malformed = e.is_parse()
+        && !e.is_parse_version_h2()
+        && ["method", "URI", "version", "header"]
+            .iter()
+            .any(|w| text.contains(w));
+    malformed.then_some((400, "malformed request"))
 }

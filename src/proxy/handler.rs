@@ -72,6 +72,20 @@ pub async fn handle(
     resp
 }
 
+/// Counts and logs a request whose head hyper refused with `status` before any handler saw
+/// it (an http/1.1 header section over the cap, say), as nginx logs its own 400s and 414s:
+/// no method, host or path, as none could be read.
+pub fn record_refused_head(rt: &Runtime, client: &ClientConn, status: u16, outcome: &'static str) {
+    rt.counters.record_status(status);
+    if let Some(log) = &rt.access_log {
+        let mut e = crate::access_log::Entry::start(client, Version::HTTP_11, &Method::GET, "", "");
+        e.method.clear();
+        e.status = status;
+        e.outcome = outcome;
+        log.record(Box::new(e));
+    }
+}
+
 pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     match e.source_kind() {
         super::error::ErrorSource::Client => tracing::debug!(error = %e, "client error"),

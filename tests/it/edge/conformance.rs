@@ -2,7 +2,8 @@
 //! 9112 and 9113 forbid: split cookies to http/1.1 origins, transfer codings it cannot
 //! apply, a second Host, header sections past 64 KiB, bodies on HEAD answers over h2,
 //! h2c upgrades, a 101 to a protocol nobody asked for, padded h2 values; and the
-//! `Forwarded` element an origin can trust.
+//! `Forwarded` element an origin can trust, and http/1.1 heads hyper refuses itself going
+//! unlogged.
 
 use super::*;
 
@@ -316,4 +317,48 @@ async fn a_post_an_h2_origin_refused_unprocessed_is_sent_again_with_its_body() {
     assert_eq!(status, 200);
     assert_ne!(body, "refuser: 0 bytes\n", "the backup answers");
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_heads_hyper_refuses_are_counted_and_logged_like_other_answers() {
+    let origin = origin().start().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let config = edge_config(&[("o1", origin.addr(), "")], &["localhost"]);
+    let edge = start_edge(&super::with_access_log(&config, &path)).await;
+    // A header section over the 64 KiB cap, then a request line that does not parse: hyper
+    // answers both itself, before any handler.
+    let big = format!("X-Big: {}", "a".repeat(70_000));
+    let too_large = raw_exchange(
+        edge.addr,
+        format!("GET /headers HTTP/1.1\r\nHost: localhost\r\n{big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&too_large), 431, "{too_large}");
+    super::wait_log_lines(&path, 1).await;
+    let bad = raw_exchange(edge.addr, b"GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(status_of(&bad), 400, "{bad}");
+    super::wait_log_lines(&path, 2).await;
+    let lines = super::log_lines(&path);
+    for (line, status, outcome) in [
+        (&lines[0], 431, "header section too large"),
+        (&lines[1], 400, "malformed request"),
+    ] {
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["outcome"], outcome, "{line}");
+        assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+        assert_eq!(
+            (&line["method"], &line["path"]),
+            (&"".into(), &"".into()),
+            "{line}"
+        );
+        assert_eq!(line["connection_request"], 1, "{line}");
+        assert_eq!(line["tls_handshake"], "full", "{line}");
+    }
+    let (_, m) = admin_get(edge.admin, "/metrics").await;
+    assert!(
+        m.lines()
+            .any(|l| l == "edgepop_requests_total{code=\"4xx\"} 2"),
+        "{m}"
+    );
 }
