@@ -907,39 +907,10 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
             assert_eq!((m.id(), m.answers().len()), (i, 1), "{io}");
         }
         // Many at once from one port: more than the 128 receive buffers an io_uring worker
-        // lends the kernel, all answered. 200 answers fit the default receive buffer of the
-        // client (about 800 bytes of it each); a larger one is asked for where allowed.
-        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-            .expect("socket");
-        let _ = client.set_recv_buffer_size(1 << 20);
-        client
-            .bind(
-                &"127.0.0.1:0"
-                    .parse::<std::net::SocketAddr>()
-                    .expect("addr")
-                    .into(),
-            )
-            .expect("bind");
-        client.set_nonblocking(true).expect("nonblocking");
-        let s = tokio::net::UdpSocket::from_std(client.into()).expect("tokio socket");
-        for i in 0..200u16 {
-            let mut q = query(WWW, RecordType::A, None);
-            q.set_id(i);
-            s.send_to(&q.to_vec().expect("encode"), addr)
-                .await
-                .expect("send");
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut buf = vec![0u8; 2048];
-        while seen.len() < 200 {
-            let (n, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{io}: {} of 200 answers", seen.len()))
-                .expect("recv");
-            let m = hickory_proto::op::Message::from_vec(&buf[..n]).expect("parse");
-            assert_eq!(m.answers().len(), 1, "{io}");
-            seen.insert(m.id());
-        }
+        // lends the kernel, all answered.
+        let s = burst_client();
+        send_burst(&s, addr, 200).await;
+        assert_eq!(answered(&s, 200, io).await, 200, "{io}");
         drop(dns);
         // Stopping wakes every worker and closes every socket.
         eventually(
@@ -948,6 +919,80 @@ async fn each_udp_worker_has_its_own_reuseport_socket_and_all_stop() {
             || async { udp_sockets_on(addr.port()) == 0 },
         )
         .await;
+    }
+}
+
+/// A UDP client for bursts: its answers wait in its receive buffer until read, so it asks for
+/// 1 MiB (the kernel caps it at `net.core.rmem_max`, twice 208 KiB by default, room for about
+/// 500 answers of about 800 bytes of buffer each).
+fn burst_client() -> tokio::net::UdpSocket {
+    let client =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    let _ = client.set_recv_buffer_size(1 << 20);
+    client
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
+    client.set_nonblocking(true).expect("nonblocking");
+    tokio::net::UdpSocket::from_std(client.into()).expect("tokio socket")
+}
+
+/// Sends `n` queries for WWW (IDs 0..n) to `to` without waiting for answers.
+async fn send_burst(s: &tokio::net::UdpSocket, to: std::net::SocketAddr, n: u16) {
+    for i in 0..n {
+        let mut q = query(WWW, RecordType::A, None);
+        q.set_id(i);
+        s.send_to(&q.to_vec().expect("encode"), to)
+            .await
+            .expect("send");
+    }
+}
+
+/// How many of the `n` queries got an answer with one record (no more than 5 s between two).
+async fn answered(s: &tokio::net::UdpSocket, n: usize, what: &str) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut buf = vec![0u8; 2048];
+    while seen.len() < n {
+        let Ok(got) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf)).await
+        else {
+            break;
+        };
+        let (len, _) = got.expect("recv");
+        let m = hickory_proto::op::Message::from_vec(&buf[..len]).expect("parse");
+        assert_eq!(m.answers().len(), 1, "{what}");
+        seen.insert(m.id());
+    }
+    seen.len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_that_queue_while_the_worker_is_stopped_are_all_answered() {
+    // More queries than an io_uring worker lends the kernel buffers (128) wait in the socket
+    // while the process is stopped; once it runs again, every one is answered, however the
+    // receive meets them (a run of completions, or out of buffers and armed again).
+    for io in ["auto", "recvmmsg"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let regions = dir.path().join("regions.toml");
+        std::fs::write(&regions, basic_regions()).expect("write");
+        let cfg = dir.path().join("edgepop.toml");
+        let extra = format!("udp_workers = 1\nudp_io = \"{io}\"");
+        std::fs::write(&cfg, config_text(&regions, &extra)).expect("write");
+        let (child, log) = spawn_dns_binary(&cfg);
+        let (port, _) = dns_addrs(&log);
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        assert_eq!(
+            dig_port(port, &["+short", WWW, "A"]).await.trim(),
+            "192.0.2.3"
+        );
+        let s = burst_client();
+        signal(child.0.id(), "STOP");
+        send_burst(&s, addr, 300).await;
+        signal(child.0.id(), "CONT");
+        assert_eq!(answered(&s, 300, io).await, 300, "{io}");
     }
 }
 
