@@ -100,6 +100,8 @@ pub struct RawOrigin {
     pub keepalive_interval: RawDuration,
     pub keepalive_timeout: RawDuration,
     pub max_connection_age: RawDuration,
+    /// How long the origin keeps an idle connection (its keep-alive timeout), when known.
+    pub origin_idle_timeout: RawDuration,
     pub health_path: Option<Spanned<String>>,
     pub health_interval: RawDuration,
     pub unhealthy_after: Option<Spanned<i64>>,

@@ -188,6 +188,9 @@ pub struct OriginConfig {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub max_connection_age: Duration,
+    /// `origin_idle_timeout`: the origin's keep-alive timeout as the operator states it;
+    /// `None`: learned (`pool::idle`).
+    pub origin_idle_timeout: Option<Duration>,
     pub health_path: Option<String>,
     pub health_interval: Duration,
     pub unhealthy_after: u32,
@@ -1007,6 +1010,19 @@ fn origin(cx: &Ctx, o: &Spanned<RawOrigin>) -> Result<OriginConfig, ConfigError>
         keepalive_interval: d(&o.keepalive_interval, 10_000, "keepalive_interval")?,
         keepalive_timeout: d(&o.keepalive_timeout, 5_000, "keepalive_timeout")?,
         max_connection_age: d(&o.max_connection_age, 600_000, "max_connection_age")?,
+        origin_idle_timeout: match &o.origin_idle_timeout {
+            None => None,
+            Some(v) => {
+                let t = d(&o.origin_idle_timeout, 0, "origin_idle_timeout")?;
+                if t < Duration::from_secs(1) {
+                    return Err(cx.err(
+                        v,
+                        "origin_idle_timeout must be at least 1s (leave it out to learn it)",
+                    ));
+                }
+                Some(t)
+            }
+        },
         health_path,
         health_interval: d(&o.health_interval, 5_000, "health_interval")?,
         unhealthy_after: cx.threshold(&o.unhealthy_after, 3, "unhealthy_after")?,

@@ -1,6 +1,9 @@
 //! Learning the origin's idle timeout, so idle connections are rotated shortly before the
-//! origin would close them instead of racing it: from `Keep-Alive: timeout=N` when the origin
-//! announces it, otherwise from two consecutive idle closes after about the same interval.
+//! origin would close them instead of racing it: the origin's `origin_idle_timeout` when the
+//! operator states it (then nothing is learned), else from `Keep-Alive: timeout=N` when the
+//! origin announces it, otherwise from two consecutive idle closes after about the same
+//! interval (which closes that were not idle timeouts can mislead: the setting is the way
+//! out).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,9 +19,21 @@ pub struct IdleLearner {
     announced_ms: AtomicU64,
     /// The previous observed idle close, to compare with the next.
     last_observed: Mutex<Option<Duration>>,
+    /// The timeout was configured: announcements and closes change nothing.
+    configured: bool,
 }
 
 impl IdleLearner {
+    /// A learner that starts from `configured` (and then learns nothing) when given one.
+    pub fn new(configured: Option<Duration>) -> Self {
+        let ms = configured.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        IdleLearner {
+            learned_ms: AtomicU64::new(ms),
+            configured: configured.is_some(),
+            ..Self::default()
+        }
+    }
+
     pub fn learned(&self) -> Option<Duration> {
         match self.learned_ms.load(Ordering::Acquire) {
             0 => None,
@@ -28,7 +43,7 @@ impl IdleLearner {
 
     /// The origin said `Keep-Alive: timeout=N`.
     pub fn announce(&self, timeout: Duration) {
-        if timeout < MIN_LEARNED {
+        if self.configured || timeout < MIN_LEARNED {
             return;
         }
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -40,7 +55,7 @@ impl IdleLearner {
 
     /// An idle connection was closed by the far side after `idle`.
     pub fn observe_close(&self, idle: Duration) {
-        if idle < MIN_LEARNED || self.announced_ms.load(Ordering::Acquire) != 0 {
+        if self.configured || idle < MIN_LEARNED || self.announced_ms.load(Ordering::Acquire) != 0 {
             return;
         }
         let mut last = self.last_observed.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,6 +109,17 @@ mod tests {
         l.observe_close(Duration::from_millis(900));
         l.observe_close(Duration::from_millis(900));
         assert_eq!(l.learned(), Some(Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn a_configured_timeout_is_neither_announced_over_nor_learned_over() {
+        let l = IdleLearner::new(Some(Duration::from_secs(75)));
+        assert_eq!(l.learned(), Some(Duration::from_secs(75)));
+        l.announce(Duration::from_secs(5));
+        l.observe_close(Duration::from_millis(1100));
+        l.observe_close(Duration::from_millis(1100));
+        assert_eq!(l.learned(), Some(Duration::from_secs(75)));
+        assert_eq!(IdleLearner::new(None).learned(), None);
     }
 
     #[test]

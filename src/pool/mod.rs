@@ -137,6 +137,7 @@ impl State {
 impl Pool {
     /// Builds the pool (and its TLS client config); nothing is opened until [`Pool::start`].
     pub fn new(origin: Arc<OriginConfig>, floor: usize) -> Result<Pool, CertError> {
+        let idle_timeout = origin.origin_idle_timeout;
         let tls = crate::tls::client::shared_client_config(
             &origin.address,
             &origin.server_name.to_str(),
@@ -166,7 +167,7 @@ impl Pool {
                 epoch: Instant::now(),
                 in_flight: AtomicUsize::new(0),
                 peak_milli: AtomicU64::new(0),
-                idle: idle::IdleLearner::default(),
+                idle: idle::IdleLearner::new(idle_timeout),
                 stats: stats::Stats::default(),
                 health: health::Health::default(),
                 shutdown: tokio_util::sync::CancellationToken::new(),

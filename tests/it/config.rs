@@ -136,6 +136,10 @@ fn bad_values_are_reported_with_file_line_and_reason() {
         check_text(&edge_text("connect_timeout = \"soon\"", &crt, &key)).trim(),
         "e.toml:13:19: invalid value: string \"soon\", expected a duration"
     );
+    assert_eq!(
+        check_text(&edge_text("origin_idle_timeout = \"500ms\"", &crt, &key)).trim(),
+        "e.toml:13:23: origin_idle_timeout must be at least 1s (leave it out to learn it)"
+    );
     let mismatch = check_text(&edge_text(
         "",
         &crt,

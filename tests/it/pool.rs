@@ -195,6 +195,40 @@ async fn an_announced_keep_alive_timeout_is_learned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_origin_idle_timeout_wins_and_idle_connections_are_replaced_before_it() {
+    // The origin announces 60 s but closes idle connections after 1.5 s (a proxy in front of
+    // it, say); the operator states 1 s.
+    let origin = origin()
+        .http1_only()
+        .keep_alive_header(60)
+        .idle_close(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let edge = single_origin_edge(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 2\norigin_idle_timeout = \"1s\"",
+    )
+    .await;
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+    assert_eq!(
+        pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
+        1000
+    );
+    // Idle connections are replaced at 3/4 of it, before the origin's close.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool_field(edge.admin, 0, "rotated_total").await.as_u64() >= Some(2)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_from_the_origin_and_connection_rotation_cost_no_client_an_error() {
     let origin = origin().start().await.unwrap();
     let edge = single_origin_edge(
