@@ -522,6 +522,22 @@ struct Reload {
 }
 
 impl Sidecar {
+    /// How the UDP workers do their I/O: "io_uring", "recvmmsg", or both with counts when
+    /// some fell back.
+    pub fn udp_io(&self) -> String {
+        let [uring, mmsg] = self
+            .state
+            .stats()
+            .udp_workers
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed));
+        match (uring, mmsg) {
+            (_, 0) => "io_uring".to_string(),
+            (0, _) => "recvmmsg".to_string(),
+            (u, m) => format!("io_uring x{u}, recvmmsg x{m}"),
+        }
+    }
+
     /// Starts on `cfg.listen` (port 0 picks one, the same for UDP and TCP) and, if given, an
     /// admin listener.
     pub async fn start(cfg: DnsConfig, admin: Option<SocketAddr>) -> Result<Self, DnsError> {
@@ -672,6 +688,7 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     tracing::info!(
         addr = %sidecar.dns_addr(),
         admin = ?sidecar.admin_addr(),
+        udp_io = %sidecar.udp_io(),
         generation = m.generation,
         serial = m.serial,
         "dns listening on {} (udp+tcp)",

@@ -982,7 +982,18 @@ async fn queries_that_queue_while_the_worker_is_stopped_are_all_answered() {
         let extra = format!("udp_workers = 1\nudp_io = \"{io}\"");
         std::fs::write(&cfg, config_text(&regions, &extra)).expect("write");
         let (child, log) = spawn_dns_binary(&cfg);
-        let (port, _) = dns_addrs(&log);
+        // The start-up line says which I/O the workers use.
+        let started = log_after(&log, "dns listening on 127.0.0.1:");
+        let uses = match io {
+            "auto" if io_uring_allowed() => "udp_io=io_uring",
+            _ => "udp_io=recvmmsg",
+        };
+        assert!(started.contains(uses), "{io}: {started}");
+        let port: u16 = started
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         assert_eq!(
             dig_port(port, &["+short", WWW, "A"]).await.trim(),
