@@ -16,6 +16,7 @@ use std::time::Duration;
 pub const REQUESTS: &str = "edgepop_requests";
 pub const DRAINING: &str = "edgepop_draining";
 pub const CLIENT_CONNECTIONS: &str = "edgepop_client_connections";
+pub const REPLAY_BYTES: &str = "edgepop_replay_buffer_bytes";
 pub const ACCESS_LOG_DROPPED: &str = "edgepop_access_log_dropped";
 pub const UPSTREAM_OPEN: &str = "edgepop_upstream_open_connections";
 pub const UPSTREAM_IDLE: &str = "edgepop_upstream_idle_connections";
@@ -392,6 +393,13 @@ pub fn render_edge(
         CLIENT_CONNECTIONS,
         "Client connections open now (TLS handshakes included)",
         open,
+    );
+    let replay = Gauge::<i64>::default();
+    replay.set(gauge(crate::proxy::replay::REPLAY_BYTES.held()));
+    reg.register(
+        REPLAY_BYTES,
+        "Bytes of request bodies kept to send again if an h2 origin refuses them unprocessed (at most 64 MiB)",
+        replay,
     );
     let early = counter_family(
         &["forwarded", "too_early"],

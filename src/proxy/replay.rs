@@ -3,7 +3,9 @@
 //! nginx sends one every `keepalive_requests`, 1,000 by default; a REFUSED_STREAM) can be
 //! sent again on another connection, as Envoy and HAProxy do from their buffers. Only bodies
 //! up to [`REPLAY_LIMIT`] are kept (after a refusal the h2 pump reads the rest of one still
-//! arriving); a larger one is not, and such a request gets its error as before.
+//! arriving); a larger one is not, and such a request gets its error as before. All the
+//! copies of the process together hold at most [`REPLAY_BUDGET`]: past it, a body is sent
+//! without a copy, so many slow uploads at once cannot make the copies a memory sink.
 
 use super::body::BoxError;
 use crate::pool::UpstreamBody as UpBody;
@@ -18,11 +20,59 @@ use std::task::{Context, Poll};
 
 /// Largest body kept for a replay (Envoy's default retry buffer is 64 KiB too).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
+/// The bytes all copies in the process may hold at once: 1,024 full ones.
+pub const REPLAY_BUDGET: usize = 64 * 1024 * 1024;
 
-#[derive(Default)]
+/// Bytes held by copies, against a cap.
+pub struct Budget {
+    held: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl Budget {
+    pub const fn new(cap: usize) -> Self {
+        Budget {
+            held: std::sync::atomic::AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes if they fit under the cap.
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut held = self.held.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = held.checked_add(n).filter(|&t| t <= self.cap) else {
+                return false;
+            };
+            match self
+                .held
+                .compare_exchange_weak(held, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The process's copies.
+pub static REPLAY_BYTES: Budget = Budget::new(REPLAY_BUDGET);
+
 struct Recorded {
     /// The data, copied (a slice of the client connection's read buffer would pin all of it).
     data: bytes::BytesMut,
+    /// Where `data`'s bytes are counted.
+    budget: &'static Budget,
     trailers: Option<HeaderMap>,
     /// The body ended (its last frame went by).
     complete: bool,
@@ -30,6 +80,31 @@ struct Recorded {
     given_up: bool,
     /// The tee is gone (the body was dropped): nothing more will come.
     dropped: bool,
+}
+
+impl Recorded {
+    fn new(budget: &'static Budget) -> Self {
+        Recorded {
+            data: bytes::BytesMut::new(),
+            budget,
+            trailers: None,
+            complete: false,
+            given_up: false,
+            dropped: false,
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.budget.give_back(self.data.len());
+        self.data = bytes::BytesMut::new();
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.budget.give_back(self.data.len());
+    }
 }
 
 /// What a request needs to be sent again: its head, and its body as it went by.
@@ -44,11 +119,19 @@ impl Replay {
     /// Wraps the body of `req` (which has one) to keep a copy as it is sent; `None` when it
     /// says it is larger than [`REPLAY_LIMIT`]. The copy is kept while the `Replay` lives.
     pub fn record(req: Request<UpBody>) -> (Request<UpBody>, Option<Replay>) {
+        Self::record_within(req, &REPLAY_BYTES)
+    }
+
+    /// As [`Replay::record`], counting the copy in `budget`.
+    fn record_within(
+        req: Request<UpBody>,
+        budget: &'static Budget,
+    ) -> (Request<UpBody>, Option<Replay>) {
         if req.body().size_hint().lower() > REPLAY_LIMIT as u64 {
             return (req, None);
         }
         let head = with_head(&req, ());
-        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let recorded = Arc::new(Mutex::new(Recorded::new(budget)));
         let settled = Arc::new(tokio::sync::Notify::new());
         let (parts, body) = req.into_parts();
         let body = Tee {
@@ -139,12 +222,11 @@ impl Tee {
         let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
         match frame {
             None => r.complete = true,
-            Some(Err(_)) => r.given_up = true,
+            Some(Err(_)) => r.give_up(),
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
-                    if r.data.len() + data.len() > REPLAY_LIMIT {
-                        r.given_up = true;
-                        r.data = bytes::BytesMut::new();
+                    if r.data.len() + data.len() > REPLAY_LIMIT || !r.budget.take(data.len()) {
+                        r.give_up();
                     } else {
                         r.data.extend_from_slice(data);
                     }
@@ -301,6 +383,28 @@ mod tests {
         assert_eq!(pump(&mut req).await, (b"abc".to_vec(), None));
         let again = replay.request().expect("kept whole");
         assert_eq!(collect(again).await, (Bytes::from_static(b"abc"), None));
+    }
+
+    #[tokio::test]
+    async fn copies_past_the_process_budget_are_not_kept_and_freed_bytes_come_back() {
+        static SMALL: Budget = Budget::new(10);
+        let body = |b: &'static [u8]| stream(vec![Frame::data(Bytes::from_static(b))]);
+        let (mut first, kept) = Replay::record_within(request(body(b"0123456")), &SMALL);
+        pump(&mut first).await;
+        let kept = kept.expect("small");
+        assert!(kept.request().is_some());
+        assert_eq!(SMALL.held(), 7);
+        // 7 + 7 > 10: the second goes without a copy.
+        let (mut second, over) = Replay::record_within(request(body(b"abcdefg")), &SMALL);
+        pump(&mut second).await;
+        assert!(over.expect("small").request().is_none());
+        assert_eq!(SMALL.held(), 7);
+        // The first request done: its bytes are free again.
+        drop((kept, first));
+        assert_eq!(SMALL.held(), 0);
+        let (mut third, again) = Replay::record_within(request(body(b"abcdefg")), &SMALL);
+        pump(&mut third).await;
+        assert!(again.expect("small").request().is_some());
     }
 
     #[tokio::test]

@@ -1642,6 +1642,12 @@ async fn metrics_have_request_latency_and_per_origin_responses() {
     ] {
         assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
     }
+    // Process-wide (other tests' uploads count too): there, and a number.
+    let replay = m
+        .lines()
+        .find_map(|l| l.strip_prefix("edgepop_replay_buffer_bytes "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(replay.is_some(), "{m}");
     // The 30 ms request is above the 25 ms bound, whatever the others took.
     let bucket = |le: &str| -> u64 {
         let prefix =
