@@ -386,23 +386,25 @@ where
 }
 
 /// The answer hyper's http/1.1 server wrote itself for a request head it could not parse
-/// (its `on_error`), which never reached the handler: status and the access log's outcome.
+/// (its `on_error`: every parse error but an h2 preface, a status line and its own internal
+/// errors), which never reached the handler: status and the access log's outcome.
 fn parser_refusal(e: &hyper::Error) -> Option<(u16, &'static str)> {
-    if e.is_parse_too_large() {
-        // hyper's two "too large" kinds are told apart only by their text.
-        return Some(if e.to_string().contains("URI") {
-            (414, "uri too long")
-        } else {
-            (431, "header section too large")
-        });
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
     }
     let text = e.to_string();
-    // A method, URI, version or header that does not parse; not an h2 preface sent to an
-    // http/1.1 listener, nor hyper's internal errors, which get no answer.
-    let malformed = e.is_parse()
-        && !e.is_parse_version_h2()
-        && ["method", "URI", "version", "header"]
-            .iter()
-            .any(|w| text.contains(w));
-    malformed.then_some((400, "malformed request"))
+    if text.starts_with("internal error") {
+        return None;
+    }
+    Some(if !e.is_parse_too_large() {
+        // A method, URI, version or field that does not parse, Content-Length or
+        // Transfer-Encoding included (the request-smuggling probes).
+        (400, "malformed request")
+    } else if text.contains("URI") {
+        // hyper's two "too large" kinds are told apart only by their text. (A URI long
+        // enough for hyper's 414 is already over the 64 KiB head cap, so 431 comes first.)
+        (414, "uri too long")
+    } else {
+        (431, "header section too large")
+    })
 }

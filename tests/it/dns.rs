@@ -1001,6 +1001,18 @@ async fn queries_that_queue_while_the_worker_is_stopped_are_all_answered() {
         );
         let s = burst_client();
         signal(child.0.id(), "STOP");
+        // Stopped for certain before the queries go: every thread in state T.
+        let tasks = format!("/proc/{}/task", child.0.id());
+        eventually(Duration::from_secs(5), "the process stopped", || async {
+            std::fs::read_dir(&tasks).expect("tasks").all(|t| {
+                let stat = std::fs::read_to_string(t.expect("task").path().join("stat"))
+                    .unwrap_or_default();
+                // "pid (comm) S ...": the state follows the command's closing parenthesis.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        })
+        .await;
         send_burst(&s, addr, 300).await;
         signal(child.0.id(), "CONT");
         assert_eq!(answered(&s, 300, io).await, 300, "{io}");

@@ -256,7 +256,11 @@ async fn http3_enforces_the_tcp_sides_limits() {
         stream.finish().await?;
         stream.recv_response().await
     };
-    assert!(sent.await.is_err(), "a 100 KiB header section was answered");
+    // The h3 client refuses to send it once it has the edge's SETTINGS (an error); sent
+    // before they arrive (a loaded machine), the edge's h3 layer answers 431 itself.
+    if let Ok(resp) = sent.await {
+        assert_eq!(resp.status(), 431, "a 100 KiB header section was answered");
+    }
     assert_eq!(
         origin
             .stats()

@@ -336,14 +336,22 @@ async fn http1_heads_hyper_refuses_are_counted_and_logged_like_other_answers() {
     .await;
     assert_eq!(status_of(&too_large), 431, "{too_large}");
     super::wait_log_lines(&path, 1).await;
-    let bad = raw_exchange(edge.addr, b"GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
-    assert_eq!(status_of(&bad), 400, "{bad}");
-    super::wait_log_lines(&path, 2).await;
+    // A request line, then the framing fields request smuggling plays with.
+    let malformed: [&[u8]; 4] = [
+        b"GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+        b"POST /echo HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for (i, m) in malformed.iter().enumerate() {
+        let bad = raw_exchange(edge.addr, m).await;
+        assert_eq!(status_of(&bad), 400, "{bad}");
+        super::wait_log_lines(&path, 2 + i).await;
+    }
     let lines = super::log_lines(&path);
-    for (line, status, outcome) in [
-        (&lines[0], 431, "header section too large"),
-        (&lines[1], 400, "malformed request"),
-    ] {
+    let mut expected = vec![(&lines[0], 431, "header section too large")];
+    expected.extend(lines[1..].iter().map(|l| (l, 400, "malformed request")));
+    for (line, status, outcome) in expected {
         assert_eq!(line["status"], status, "{line}");
         assert_eq!(line["outcome"], outcome, "{line}");
         assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
@@ -358,7 +366,7 @@ async fn http1_heads_hyper_refuses_are_counted_and_logged_like_other_answers() {
     let (_, m) = admin_get(edge.admin, "/metrics").await;
     assert!(
         m.lines()
-            .any(|l| l == "edgepop_requests_total{code=\"4xx\"} 2"),
+            .any(|l| l == "edgepop_requests_total{code=\"4xx\"} 5"),
         "{m}"
     );
 }
