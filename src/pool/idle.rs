@@ -41,6 +41,19 @@ impl IdleLearner {
         }
     }
 
+    /// Where [`learned`](Self::learned) comes from: "configured", "announced" or "observed";
+    /// `None` while unknown.
+    pub fn source(&self) -> Option<&'static str> {
+        self.learned()?;
+        Some(if self.configured {
+            "configured"
+        } else if self.announced_ms.load(Ordering::Acquire) != 0 {
+            "announced"
+        } else {
+            "observed"
+        })
+    }
+
     /// The origin said `Keep-Alive: timeout=N`.
     pub fn announce(&self, timeout: Duration) {
         if self.configured || timeout < MIN_LEARNED {
@@ -100,6 +113,7 @@ mod tests {
         assert_eq!(l.learned(), None);
         l.observe_close(Duration::from_millis(5030));
         assert_eq!(l.learned(), Some(Duration::from_millis(5000)));
+        assert_eq!(l.source(), Some("observed"));
     }
 
     #[test]
@@ -109,6 +123,7 @@ mod tests {
         l.observe_close(Duration::from_millis(900));
         l.observe_close(Duration::from_millis(900));
         assert_eq!(l.learned(), Some(Duration::from_secs(4)));
+        assert_eq!(l.source(), Some("announced"));
     }
 
     #[test]
@@ -119,7 +134,9 @@ mod tests {
         l.observe_close(Duration::from_millis(1100));
         l.observe_close(Duration::from_millis(1100));
         assert_eq!(l.learned(), Some(Duration::from_secs(75)));
+        assert_eq!(l.source(), Some("configured"));
         assert_eq!(IdleLearner::new(None).learned(), None);
+        assert_eq!(IdleLearner::new(None).source(), None);
     }
 
     #[test]

@@ -124,8 +124,13 @@ pub struct PoolSnapshot {
     pub stream_window_max: Option<u64>,
     pub rotated_total: u64,
     pub retried_total: u64,
-    /// The origin's idle timeout, announced or observed; idle connections rotate before it.
+    /// The origin's idle timeout, configured, announced or observed; idle connections rotate
+    /// before it.
     pub learned_idle_timeout_ms: Option<u64>,
+    /// Where it comes from: "configured" (`origin_idle_timeout`), "announced"
+    /// (`Keep-Alive: timeout=N`) or "observed" (the origin's idle closes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_source: Option<&'static str>,
     /// Target open connections: the floor raised by the recent peak of concurrent requests.
     pub target: usize,
     pub recent_peak_in_flight: f64,
@@ -222,6 +227,7 @@ impl Inner {
                 .idle
                 .learned()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            idle_timeout_source: self.idle.source(),
             target,
             recent_peak_in_flight: self.peak_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             retiring: st.retiring,

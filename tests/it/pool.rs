@@ -192,6 +192,10 @@ async fn an_announced_keep_alive_timeout_is_learned() {
         pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
         4000
     );
+    assert_eq!(
+        pool_field(edge.admin, 0, "idle_timeout_source").await,
+        "announced"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,6 +219,10 @@ async fn a_configured_origin_idle_timeout_wins_and_idle_connections_are_replaced
     assert_eq!(
         pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
         1000
+    );
+    assert_eq!(
+        pool_field(edge.admin, 0, "idle_timeout_source").await,
+        "configured"
     );
     // Idle connections are replaced at 3/4 of it, before the origin's close.
     assert!(
