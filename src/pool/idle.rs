@@ -21,6 +21,9 @@ pub struct IdleLearner {
     last_observed: Mutex<Option<Duration>>,
     /// The timeout was configured: announcements and closes change nothing.
     configured: bool,
+    /// Idle closes by the origin before a configured timeout's rotation point: the stated
+    /// value is too high.
+    early_closes: AtomicU64,
 }
 
 impl IdleLearner {
@@ -66,9 +69,18 @@ impl IdleLearner {
         }
     }
 
+    /// Idle closes by the origin that came before a configured timeout's rotation point.
+    pub fn early_closes(&self) -> u64 {
+        self.early_closes.load(Ordering::Relaxed)
+    }
+
     /// An idle connection was closed by the far side after `idle`.
     pub fn observe_close(&self, idle: Duration) {
-        if self.configured || idle < MIN_LEARNED || self.announced_ms.load(Ordering::Acquire) != 0 {
+        if self.configured {
+            self.check_configured(idle);
+            return;
+        }
+        if idle < MIN_LEARNED || self.announced_ms.load(Ordering::Acquire) != 0 {
             return;
         }
         let mut last = self.last_observed.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,6 +99,23 @@ impl IdleLearner {
             }
         }
         *last = Some(idle);
+    }
+
+    /// A configured timeout is trusted, but an idle close before the point where the pool
+    /// would have rotated the connection (3/4 of it) says it is too high: counted, and
+    /// warned of the first time.
+    fn check_configured(&self, idle: Duration) {
+        let configured = Duration::from_millis(self.learned_ms.load(Ordering::Acquire));
+        if idle < MIN_LEARNED || idle >= configured * 3 / 4 {
+            return;
+        }
+        if self.early_closes.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                idle = ?idle,
+                configured = ?configured,
+                "the origin closed an idle connection before origin_idle_timeout's rotation point; is it set too high?"
+            );
+        }
     }
 }
 
@@ -137,6 +166,11 @@ mod tests {
         assert_eq!(l.source(), Some("configured"));
         assert_eq!(IdleLearner::new(None).learned(), None);
         assert_eq!(IdleLearner::new(None).source(), None);
+        // 1.1 s is before 3/4 of 75 s: counted as a sign the setting is too high; a close
+        // after the rotation point (a connection kept busy past it) is not.
+        assert_eq!(l.early_closes(), 2);
+        l.observe_close(Duration::from_secs(60));
+        assert_eq!(l.early_closes(), 2);
     }
 
     #[test]

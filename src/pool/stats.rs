@@ -131,6 +131,9 @@ pub struct PoolSnapshot {
     /// (`Keep-Alive: timeout=N`) or "observed" (the origin's idle closes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_source: Option<&'static str>,
+    /// Idle closes by the origin before a configured `origin_idle_timeout`'s rotation point
+    /// (3/4 of it): the setting is too high.
+    pub early_idle_closes_total: u64,
     /// Target open connections: the floor raised by the recent peak of concurrent requests.
     pub target: usize,
     pub recent_peak_in_flight: f64,
@@ -228,6 +231,7 @@ impl Inner {
                 .learned()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             idle_timeout_source: self.idle.source(),
+            early_idle_closes_total: self.idle.early_closes(),
             target,
             recent_peak_in_flight: self.peak_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             retiring: st.retiring,

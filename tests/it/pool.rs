@@ -237,6 +237,38 @@ async fn a_configured_origin_idle_timeout_wins_and_idle_connections_are_replaced
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_idle_timeout_set_too_high_shows_in_early_idle_closes() {
+    // The origin closes idle connections after 1 s; the operator states 10 s (rotation at
+    // 7.5 s), so the origin's closes come first, and /pools says so.
+    let origin = origin()
+        .http1_only()
+        .idle_close(Duration::from_millis(1000))
+        .start()
+        .await
+        .unwrap();
+    let edge = single_origin_edge(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 2\norigin_idle_timeout = \"10s\"",
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            pool_field(edge.admin, 0, "early_idle_closes_total")
+                .await
+                .as_u64()
+                >= Some(1)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    assert_eq!(
+        pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
+        10_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_from_the_origin_and_connection_rotation_cost_no_client_an_error() {
     let origin = origin().start().await.unwrap();
     let edge = single_origin_edge(
