@@ -40,19 +40,11 @@ impl Budget {
     /// Takes `n` bytes if they fit under the cap.
     fn take(&self, n: usize) -> bool {
         use std::sync::atomic::Ordering;
-        let mut held = self.held.load(Ordering::Relaxed);
-        loop {
-            let Some(next) = held.checked_add(n).filter(|&t| t <= self.cap) else {
-                return false;
-            };
-            match self
-                .held
-                .compare_exchange_weak(held, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(now) => held = now,
-            }
-        }
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&t| t <= self.cap)
+            })
+            .is_ok()
     }
 
     fn give_back(&self, n: usize) {

@@ -64,16 +64,7 @@ impl Dns {
         let dns = cfg.dns.expect("[dns]");
         let sidecar = Sidecar::start(dns, Some("127.0.0.1:0".parse().expect("addr")))
             .await
-            .map_err(|e| {
-                let mut chain = e.to_string();
-                let mut cur = std::error::Error::source(&e);
-                while let Some(c) = cur {
-                    chain.push_str(": ");
-                    chain.push_str(&c.to_string());
-                    cur = c.source();
-                }
-                chain
-            })?;
+            .map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
         Ok(Dns {
             sidecar,
             dir,
