@@ -321,12 +321,15 @@ async fn requests_fail_over_to_the_second_origin_and_come_back() {
         &["localhost"],
     ))
     .await;
-    // The standby origin is warm too.
+    // The standby origin is warm too (a connection may have been replaced meanwhile: a
+    // count that went 0 -> 2 between two looks failed "== 1" once in CI).
     assert!(
         eventually(Duration::from_secs(5), || async {
-            b.stats().handshakes() == 1
+            b.stats().handshakes() >= 1
         })
-        .await
+        .await,
+        "standby handshakes: {}",
+        b.stats().handshakes()
     );
     let served_by = || served_by(edge.addr);
     assert_eq!(served_by().await, "a");
