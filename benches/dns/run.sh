@@ -5,7 +5,11 @@
 # latency, RSS idle and with 100,000 networks, and edgepop's map rebuild time (SIGHUP ->
 # new answers) with 100,000 networks.
 #
-# usage: benches/dns/run.sh [SECONDS_PER_RUN] [REPEATS]   (needs dnsperf, gdnsd, tinydns, dig)
+# The "floor" rows are benches/dns/floor.c, a server that does no DNS work (it echoes each
+# query): what the kernel charges any server for the same load. The summary gives each
+# server's CPU per query above it, the part a server's own code controls.
+#
+# usage: benches/dns/run.sh [SECONDS_PER_RUN] [REPEATS]   (needs dnsperf, gdnsd, tinydns, dig, cc)
 # Runs alternate between servers and each configuration is repeated (default 3); the
 # summary gives the median CPU per query, which is what survives a noisy shared machine.
 # Everything runs on 127.0.0.1; tinydns can only use port 53 (it must be free).
@@ -24,6 +28,7 @@ CLIENTS="-c 20 -T 2"   # dnsperf's clients and threads; "1 stream" rows use one 
 
 cargo build --release --quiet
 BIN=target/release/edgepop
+cc -O2 -o "$WORK/floor" benches/dns/floor.c
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -67,10 +72,15 @@ rows = {}
 for line in open(sys.argv[1]):
     name, load, cpu, qps = line.strip().split("|")
     rows.setdefault((load, name), []).append((float(cpu), float(qps)))
+def median_cpu(load, name):
+    v = rows.get((load, name))
+    return statistics.median(c for c, _ in v) if v else None
 for (load, name), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cap", kv[0][0], kv[0][1])):
     cpu = statistics.median(c for c, _ in v)
     qps = statistics.median(q for _, q in v)
-    print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
+    floor = median_cpu(load, "floor 1 stream" if name.endswith("1 stream") else "floor")
+    above = f"  above floor {cpu - floor:5.2f} us" if floor is not None and not name.startswith("floor") else ""
+    print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us{above}  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
 PY
 }
 
@@ -142,6 +152,12 @@ if command -v tinydns >/dev/null && ! ss -lun | grep -q '127.0.0.1:53 '; then
   wait_port 53 && echo "tinydns RSS idle (1k nets): $(rss_kib $TD) KiB"
 fi
 
+# --- the floor: no DNS work at all
+FL_PORT=5394
+"$WORK/floor" $FL_PORT &
+FL=$!; PIDS+=("$FL")
+wait_port $FL_PORT
+
 echo
 echo "== dnsperf, ${SECS}s per run, 20 clients, 2 threads =="
 for _ in $(seq 1 "$REPEATS"); do
@@ -149,6 +165,7 @@ for _ in $(seq 1 "$REPEATS"); do
     run "edgepop" $EP $EP_PORT $target -e
     run "gdnsd" $GDP $GD_PORT $target -e
     run "edgepop (recvmmsg)" $EP2 $EP2_PORT $target -e
+    run "floor" $FL $FL_PORT $target -e
     if [ "$target" != 0 ]; then
       # The same rate as one steady stream (a query every 25 us, each waking the server):
       # closer to many independent resolvers than 20 clients' bursts of about 4 queries.
@@ -156,6 +173,7 @@ for _ in $(seq 1 "$REPEATS"); do
       run "edgepop 1 stream" $EP $EP_PORT $target -e
       run "gdnsd 1 stream" $GDP $GD_PORT $target -e
       run "edgepop (recvmmsg) 1 stream" $EP2 $EP2_PORT $target -e
+      run "floor 1 stream" $FL $FL_PORT $target -e
       CLIENTS="-c 20 -T 2"
     fi
     run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
@@ -167,7 +185,7 @@ for _ in $(seq 1 "$REPEATS"); do
 done
 summary
 
-kill $EP $EP2 $GDP ${TD:-} 2>/dev/null || true
+kill $EP $EP2 $GDP $FL ${TD:-} 2>/dev/null || true
 wait 2>/dev/null || true
 
 echo
