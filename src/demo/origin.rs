@@ -169,6 +169,9 @@ impl OriginBuilder {
             parked: Mutex::new(None),
             accept_task: Mutex::new(None),
             goaway: Notify::new(),
+            idle_close_ms: AtomicU64::new(
+                self.idle_close.map_or(0, |d| (d.as_millis() as u64).max(1)),
+            ),
         });
         let socket = bound_socket(self.address)?;
         let address = serve(&shared, socket, self.address)?;
@@ -201,11 +204,21 @@ struct Shared {
     parked: Mutex<Option<TcpSocket>>,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     goaway: Notify,
+    /// Idle connections are closed after this many ms (0: never); changed by
+    /// [`Origin::set_idle_close`].
+    idle_close_ms: AtomicU64,
 }
 
 impl Shared {
     fn token(&self) -> CancellationToken {
         lock(&self.run).clone()
+    }
+
+    fn idle_close(&self) -> Option<Duration> {
+        match self.idle_close_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 }
 
@@ -226,6 +239,14 @@ impl Origin {
 
     pub fn stats(&self) -> &OriginStats {
         &self.shared.stats
+    }
+
+    /// Changes when idle connections are closed (None: never), open ones included.
+    pub fn set_idle_close(&self, d: Option<Duration>) {
+        let ms = d.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.shared.idle_close_ms.store(ms, Ordering::SeqCst);
     }
 
     /// `/healthz` answers 503 while false.
@@ -355,9 +376,9 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
     }
     let conn = b.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
-    let idle = shared.builder.idle_close;
     let mut closing = false;
     loop {
+        let idle = shared.idle_close();
         // select!: connection done, crash (token), GOAWAY request, idle timer.
         tokio::select! {
             _ = conn.as_mut() => break,
@@ -368,7 +389,8 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
             }
             _ = activity.notified() => {}
             _ = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400))), if idle.is_some() && !closing => {
-                if in_flight.load(Ordering::SeqCst) == 0 {
+                // A changed setting starts over (from now) with the new value.
+                if in_flight.load(Ordering::SeqCst) == 0 && shared.idle_close() == idle {
                     break;
                 }
             }

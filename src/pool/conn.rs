@@ -71,6 +71,9 @@ pub(super) struct ConnFlags {
     pub counted: AtomicBool,
     /// Set when rotation or shutdown retires it: finish what runs, take nothing new.
     pub draining: AtomicBool,
+    /// Set (under the pool's lock) when it became an idle trial (`pool::trial`): counted as
+    /// retiring, though not draining.
+    pub trial: AtomicBool,
     /// Milliseconds since the pool's epoch when the last exchange on it ended.
     pub last_used_ms: AtomicU64,
     /// Cancelled to close the connection now (an unanswered PING); ends the h2 driver.
@@ -351,6 +354,7 @@ impl Conn {
                 closed: AtomicBool::new(false),
                 counted: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                trial: AtomicBool::new(false),
                 last_used_ms: AtomicU64::new(
                     inner
                         .now_ms()

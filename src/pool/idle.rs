@@ -4,6 +4,12 @@
 //! origin announces it, otherwise from two consecutive idle closes after about the same
 //! interval (which closes that were not idle timeouts can mislead: the setting is the way
 //! out).
+//!
+//! An observed value is only ever confirmed from below, since the pool rotates idle
+//! connections before it: so now and then one rotated connection is not closed but kept out
+//! of service, idle, up to twice the value (an idle trial, see the pool's maintenance). If
+//! the origin closes it, that close is one more observation; if it survives, the value was
+//! too low (closes that were not the idle timeout taught it) and is doubled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -11,6 +17,9 @@ use std::time::Duration;
 
 /// Shortest idle close we treat as a timeout rather than noise.
 const MIN_LEARNED: Duration = Duration::from_millis(200);
+/// An observed value that doubles past this is forgotten: the origin keeps idle connections
+/// for as long as the pool cares.
+const MAX_LEARNED: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Default)]
 pub struct IdleLearner {
@@ -24,6 +33,8 @@ pub struct IdleLearner {
     /// Idle closes by the origin before a configured timeout's rotation point: the stated
     /// value is too high.
     early_closes: AtomicU64,
+    /// Idle trials that outlived twice the observed value (which was then doubled).
+    trials_survived: AtomicU64,
 }
 
 impl IdleLearner {
@@ -67,6 +78,44 @@ impl IdleLearner {
             self.learned_ms.store(ms, Ordering::Release);
             tracing::info!(timeout = ?timeout, "origin announced its keep-alive timeout");
         }
+    }
+
+    /// The observed timeout an idle trial tests now, if one may run: only an observed value
+    /// is tried (a configured or announced one is the origin's word).
+    pub fn trial_base(&self) -> Option<Duration> {
+        if self.configured || self.announced_ms.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        self.learned()
+    }
+
+    /// An idle trial of `base` kept its connection open, idle, for twice `base`: the origin's
+    /// timeout is longer, so the value doubles (or is forgotten past [`MAX_LEARNED`]),
+    /// unless it changed meanwhile.
+    pub fn trial_survived(&self, base: Duration) {
+        let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+        let doubled = base.saturating_mul(2);
+        let next_ms = if doubled > MAX_LEARNED {
+            0
+        } else {
+            base_ms.saturating_mul(2)
+        };
+        let swapped =
+            self.learned_ms
+                .compare_exchange(base_ms, next_ms, Ordering::AcqRel, Ordering::Acquire);
+        if swapped.is_ok() {
+            self.trials_survived.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                learned = ?base,
+                now = ?(next_ms > 0).then_some(doubled),
+                "the origin kept an idle connection open past twice the learned idle timeout; raising it"
+            );
+        }
+    }
+
+    /// Idle trials that showed the observed value too low.
+    pub fn trials_survived(&self) -> u64 {
+        self.trials_survived.load(Ordering::Relaxed)
     }
 
     /// Idle closes by the origin that came before a configured timeout's rotation point.
@@ -171,6 +220,35 @@ mod tests {
         assert_eq!(l.early_closes(), 2);
         l.observe_close(Duration::from_secs(60));
         assert_eq!(l.early_closes(), 2);
+    }
+
+    #[test]
+    fn a_surviving_idle_trial_doubles_an_observed_timeout_and_nothing_else() {
+        let l = IdleLearner::default();
+        assert_eq!(l.trial_base(), None);
+        l.observe_close(Duration::from_millis(300));
+        l.observe_close(Duration::from_millis(300));
+        let base = l.trial_base().expect("observed");
+        assert_eq!(base, Duration::from_millis(300));
+        l.trial_survived(base);
+        assert_eq!(l.learned(), Some(Duration::from_millis(600)));
+        assert_eq!(l.trials_survived(), 1);
+        // A trial of a value that changed meanwhile changes nothing.
+        l.trial_survived(base);
+        assert_eq!(l.learned(), Some(Duration::from_millis(600)));
+        // Past an hour, the value is forgotten.
+        l.observe_close(Duration::from_secs(2000));
+        l.observe_close(Duration::from_secs(2000));
+        l.trial_survived(Duration::from_secs(2000));
+        assert_eq!(l.learned(), None);
+        // Configured and announced values are never tried.
+        assert_eq!(
+            IdleLearner::new(Some(Duration::from_secs(5))).trial_base(),
+            None
+        );
+        let a = IdleLearner::default();
+        a.announce(Duration::from_secs(5));
+        assert_eq!(a.trial_base(), None);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
         if let Some(rtt) = inner.sample_ping_rtt() {
             inner.stats.record_ping_rtt(rtt);
         }
+        inner.check_trial();
         let wanted = reserve_deficit(&inner);
         let mut failed = open_n(&inner, wanted).await;
         if !failed {
@@ -168,10 +169,13 @@ fn reserve_deficit(inner: &Inner) -> usize {
 async fn rotate(inner: &Arc<Inner>) -> bool {
     let now = Instant::now();
     let now_ms = inner.now_ms();
+    // The old connection must be out of service by 3/4 of the timeout, but this check runs
+    // once a tick and the replacement's handshake comes first: both are taken off.
+    let lead = tick(inner) + inner.stats.last_connect_time();
     let idle_limit_ms = inner
         .idle
         .learned()
-        .map(|t| u64::try_from((t * 3 / 4).as_millis()).unwrap_or(u64::MAX));
+        .map(|t| u64::try_from((t * 3 / 4).saturating_sub(lead).as_millis()).unwrap_or(u64::MAX));
     for (id, retire_at, last_used, in_flight) in inner.rotation_candidates() {
         let aged = now >= retire_at;
         let idle_expiring = idle_limit_ms
@@ -184,6 +188,9 @@ async fn rotate(inner: &Arc<Inner>) -> bool {
         let surplus = inner.lock().live() > inner.target();
         if !surplus && inner.reserve_connect() && open_n(inner, 1).await {
             return true;
+        }
+        if idle_expiring && !aged && inner.start_trial(id) {
+            continue;
         }
         if inner.retire(id) {
             inner.stats.rotated.fetch_add(1, Ordering::Relaxed);

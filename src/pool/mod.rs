@@ -19,6 +19,7 @@ mod maintain;
 mod queue;
 mod rtt;
 mod stats;
+mod trial;
 mod tunnel;
 
 pub use conn::{UpstreamBody, Warmth};
@@ -105,6 +106,10 @@ struct State {
     busy_h1: usize,
     /// Requests waiting for a connection, oldest first.
     queue: queue::Queue,
+    /// The idle trial in progress (see `trial`): an open connection out of service.
+    trial: Option<trial::Trial>,
+    /// When the last idle trial ended (`now_ms`); none yet: one may start at once.
+    trial_ended_ms: Option<u64>,
 }
 
 impl State {
@@ -367,10 +372,15 @@ impl Pool {
         let mut st = self.inner.lock();
         st.idle_h1.clear();
         st.queue.clear();
+        let trial = st.trial.take();
+        if let Some(t) = &trial {
+            t.mark_draining();
+        }
         for c in st.h2.drain(..) {
             c.flags.draining.store(true, Ordering::Release);
         }
         drop(st);
+        drop(trial);
         self.inner.warmed.notify_waiters();
     }
 }
@@ -699,14 +709,18 @@ impl Inner {
         if flags.counted.load(Ordering::Acquire) {
             st.open = st.open.saturating_sub(1);
         }
-        if draining {
+        // A trial's connection was counted as retiring without draining (read under the lock,
+        // where `start_trial` sets it).
+        if draining || flags.trial.load(Ordering::Acquire) {
             st.retiring = st.retiring.saturating_sub(1);
         }
+        let ended_trial = self.trial_closed(&mut st, id);
         st.h2.retain(|c| c.id != id);
         st.idle_h1.retain(|(c, _)| c.id != id);
         // Room to connect again, for the next request in line.
         self.serve_queue(&mut st);
         drop(st);
+        drop(ended_trial);
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.maintain.notify_one();
         self.warmed.notify_waiters();

@@ -18,6 +18,8 @@ pub struct Stats {
     pub queue_full: AtomicU64,
     pub queue_timeouts: AtomicU64,
     pub rotated: AtomicU64,
+    /// Idle trials started (`pool::trial`).
+    pub idle_trials: AtomicU64,
     pub retried: AtomicU64,
     /// Last TCP connect and TLS handshake durations, in microseconds.
     pub tcp_connect_us: AtomicU64,
@@ -50,6 +52,13 @@ impl Stats {
     pub fn record_connect_times(&self, tcp: Duration, tls: Duration) {
         store_us(&self.tcp_connect_us, tcp);
         store_us(&self.tls_handshake_us, tls);
+    }
+
+    /// The last connect's TCP and TLS handshakes together.
+    pub fn last_connect_time(&self) -> Duration {
+        let us = self.tcp_connect_us.load(Ordering::Relaxed)
+            + self.tls_handshake_us.load(Ordering::Relaxed);
+        Duration::from_micros(us)
     }
 
     pub fn record_ping_rtt(&self, d: Duration) {
@@ -134,6 +143,13 @@ pub struct PoolSnapshot {
     /// Idle closes by the origin before a configured `origin_idle_timeout`'s rotation point
     /// (3/4 of it): the setting is too high.
     pub early_idle_closes_total: u64,
+    /// Idle trials: a rotated connection kept open and idle, out of service, up to twice an
+    /// observed idle timeout, to see whether the origin closes it; and those it did not
+    /// (each doubled the value).
+    pub idle_trials_total: u64,
+    pub idle_trials_survived_total: u64,
+    /// A trial's connection is open, idle and out of service now.
+    pub idle_trial_running: bool,
     /// Target open connections: the floor raised by the recent peak of concurrent requests.
     pub target: usize,
     pub recent_peak_in_flight: f64,
@@ -232,6 +248,9 @@ impl Inner {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             idle_timeout_source: self.idle.source(),
             early_idle_closes_total: self.idle.early_closes(),
+            idle_trials_total: self.stats.idle_trials.load(Ordering::Relaxed),
+            idle_trials_survived_total: self.idle.trials_survived(),
+            idle_trial_running: st.trial.is_some(),
             target,
             recent_peak_in_flight: self.peak_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             retiring: st.retiring,

@@ -177,6 +177,89 @@ async fn the_http1_idle_close_race_costs_no_client_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
+    // The origin closes idle connections after 300ms, and the pool learns it; then the
+    // origin stops closing them (a proxy in front of it went away, say). Rotation alone would
+    // keep replacing connections at 225ms for good: an idle trial keeps one open, idle and
+    // out of service, past 600ms, and the value doubles.
+    let origin = origin()
+        .http1_only()
+        .idle_close(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let edge =
+        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 2").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "learned_idle_timeout_ms")
+                .await
+                .as_u64()
+                .is_some()
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    // A trial while the origin still closes at 300ms: the origin's close ends it.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "idle_trials_total")
+                .await
+                .as_u64()
+                >= Some(1)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "idle_trial_running").await == false
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    origin.set_idle_close(None);
+    // The next trial, 8 learned timeouts later, outlives twice the value.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            pool_field(edge.admin, 0, "idle_trials_survived_total")
+                .await
+                .as_u64()
+                >= Some(1)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    let snap = pools_json(edge.admin).await;
+    let learned = snap["pools"][0]["learned_idle_timeout_ms"].as_u64();
+    assert!(learned.is_some_and(|ms| ms >= 500), "{snap}");
+    assert_eq!(
+        snap["pools"][0]["idle_timeout_source"], "observed",
+        "{snap}"
+    );
+    // Both ways a trial ends leave the books straight: the pool is back to its two live
+    // connections, none retiring (between trials and rotations).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let snap = pools_json(edge.admin).await;
+            snap["pools"][0]["open"] == 2 && snap["pools"][0]["retiring"] == 0
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    // The trial's connection never took a request; the pool serves on as before.
+    let mut c = Client::connect(edge.addr, "localhost", false).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("localhost", "/").await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announced_keep_alive_timeout_is_learned() {
     let origin = origin()
         .http1_only()
