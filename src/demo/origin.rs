@@ -169,6 +169,7 @@ impl OriginBuilder {
             parked: Mutex::new(None),
             accept_task: Mutex::new(None),
             goaway: Notify::new(),
+            idle_changed: Notify::new(),
             idle_close_ms: AtomicU64::new(
                 self.idle_close.map_or(0, |d| (d.as_millis() as u64).max(1)),
             ),
@@ -207,6 +208,8 @@ struct Shared {
     /// Idle connections are closed after this many ms (0: never); changed by
     /// [`Origin::set_idle_close`].
     idle_close_ms: AtomicU64,
+    /// Wakes every connection's loop to take a changed `idle_close_ms`.
+    idle_changed: Notify,
 }
 
 impl Shared {
@@ -241,12 +244,14 @@ impl Origin {
         &self.shared.stats
     }
 
-    /// Changes when idle connections are closed (None: never), open ones included.
+    /// Changes when idle connections are closed (None: never), open ones included: their
+    /// idle time starts over.
     pub fn set_idle_close(&self, d: Option<Duration>) {
         let ms = d.map_or(0, |d| {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
         });
         self.shared.idle_close_ms.store(ms, Ordering::SeqCst);
+        self.shared.idle_changed.notify_waiters();
     }
 
     /// `/healthz` answers 503 while false.
@@ -388,9 +393,10 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
                 conn.as_mut().graceful_shutdown();
             }
             _ = activity.notified() => {}
+            // The idle timer starts over with the new value.
+            _ = shared.idle_changed.notified() => {}
             _ = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400))), if idle.is_some() && !closing => {
-                // A changed setting starts over (from now) with the new value.
-                if in_flight.load(Ordering::SeqCst) == 0 && shared.idle_close() == idle {
+                if in_flight.load(Ordering::SeqCst) == 0 {
                     break;
                 }
             }

@@ -97,11 +97,16 @@ async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
     if n == 0 {
         return false;
     }
-    let results = futures_util::future::join_all((0..n).map(|_| conn::open(inner, true))).await;
+    let results = futures_util::future::join_all((0..n).map(|_| async {
+        let started = Instant::now();
+        (conn::open(inner, true).await, started.elapsed())
+    }))
+    .await;
     let mut failed = false;
-    for r in results {
+    for (r, took) in results {
         match r {
             Ok(opened) => {
+                inner.stats.record_warm_open(took);
                 if inner.add_idle(opened) {
                     if inner.origin.health_path.is_none() {
                         inner.note_success();
@@ -167,37 +172,58 @@ fn reserve_deficit(inner: &Inner) -> usize {
 /// timeout is near; each replacement is opened first, unless the pool holds more than its
 /// target (then the connection just goes). Returns true if a replacement failed.
 async fn rotate(inner: &Arc<Inner>) -> bool {
-    let now = Instant::now();
-    let now_ms = inner.now_ms();
-    // The old connection must be out of service by 3/4 of the timeout, but this check runs
-    // once a tick and the replacement's handshake comes first: both are taken off.
-    let lead = tick(inner) + inner.stats.last_connect_time();
-    let idle_limit_ms = inner
-        .idle
-        .learned()
-        .map(|t| u64::try_from((t * 3 / 4).saturating_sub(lead).as_millis()).unwrap_or(u64::MAX));
-    for (id, retire_at, last_used, in_flight) in inner.rotation_candidates() {
-        let aged = now >= retire_at;
-        let idle_expiring = idle_limit_ms
-            .is_some_and(|lim| in_flight == 0 && now_ms.saturating_sub(last_used) >= lim);
-        if !aged && !idle_expiring {
-            continue;
-        }
-        // Rotation is also how a pool shrinks back to its target after a burst: a surplus
-        // connection is retired without a replacement.
-        let surplus = inner.lock().live() > inner.target();
-        if !surplus && inner.reserve_connect() && open_n(inner, 1).await {
-            return true;
-        }
-        if idle_expiring && !aged && inner.start_trial(id) {
+    let due = due_for_rotation(inner);
+    if due.is_empty() {
+        return false;
+    }
+    // Rotation is also how a pool shrinks back to its target after a burst: surplus
+    // connections are retired without a replacement. The replacements open together.
+    let surplus = inner.lock().live().saturating_sub(inner.target());
+    let wanted = due.len().saturating_sub(surplus);
+    let mut reserved = 0;
+    while reserved < wanted && inner.reserve_connect() {
+        reserved += 1;
+    }
+    if open_n(inner, reserved).await {
+        return true;
+    }
+    for (i, (id, idle_expiring)) in due.into_iter().enumerate() {
+        // Only a connection the pool can do without becomes a trial (one with a replacement,
+        // or a surplus one): at max_connections, a trial would hold a slot the pool needs.
+        let spare = i < surplus + reserved;
+        if idle_expiring && spare && inner.start_trial(id) {
             continue;
         }
         if inner.retire(id) {
             inner.stats.rotated.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(origin = %inner.origin.name, conn = id, aged, idle_expiring, "rotated connection");
+            tracing::debug!(origin = %inner.origin.name, conn = id, idle_expiring, "rotated connection");
         }
     }
     false
+}
+
+/// Connections past their age, or idle long enough that the origin's idle timeout is near
+/// (true: idle, not aged). The old connection must be out of service by 3/4 of the timeout,
+/// but this check runs once a tick and the replacement's open (handshake and settle) comes
+/// first: both are taken off, down to half the timeout.
+fn due_for_rotation(inner: &Inner) -> Vec<(u64, bool)> {
+    let now = Instant::now();
+    let now_ms = inner.now_ms();
+    let lead = tick(inner) + inner.stats.warm_open_time();
+    let idle_limit_ms = inner.idle.learned().map(|t| {
+        let limit = (t * 3 / 4).saturating_sub(lead).max(t / 2);
+        u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+    });
+    inner
+        .rotation_candidates()
+        .into_iter()
+        .filter_map(|(id, retire_at, last_used, in_flight)| {
+            let aged = now >= retire_at;
+            let idle_expiring = idle_limit_ms
+                .is_some_and(|lim| in_flight == 0 && now_ms.saturating_sub(last_used) >= lim);
+            (aged || idle_expiring).then_some((id, idle_expiring && !aged))
+        })
+        .collect()
 }
 
 /// Full jitter over the upper half of an exponential ceiling: spreads reconnects of many

@@ -24,6 +24,8 @@ pub struct Stats {
     /// Last TCP connect and TLS handshake durations, in microseconds.
     pub tcp_connect_us: AtomicU64,
     pub tls_handshake_us: AtomicU64,
+    /// Moving average of a warm open's whole time, in microseconds (see `record_warm_open`).
+    warm_open_us: AtomicU64,
     /// Last health check's request round trip over a pooled connection, in microseconds.
     pub health_rtt_us: AtomicU64,
     /// Kernel-smoothed RTT of the pooled TCP connections, in microseconds.
@@ -54,11 +56,24 @@ impl Stats {
         store_us(&self.tls_handshake_us, tls);
     }
 
-    /// The last connect's TCP and TLS handshakes together.
-    pub fn last_connect_time(&self) -> Duration {
-        let us = self.tcp_connect_us.load(Ordering::Relaxed)
-            + self.tls_handshake_us.load(Ordering::Relaxed);
-        Duration::from_micros(us)
+    /// A warm connection opened in `d` (connect, handshakes, settle): kept as a moving
+    /// average, so one slow connect moves it by a quarter.
+    pub fn record_warm_open(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .warm_open_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    us
+                } else {
+                    old.saturating_mul(3).saturating_add(us) / 4
+                })
+            });
+    }
+
+    /// How long opening a warm connection takes, on average.
+    pub fn warm_open_time(&self) -> Duration {
+        Duration::from_micros(self.warm_open_us.load(Ordering::Relaxed))
     }
 
     pub fn record_ping_rtt(&self, d: Duration) {

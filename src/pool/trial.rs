@@ -56,10 +56,13 @@ impl Inner {
         if st.trial.is_some() || !spaced {
             return false;
         }
-        let open = |c: &Conn| !c.flags.closed.load(Ordering::Acquire);
-        let (conn, h1) = if let Some(i) = st.h2.iter().position(|c| c.id == id && open(c)) {
+        // Still idle: an h2 connection may have taken a stream while its replacement opened.
+        let idle = |c: &Conn| {
+            !c.flags.closed.load(Ordering::Acquire) && c.in_flight.load(Ordering::Acquire) == 0
+        };
+        let (conn, h1) = if let Some(i) = st.h2.iter().position(|c| c.id == id && idle(c)) {
             (st.h2.remove(i), None)
-        } else if let Some(i) = st.idle_h1.iter().position(|(c, _)| c.id == id && open(c)) {
+        } else if let Some(i) = st.idle_h1.iter().position(|(c, _)| c.id == id && idle(c)) {
             let (c, send) = st.idle_h1.remove(i);
             (c, Some(send))
         } else {
@@ -80,15 +83,18 @@ impl Inner {
     }
 
     /// Ends the trial once its connection has been idle for twice its base: the origin's
-    /// timeout is longer than learned. Closing it is then ours (draining).
+    /// timeout is longer than learned. Closing it is then ours (draining). A trial whose
+    /// connection carries a stream (taken just before the trial began) ends without a verdict.
     pub(super) fn check_trial(&self) {
         let now = self.now_ms();
         let mut st = self.lock();
         let Some(t) = &st.trial else {
             return;
         };
+        let busy = t.conn.in_flight.load(Ordering::Acquire) > 0;
         let idle = now.saturating_sub(t.conn.flags.last_used_ms.load(Ordering::Acquire));
-        if idle < millis(t.base).saturating_mul(2) || t.conn.flags.closed.load(Ordering::Acquire) {
+        let survived = !busy && idle >= millis(t.base).saturating_mul(2);
+        if !(busy || survived) || t.conn.flags.closed.load(Ordering::Acquire) {
             return;
         }
         let Some(t) = st.trial.take() else {
@@ -97,8 +103,10 @@ impl Inner {
         st.trial_ended_ms = Some(now);
         t.mark_draining();
         drop(st);
-        self.idle.trial_survived(t.base);
-        // Dropped here, outside the lock: the connection closes.
+        if survived {
+            self.idle.trial_survived(t.base);
+        }
+        // Dropped here, outside the lock: the connection closes (after its stream, if any).
         drop(t);
     }
 

@@ -221,6 +221,10 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
         "{}",
         pools_json(edge.admin).await
     );
+    let snap = pools_json(edge.admin).await;
+    assert_eq!(snap["pools"][0]["idle_trials_survived_total"], 0, "{snap}");
+    let learned = snap["pools"][0]["learned_idle_timeout_ms"].as_u64();
+    assert!(learned.is_some_and(|ms| ms < 500), "{snap}");
     origin.set_idle_close(None);
     // The next trial, 8 learned timeouts later, outlives twice the value.
     assert!(
@@ -257,6 +261,37 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
     for _ in 0..3 {
         assert_eq!(c.get("localhost", "/").await.0, 200);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_at_max_connections_runs_no_idle_trial() {
+    // With every slot taken, a rotated connection has no replacement: keeping it open as a
+    // trial would leave the pool a connection short, so it is closed instead.
+    let origin = origin()
+        .http1_only()
+        .idle_close(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let edge = single_origin_edge(
+        origin.addr(),
+        "protocol = \"http1\"\nwarm_connections = 2\nmax_connections = 2",
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_field(edge.admin, 0, "rotated_total").await.as_u64() >= Some(3)
+        })
+        .await,
+        "{}",
+        pools_json(edge.admin).await
+    );
+    assert_eq!(
+        pool_field(edge.admin, 0, "idle_trials_total").await,
+        0,
+        "{}",
+        pools_json(edge.admin).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
