@@ -314,7 +314,7 @@ where
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(H2_MAX_STREAMS)
                 .max_pending_accept_reset_streams(Some(64))
-                .max_header_list_size(super::MAX_HEADER_SECTION as u32)
+                .max_header_list_size(super::HEADER_LIST_DECODE_LIMIT as u32)
                 // RFC 8441: WebSockets over h2 (extended CONNECT), bridged to the origin's
                 // RFC 6455.
                 .enable_connect_protocol()

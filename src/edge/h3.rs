@@ -30,8 +30,9 @@ use tokio_util::task::TaskTracker;
 
 /// Concurrent requests a client may have on one HTTP/3 connection (as for h2).
 const MAX_STREAMS: u32 = 256;
-/// Largest request header section (decoded), as for the TCP side.
-const MAX_FIELD_SECTION: u64 = super::MAX_HEADER_SECTION as u64;
+/// Where the h3 layer refuses a request header section (decoded) itself; the handler's 431
+/// (logged) comes at the cap, as for the TCP side.
+const MAX_FIELD_SECTION: u64 = super::HEADER_LIST_DECODE_LIMIT as u64;
 /// Receive windows: per request stream and per connection (h2's order of magnitude).
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;

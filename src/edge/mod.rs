@@ -10,6 +10,12 @@
 /// allows 4 x 8 KiB by default, HAProxy 16 KiB of buffer).
 pub const MAX_HEADER_SECTION: usize = 64 * 1024;
 
+/// Where the h2 and h3 crates stop decoding a header list and answer 431 themselves, unseen by
+/// the handler (nothing logged or counted): twice the cap, so the handler's own check
+/// (`proxy::handler`) refuses the sections between the two with a 431 that is logged with its
+/// method and path.
+pub const HEADER_LIST_DECODE_LIMIT: usize = 2 * MAX_HEADER_SECTION;
+
 mod activity;
 pub mod client_limit;
 pub mod conn;

@@ -17,6 +17,8 @@ pub enum ErrorSource {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("request header section of {0} bytes, over the cap")]
+    HeaderSectionTooLarge(usize),
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
     #[error("CONNECT is not supported: edgepop is not a forward proxy (only RFC 8441 WebSocket)")]
@@ -73,6 +75,7 @@ impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::HeaderSectionTooLarge(_)
             | ProxyError::NotImplemented(_)
             | ProxyError::ConnectMethod
             | ProxyError::MisdirectedHost(_)
@@ -92,6 +95,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeaderSectionTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
@@ -121,6 +125,8 @@ impl ProxyError {
     pub fn public_reason(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(r) | ProxyError::NotImplemented(r) => r,
+            // As for the http/1.1 heads hyper refuses (`edge::conn`).
+            ProxyError::HeaderSectionTooLarge(_) => "header section too large",
             ProxyError::ConnectMethod => "CONNECT is not supported",
             ProxyError::MisdirectedHost(_) => "this server does not serve the requested host",
             ProxyError::TooEarly(_) => "too early: send this request again after the TLS handshake",

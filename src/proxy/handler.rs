@@ -108,6 +108,34 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     resp
 }
 
+/// A request's header list as h2 and HTTP/3 count it (RFC 9113 6.5.2): each field's name and
+/// value and 32 octets, the pseudo-header fields included.
+fn header_list_size(req: &Request<ClientIn>) -> usize {
+    const PER_FIELD: usize = 32;
+    let uri = req.uri();
+    let pseudo = [
+        (":method".len(), req.method().as_str().len()),
+        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let fields = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().len(), v.len()));
+    pseudo
+        .into_iter()
+        .chain(fields)
+        .map(|(n, v)| n + v + PER_FIELD)
+        .sum()
+}
+
 /// Host from :authority / absolute-form target or the Host header; both present must agree.
 pub(super) fn target_host(req: &Request<ClientIn>) -> Result<(String, String), ProxyError> {
     let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
@@ -294,6 +322,10 @@ fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
     let h = req.headers();
     match req.version() {
         Version::HTTP_2 | Version::HTTP_3 => {
+            let size = header_list_size(req);
+            if size > crate::edge::MAX_HEADER_SECTION {
+                return Err(ProxyError::HeaderSectionTooLarge(size));
+            }
             // The h2 crate refuses connection-specific fields; h3 lets them through, though
             // RFC 9114 4.2 makes such a request malformed.
             let te = h.get(header::TE).is_some_and(|v| v != "trailers");
