@@ -59,6 +59,35 @@ async fn pool_field(admin: std::net::SocketAddr, i: usize, field: &str) -> serde
     pools_json(admin).await["pools"][i][field].clone()
 }
 
+/// An http/1.1 origin that closes connections idle for `idle`, behind an edge whose origin
+/// has `extra` config.
+async fn idle_closing_origin(
+    idle: Duration,
+    extra: &str,
+) -> (edgepop::demo::origin::Origin, TestEdge) {
+    let origin = origin()
+        .http1_only()
+        .idle_close(idle)
+        .start()
+        .await
+        .unwrap();
+    let edge = single_origin_edge(origin.addr(), &format!("protocol = \"http1\"\n{extra}")).await;
+    (origin, edge)
+}
+
+/// Waits (up to `within`) until the first pool's `field` in /pools reaches `n`; fails with the
+/// whole /pools document.
+async fn wait_pool_count(admin: std::net::SocketAddr, field: &str, n: u64, within: Duration) {
+    assert!(
+        eventually(within, || async {
+            pool_field(admin, 0, field).await.as_u64() >= Some(n)
+        })
+        .await,
+        "{field} under {n}: {}",
+        pools_json(admin).await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refills_resumed() {
     let origin = origin().start().await.unwrap();
@@ -79,14 +108,7 @@ async fn an_origin_restart_under_steady_gets_fails_no_request_and_the_pool_refil
     origin.restart().await.unwrap();
     // Back to warm within one (bounded) backoff step. (Requests that waited through the
     // outage may have opened one more; the surplus goes at rotation.)
-    assert!(
-        eventually(Duration::from_secs(6), || async {
-            pool_field(edge.admin, 0, "open").await.as_u64() >= Some(2)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "open", 2, Duration::from_secs(6)).await;
     let n = load.ok.load(Ordering::SeqCst);
     load.wait_for(n + 20).await;
     let (ok, errors) = load.finish().await;
@@ -124,14 +146,7 @@ async fn a_silently_dead_path_is_detected_by_h2_ping_and_replaced() {
     assert_eq!(c.get("localhost", "/").await.0, 200);
     relay.blackhole(true);
     let started = tokio::time::Instant::now();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            pool_field(edge.admin, 0, "closed_total").await.as_u64() >= Some(2)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "closed_total", 2, Duration::from_secs(5)).await;
     let detected = started.elapsed();
     eprintln!("dead connections detected after {detected:?} (interval + timeout = 600ms)");
     relay.blackhole(false);
@@ -149,14 +164,8 @@ async fn a_silently_dead_path_is_detected_by_h2_ping_and_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http1_idle_close_race_costs_no_client_an_error() {
     // The origin closes connections idle for 300ms; requests arrive right around then.
-    let origin = origin()
-        .http1_only()
-        .idle_close(Duration::from_millis(300))
-        .start()
-        .await
-        .unwrap();
-    let edge =
-        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 2").await;
+    let (_origin, edge) =
+        idle_closing_origin(Duration::from_millis(300), "warm_connections = 2").await;
     let mut c = Client::connect(edge.addr, "localhost", true).await;
     let mut failures = Vec::new();
     for i in 0..24u64 {
@@ -182,14 +191,8 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
     // origin stops closing them (a proxy in front of it went away, say). Rotation alone would
     // keep replacing connections at 225ms for good: an idle trial keeps one open, idle and
     // out of service, past 600ms, and the value doubles.
-    let origin = origin()
-        .http1_only()
-        .idle_close(Duration::from_millis(300))
-        .start()
-        .await
-        .unwrap();
-    let edge =
-        single_origin_edge(origin.addr(), "protocol = \"http1\"\nwarm_connections = 2").await;
+    let (origin, edge) =
+        idle_closing_origin(Duration::from_millis(300), "warm_connections = 2").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             pool_field(edge.admin, 0, "learned_idle_timeout_ms")
@@ -202,17 +205,7 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
         pools_json(edge.admin).await
     );
     // A trial while the origin still closes at 300ms: the origin's close ends it.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            pool_field(edge.admin, 0, "idle_trials_total")
-                .await
-                .as_u64()
-                >= Some(1)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "idle_trials_total", 1, Duration::from_secs(10)).await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             pool_field(edge.admin, 0, "idle_trial_running").await == false
@@ -227,17 +220,13 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
     assert!(learned.is_some_and(|ms| ms < 500), "{snap}");
     origin.set_idle_close(None);
     // The next trial, 8 learned timeouts later, outlives twice the value.
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            pool_field(edge.admin, 0, "idle_trials_survived_total")
-                .await
-                .as_u64()
-                >= Some(1)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(
+        edge.admin,
+        "idle_trials_survived_total",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
     let snap = pools_json(edge.admin).await;
     let learned = snap["pools"][0]["learned_idle_timeout_ms"].as_u64();
     assert!(learned.is_some_and(|ms| ms >= 500), "{snap}");
@@ -267,25 +256,12 @@ async fn an_idle_timeout_learned_too_low_is_raised_by_idle_trials() {
 async fn a_pool_at_max_connections_runs_no_idle_trial() {
     // With every slot taken, a rotated connection has no replacement: keeping it open as a
     // trial would leave the pool a connection short, so it is closed instead.
-    let origin = origin()
-        .http1_only()
-        .idle_close(Duration::from_millis(300))
-        .start()
-        .await
-        .unwrap();
-    let edge = single_origin_edge(
-        origin.addr(),
-        "protocol = \"http1\"\nwarm_connections = 2\nmax_connections = 2",
+    let (_origin, edge) = idle_closing_origin(
+        Duration::from_millis(300),
+        "warm_connections = 2\nmax_connections = 2",
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            pool_field(edge.admin, 0, "rotated_total").await.as_u64() >= Some(3)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "rotated_total", 3, Duration::from_secs(10)).await;
     assert_eq!(
         pool_field(edge.admin, 0, "idle_trials_total").await,
         0,
@@ -343,14 +319,7 @@ async fn a_configured_origin_idle_timeout_wins_and_idle_connections_are_replaced
         "configured"
     );
     // Idle connections are replaced at 3/4 of it, before the origin's close.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            pool_field(edge.admin, 0, "rotated_total").await.as_u64() >= Some(2)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "rotated_total", 2, Duration::from_secs(5)).await;
     assert_eq!(c.get("localhost", "/").await.0, 200);
 }
 
@@ -358,28 +327,18 @@ async fn a_configured_origin_idle_timeout_wins_and_idle_connections_are_replaced
 async fn an_origin_idle_timeout_set_too_high_shows_in_early_idle_closes() {
     // The origin closes idle connections after 1 s; the operator states 10 s (rotation at
     // 7.5 s), so the origin's closes come first, and /pools says so.
-    let origin = origin()
-        .http1_only()
-        .idle_close(Duration::from_millis(1000))
-        .start()
-        .await
-        .unwrap();
-    let edge = single_origin_edge(
-        origin.addr(),
-        "protocol = \"http1\"\nwarm_connections = 2\norigin_idle_timeout = \"10s\"",
+    let (_origin, edge) = idle_closing_origin(
+        Duration::from_millis(1000),
+        "warm_connections = 2\norigin_idle_timeout = \"10s\"",
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(8), || async {
-            pool_field(edge.admin, 0, "early_idle_closes_total")
-                .await
-                .as_u64()
-                >= Some(1)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(
+        edge.admin,
+        "early_idle_closes_total",
+        1,
+        Duration::from_secs(8),
+    )
+    .await;
     assert_eq!(
         pool_field(edge.admin, 0, "learned_idle_timeout_ms").await,
         10_000
@@ -606,14 +565,7 @@ async fn queued_requests_take_a_freed_connection_in_turn_even_when_some_give_up(
             kept.push(t);
         }
     }
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            pool_field(edge.admin, 0, "waiting").await.as_u64() >= Some(16)
-        })
-        .await,
-        "{}",
-        pools_json(edge.admin).await
-    );
+    wait_pool_count(edge.admin, "waiting", 16, Duration::from_secs(5)).await;
     for t in &gave_up {
         t.abort();
     }
