@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime};
 
 /// Entries waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+/// The longest host or path logged, in bytes (longer ones end with "..."): a full queue of
+/// 64 KiB request targets would hold a gigabyte.
+const FIELD_MAX: usize = 8 * 1024;
 /// How often the writer comes by (sooner when the queue is half full).
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
@@ -85,8 +88,8 @@ impl Entry {
             client: client.addr,
             protocol: protocol(version),
             method: method.as_str().to_string(),
-            host: host.to_string(),
-            path: path.to_string(),
+            host: clipped(host),
+            path: clipped(path),
             request_id: String::new(),
             early_data: false,
             status: 0,
@@ -105,6 +108,18 @@ impl Entry {
                 .map(ms),
         }
     }
+}
+
+/// `s`, cut at [`FIELD_MAX`] bytes (on a character boundary) and marked with "...".
+fn clipped(s: &str) -> String {
+    if s.len() <= FIELD_MAX {
+        return s.to_string();
+    }
+    let mut end = FIELD_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -397,5 +412,21 @@ impl Drop for PendingLog {
             }
         }
         self.write(0, "aborted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_hosts_and_paths_are_clipped_on_a_character_boundary() {
+        assert_eq!(clipped("/short"), "/short");
+        let exact = "a".repeat(FIELD_MAX);
+        assert_eq!(clipped(&exact), exact);
+        // A two-byte character straddling the cut is left out whole.
+        let long = format!("{}é{}", "a".repeat(FIELD_MAX - 1), "b".repeat(100));
+        let c = clipped(&long);
+        assert_eq!(c, format!("{}...", "a".repeat(FIELD_MAX - 1)));
     }
 }

@@ -43,12 +43,14 @@ pub async fn handle(
     // hyper's http/1.1 server sends no body to a HEAD itself, nor does the HTTP/3 path.
     let head_only = is_head && req.version() == Version::HTTP_2;
     let mut req = req;
+    // Measured before the edge adds its request id (replacing any the client sent).
+    let head_size = header_list_size(&req);
     headers::set_request_id(req.headers_mut());
     let mut log = rt
         .access_log
         .as_ref()
         .map(|l| PendingLog::new(l, &req, &client));
-    let resp = match forward(rt, req, &client, limits, &mut log).await {
+    let resp = match forward(rt, req, &client, limits, head_size, &mut log).await {
         Ok(resp) => resp,
         Err(e) => {
             let resp = error_response(&e);
@@ -108,32 +110,30 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     resp
 }
 
-/// A request's header list as h2 and HTTP/3 count it (RFC 9113 6.5.2): each field's name and
-/// value and 32 octets, the pseudo-header fields included.
+/// An h2 or HTTP/3 request's header list as the client sent it, counted as those protocols
+/// do (RFC 9113 6.5.2: each field's name and value and 32 octets), its pseudo-header fields
+/// included; 0 for http/1.1, whose head hyper measured already.
 fn header_list_size(req: &Request<ClientIn>) -> usize {
-    const PER_FIELD: usize = 32;
+    if !matches!(req.version(), Version::HTTP_2 | Version::HTTP_3) {
+        return 0;
+    }
     let uri = req.uri();
+    let protocol = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(hyper::ext::Protocol::as_str);
     let pseudo = [
-        (":method".len(), req.method().as_str().len()),
-        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
-        (
-            ":authority".len(),
-            uri.authority().map_or(0, |a| a.as_str().len()),
-        ),
-        (
-            ":path".len(),
-            uri.path_and_query().map_or(0, |p| p.as_str().len()),
-        ),
+        (":method", Some(req.method().as_str())),
+        (":scheme", uri.scheme_str()),
+        (":authority", uri.authority().map(|a| a.as_str())),
+        (":path", uri.path_and_query().map(|p| p.as_str())),
+        (":protocol", protocol),
     ];
-    let fields = req
-        .headers()
+    let pseudo: usize = pseudo
         .iter()
-        .map(|(n, v)| (n.as_str().len(), v.len()));
-    pseudo
-        .into_iter()
-        .chain(fields)
-        .map(|(n, v)| n + v + PER_FIELD)
-        .sum()
+        .filter_map(|(name, value)| value.map(|v| name.len() + v.len() + 32))
+        .sum();
+    pseudo + headers::section_size(req.headers())
 }
 
 /// Host from :authority / absolute-form target or the Host header; both present must agree.
@@ -172,13 +172,14 @@ async fn forward(
     req: Request<ClientIn>,
     client: &ClientConn,
     limits: ClientLimits,
+    head_size: usize,
     log: &mut Option<PendingLog>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let h2_websocket = super::upgrade::is_h2_websocket(&req);
     if req.method() == Method::CONNECT && !h2_websocket {
         return Err(ProxyError::ConnectMethod);
     }
-    check_fields(&req)?;
+    check_fields(&req, head_size)?;
     let (host, authority) = target_host(&req)?;
     let route = rt
         .router
@@ -318,14 +319,13 @@ static CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
 /// would take compressed bytes for plain ones: 501, RFC 9112 6.1, as nginx answers); over h2
 /// and HTTP/3, values with white space at either end (malformed, RFC 9113 8.2.1) and
 /// Content-Length fields that disagree (one is kept when they agree).
-fn check_fields(req: &Request<ClientIn>) -> Result<(), ProxyError> {
+fn check_fields(req: &Request<ClientIn>, head_size: usize) -> Result<(), ProxyError> {
+    if head_size > crate::edge::MAX_HEADER_SECTION {
+        return Err(ProxyError::HeaderSectionTooLarge(head_size));
+    }
     let h = req.headers();
     match req.version() {
         Version::HTTP_2 | Version::HTTP_3 => {
-            let size = header_list_size(req);
-            if size > crate::edge::MAX_HEADER_SECTION {
-                return Err(ProxyError::HeaderSectionTooLarge(size));
-            }
             // The h2 crate refuses connection-specific fields; h3 lets them through, though
             // RFC 9114 4.2 makes such a request malformed.
             let te = h.get(header::TE).is_some_and(|v| v != "trailers");

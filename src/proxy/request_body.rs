@@ -325,6 +325,16 @@ impl Body for ClientBody {
                         Frame::data(this.pending.split(data))
                     }
                     Err(frame) => match frame.into_trailers() {
+                        // Over h2 the decoder lets a section up to twice the cap through
+                        // (`edge::HEADER_LIST_DECODE_LIMIT`, for the head's logged 431):
+                        // trailers over the cap are a malformed body.
+                        Ok(trailers)
+                            if super::headers::section_size(&trailers)
+                                > crate::edge::MAX_HEADER_SECTION =>
+                        {
+                            this.progress.set(ABORTED);
+                            return Poll::Ready(Some(Err(Box::new(ClientBodyError::Aborted))));
+                        }
                         Ok(mut trailers) => {
                             super::headers::strip_trailers(&mut trailers);
                             if let Some(e) = this.edited.as_deref() {

@@ -117,3 +117,33 @@ async fn request_trailers_cannot_carry_what_the_edge_sets_or_framing_fields() {
         assert_eq!(names, vec!["x-sum"], "{protocol}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_request_trailers_over_the_header_cap_make_the_body_malformed() {
+    // The h2 decoder lets a section of up to 128 KiB through (so the head's 431 is the
+    // handler's, and logged); trailers over the 64 KiB cap never reach the origin: the body
+    // fails there. `/echo` answers as the body streams, so its head is out already and the
+    // answer is cut (reset) instead of the 400 a slower origin would leave room for.
+    let (_origin, edge) = echo_edge("h2").await;
+    let big: &'static str = Box::leak("a".repeat(70_000).into_boxed_str());
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let resp = c
+        .send(post_with_trailers(true, "abc", &[("x-big", big)]))
+        .await
+        .expect("response");
+    if resp.status() != 400 {
+        let echoed = resp.into_body().collect().await;
+        assert!(
+            echoed.is_err(),
+            "the echo ended with the trailers: {echoed:?}"
+        );
+    }
+    // Trailers under the cap still go through on the same connection.
+    let resp = c
+        .send(post_with_trailers(true, "abc", &[("x-sum", "7")]))
+        .await
+        .expect("response");
+    let (body, trailers) = body_and_trailers(resp).await;
+    assert_eq!(body, "abc");
+    assert_eq!(trailers.expect("trailers")["x-sum"], "7");
+}
