@@ -48,6 +48,10 @@ impl OriginStats {
     }
 }
 
+/// Above the edge's caps (64 KiB of header section, its h2 decoder's 128 KiB), so tests see
+/// what the edge lets through rather than hyper's own limit (16 KiB).
+const DEFAULT_MAX_HEADER_LIST: u32 = 256 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct OriginBuilder {
     address: SocketAddr,
@@ -57,6 +61,9 @@ pub struct OriginBuilder {
     idle_close: Option<Duration>,
     keep_alive_timeout_header: Option<u64>,
     max_streams: Option<u32>,
+    /// The h2 side's SETTINGS_MAX_HEADER_LIST_SIZE (hyper closes the connection, GOAWAY
+    /// ENHANCE_YOUR_CALM, on a list four times over it).
+    max_header_list: u32,
     name: String,
     /// Ask every client for a certificate signed by this CA (mutual TLS).
     client_ca: Option<PathBuf>,
@@ -90,6 +97,7 @@ impl OriginBuilder {
             idle_close: None,
             keep_alive_timeout_header: None,
             max_streams: None,
+            max_header_list: DEFAULT_MAX_HEADER_LIST,
             name: "origin".into(),
             client_ca: None,
         }
@@ -119,6 +127,13 @@ impl OriginBuilder {
     /// Close connections that carried no request for this long.
     pub fn idle_close(mut self, d: Duration) -> Self {
         self.idle_close = Some(d);
+        self
+    }
+
+    /// Announce SETTINGS_MAX_HEADER_LIST_SIZE = `n` on h2 connections (and close any
+    /// connection that sends a list four times over it, as hyper does).
+    pub fn max_header_list(mut self, n: u32) -> Self {
+        self.max_header_list = n;
         self
     }
 
@@ -376,9 +391,8 @@ async fn serve_conn(shared: Arc<Shared>, tcp: tokio::net::TcpStream, token: Canc
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new());
     b.http2().timer(TokioTimer::new());
-    // Above the edge's caps (64 KiB of header section, its h2 decoder's 128 KiB), so tests see
-    // what the edge lets through rather than hyper's own limit here (16 KiB).
-    b.http2().max_header_list_size(256 * 1024);
+    b.http2()
+        .max_header_list_size(shared.builder.max_header_list);
     if let Some(n) = shared.builder.max_streams {
         b.http2().max_concurrent_streams(n);
     }

@@ -656,6 +656,7 @@ async fn send<'a>(
     };
     let mut retries = 0;
     let mut proven_retries = 0;
+    let mut error_goaway_retried = false;
     let mut waited = Duration::ZERO;
     let mut i = 0;
     loop {
@@ -716,13 +717,21 @@ async fn send<'a>(
             }
             Ok(Err(SendError { source, request })) => {
                 let proven = proven_retries < MAX_PROVEN_RETRIES;
+                // A GOAWAY with an error code (ENHANCE_YOUR_CALM, PROTOCOL_ERROR, ...) may be
+                // this request's doing, a header list the origin will not take, say: each
+                // attempt would close another pooled connection, so it goes again once at
+                // most (the connection may have died of another stream).
+                let error_goaway = source.not_processed() && !source.graceful_refusal();
+                let refused =
+                    source.not_processed() && proven && !(error_goaway && error_goaway_retried);
                 let next = match request {
                     // Never left this process: safe for any method.
                     Some(r) if proven => Some((r, true)),
                     // The origin says it did not process the stream (REFUSED_STREAM, or a
                     // GOAWAY whose last-stream-id is below it): safe for any method, with
                     // its body if that was kept whole.
-                    None if proven && source.not_processed() => {
+                    None if refused => {
+                        error_goaway_retried |= error_goaway;
                         let again = match (replay.take(), &kept) {
                             (Some(r), _) => Some(r),
                             (None, Some(k)) => k.settled(REPLAY_SETTLE).await,
@@ -740,7 +749,7 @@ async fn send<'a>(
                     // May have reached the origin: only a bodiless idempotent request (its
                     // body, if any, is gone). Fresh connections too: an origin that is going
                     // down may accept a connection and drop it before answering.
-                    None if retries < MAX_RETRIES && is_idempotent(&method) => {
+                    None if !error_goaway && retries < MAX_RETRIES && is_idempotent(&method) => {
                         replay.take().map(|r| (r, false))
                     }
                     _ => None,

@@ -931,3 +931,30 @@ async fn the_queue_holds_queue_size_requests_when_every_connection_is_busy() {
     drop(busy);
     assert!(waiting.await.unwrap().is_ok(), "the one in line is served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_origin_closes_its_connection_over_is_not_retried_across_the_pool() {
+    // The origin takes header lists of 4 KiB and closes the connection (GOAWAY
+    // ENHANCE_YOUR_CALM) on one over 16 KiB. Such a GOAWAY says the stream was not
+    // processed, but sending the request again would close the next connection too: a
+    // 20 KB head goes again once at most, not through the pool's whole retry budget.
+    let origin = origin().max_header_list(4096).start().await.unwrap();
+    let edge = single_origin_edge(origin.addr(), "protocol = \"h2\"\nwarm_connections = 4").await;
+    wait_pool_count(edge.admin, "opened_total", 4, Duration::from_secs(10)).await;
+    let mut c = Client::connect(edge.addr, "localhost", true).await;
+    let mut req = request(true, "localhost", "/");
+    req.headers_mut().insert(
+        "x-big",
+        hyper::header::HeaderValue::from_str(&"a".repeat(20_000)).unwrap(),
+    );
+    let resp = c.send(req).await.expect("an answer");
+    assert_eq!(resp.status(), 502);
+    let retried = pool_field(edge.admin, 0, "retried_total").await.as_u64();
+    assert!(
+        retried.is_some_and(|n| (1..=2).contains(&n)),
+        "{}",
+        pools_json(edge.admin).await
+    );
+    // The pool refills and serves the next request.
+    assert_eq!(c.get("localhost", "/").await.0, 200);
+}
