@@ -10,6 +10,10 @@
 # server's CPU per query above it, the part a server's own code controls.
 #
 # usage: benches/dns/run.sh [SECONDS_PER_RUN] [REPEATS]   (needs dnsperf, gdnsd, tinydns, dig, cc)
+#        PAIRED=ROUNDS benches/dns/run.sh [SECONDS_PER_RUN]
+# PAIRED: only the 40k-qps, 20-client comparison, ROUNDS times, each round running every
+# server once in turn, CPU from each thread's schedstat (nanoseconds, not clock ticks); prints
+# every round, the means, and in how many rounds edgepop used less than gdnsd.
 # Runs alternate between servers and each configuration is repeated (default 3); the
 # summary gives the median CPU per query, which is what survives a noisy shared machine.
 # Everything runs on 127.0.0.1; tinydns can only use port 53 (it must be free).
@@ -157,6 +161,32 @@ FL_PORT=5394
 "$WORK/floor" $FL_PORT &
 FL=$!; PIDS+=("$FL")
 wait_port $FL_PORT
+
+# paired_round: one 40k-qps run on each server in turn; prints its CPU per query, in µs.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{t += $1} END {printf "%.0f", t}'; }  # not %d: mawk clamps it at 2^31
+paired_round() {
+  local line=""
+  for v in "edgepop $EP $EP_PORT" "edgepop(recvmmsg) $EP2 $EP2_PORT" "gdnsd $GDP $GD_PORT" "floor $FL $FL_PORT"; do
+    set -- $v
+    local t0 t1 out n
+    t0=$(cpu_ns "$2")
+    out=$(dnsperf -s 127.0.0.1 -p "$3" -d "$WORK/map/queries.txt" -l "$SECS" $CLIENTS -Q 40000 -e 2>&1)
+    t1=$(cpu_ns "$2")
+    n=$(echo "$out" | awk '/Queries completed:/ {print $3}')
+    line+="$1 $(awk -v t=$((t1 - t0)) -v n="$n" 'BEGIN { printf "%.3f", t / n / 1000 }') "
+  done
+  echo "$line"
+}
+if [ -n "${PAIRED:-}" ]; then
+  echo
+  echo "== paired: $PAIRED rounds of ${SECS}s at 40k qps, 20 clients, 2 threads (µs of CPU per query) =="
+  for r in $(seq 1 "$PAIRED"); do paired_round | tee -a "$WORK/paired"; done
+  awk '{ for (i = 1; i < NF; i += 2) { s[$i] += $(i + 1); n[$i]++ }
+         if ($2 < $6) less++ }
+       END { for (k in s) printf "mean %-18s %.3f us\n", k, s[k] / n[k]
+             printf "edgepop below gdnsd in %d of %d rounds\n", less, NR }' "$WORK/paired"
+  exit 0
+fi
 
 echo
 echo "== dnsperf, ${SECS}s per run, 20 clients, 2 threads =="
