@@ -303,8 +303,10 @@ pops = ["demo"]
     );
     let regions_path = dir.join("regions.toml");
     std::fs::write(&regions_path, regions)?;
+    // ns1 is the sidecar itself, given glue: an in-zone nameserver without it gets a
+    // warning (resolvers could not reach it).
     let text = format!(
-        "[pop]\nname = \"demo\"\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\n",
+        "[pop]\nname = \"demo\"\n[dns]\nlisten = \"127.0.0.1:0\"\nzone = \"edgepop.test\"\nnames = [\"www.edgepop.test\"]\nregions = \"{}\"\nglue = {{ \"ns1.edgepop.test\" = [\"127.0.0.1\"] }}\n",
         regions_path.display()
     );
     let path = dir.join("dns.toml");
