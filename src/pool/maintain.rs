@@ -102,6 +102,8 @@ async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
         (conn::open(inner, true).await, started.elapsed())
     }))
     .await;
+    let was_up = inner.health.is_up();
+    let mut failures: Option<(usize, String)> = None;
     let mut failed = false;
     for (r, took) in results {
         match r {
@@ -120,14 +122,30 @@ async fn open_n(inner: &Arc<Inner>, n: usize) -> bool {
             }
             Err(e) => {
                 failed = true;
-                tracing::warn!(origin = %inner.origin.name, error = %e, "warm connection failed");
+                let (n, _) = failures.get_or_insert_with(|| (0, e.to_string()));
+                *n += 1;
                 inner.stats.record_failure(&e);
                 inner.note_failure();
                 inner.cancel_connect();
             }
         }
     }
+    if let Some((n, error)) = failures {
+        log_failed_opens(inner, was_up, n, &error);
+    }
     failed
+}
+
+/// One line for a batch's failed opens (`n`, the first's `error`), and a warning only while
+/// the origin was up: a down origin is retried on backoff for as long as it stays down, and
+/// "origin marked down" said so once.
+fn log_failed_opens(inner: &Inner, was_up: bool, n: usize, error: &str) {
+    let origin = &inner.origin.name;
+    if was_up {
+        tracing::warn!(%origin, failed = n, %error, "warm connections failed");
+    } else {
+        tracing::debug!(%origin, failed = n, %error, "warm connections failed (origin down)");
+    }
 }
 
 /// Wakes often enough to rotate before a learned idle timeout.
