@@ -84,7 +84,8 @@ impl Inner {
 
     /// Ends the trial once its connection has been idle for twice its base: the origin's
     /// timeout is longer than learned. Closing it is then ours (draining). A trial whose
-    /// connection carries a stream (taken just before the trial began) ends without a verdict.
+    /// connection carries a stream ends without a verdict (a guard: `start_trial` takes only
+    /// idle ones, under the lock that hands out streams).
     pub(super) fn check_trial(&self) {
         let now = self.now_ms();
         let mut st = self.lock();

@@ -749,7 +749,7 @@ async fn start_logged_edge(
 }
 
 /// The config with `[pop] access_log` set to `path`.
-fn with_access_log(config: &str, path: &std::path::Path) -> String {
+pub(crate) fn with_access_log(config: &str, path: &std::path::Path) -> String {
     config.replacen(
         "name = \"test1\"\n",
         &format!(
@@ -772,7 +772,7 @@ async fn wait_log_lines(path: &std::path::Path, n: usize) {
     );
 }
 
-fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+pub(crate) fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

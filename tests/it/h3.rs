@@ -221,12 +221,14 @@ async fn http3_enforces_the_tcp_sides_limits() {
     // Short, for the idle check at the end; long enough that a loaded machine's pauses
     // between this test's requests do not pass for idleness (300 ms did, once, with two test
     // suites running at once).
-    let edge = start_edge(&h3_config(origin.addr()).replacen(
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let config = h3_config(origin.addr()).replacen(
         "http3 = true\n",
         "http3 = true\nidle_timeout = \"1500ms\"\n",
         1,
-    ))
-    .await;
+    );
+    let edge = start_edge(&crate::edge::with_access_log(&config, &log)).await;
     let mut c = h3_connect(edge.addr).await;
     // CONNECT is refused as over TCP: edgepop is no forward proxy.
     let req = http::Request::builder()
@@ -263,6 +265,28 @@ async fn http3_enforces_the_tcp_sides_limits() {
         431,
         "a 70,000-byte header section was answered"
     );
+    // Logged with its request, as over h2.
+    let refused = || {
+        crate::edge::log_lines(&log)
+            .into_iter()
+            .find(|l| l["status"] == 431)
+    };
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            refused().is_some()
+        })
+        .await,
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    let line = refused().unwrap();
+    assert_eq!(line["protocol"], "HTTP/3", "{line}");
+    assert_eq!(
+        (&line["method"], &line["path"]),
+        (&"GET".into(), &"/".into()),
+        "{line}"
+    );
+    assert_eq!(line["outcome"], "header section too large", "{line}");
     assert_eq!(
         origin
             .stats()
