@@ -185,9 +185,7 @@ impl OriginBuilder {
             accept_task: Mutex::new(None),
             goaway: Notify::new(),
             idle_changed: Notify::new(),
-            idle_close_ms: AtomicU64::new(
-                self.idle_close.map_or(0, |d| (d.as_millis() as u64).max(1)),
-            ),
+            idle_close_ms: AtomicU64::new(idle_close_ms(self.idle_close)),
         });
         let socket = bound_socket(self.address)?;
         let address = serve(&shared, socket, self.address)?;
@@ -227,6 +225,13 @@ struct Shared {
     idle_changed: Notify,
 }
 
+/// `Shared::idle_close_ms` for an idle close after `d` (0: never; under 1 ms is 1 ms).
+fn idle_close_ms(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
 impl Shared {
     fn token(&self) -> CancellationToken {
         lock(&self.run).clone()
@@ -262,10 +267,9 @@ impl Origin {
     /// Changes when idle connections are closed (None: never), open ones included: their
     /// idle time starts over.
     pub fn set_idle_close(&self, d: Option<Duration>) {
-        let ms = d.map_or(0, |d| {
-            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-        });
-        self.shared.idle_close_ms.store(ms, Ordering::SeqCst);
+        self.shared
+            .idle_close_ms
+            .store(idle_close_ms(d), Ordering::SeqCst);
         self.shared.idle_changed.notify_waiters();
     }
 

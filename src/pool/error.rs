@@ -88,6 +88,12 @@ impl UpstreamError {
         }
     }
 
+    /// Not processed, but refused with an error code (a GOAWAY with ENHANCE_YOUR_CALM,
+    /// PROTOCOL_ERROR, ...): perhaps the request's own doing.
+    pub fn refused_with_error(&self) -> bool {
+        self.not_processed() && !self.graceful_refusal()
+    }
+
     pub fn not_processed(&self) -> bool {
         match self {
             UpstreamError::H2(e) => {

@@ -11,6 +11,7 @@
 //! the origin closes it, that close is one more observation; if it survives, the value was
 //! too low (closes that were not the idle timeout taught it) and is doubled.
 
+use super::millis;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub struct IdleLearner {
 impl IdleLearner {
     /// A learner that starts from `configured` (and then learns nothing) when given one.
     pub fn new(configured: Option<Duration>) -> Self {
-        let ms = configured.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        let ms = configured.map_or(0, millis);
         IdleLearner {
             learned_ms: AtomicU64::new(ms),
             configured: configured.is_some(),
@@ -73,7 +74,7 @@ impl IdleLearner {
         if self.configured || timeout < MIN_LEARNED {
             return;
         }
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let ms = millis(timeout);
         if self.announced_ms.swap(ms, Ordering::AcqRel) != ms {
             self.learned_ms.store(ms, Ordering::Release);
             tracing::info!(timeout = ?timeout, "origin announced its keep-alive timeout");
@@ -93,7 +94,7 @@ impl IdleLearner {
     /// timeout is longer, so the value doubles (or is forgotten past [`MAX_LEARNED`]),
     /// unless it changed meanwhile.
     pub fn trial_survived(&self, base: Duration) {
-        let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+        let base_ms = millis(base);
         let doubled = base.saturating_mul(2);
         let next_ms = if doubled > MAX_LEARNED {
             0
@@ -141,7 +142,7 @@ impl IdleLearner {
             };
             // "Steady": two closes within 10% (+50ms of scheduling noise) of each other.
             if hi - lo <= lo / 10 + Duration::from_millis(50) {
-                let ms = u64::try_from(lo.as_millis()).unwrap_or(u64::MAX);
+                let ms = millis(lo);
                 if self.learned_ms.swap(ms, Ordering::AcqRel) != ms {
                     tracing::info!(timeout = ?lo, "learned the origin's idle timeout from its closes");
                 }

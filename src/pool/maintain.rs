@@ -230,7 +230,7 @@ fn due_for_rotation(inner: &Inner) -> Vec<(u64, bool)> {
     let lead = tick(inner) + inner.stats.warm_open_time();
     let idle_limit_ms = inner.idle.learned().map(|t| {
         let limit = (t * 3 / 4).saturating_sub(lead).max(t / 2);
-        u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+        super::millis(limit)
     });
     inner
         .rotation_candidates()
@@ -257,7 +257,7 @@ fn unix_ms_after(d: Duration) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    u64::try_from((now + d).as_millis()).unwrap_or(u64::MAX)
+    super::millis(now + d)
 }
 
 #[cfg(test)]

@@ -409,6 +409,11 @@ impl Drop for ConnectSlot {
     }
 }
 
+/// Whole milliseconds, saturating: the unit of the pool's timestamps and learned timeouts.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 struct Unqueue<'a>(&'a AtomicUsize);
 impl Drop for Unqueue<'_> {
     fn drop(&mut self) {
@@ -428,7 +433,7 @@ impl Inner {
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis(self.epoch.elapsed())
     }
 
     /// Counts a request taking a connection and raises the recent peak.

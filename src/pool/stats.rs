@@ -257,10 +257,7 @@ impl Inner {
             health_rtt_ms: opt_ms(&self.stats.health_rtt_us),
             rotated_total: self.stats.rotated.load(Ordering::Relaxed),
             retried_total: self.stats.retried.load(Ordering::Relaxed),
-            learned_idle_timeout_ms: self
-                .idle
-                .learned()
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            learned_idle_timeout_ms: self.idle.learned().map(super::millis),
             idle_timeout_source: self.idle.source(),
             early_idle_closes_total: self.idle.early_closes(),
             idle_trials_total: self.stats.idle_trials.load(Ordering::Relaxed),

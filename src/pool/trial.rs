@@ -7,7 +7,7 @@
 //! no sooner than [`SPACING`] times the value after the last, so it costs the origin one
 //! idle connection now and then.
 
-use super::{conn::Conn, Inner, UpstreamBody};
+use super::{conn::Conn, millis, Inner, UpstreamBody};
 use hyper::client::conn::http1;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,10 +34,6 @@ impl Trial {
     pub(super) fn mark_draining(&self) {
         self.conn.flags.draining.store(true, Ordering::Release);
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Inner {

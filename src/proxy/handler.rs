@@ -131,7 +131,7 @@ fn header_list_size(req: &Request<ClientIn>) -> usize {
     ];
     let pseudo: usize = pseudo
         .iter()
-        .filter_map(|(name, value)| value.map(|v| name.len() + v.len() + 32))
+        .filter_map(|(name, value)| value.map(|v| headers::field_size(name, v.len())))
         .sum();
     pseudo + headers::section_size(req.headers())
 }
@@ -721,7 +721,7 @@ async fn send<'a>(
                 // this request's doing, a header list the origin will not take, say: each
                 // attempt would close another pooled connection, so it goes again once at
                 // most (the connection may have died of another stream).
-                let error_goaway = source.not_processed() && !source.graceful_refusal();
+                let error_goaway = source.refused_with_error();
                 let refused =
                     source.not_processed() && proven && !(error_goaway && error_goaway_retried);
                 let next = match request {

@@ -74,21 +74,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// One field's size as h2 and HTTP/3 count it (RFC 9113 6.5.2): name, value and 32 octets.
+pub fn field_size(name: &str, value_len: usize) -> usize {
+    name.len() + value_len + 32
+}
+
+/// A field section's size, as [`field_size`] counts each field.
+pub fn section_size(fields: &HeaderMap) -> usize {
+    fields
+        .iter()
+        .map(|(n, v)| field_size(n.as_str(), v.len()))
+        .sum()
+}
+
 /// Removes from a client's trailers the fields a trailer must not carry (RFC 9110 6.5.1:
 /// framing, routing, authentication, cookies, conditionals and the like) and the ones the
 /// edge sets itself, so no origin that merges trailers into the header section can be told a
 /// client address, a request ID or credentials that way (Apache's `MergeTrailers`,
 /// CVE-2013-5704), and no connection-specific field makes an h2 upstream refuse them.
-/// A field section's size as h2 and HTTP/3 count it (RFC 9113 6.5.2): each field's name and
-/// value and 32 octets.
-pub fn section_size(fields: &HeaderMap) -> usize {
-    const PER_FIELD: usize = 32;
-    fields
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + PER_FIELD)
-        .sum()
-}
-
 pub fn strip_trailers(trailers: &mut HeaderMap) {
     let listed = connection_listed(trailers);
     for name in listed

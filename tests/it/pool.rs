@@ -942,11 +942,7 @@ async fn a_request_the_origin_closes_its_connection_over_is_not_retried_across_t
     let edge = single_origin_edge(origin.addr(), "protocol = \"h2\"\nwarm_connections = 4").await;
     wait_pool_count(edge.admin, "opened_total", 4, Duration::from_secs(10)).await;
     let mut c = Client::connect(edge.addr, "localhost", true).await;
-    let mut req = request(true, "localhost", "/");
-    req.headers_mut().insert(
-        "x-big",
-        hyper::header::HeaderValue::from_str(&"a".repeat(20_000)).unwrap(),
-    );
+    let req = with_big_field(request(true, "localhost", "/"), 20_000);
     let resp = c.send(req).await.expect("an answer");
     assert_eq!(resp.status(), 502);
     let retried = pool_field(edge.admin, 0, "retried_total").await.as_u64();

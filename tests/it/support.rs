@@ -233,6 +233,20 @@ impl Client {
     }
 }
 
+/// Adds an `x-big` field whose value is `len` bytes: a header section as large as a test needs.
+pub fn with_big_field(mut req: hyper::Request<Body>, len: usize) -> hyper::Request<Body> {
+    let value = hyper::header::HeaderValue::from_str(&"a".repeat(len)).expect("ASCII");
+    req.headers_mut().insert("x-big", value);
+    req
+}
+
+/// Asserts that /metrics counts `n` requests answered with status class `class` ("4xx").
+pub async fn assert_requests_counted(admin: SocketAddr, class: &str, n: u64) {
+    let (_, m) = admin_get(admin, "/metrics").await;
+    let line = format!("edgepop_requests_total{{code=\"{class}\"}} {n}");
+    assert!(m.lines().any(|l| l == line), "wanted {line}: {m}");
+}
+
 pub fn request(h2: bool, host: &str, path: &str) -> hyper::Request<Body> {
     let b = hyper::Request::builder();
     let b = if h2 {

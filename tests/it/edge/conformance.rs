@@ -341,21 +341,13 @@ async fn h2_header_sections_over_the_cap_get_a_431_logged_with_their_request() {
             "x-request-id",
             hyper::header::HeaderValue::from_static("id"),
         );
-        let x_big = "x-big".len() + 32;
-        let value = "a".repeat(size - list_size(&req) - x_big);
-        req.headers_mut().insert(
-            "x-big",
-            hyper::header::HeaderValue::from_str(&value).unwrap(),
-        );
+        let value_len = size - list_size(&req) - ("x-big".len() + 32);
+        let req = with_big_field(req, value_len);
         assert_eq!(list_size(&req), size);
         let resp = c.send(req).await.expect("an answer");
         assert_eq!(resp.status(), want, "{size} bytes");
     }
-    let mut req = request(true, "localhost", "/headers?big");
-    req.headers_mut().insert(
-        "x-big",
-        hyper::header::HeaderValue::from_str(&"a".repeat(70_000)).unwrap(),
-    );
+    let req = with_big_field(request(true, "localhost", "/headers?big"), 70_000);
     let resp = c.send(req).await.expect("an answer");
     assert_eq!(resp.status(), 431);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -367,12 +359,7 @@ async fn h2_header_sections_over_the_cap_get_a_431_logged_with_their_request() {
     assert_eq!(line["protocol"], "HTTP/2", "{line}");
     assert_eq!(line["method"], "GET", "{line}");
     assert_eq!(line["path"], "/headers?big", "{line}");
-    let (_, m) = admin_get(edge.admin, "/metrics").await;
-    assert!(
-        m.lines()
-            .any(|l| l == "edgepop_requests_total{code=\"4xx\"} 2"),
-        "{m}"
-    );
+    assert_requests_counted(edge.admin, "4xx", 2).await;
     assert_eq!(
         origin
             .stats()
@@ -443,10 +430,5 @@ async fn http1_heads_hyper_refuses_are_counted_and_logged_like_other_answers() {
         assert_eq!(line["connection_request"], 1, "{line}");
         assert_eq!(line["tls_handshake"], "full", "{line}");
     }
-    let (_, m) = admin_get(edge.admin, "/metrics").await;
-    assert!(
-        m.lines()
-            .any(|l| l == "edgepop_requests_total{code=\"4xx\"} 5"),
-        "{m}"
-    );
+    assert_requests_counted(edge.admin, "4xx", 5).await;
 }
