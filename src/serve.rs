@@ -87,6 +87,12 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if d.udp_io != crate::config::UdpIo::Auto {
             println!("  dns udp_io {}", d.udp_io.as_str());
         }
+        if !d.udp_coalesce.is_zero() {
+            println!(
+                "  dns udp_coalesce {}",
+                humantime::format_duration(d.udp_coalesce)
+            );
+        }
         if let Some(l) = &d.rate_limit {
             let exempt: Vec<String> = l.exempt.iter().map(ToString::to_string).collect();
             println!(

@@ -5,6 +5,9 @@
 # latency, RSS idle and with 100,000 networks, and edgepop's map rebuild time (SIGHUP ->
 # new answers) with 100,000 networks.
 #
+# "edgepop coalesce" rows: io_uring with [dns] udp_coalesce = $COALESCE (default 300us), which
+# trades latency for fewer wake-ups; the summary gives each row's median latency beside its CPU.
+#
 # The "floor" rows are benches/dns/floor.c, a server that does no DNS work (it echoes each
 # query): what the kernel charges any server for the same load. The summary gives each
 # server's CPU per query above it, the part a server's own code controls.
@@ -57,6 +60,7 @@ run() {
   done=$(echo "$out" | awk '/Queries completed:/ {print $3}')
   qps_got=$(echo "$out" | awk '/Queries per second:/ {print $4}')
   lat=$(echo "$out" | awk '/Average Latency/ {print $4 * 1e6 " us (max " $8 * 1e6 " us)"}' | tr -d ',)(')
+  local lat_us; lat_us=$(echo "$out" | awk '/Average Latency/ {printf "%.0f", $4 * 1e6}')
   local cpu_us
   cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$done" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }')
   local lost
@@ -64,7 +68,7 @@ run() {
   local load; load=$( [ "$qps" = 0 ] && echo cap || echo "$qps")
   printf '%-30s %-6s qps=%-12s cpu/query=%-6s us  latency=%s  lost=%s\n' \
     "$name" "$load" "$qps_got" "$cpu_us" "$lat" "$lost"
-  echo "$name|$load|$cpu_us|$qps_got" >> "$WORK/results"
+  echo "$name|$load|$cpu_us|$qps_got|${lat_us:-0}" >> "$WORK/results"
 }
 
 summary() {
@@ -74,17 +78,18 @@ summary() {
 import sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
-    name, load, cpu, qps = line.strip().split("|")
-    rows.setdefault((load, name), []).append((float(cpu), float(qps)))
+    name, load, cpu, qps, lat = line.strip().split("|")
+    rows.setdefault((load, name), []).append((float(cpu), float(qps), float(lat)))
 def median_cpu(load, name):
     v = rows.get((load, name))
-    return statistics.median(c for c, _ in v) if v else None
+    return statistics.median(c for c, _, _ in v) if v else None
 for (load, name), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cap", kv[0][0], kv[0][1])):
-    cpu = statistics.median(c for c, _ in v)
-    qps = statistics.median(q for _, q in v)
+    cpu = statistics.median(c for c, _, _ in v)
+    qps = statistics.median(q for _, q, _ in v)
+    lat = statistics.median(l for _, _, l in v)
     floor = median_cpu(load, "floor 1 stream" if name.endswith("1 stream") else "floor")
     above = f"  above floor {cpu - floor:5.2f} us" if floor is not None and not name.startswith("floor") else ""
-    print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us{above}  (runs: {', '.join(f'{c:.2f}' for c, _ in v)})  qps median {qps:,.0f}")
+    print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us{above}  (runs: {', '.join(f'{c:.2f}' for c, _, _ in v)})  qps median {qps:,.0f}  latency median {lat:.0f} us")
 PY
 }
 
@@ -116,6 +121,15 @@ sed -e "s/:$EP_PORT\"/:$EP2_PORT\"/" -e 's/^udp_workers = 1$/udp_workers = 1\nud
 EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop-mmsg.toml" &
 EP2=$!; PIDS+=("$EP2")
 wait_port $EP2_PORT
+# And on io_uring with [dns] udp_coalesce: once woken, the worker waits up to $COALESCE for
+# more queries (fewer wake-ups, more latency).
+COALESCE=${COALESCE:-300us}
+EP3_PORT=5395
+sed -e "s/:$EP_PORT\"/:$EP3_PORT\"/" -e "s/^udp_workers = 1\$/udp_workers = 1\nudp_coalesce = \"$COALESCE\"/" \
+  "$WORK/edgepop.toml" > "$WORK/edgepop-coalesce.toml"
+EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop-coalesce.toml" &
+EP3=$!; PIDS+=("$EP3")
+wait_port $EP3_PORT
 
 # --- gdnsd
 GD_PORT=5392
@@ -166,7 +180,7 @@ wait_port $FL_PORT
 cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{t += $1} END {printf "%.0f", t}'; }  # not %d: mawk clamps it at 2^31
 paired_round() {
   local line=""
-  for v in "edgepop $EP $EP_PORT" "edgepop(recvmmsg) $EP2 $EP2_PORT" "gdnsd $GDP $GD_PORT" "floor $FL $FL_PORT"; do
+  for v in "edgepop $EP $EP_PORT" "edgepop(recvmmsg) $EP2 $EP2_PORT" "gdnsd $GDP $GD_PORT" "floor $FL $FL_PORT" "edgepop(coalesce) $EP3 $EP3_PORT"; do
     set -- $v
     local t0 t1 out n
     t0=$(cpu_ns "$2")
@@ -182,9 +196,10 @@ if [ -n "${PAIRED:-}" ]; then
   echo "== paired: $PAIRED rounds of ${SECS}s at 40k qps, 20 clients, 2 threads (µs of CPU per query) =="
   for r in $(seq 1 "$PAIRED"); do paired_round | tee -a "$WORK/paired"; done
   awk '{ for (i = 1; i < NF; i += 2) { s[$i] += $(i + 1); n[$i]++ }
-         if ($2 < $6) less++ }
+         if ($2 < $6) less++
+         if ($10 < $6) less_c++ }
        END { for (k in s) printf "mean %-18s %.3f us\n", k, s[k] / n[k]
-             printf "edgepop below gdnsd in %d of %d rounds\n", less, NR }' "$WORK/paired"
+             printf "edgepop below gdnsd in %d of %d rounds; with udp_coalesce in %d\n", less, NR, less_c }' "$WORK/paired"
   exit 0
 fi
 
@@ -196,6 +211,7 @@ for _ in $(seq 1 "$REPEATS"); do
     run "gdnsd" $GDP $GD_PORT $target -e
     run "edgepop (recvmmsg)" $EP2 $EP2_PORT $target -e
     run "floor" $FL $FL_PORT $target -e
+    run "edgepop coalesce $COALESCE" $EP3 $EP3_PORT $target -e
     if [ "$target" != 0 ]; then
       # The same rate as one steady stream (a query every 25 us, each waking the server):
       # closer to many independent resolvers than 20 clients' bursts of about 4 queries.
@@ -204,6 +220,7 @@ for _ in $(seq 1 "$REPEATS"); do
       run "gdnsd 1 stream" $GDP $GD_PORT $target -e
       run "edgepop (recvmmsg) 1 stream" $EP2 $EP2_PORT $target -e
       run "floor 1 stream" $FL $FL_PORT $target -e
+      run "edgepop coalesce $COALESCE 1 stream" $EP3 $EP3_PORT $target -e
       CLIENTS="-c 20 -T 2"
     fi
     run "edgepop +ECS" $EP $EP_PORT $target -E "$ECS_OPT"
@@ -215,7 +232,7 @@ for _ in $(seq 1 "$REPEATS"); do
 done
 summary
 
-kill $EP $EP2 $GDP $FL ${TD:-} 2>/dev/null || true
+kill $EP $EP2 $EP3 $GDP $FL ${TD:-} 2>/dev/null || true
 wait 2>/dev/null || true
 
 echo

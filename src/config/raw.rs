@@ -183,6 +183,9 @@ pub struct RawDns {
     pub udp_workers: Option<Spanned<i64>>,
     /// How the UDP workers receive and send: "auto" (default), "io_uring" or "recvmmsg".
     pub udp_io: Option<Spanned<String>>,
+    /// How long an io_uring worker, once woken, waits for more queries before answering;
+    /// default "0s" (answer at once).
+    pub udp_coalesce: RawDuration,
     /// The sidecar's own admin address, for a file that holds both roles (`serve` takes
     /// `[admin] listen`); default: `[admin] listen`.
     pub admin_listen: Option<Spanned<String>>,

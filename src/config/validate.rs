@@ -271,6 +271,28 @@ pub struct DnsRateLimit {
     pub exempt: Vec<ipnet::IpNet>,
 }
 
+/// Longest `[dns] udp_coalesce`: a wait past this adds latency a resolver would notice, for
+/// little more saving (`benches/dns/README.md`).
+pub const MAX_UDP_COALESCE: Duration = Duration::from_millis(1);
+
+/// `[dns] udp_coalesce`: only io_uring can wait for a batch with a bounded delay.
+fn udp_coalesce(cx: &Ctx, d: &RawDns) -> Result<Duration, ConfigError> {
+    let (Some(wait), Some(s)) = (cx.raw_duration(&d.udp_coalesce)?, &d.udp_coalesce) else {
+        return Ok(Duration::ZERO);
+    };
+    if wait > MAX_UDP_COALESCE {
+        return Err(cx.err(s, "udp_coalesce must be at most 1ms"));
+    }
+    let recvmmsg = d.udp_io.as_ref().is_some_and(|v| v.get_ref() == "recvmmsg");
+    if !wait.is_zero() && recvmmsg {
+        return Err(cx.err(
+            s,
+            "udp_coalesce needs io_uring; udp_io = \"recvmmsg\" answers every wake-up at once",
+        ));
+    }
+    Ok(wait)
+}
+
 /// `[dns] udp_io`: how the UDP workers receive queries and send answers (Linux).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UdpIo {
@@ -320,6 +342,8 @@ pub struct DnsConfig {
     pub udp_workers: usize,
     /// `[dns] udp_io`: the UDP workers' system calls.
     pub udp_io: UdpIo,
+    /// `[dns] udp_coalesce`: at most [`MAX_UDP_COALESCE`]; zero answers at once.
+    pub udp_coalesce: Duration,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
     /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
@@ -1538,6 +1562,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
                 ));
             }
         },
+        udp_coalesce: udp_coalesce(cx, d)?,
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),
             None => None,

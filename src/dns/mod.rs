@@ -28,7 +28,7 @@ use map::{HitBook, Map, MapError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -92,6 +92,9 @@ struct Inner {
     hits: HitBook,
     stats: stats::Stats,
     regen_failures: AtomicU64,
+    /// `[dns] udp_coalesce` in microseconds, read by the io_uring workers before each wait
+    /// (so a reload applies it without a restart).
+    udp_coalesce_us: AtomicU32,
     /// Written by the regeneration task, read by /metrics and /map; never by a query.
     last_error: Mutex<Option<RegenError>>,
 }
@@ -103,6 +106,7 @@ impl DnsState {
         let health = HealthBook::default();
         let hits = HitBook::default();
         let first = build_map(&cfg, None, &health, &hits)?;
+        let udp_coalesce_us = AtomicU32::new(micros(cfg.udp_coalesce));
         Ok(DnsState(Arc::new(Inner {
             cfg: ArcSwap::from_pointee(cfg),
             map: ArcSwap::from_pointee(first),
@@ -110,6 +114,7 @@ impl DnsState {
             hits,
             stats: stats::Stats::default(),
             regen_failures: AtomicU64::new(0),
+            udp_coalesce_us,
             last_error: Mutex::new(None),
         })))
     }
@@ -138,6 +143,12 @@ impl DnsState {
 
     pub fn stats(&self) -> &stats::Stats {
         &self.0.stats
+    }
+
+    /// `[dns] udp_coalesce` in service, in microseconds (0: answer at once).
+    #[inline]
+    pub fn udp_coalesce_us(&self) -> u32 {
+        self.0.udp_coalesce_us.load(Ordering::Relaxed)
     }
 
     pub fn hits(&self) -> &HitBook {
@@ -221,6 +232,8 @@ impl DnsState {
             Ok((cfg, m)) => {
                 let m = Arc::new(m);
                 prober.update(&cfg);
+                let coalesce = micros(cfg.udp_coalesce);
+                self.0.udp_coalesce_us.store(coalesce, Ordering::Relaxed);
                 self.0.cfg.store(Arc::new(cfg));
                 self.0.map.store(m.clone());
                 self.loaded(LoadKind::Config);
@@ -706,6 +719,11 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     // Let in-flight TCP answers finish writing.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `[dns] udp_coalesce` (at most a millisecond) in whole microseconds.
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

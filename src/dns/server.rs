@@ -303,6 +303,14 @@ fn wake(s: &UdpSocket) {
     }
 }
 
+/// `[dns] udp_coalesce` is an io_uring wait; a worker on `recvmmsg` answers at once.
+#[cfg(target_os = "linux")]
+fn warn_no_coalesce(state: &DnsState) {
+    if state.udp_coalesce_us() > 0 {
+        tracing::warn!("[dns] udp_coalesce needs io_uring; this DNS UDP worker answers at once");
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn worker(
     sock: &UdpSocket,
@@ -326,6 +334,7 @@ fn worker(
                 }
                 Err(e) => {
                     tracing::info!(error = %e, "io_uring refused; the DNS UDP worker uses recvmmsg");
+                    warn_no_coalesce(state);
                     None
                 }
             }
@@ -342,6 +351,7 @@ fn worker(
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring failed; the DNS UDP worker goes on with recvmmsg");
+                warn_no_coalesce(state);
                 stats.udp_workers[1].fetch_add(1, Ordering::Relaxed);
             }
         }

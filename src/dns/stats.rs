@@ -21,6 +21,9 @@ pub struct Stats {
     /// Queries with a DNS cookie, by what their server cookie was.
     cookies: [AtomicU64; NC],
     pub udp_errors: AtomicU64,
+    /// Wake-ups of a UDP worker that brought queries: queries over this is the batch size
+    /// (what `[dns] udp_coalesce` raises).
+    pub udp_batches: AtomicU64,
     /// UDP workers by their I/O: io_uring, `recvmmsg` (or the portable loop elsewhere).
     pub udp_workers: [AtomicU64; 2],
     pub tcp_connections: AtomicU64,
@@ -37,6 +40,7 @@ impl Default for Stats {
             truncated: AtomicU64::new(0),
             cookies: std::array::from_fn(|_| AtomicU64::new(0)),
             udp_errors: AtomicU64::new(0),
+            udp_batches: AtomicU64::new(0),
             udp_workers: [AtomicU64::new(0), AtomicU64::new(0)],
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
@@ -134,6 +138,11 @@ pub fn render(state: &DnsState) -> String {
         o,
         "# HELP edgepop_dns_udp_errors_total UDP receives and sends that failed.\n# TYPE edgepop_dns_udp_errors_total counter\nedgepop_dns_udp_errors_total {}",
         s.udp_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_udp_batches_total Wake-ups of a UDP worker that brought queries (UDP queries over this: the batch size, which [dns] udp_coalesce raises).\n# TYPE edgepop_dns_udp_batches_total counter\nedgepop_dns_udp_batches_total {}",
+        s.udp_batches.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         o,

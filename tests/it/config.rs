@@ -579,6 +579,39 @@ fn nsid_and_the_other_dns_wire_keys_are_checked() {
         check_text(&dns("\"x\"\nudp_io = \"epoll\"")).trim(),
         "e.toml:8:10: udp_io must be \"auto\", \"io_uring\" or \"recvmmsg\", not \"epoll\""
     );
+    let coalesce = check(&write_file(
+        dir.path(),
+        "coalesce.toml",
+        &dns("\"x\"\nudp_coalesce = \"300us\""),
+    ));
+    assert!(coalesce.0, "{}", coalesce.2);
+    assert!(
+        coalesce.1.contains("  dns udp_coalesce 300us"),
+        "{}",
+        coalesce.1
+    );
+    for (extra, want) in [
+        (
+            "udp_coalesce = \"2ms\"",
+            "e.toml:8:16: udp_coalesce must be at most 1ms",
+        ),
+        (
+            "udp_coalesce = \"soon\"",
+            "e.toml:8:16: invalid value: string \"soon\", expected a duration",
+        ),
+        (
+            "udp_io = \"recvmmsg\"\nudp_coalesce = \"100us\"",
+            "e.toml:9:16: udp_coalesce needs io_uring; udp_io = \"recvmmsg\" answers every wake-up at once",
+        ),
+    ] {
+        assert_eq!(check_text(&dns(&format!("\"x\"\n{extra}"))).trim(), want);
+    }
+    let off = check(&write_file(
+        dir.path(),
+        "off.toml",
+        &dns("\"x\"\nudp_io = \"recvmmsg\"\nudp_coalesce = \"0s\""),
+    ));
+    assert!(off.0, "{}", off.2);
     let small = check_text(&dns("\"x\"\nmax_nocookie_response = 100"));
     assert_eq!(
         small.trim(),

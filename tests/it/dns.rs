@@ -974,12 +974,13 @@ async fn queries_that_queue_while_the_worker_is_stopped_are_all_answered() {
     // More queries than an io_uring worker lends the kernel buffers (128) wait in the socket
     // while the process is stopped; once it runs again, every one is answered, however the
     // receive meets them (a run of completions, or out of buffers and armed again).
-    for io in ["auto", "recvmmsg"] {
+    // io_uring also with a coalescing wait, which ends early once 32 completions are in.
+    for (io, coalesce) in [("auto", "0s"), ("auto", "1ms"), ("recvmmsg", "0s")] {
         let dir = tempfile::tempdir().expect("tempdir");
         let regions = dir.path().join("regions.toml");
         std::fs::write(&regions, basic_regions()).expect("write");
         let cfg = dir.path().join("edgepop.toml");
-        let extra = format!("udp_workers = 1\nudp_io = \"{io}\"");
+        let extra = format!("udp_workers = 1\nudp_io = \"{io}\"\nudp_coalesce = \"{coalesce}\"");
         std::fs::write(&cfg, config_text(&regions, &extra)).expect("write");
         let (child, log) = spawn_dns_binary(&cfg);
         // The start-up line says which I/O the workers use.
@@ -1017,6 +1018,40 @@ async fn queries_that_queue_while_the_worker_is_stopped_are_all_answered() {
         signal(child.0.id(), "CONT");
         assert_eq!(answered(&s, 300, io).await, 300, "{io}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_coalesce_answers_every_query_counts_batches_and_applies_on_reload() {
+    let extra = "udp_workers = 1\nudp_coalesce = \"1ms\"";
+    let dns = Dns::start_with(&basic_regions(), extra).await;
+    assert_eq!(dns.sidecar.state().udp_coalesce_us(), 1000);
+    // A lone query, then a burst: each answered.
+    assert_eq!(dns.short(&[WWW, "A"]).await, ["192.0.2.3"]);
+    let s = burst_client();
+    send_burst(&s, dns.addr(), 200).await;
+    assert_eq!(answered(&s, 200, "coalesce").await, 200);
+    // Every UDP query came in some batch, and a batch brought at least one query.
+    let (_, metrics) = dns.admin_get("/metrics").await;
+    let batches = metric(&metrics, "edgepop_dns_udp_batches_total");
+    assert!((1..=201).contains(&batches), "{batches} batches: {metrics}");
+    // Applied by a reload, without a restart; and the worker goes on answering.
+    let text = config_text(&dns.regions, "udp_workers = 1\nudp_coalesce = \"0s\"");
+    dns.reload_config(&text);
+    eventually(
+        Duration::from_secs(5),
+        "udp_coalesce 0 in service",
+        || async { dns.sidecar.state().udp_coalesce_us() == 0 },
+    )
+    .await;
+    send_burst(&s, dns.addr(), 50).await;
+    assert_eq!(answered(&s, 50, "after reload").await, 50);
+}
+
+/// The value of an unlabelled metric in a /metrics text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
 }
 
 /// One query over UDP from a fresh socket (a new source port, so the kernel's address hash
