@@ -68,7 +68,7 @@ run() {
   local load; load=$( [ "$qps" = 0 ] && echo cap || echo "$qps")
   printf '%-30s %-6s qps=%-12s cpu/query=%-6s us  latency=%s  lost=%s\n' \
     "$name" "$load" "$qps_got" "$cpu_us" "$lat" "$lost"
-  echo "$name|$load|$cpu_us|$qps_got|${lat_us:-0}" >> "$WORK/results"
+  echo "$name|$load|$cpu_us|$qps_got|${lat_us:-nan}" >> "$WORK/results"
 }
 
 summary() {
@@ -86,7 +86,8 @@ def median_cpu(load, name):
 for (load, name), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cap", kv[0][0], kv[0][1])):
     cpu = statistics.median(c for c, _, _ in v)
     qps = statistics.median(q for _, q, _ in v)
-    lat = statistics.median(l for _, _, l in v)
+    lats = [l for _, _, l in v if l == l]  # a run without a latency line reads nan
+    lat = statistics.median(lats) if lats else float("nan")
     floor = median_cpu(load, "floor 1 stream" if name.endswith("1 stream") else "floor")
     above = f"  above floor {cpu - floor:5.2f} us" if floor is not None and not name.startswith("floor") else ""
     print(f"{name:30s} {load:6s} cpu/query median {cpu:5.2f} us{above}  (runs: {', '.join(f'{c:.2f}' for c, _, _ in v)})  qps median {qps:,.0f}  latency median {lat:.0f} us")

@@ -275,16 +275,43 @@ pub struct DnsRateLimit {
 /// little more saving (`benches/dns/README.md`).
 pub const MAX_UDP_COALESCE: Duration = Duration::from_millis(1);
 
-/// `[dns] udp_coalesce`: only io_uring can wait for a batch with a bounded delay.
-fn udp_coalesce(cx: &Ctx, d: &RawDns) -> Result<Duration, ConfigError> {
+/// `[dns] udp_io`.
+fn udp_io(cx: &Ctx, d: &RawDns) -> Result<UdpIo, ConfigError> {
+    Ok(match d.udp_io.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "auto")) => UdpIo::Auto,
+        Some((v, "io_uring")) if !cfg!(target_os = "linux") => {
+            return Err(cx.err(v, "udp_io = \"io_uring\" needs Linux"));
+        }
+        Some((_, "io_uring")) => UdpIo::IoUring,
+        Some((_, "recvmmsg")) => UdpIo::Recvmmsg,
+        Some((v, other)) => {
+            return Err(cx.err(
+                v,
+                format!("udp_io must be \"auto\", \"io_uring\" or \"recvmmsg\", not {other:?}"),
+            ));
+        }
+    })
+}
+
+/// `[dns] udp_coalesce`: whole microseconds (what the kernel takes), and only io_uring can
+/// wait for a batch with a bounded delay.
+fn udp_coalesce(cx: &Ctx, d: &RawDns, io: UdpIo) -> Result<Duration, ConfigError> {
     let (Some(wait), Some(s)) = (cx.raw_duration(&d.udp_coalesce)?, &d.udp_coalesce) else {
         return Ok(Duration::ZERO);
     };
     if wait > MAX_UDP_COALESCE {
         return Err(cx.err(s, "udp_coalesce must be at most 1ms"));
     }
-    let recvmmsg = d.udp_io.as_ref().is_some_and(|v| v.get_ref() == "recvmmsg");
-    if !wait.is_zero() && recvmmsg {
+    if wait.subsec_nanos() % 1000 != 0 {
+        return Err(cx.err(s, "udp_coalesce must be whole microseconds"));
+    }
+    if wait.is_zero() {
+        return Ok(wait);
+    }
+    if !cfg!(target_os = "linux") {
+        return Err(cx.err(s, "udp_coalesce needs Linux (io_uring)"));
+    }
+    if io == UdpIo::Recvmmsg {
         return Err(cx.err(
             s,
             "udp_coalesce needs io_uring; udp_io = \"recvmmsg\" answers every wake-up at once",
@@ -1521,6 +1548,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         }
         None => None,
     };
+    let udp_io = udp_io(cx, d)?;
     Ok(DnsConfig {
         listen: cx.socket_addr(&d.listen, "dns listen")?,
         zone,
@@ -1548,21 +1576,8 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(1),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
-        udp_io: match d.udp_io.as_ref().map(|v| (v, v.get_ref().as_str())) {
-            None | Some((_, "auto")) => UdpIo::Auto,
-            Some((v, "io_uring")) if !cfg!(target_os = "linux") => {
-                return Err(cx.err(v, "udp_io = \"io_uring\" needs Linux"));
-            }
-            Some((_, "io_uring")) => UdpIo::IoUring,
-            Some((_, "recvmmsg")) => UdpIo::Recvmmsg,
-            Some((v, other)) => {
-                return Err(cx.err(
-                    v,
-                    format!("udp_io must be \"auto\", \"io_uring\" or \"recvmmsg\", not {other:?}"),
-                ));
-            }
-        },
-        udp_coalesce: udp_coalesce(cx, d)?,
+        udp_io,
+        udp_coalesce: udp_coalesce(cx, d, udp_io)?,
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),
             None => None,

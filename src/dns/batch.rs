@@ -93,7 +93,7 @@ pub fn udp_loop(
         }
         let n = n as usize;
         dirty = n;
-        stats.udp_batches.fetch_add(1, Ordering::Relaxed);
+        stats.record_udp_batch(n);
         let mut answers = 0usize;
         {
             let map = map_cache.load();

@@ -234,6 +234,13 @@ impl DnsState {
                 prober.update(&cfg);
                 let coalesce = micros(cfg.udp_coalesce);
                 self.0.udp_coalesce_us.store(coalesce, Ordering::Relaxed);
+                let on_recvmmsg = self.0.stats.udp_workers[1].load(Ordering::Relaxed);
+                if coalesce > 0 && on_recvmmsg > 0 {
+                    tracing::warn!(
+                        config = %path.display(),
+                        "[dns] udp_coalesce needs io_uring; {on_recvmmsg} DNS UDP worker(s) on recvmmsg answer at once"
+                    );
+                }
                 self.0.cfg.store(Arc::new(cfg));
                 self.0.map.store(m.clone());
                 self.loaded(LoadKind::Config);

@@ -399,6 +399,7 @@ fn udp_loop(sock: &UdpSocket, state: &DnsState, stop: &AtomicBool) {
                 continue;
             }
         };
+        stats.record_udp_batch(1);
         if stop.load(Ordering::Relaxed) {
             return;
         }

@@ -21,9 +21,10 @@ pub struct Stats {
     /// Queries with a DNS cookie, by what their server cookie was.
     cookies: [AtomicU64; NC],
     pub udp_errors: AtomicU64,
-    /// Wake-ups of a UDP worker that brought queries: queries over this is the batch size
-    /// (what `[dns] udp_coalesce` raises).
-    pub udp_batches: AtomicU64,
+    /// Wake-ups of a UDP worker that brought datagrams, and the datagrams: their ratio is
+    /// the batch size (what `[dns] udp_coalesce` raises).
+    udp_batches: AtomicU64,
+    udp_datagrams: AtomicU64,
     /// UDP workers by their I/O: io_uring, `recvmmsg` (or the portable loop elsewhere).
     pub udp_workers: [AtomicU64; 2],
     pub tcp_connections: AtomicU64,
@@ -41,6 +42,7 @@ impl Default for Stats {
             cookies: std::array::from_fn(|_| AtomicU64::new(0)),
             udp_errors: AtomicU64::new(0),
             udp_batches: AtomicU64::new(0),
+            udp_datagrams: AtomicU64::new(0),
             udp_workers: [AtomicU64::new(0), AtomicU64::new(0)],
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
@@ -58,6 +60,16 @@ fn ri(r: Rcode) -> usize {
 }
 
 impl Stats {
+    /// A UDP worker's wake-up brought `datagrams` (none: not counted).
+    #[inline]
+    pub fn record_udp_batch(&self, datagrams: usize) {
+        if datagrams > 0 {
+            self.udp_batches.fetch_add(1, Ordering::Relaxed);
+            self.udp_datagrams
+                .fetch_add(datagrams as u64, Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     pub fn record(&self, o: Outcome) {
         self.queries[qi(o.qtype)][ri(o.rcode)].fetch_add(1, Ordering::Relaxed);
@@ -141,8 +153,13 @@ pub fn render(state: &DnsState) -> String {
     );
     let _ = writeln!(
         o,
-        "# HELP edgepop_dns_udp_batches_total Wake-ups of a UDP worker that brought queries (UDP queries over this: the batch size, which [dns] udp_coalesce raises).\n# TYPE edgepop_dns_udp_batches_total counter\nedgepop_dns_udp_batches_total {}",
+        "# HELP edgepop_dns_udp_batches_total Wake-ups of a UDP worker that brought datagrams (edgepop_dns_udp_datagrams_total over this: the batch size, which [dns] udp_coalesce raises).\n# TYPE edgepop_dns_udp_batches_total counter\nedgepop_dns_udp_batches_total {}",
         s.udp_batches.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edgepop_dns_udp_datagrams_total Datagrams the UDP workers received.\n# TYPE edgepop_dns_udp_datagrams_total counter\nedgepop_dns_udp_datagrams_total {}",
+        s.udp_datagrams.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         o,

@@ -49,8 +49,10 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// With `[dns] udp_coalesce`, a wait ends early once this many completions are in: a burst
 /// that fills a quarter of the buffers is answered without waiting out the window.
 const COALESCE_WANT: usize = BUFFERS as usize / 4;
-/// With `[dns] udp_coalesce`, an idle wait still ends now and then; the loop just waits
-/// again (a stop comes through the eventfd, not this).
+/// With `[dns] udp_coalesce`, the general timeout of a wait. The kernel needs one to go on
+/// waiting for a single completion once the window ends with none in (without it, an idle
+/// worker would wake every window); when it passes the loop just waits again (a stop comes
+/// through the eventfd, not this).
 const IDLE_WAIT: Timespec = Timespec::new().sec(1);
 
 /// `user_data` of the multishot receive, the wake-up read and the cancellation; a send (which
@@ -300,6 +302,7 @@ impl Worker {
         let mut warned_coalesce = false;
         // Queries the last wake-up brought.
         let mut last_batch = 0usize;
+        let mut arrivals = Arrivals::new();
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * SLOTS);
         let Some(lent) = self.lent.as_deref_mut() else {
             return Err(io::Error::other("io_uring worker already stopped"));
@@ -335,12 +338,14 @@ impl Worker {
             let coalesce = state.udp_coalesce_us();
             if coalesce > 0 && !self.min_timeout && !warned_coalesce {
                 tracing::warn!("[dns] udp_coalesce needs Linux 6.12 or later; this DNS UDP worker answers at once");
-                warned_coalesce = true;
             }
-            // A wake-up that brought a full batch means queries queue on their own: waiting
-            // would only hold back ones already in (at dnsperf's cap it cost a third more CPU
-            // per query).
-            let coalescing = self.min_timeout && last_batch < COALESCE_WANT;
+            // Warned again if a reload turns it off and on.
+            warned_coalesce = coalesce > 0;
+            // A wake-up that brought a full batch: queries queue on their own.
+            let coalescing = self.min_timeout
+                && coalesce > 0
+                && last_batch < COALESCE_WANT
+                && !arrivals.held_back;
             match wait(&submitter, if coalescing { coalesce } else { 0 }) {
                 Ok(_) => enter_failures = 0,
                 Err(e)
@@ -376,8 +381,9 @@ impl Worker {
                 .iter()
                 .filter(|&&(data, _, flags)| data == RECV && cqueue::buffer_select(flags).is_some())
                 .count();
-            if last_batch > 0 {
-                stats.udp_batches.fetch_add(1, Ordering::Relaxed);
+            stats.record_udp_batch(last_batch);
+            if coalesce > 0 {
+                arrivals.record(last_batch, coalescing.then_some(coalesce));
             }
             let map = map_cache.load();
             for &(data, res, flags) in &done {
@@ -470,12 +476,52 @@ impl Drop for Worker {
     }
 }
 
-/// Answers the query in buffer `bid` (`len` bytes filled): the send entry for the answer (in
-/// slot `next_slot`, which moves on), or None (nothing to send, or no free slot).
+/// The rate at which datagrams come, measured over [`Arrivals::PERIOD`] at a time, and
+/// whether waiting held them back.
+struct Arrivals {
+    since: Instant,
+    count: usize,
+    per_us: f64,
+    /// A window ended short of a batch although the rate would have filled it: the clients
+    /// send no more until they have their answers (a load generator's limit of outstanding
+    /// queries; at dnsperf's cap, waiting cost a third of the throughput and a fifth more
+    /// CPU per query). No waiting until the next period.
+    held_back: bool,
+}
+
+impl Arrivals {
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    fn new() -> Self {
+        Arrivals {
+            since: Instant::now(),
+            count: 0,
+            per_us: 0.0,
+            held_back: false,
+        }
+    }
+
+    /// A wake-up brought `datagrams`, after waiting out a window of `window_us` if any.
+    fn record(&mut self, datagrams: usize, window_us: Option<u32>) {
+        self.count += datagrams;
+        let elapsed = self.since.elapsed();
+        if elapsed >= Self::PERIOD {
+            self.per_us = self.count as f64 / elapsed.as_micros() as f64;
+            self.count = 0;
+            self.since += elapsed;
+            self.held_back = false;
+        } else if let Some(us) = window_us {
+            let expected = self.per_us * f64::from(us);
+            self.held_back |= datagrams < COALESCE_WANT && expected >= COALESCE_WANT as f64;
+        }
+    }
+}
+
 /// Submits what is queued and waits: for one completion, or with `coalesce_us` for
 /// [`COALESCE_WANT`] of them, but no longer than `coalesce_us` once one is in. A query that
 /// comes to a worker idle for longer than that is answered at once: the kernel then waits
-/// for a single completion.
+/// for a single completion. `ETIME` is no failure: the window ended with completions in, or
+/// [`IDLE_WAIT`] passed without any; the caller reads whatever is there.
 fn wait(submitter: &io_uring::Submitter<'_>, coalesce_us: u32) -> io::Result<usize> {
     if coalesce_us == 0 {
         return submitter.submit_and_wait(1);
@@ -489,6 +535,8 @@ fn wait(submitter: &io_uring::Submitter<'_>, coalesce_us: u32) -> io::Result<usi
     }
 }
 
+/// Answers the query in buffer `bid` (`len` bytes filled): the send entry for the answer (in
+/// slot `next_slot`, which moves on), or None (nothing to send, or no free slot).
 fn answer(
     lent: &mut Lent,
     next_slot: &mut usize,

@@ -596,6 +596,10 @@ fn nsid_and_the_other_dns_wire_keys_are_checked() {
             "e.toml:8:16: udp_coalesce must be at most 1ms",
         ),
         (
+            "udp_coalesce = \"1500ns\"",
+            "e.toml:8:16: udp_coalesce must be whole microseconds",
+        ),
+        (
             "udp_coalesce = \"soon\"",
             "e.toml:8:16: invalid value: string \"soon\", expected a duration",
         ),
