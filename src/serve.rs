@@ -82,7 +82,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
             println!("  dns admin {a}");
         }
         if let Some(n) = &d.nsid {
-            println!("  nsid {n:?}");
+            println!("  nsid {:?}", n.to_string());
         }
         if d.udp_io != crate::config::UdpIo::Auto {
             println!("  dns udp_io {}", d.udp_io.as_str());

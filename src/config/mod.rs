@@ -11,8 +11,8 @@ mod validate;
 pub use error::{ConfigError, Location};
 pub use validate::{
     AccessLogTarget, AdminConfig, CertificateConfig, ClientAuth, Config, CookieKeys, DnsConfig,
-    DnsRateLimit, EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, OriginConfig, PopConfig,
-    Protocol, RateLimit, Role, RouteConfig, UdpIo,
+    DnsRateLimit, EdgeConfig, Glue, HeaderEdits, HealthCa, ListenerConfig, Nsid, OriginConfig,
+    PopConfig, Protocol, RateLimit, Role, RouteConfig, UdpIo,
 };
 
 use std::path::Path;

@@ -374,7 +374,7 @@ pub struct DnsConfig {
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
     /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
-    pub nsid: Option<String>,
+    pub nsid: Option<Nsid>,
     /// `[dns] cookie_keys`, loaded; `None`: a random secret per process.
     pub cookie_keys: Option<CookieKeys>,
     /// UDP answers over this size to queries without a valid server cookie are sent
@@ -1612,17 +1612,55 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
     })
 }
 
-/// An NSID as operators write it (gdnsd's `nsid_ascii`): printable ASCII, so `dig +nsid`
-/// shows it as written; 128 octets at most, as gdnsd allows.
-fn nsid(cx: &Ctx, n: &Spanned<String>) -> Result<String, ConfigError> {
+/// `[dns] nsid`: the NSID's octets (RFC 5001), 1 to 128 as gdnsd allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nsid(Box<[u8]>);
+
+impl Nsid {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn is_text(bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| b.is_ascii_graphic() || b == b' ')
+    }
+}
+
+/// As written: the text, or `0x` and hex digits for octets that are not printable ASCII.
+impl std::fmt::Display for Nsid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) if Nsid::is_text(&self.0) => f.write_str(text),
+            _ => write!(f, "0x{}", hex::encode(&self.0)),
+        }
+    }
+}
+
+/// An NSID as operators write it: printable ASCII (gdnsd's `nsid_ascii`), so `dig +nsid`
+/// shows it as written, or `0x` and hex digits for any octets (gdnsd's `nsid`, Knot's form);
+/// 128 octets at most, as gdnsd allows.
+fn nsid(cx: &Ctx, n: &Spanned<String>) -> Result<Nsid, ConfigError> {
     let s = n.get_ref();
+    if let Some(digits) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return match hex::decode(digits) {
+            Ok(b) if (1..=128).contains(&b.len()) => Ok(Nsid(b.into())),
+            Ok(_) => Err(cx.err(
+                n,
+                "nsid must be 1 to 128 octets (2 to 256 hex digits after 0x)",
+            )),
+            Err(hex::FromHexError::InvalidHexCharacter { c, .. }) => {
+                Err(cx.err(n, format!("nsid after 0x must be hex digits, not {c:?}")))
+            }
+            Err(_) => Err(cx.err(n, "nsid after 0x must be an even number of hex digits")),
+        };
+    }
     if s.is_empty() || s.len() > 128 {
         return Err(cx.err(n, "nsid must be 1 to 128 characters"));
     }
-    if !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return Err(cx.err(n, "nsid must be printable ASCII"));
+    if !Nsid::is_text(s.as_bytes()) {
+        return Err(cx.err(n, "nsid must be printable ASCII (or 0x and hex digits)"));
     }
-    Ok(s.clone())
+    Ok(Nsid(s.as_bytes().into()))
 }
 
 fn glue(

@@ -449,8 +449,13 @@ pub fn build(
         pops,
         zone: zone(cx.cfg, cx.serial, statics)?,
         source: file,
-        nsid: cx.cfg.nsid.as_ref().map(|n| n.as_bytes().into()),
-        chaos_id: cx.cfg.nsid.as_deref().map(chaos_txt).transpose()?,
+        nsid: cx.cfg.nsid.as_ref().map(|n| n.bytes().into()),
+        chaos_id: cx
+            .cfg
+            .nsid
+            .as_ref()
+            .map(|n| chaos_txt(&n.to_string()))
+            .transpose()?,
         cookie_secret: cx.cookie_secret.clone(),
         max_nocookie_response: cx.cfg.max_nocookie_response,
         rate_limit: cx.rate_limit.clone(),

@@ -6,6 +6,8 @@
 pub mod admin;
 #[cfg(target_os = "linux")]
 mod batch;
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+mod coalesce;
 pub mod cookie;
 pub mod geo;
 pub mod health;

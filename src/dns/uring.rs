@@ -10,6 +10,7 @@
 //! policy), [`Worker::new`] fails and the worker uses `batch` instead.
 
 use super::batch::QUERY_MAX;
+use super::coalesce::{Coalescer, WANT};
 use super::pktinfo::{self, Control};
 use super::query;
 use super::DnsState;
@@ -46,9 +47,8 @@ const ENTRIES: u32 = 256;
 const MAX_RECV_FAILURES: u32 = 16;
 /// How long stopping waits for the kernel to hand back everything it was lent.
 const DRAIN: Duration = Duration::from_secs(1);
-/// With `[dns] udp_coalesce`, a wait ends early once this many completions are in: a burst
-/// that fills a quarter of the buffers is answered without waiting out the window.
-const COALESCE_WANT: usize = BUFFERS as usize / 4;
+// `coalesce::WANT`, the completions a coalescing wait ends at, is a quarter of the buffers.
+const _: () = assert!(super::coalesce::WANT == BUFFERS as usize / 4);
 /// With `[dns] udp_coalesce`, the general timeout of a wait. The kernel needs one to go on
 /// waiting for a single completion once the window ends with none in (without it, an idle
 /// worker would wake every window); when it passes the loop just waits again (a stop comes
@@ -300,9 +300,7 @@ impl Worker {
         let mut failures = 0u32;
         let mut enter_failures = 0u32;
         let mut warned_coalesce = false;
-        // Queries the last wake-up brought.
-        let mut last_batch = 0usize;
-        let mut arrivals = Arrivals::new();
+        let mut coalescer = Coalescer::new(Instant::now());
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * SLOTS);
         let Some(lent) = self.lent.as_deref_mut() else {
             return Err(io::Error::other("io_uring worker already stopped"));
@@ -341,12 +339,12 @@ impl Worker {
             }
             // Warned again if a reload turns it off and on.
             warned_coalesce = coalesce > 0;
-            // A wake-up that brought a full batch: queries queue on their own.
-            let coalescing = self.min_timeout
-                && coalesce > 0
-                && last_batch < COALESCE_WANT
-                && !arrivals.held_back;
-            match wait(&submitter, if coalescing { coalesce } else { 0 }) {
+            let window = if self.min_timeout {
+                coalescer.window(coalesce)
+            } else {
+                0
+            };
+            match wait(&submitter, window) {
                 Ok(_) => enter_failures = 0,
                 Err(e)
                     if matches!(
@@ -377,13 +375,13 @@ impl Worker {
                     resend(lent, i, res, self.fd, stats);
                 }
             }
-            last_batch = done
+            let batch = done
                 .iter()
                 .filter(|&&(data, _, flags)| data == RECV && cqueue::buffer_select(flags).is_some())
                 .count();
-            stats.record_udp_batch(last_batch);
+            stats.record_udp_batch(batch);
             if coalesce > 0 {
-                arrivals.record(last_batch, coalescing.then_some(coalesce));
+                coalescer.record(Instant::now(), batch, window);
             }
             let map = map_cache.load();
             for &(data, res, flags) in &done {
@@ -476,49 +474,8 @@ impl Drop for Worker {
     }
 }
 
-/// The rate at which datagrams come, measured over [`Arrivals::PERIOD`] at a time, and
-/// whether waiting held them back.
-struct Arrivals {
-    since: Instant,
-    count: usize,
-    per_us: f64,
-    /// A window ended short of a batch although the rate would have filled it: the clients
-    /// send no more until they have their answers (a load generator's limit of outstanding
-    /// queries; at dnsperf's cap, waiting cost a third of the throughput and a fifth more
-    /// CPU per query). No waiting until the next period.
-    held_back: bool,
-}
-
-impl Arrivals {
-    const PERIOD: Duration = Duration::from_millis(10);
-
-    fn new() -> Self {
-        Arrivals {
-            since: Instant::now(),
-            count: 0,
-            per_us: 0.0,
-            held_back: false,
-        }
-    }
-
-    /// A wake-up brought `datagrams`, after waiting out a window of `window_us` if any.
-    fn record(&mut self, datagrams: usize, window_us: Option<u32>) {
-        self.count += datagrams;
-        let elapsed = self.since.elapsed();
-        if elapsed >= Self::PERIOD {
-            self.per_us = self.count as f64 / elapsed.as_micros() as f64;
-            self.count = 0;
-            self.since += elapsed;
-            self.held_back = false;
-        } else if let Some(us) = window_us {
-            let expected = self.per_us * f64::from(us);
-            self.held_back |= datagrams < COALESCE_WANT && expected >= COALESCE_WANT as f64;
-        }
-    }
-}
-
 /// Submits what is queued and waits: for one completion, or with `coalesce_us` for
-/// [`COALESCE_WANT`] of them, but no longer than `coalesce_us` once one is in. A query that
+/// [`WANT`] of them, but no longer than `coalesce_us` once one is in. A query that
 /// comes to a worker idle for longer than that is answered at once: the kernel then waits
 /// for a single completion. `ETIME` is no failure: the window ended with completions in, or
 /// [`IDLE_WAIT`] passed without any; the caller reads whatever is there.
@@ -529,7 +486,7 @@ fn wait(submitter: &io_uring::Submitter<'_>, coalesce_us: u32) -> io::Result<usi
     let args = SubmitArgs::new()
         .timespec(&IDLE_WAIT)
         .min_wait_usec(coalesce_us);
-    match submitter.submit_with_args(COALESCE_WANT, &args) {
+    match submitter.submit_with_args(WANT, &args) {
         Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
         r => r,
     }

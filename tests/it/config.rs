@@ -554,6 +554,12 @@ fn nsid_and_the_other_dns_wire_keys_are_checked() {
     let (ok, stdout, stderr) = check(&write_file(dir.path(), "ok.toml", &dns("\"dns1 tyo1\"")));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("  nsid \"dns1 tyo1\""), "{stdout}");
+    // Hex after 0x: any octets, shown as hex unless they are printable ASCII.
+    for (nsid, shown) in [("\"0x00ff10\"", "0x00ff10"), ("\"0X646E7331\"", "dns1")] {
+        let (ok, stdout, stderr) = check(&write_file(dir.path(), "hex.toml", &dns(nsid)));
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains(&format!("  nsid \"{shown}\"")), "{stdout}");
+    }
     for (nsid, want) in [
         ("\"\"", "e.toml:7:8: nsid must be 1 to 128 characters"),
         (
@@ -562,9 +568,28 @@ fn nsid_and_the_other_dns_wire_keys_are_checked() {
         ),
         (
             "\"dns1\\u00e9\"",
-            "e.toml:7:8: nsid must be printable ASCII",
+            "e.toml:7:8: nsid must be printable ASCII (or 0x and hex digits)",
         ),
-        ("\"a\\tb\"", "e.toml:7:8: nsid must be printable ASCII"),
+        (
+            "\"a\\tb\"",
+            "e.toml:7:8: nsid must be printable ASCII (or 0x and hex digits)",
+        ),
+        (
+            "\"0x\"",
+            "e.toml:7:8: nsid must be 1 to 128 octets (2 to 256 hex digits after 0x)",
+        ),
+        (
+            &format!("\"0x{}\"", "ab".repeat(129)),
+            "e.toml:7:8: nsid must be 1 to 128 octets (2 to 256 hex digits after 0x)",
+        ),
+        (
+            "\"0xabc\"",
+            "e.toml:7:8: nsid after 0x must be an even number of hex digits",
+        ),
+        (
+            "\"0x0g\"",
+            "e.toml:7:8: nsid after 0x must be hex digits, not 'g'",
+        ),
     ] {
         assert_eq!(check_text(&dns(nsid)).trim(), want, "{nsid}");
     }

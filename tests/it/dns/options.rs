@@ -196,6 +196,22 @@ async fn nsid_and_chaos_id_server_are_answered_only_when_configured_and_asked_fo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_hex_nsid_is_sent_as_its_octets_and_answers_chaos_in_hex() {
+    let dns = Dns::start_with(&basic_regions(), "nsid = \"0x00ff10\"").await;
+    let out = dns.dig(&[WWW, "A", "+nsid"]).await;
+    assert!(out.contains("; NSID: 00 ff 10 "), "{out}");
+    let m = udp(&dns, &query_with(&option(3, b""))).await;
+    assert_eq!(
+        option_of(&m, EdnsCode::NSID).as_deref(),
+        Some(&[0x00, 0xff, 0x10][..])
+    );
+    assert_eq!(
+        dns.short(&["id.server", "TXT", "CH"]).await,
+        vec!["\"0x00ff10\""]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_tcp_keepalive_is_announced_over_tcp_only() {
     let dns = Dns::start(&basic_regions()).await;
     let out = dns.dig(&[WWW, "A", "+tcp", "+keepalive"]).await;
