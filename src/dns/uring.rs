@@ -6,6 +6,9 @@
 //! through io_uring's task work rather than the socket's wait queue: about 8% less CPU per
 //! query there, and 10-15% at the load generator's cap (`benches/dns/README.md`).
 //!
+//! With `[dns] udp_coalesce` a wait may also hold out for a batch (`coalesce` decides when;
+//! Linux 6.12's min-wait does the waiting).
+//!
 //! Where the kernel refuses io_uring (before 6.1, `kernel.io_uring_disabled`, a seccomp
 //! policy), [`Worker::new`] fails and the worker uses `batch` instead.
 
