@@ -276,7 +276,7 @@ pub struct DnsRateLimit {
 pub const MAX_UDP_COALESCE: Duration = Duration::from_millis(1);
 
 /// `[dns] udp_io`.
-fn udp_io(cx: &Ctx, d: &RawDns) -> Result<UdpIo, ConfigError> {
+fn parse_udp_io(cx: &Ctx, d: &RawDns) -> Result<UdpIo, ConfigError> {
     Ok(match d.udp_io.as_ref().map(|v| (v, v.get_ref().as_str())) {
         None | Some((_, "auto")) => UdpIo::Auto,
         Some((v, "io_uring")) if !cfg!(target_os = "linux") => {
@@ -373,7 +373,7 @@ pub struct DnsConfig {
     pub udp_coalesce: Duration,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
-    /// NSID (RFC 5001): printable ASCII, 1 to 128 octets.
+    /// NSID (RFC 5001): 1 to 128 octets.
     pub nsid: Option<Nsid>,
     /// `[dns] cookie_keys`, loaded; `None`: a random secret per process.
     pub cookie_keys: Option<CookieKeys>,
@@ -1548,7 +1548,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
         }
         None => None,
     };
-    let udp_io = udp_io(cx, d)?;
+    let udp_io = parse_udp_io(cx, d)?;
     Ok(DnsConfig {
         listen: cx.socket_addr(&d.listen, "dns listen")?,
         zone,
@@ -1626,14 +1626,19 @@ impl Nsid {
     }
 }
 
-/// As written: the text, or `0x` and hex digits for octets that are not printable ASCII.
+/// As it could be written: the text, or `0x` and hex digits for octets that are not
+/// printable ASCII or whose text would read as hex (it starts with `0x`).
 impl std::fmt::Display for Nsid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match std::str::from_utf8(&self.0) {
-            Ok(text) if Nsid::is_text(&self.0) => f.write_str(text),
+            Ok(text) if Nsid::is_text(&self.0) && !is_hex_form(text) => f.write_str(text),
             _ => write!(f, "0x{}", hex::encode(&self.0)),
         }
     }
+}
+
+fn is_hex_form(s: &str) -> bool {
+    s.starts_with("0x") || s.starts_with("0X")
 }
 
 /// An NSID as operators write it: printable ASCII (gdnsd's `nsid_ascii`), so `dig +nsid`
@@ -1641,7 +1646,8 @@ impl std::fmt::Display for Nsid {
 /// 128 octets at most, as gdnsd allows.
 fn nsid(cx: &Ctx, n: &Spanned<String>) -> Result<Nsid, ConfigError> {
     let s = n.get_ref();
-    if let Some(digits) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+    if is_hex_form(s) {
+        let digits = s.get(2..).unwrap_or_default();
         return match hex::decode(digits) {
             Ok(b) if (1..=128).contains(&b.len()) => Ok(Nsid(b.into())),
             Ok(_) => Err(cx.err(

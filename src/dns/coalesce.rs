@@ -1,15 +1,6 @@
-//! When a UDP worker on io_uring waits for a batch of queries (`[dns] udp_coalesce`) and when
-//! it answers at once, as a NIC's adaptive interrupt coalescing decides.
-//!
-//! Waiting pays only while queries come on their own, independently of the answers (many
-//! resolvers). A client that sends its next query only once it has its answer (a stub asking
-//! one name after another, a load generator's limit of outstanding queries) would be held
-//! back by every window: one waiting out 1 ms gets 1,000 answers a second instead of tens of
-//! thousands. So the worker measures how fast queries come while it answers at once (a
-//! period of [`PERIOD`] without waiting, every [`PROBE_EVERY`] periods), waits only when that
-//! rate fills a window with a few queries, stops waiting for the rest of a period as soon as
-//! a window brings well under what that rate promised, and until the next measuring period
-//! once a period of waiting saw queries come slower than answering at once did.
+//! When a UDP worker on io_uring waits for a batch of queries (`[dns] udp_coalesce`) and
+//! when it answers at once, adaptively, as a NIC's interrupt coalescing does. See
+//! [`Coalescer`] for why and how.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +18,15 @@ const MIN_EXPECTED: f64 = 2.0;
 /// slowed the clients down.
 const SLOWED: f64 = 0.8;
 
+/// Waiting pays only while queries come on their own, independently of the answers (many
+/// resolvers). A client that sends its next query only once it has its answer (a stub asking
+/// one name after another, a load generator's limit of outstanding queries) would be held
+/// back by every window: one waiting out 1 ms gets 1,000 answers a second instead of tens of
+/// thousands. So the worker measures how fast queries come while it answers at once (a
+/// period of [`PERIOD`] without waiting, every [`PROBE_EVERY`] periods), waits only when that
+/// rate fills a window with a few queries, stops waiting for the rest of a period as soon as
+/// a window brings well under what that rate promised, and until the next measuring period
+/// once a period of waiting saw queries come slower than answering at once did.
 #[derive(Debug)]
 pub struct Coalescer {
     start: Instant,
@@ -36,16 +36,19 @@ pub struct Coalescer {
     waited: bool,
     /// Datagrams per microsecond over the last period without a window; 0 until measured.
     open_per_us: f64,
+    /// Periods so far; every [`PROBE_EVERY`]th measures.
     period: u32,
     /// A window this period brought well under what `open_per_us` promised.
     held_back: bool,
     /// A period of waiting saw a slower rate than `open_per_us`: no waiting until the next
     /// measuring period.
     slowed: bool,
+    /// Datagrams the last wake-up brought.
     last_batch: usize,
 }
 
 impl Coalescer {
+    /// Starts measuring at `now`: no waiting until a period has.
     pub fn new(now: Instant) -> Self {
         Coalescer {
             start: now,

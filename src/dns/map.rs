@@ -604,15 +604,16 @@ pub fn push_raw(set: &mut RrSet, rtype: u16, ttl: u32, data: &[u8]) {
     set.count = set.count.saturating_add(1);
 }
 
-/// `text` as a CHAOS TXT record with TTL 0 (identities are not for caching).
+/// `text` (ASCII) as a CHAOS TXT record with TTL 0 (identities are not for caching), in
+/// character-strings of at most 255 octets: a 128-octet NSID shown in hex takes 258.
 fn chaos_txt(text: &str) -> Result<RrSet, MapError> {
+    let strings = text
+        .as_bytes()
+        .chunks(255)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
     let mut set = RrSet::default();
-    push_rr_in(
-        &mut set,
-        RData::TXT(TXT::new(vec![text.to_string()])),
-        0,
-        CH,
-    )?;
+    push_rr_in(&mut set, RData::TXT(TXT::new(strings)), 0, CH)?;
     Ok(set)
 }
 

@@ -302,7 +302,7 @@ impl Worker {
         let mut map_cache = state.map_cache();
         let mut failures = 0u32;
         let mut enter_failures = 0u32;
-        let mut warned_coalesce = false;
+        let mut coalesce_was_on = false;
         let mut coalescer = Coalescer::new(Instant::now());
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * SLOTS);
         let Some(lent) = self.lent.as_deref_mut() else {
@@ -337,11 +337,16 @@ impl Worker {
             }
             sq.sync();
             let coalesce = state.udp_coalesce_us();
-            if coalesce > 0 && !self.min_timeout && !warned_coalesce {
+            if coalesce > 0 && !self.min_timeout && !coalesce_was_on {
                 tracing::warn!("[dns] udp_coalesce needs Linux 6.12 or later; this DNS UDP worker answers at once");
             }
-            // Warned again if a reload turns it off and on.
-            warned_coalesce = coalesce > 0;
+            if coalesce > 0 && !coalesce_was_on {
+                // Turned on (at start or by a reload): measure afresh, not from a rate
+                // counted before it was turned off.
+                coalescer = Coalescer::new(Instant::now());
+            }
+            // Warned (and measured) again if a reload turns it off and on.
+            coalesce_was_on = coalesce > 0;
             let window = if self.min_timeout {
                 coalescer.window(coalesce)
             } else {

@@ -209,6 +209,13 @@ async fn a_hex_nsid_is_sent_as_its_octets_and_answers_chaos_in_hex() {
         dns.short(&["id.server", "TXT", "CH"]).await,
         vec!["\"0x00ff10\""]
     );
+    // 128 octets: 258 characters of hex, two character-strings in the CHAOS answer.
+    let long = format!("0x{}", "00".repeat(128));
+    let dns = Dns::start_with(&basic_regions(), &format!("nsid = {long:?}")).await;
+    let m = udp(&dns, &query_with(&option(3, b""))).await;
+    assert_eq!(option_of(&m, EdnsCode::NSID), Some(vec![0; 128]));
+    let chaos = dns.short(&["id.server", "TXT", "CH"]).await.join("");
+    assert_eq!(chaos.replace(['"', ' '], ""), long);
 }
 
 #[tokio::test(flavor = "multi_thread")]
