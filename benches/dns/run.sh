@@ -115,22 +115,22 @@ EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop.toml" &
 EP=$!; PIDS+=("$EP")
 wait_port $EP_PORT
 echo "edgepop RSS idle (1k nets): $(rss_kib $EP) KiB"
+# start_variant FILE PORT LINE: the same edgepop on PORT with LINE added to [dns]; sets VARIANT.
+start_variant() {
+  sed -e "s/:$EP_PORT\"/:$2\"/" -e "s/^udp_workers = 1\$/udp_workers = 1\n$3/" \
+    "$WORK/edgepop.toml" > "$WORK/$1"
+  EDGEPOP_LOG=warn $BIN dns --config "$WORK/$1" &
+  VARIANT=$!; PIDS+=("$VARIANT")
+  wait_port "$2"
+}
 # The same with the UDP worker on recvmmsg/sendmmsg instead of io_uring ([dns] udp_io).
 EP2_PORT=5393
-sed -e "s/:$EP_PORT\"/:$EP2_PORT\"/" -e 's/^udp_workers = 1$/udp_workers = 1\nudp_io = "recvmmsg"/' \
-  "$WORK/edgepop.toml" > "$WORK/edgepop-mmsg.toml"
-EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop-mmsg.toml" &
-EP2=$!; PIDS+=("$EP2")
-wait_port $EP2_PORT
-# And on io_uring with [dns] udp_coalesce: once woken, the worker waits up to $COALESCE for
-# more queries (fewer wake-ups, more latency).
+start_variant edgepop-mmsg.toml $EP2_PORT 'udp_io = "recvmmsg"'; EP2=$VARIANT
+# And on io_uring with [dns] udp_coalesce: the worker may wait up to $COALESCE after
+# answering for more queries (fewer wake-ups, more latency; adaptive, see the README).
 COALESCE=${COALESCE:-300us}
 EP3_PORT=5395
-sed -e "s/:$EP_PORT\"/:$EP3_PORT\"/" -e "s/^udp_workers = 1\$/udp_workers = 1\nudp_coalesce = \"$COALESCE\"/" \
-  "$WORK/edgepop.toml" > "$WORK/edgepop-coalesce.toml"
-EDGEPOP_LOG=warn $BIN dns --config "$WORK/edgepop-coalesce.toml" &
-EP3=$!; PIDS+=("$EP3")
-wait_port $EP3_PORT
+start_variant edgepop-coalesce.toml $EP3_PORT "udp_coalesce = \"$COALESCE\""; EP3=$VARIANT
 
 # --- gdnsd
 GD_PORT=5392
