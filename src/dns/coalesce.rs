@@ -16,7 +16,7 @@ const PROBE_EVERY: u32 = 8;
 const MIN_EXPECTED: f64 = 2.0;
 /// A period of waiting whose rate falls below this share of the rate answering at once
 /// slowed the clients down.
-const SLOWED: f64 = 0.8;
+const SLOWED: f64 = 0.9;
 
 /// Waiting pays only while queries come on their own, independently of the answers (many
 /// resolvers). A client that sends its next query only once it has its answer (a stub asking

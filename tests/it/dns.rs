@@ -1120,9 +1120,11 @@ async fn udp_coalesce_batches_a_steady_stream_and_applies_on_reload() {
     )
     .await;
     let at_once = datagrams_per_batch(&dns).await;
+    // Unloaded, about 3 against 1.0; on a loaded machine a lagging worker batches on its own
+    // (2.3-2.9 answering at once, 4-9 waiting), so the margin asked for is small.
     if on_uring && io_uring_min_timeout() {
         assert!(
-            coalesced >= 1.5 * at_once && coalesced >= 2.0,
+            coalesced >= 1.25 * at_once && coalesced >= 2.0,
             "datagrams per batch: {coalesced:.1} waiting, {at_once:.1} at once"
         );
     }
