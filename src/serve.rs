@@ -87,10 +87,12 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         if d.udp_io != crate::config::UdpIo::Auto {
             println!("  dns udp_io {}", d.udp_io.as_str());
         }
-        if !d.udp_coalesce.is_zero() {
+        if d.udp_coalesce_us > 0 {
             println!(
                 "  dns udp_coalesce {}",
-                humantime::format_duration(d.udp_coalesce)
+                humantime::format_duration(std::time::Duration::from_micros(
+                    d.udp_coalesce_us.into()
+                ))
             );
         }
         if let Some(l) = &d.rate_limit {

@@ -293,11 +293,11 @@ fn parse_udp_io(cx: &Ctx, d: &RawDns) -> Result<UdpIo, ConfigError> {
     })
 }
 
-/// `[dns] udp_coalesce`: whole microseconds (what the kernel takes), and only io_uring can
+/// `[dns] udp_coalesce` in whole microseconds (what the kernel takes); only io_uring can
 /// wait for a batch with a bounded delay.
-fn udp_coalesce(cx: &Ctx, d: &RawDns, io: UdpIo) -> Result<Duration, ConfigError> {
+fn udp_coalesce_us(cx: &Ctx, d: &RawDns, io: UdpIo) -> Result<u32, ConfigError> {
     let (Some(wait), Some(s)) = (cx.raw_duration(&d.udp_coalesce)?, &d.udp_coalesce) else {
-        return Ok(Duration::ZERO);
+        return Ok(0);
     };
     if wait > MAX_UDP_COALESCE {
         return Err(cx.err(s, "udp_coalesce must be at most 1ms"));
@@ -305,8 +305,10 @@ fn udp_coalesce(cx: &Ctx, d: &RawDns, io: UdpIo) -> Result<Duration, ConfigError
     if wait.subsec_nanos() % 1000 != 0 {
         return Err(cx.err(s, "udp_coalesce must be whole microseconds"));
     }
-    if wait.is_zero() {
-        return Ok(wait);
+    // At most 1 ms: always fits.
+    let us = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
+    if us == 0 {
+        return Ok(0);
     }
     if !cfg!(target_os = "linux") {
         return Err(cx.err(s, "udp_coalesce needs Linux (io_uring)"));
@@ -317,7 +319,7 @@ fn udp_coalesce(cx: &Ctx, d: &RawDns, io: UdpIo) -> Result<Duration, ConfigError
             "udp_coalesce needs io_uring; udp_io = \"recvmmsg\" answers every wake-up at once",
         ));
     }
-    Ok(wait)
+    Ok(us)
 }
 
 /// `[dns] udp_io`: how the UDP workers receive queries and send answers (Linux).
@@ -369,8 +371,9 @@ pub struct DnsConfig {
     pub udp_workers: usize,
     /// `[dns] udp_io`: the UDP workers' system calls.
     pub udp_io: UdpIo,
-    /// `[dns] udp_coalesce`: at most [`MAX_UDP_COALESCE`]; zero answers at once.
-    pub udp_coalesce: Duration,
+    /// `[dns] udp_coalesce` in microseconds: at most [`MAX_UDP_COALESCE`]; zero answers at
+    /// once.
+    pub udp_coalesce_us: u32,
     /// Admin address of `edgepop dns` when it differs from `[admin] listen`.
     pub admin_listen: Option<SocketAddr>,
     /// NSID (RFC 5001): 1 to 128 octets.
@@ -1577,7 +1580,7 @@ fn dns(cx: &Ctx, d: &Spanned<RawDns>) -> Result<DnsConfig, ConfigError> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         udp_io,
-        udp_coalesce: udp_coalesce(cx, d, udp_io)?,
+        udp_coalesce_us: udp_coalesce_us(cx, d, udp_io)?,
         nsid: match &d.nsid {
             Some(n) => Some(nsid(cx, n)?),
             None => None,

@@ -108,7 +108,7 @@ impl DnsState {
         let health = HealthBook::default();
         let hits = HitBook::default();
         let first = build_map(&cfg, None, &health, &hits)?;
-        let udp_coalesce_us = AtomicU32::new(micros(cfg.udp_coalesce));
+        let udp_coalesce_us = AtomicU32::new(cfg.udp_coalesce_us);
         Ok(DnsState(Arc::new(Inner {
             cfg: ArcSwap::from_pointee(cfg),
             map: ArcSwap::from_pointee(first),
@@ -234,7 +234,7 @@ impl DnsState {
             Ok((cfg, m)) => {
                 let m = Arc::new(m);
                 prober.update(&cfg);
-                let coalesce = micros(cfg.udp_coalesce);
+                let coalesce = cfg.udp_coalesce_us;
                 self.0.udp_coalesce_us.store(coalesce, Ordering::Relaxed);
                 let on_recvmmsg = self.0.stats.udp_workers[1].load(Ordering::Relaxed);
                 if coalesce > 0 && on_recvmmsg > 0 {
@@ -728,11 +728,6 @@ pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     // Let in-flight TCP answers finish writing.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A `[dns] udp_coalesce` (at most a millisecond) in whole microseconds.
-fn micros(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ const MAX_RECV_FAILURES: u32 = 16;
 /// How long stopping waits for the kernel to hand back everything it was lent.
 const DRAIN: Duration = Duration::from_secs(1);
 // `coalesce::WANT`, the completions a coalescing wait ends at, is a quarter of the buffers.
-const _: () = assert!(super::coalesce::WANT == BUFFERS as usize / 4);
+const _: () = assert!(WANT == BUFFERS as usize / 4);
 /// With `[dns] udp_coalesce`, the general timeout of a wait. The kernel needs one to go on
 /// waiting for a single completion once the window ends with none in (without it, an idle
 /// worker would wake every window); when it passes the loop just waits again (a stop comes
@@ -337,10 +337,10 @@ impl Worker {
             }
             sq.sync();
             let coalesce = state.udp_coalesce_us();
-            if coalesce > 0 && !self.min_timeout && !coalesce_was_on {
-                tracing::warn!("[dns] udp_coalesce needs Linux 6.12 or later; this DNS UDP worker answers at once");
-            }
             if coalesce > 0 && !coalesce_was_on {
+                if !self.min_timeout {
+                    tracing::warn!("[dns] udp_coalesce needs Linux 6.12 or later; this DNS UDP worker answers at once");
+                }
                 // Turned on (at start or by a reload): measure afresh, not from a rate
                 // counted before it was turned off.
                 coalescer = Coalescer::new(Instant::now());
